@@ -1,0 +1,79 @@
+"""A blocking byte stream over one TCP socket, for the client side (scripts, notebooks, the CLI)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from ..errors import ConnectionClosed
+from .net import DEFAULT_KEEPALIVE, Keepalive, connect_tcp
+
+__all__ = ["BlockingStream"]
+
+
+class BlockingStream:
+    """Send whole buffers, receive what has arrived, with an optional deadline per receive.
+
+    Raises :class:`ConnectionClosed` on EOF or reset, :class:`TimeoutError` when a deadline passes.
+    """
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock: socket.socket | None = sock
+
+    @classmethod
+    def connect(
+        cls, host: str, port: int, timeout: float | None = 5.0, keepalive: Keepalive | None = DEFAULT_KEEPALIVE
+    ) -> BlockingStream:
+        return cls(connect_tcp(host, port, timeout, keepalive))
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            raise ConnectionClosed("stream is closed")
+        return self._sock
+
+    def send(self, data: bytes) -> None:
+        sock = self._socket()
+        sock.settimeout(None)
+        try:
+            sock.sendall(data)
+        except OSError as exc:
+            raise ConnectionClosed(f"send failed: {exc}") from exc
+
+    def recv(self, deadline: float | None = None, size: int = 65536) -> bytes:
+        """Block until some bytes arrive (at most ``size``), or until ``deadline`` (``time.monotonic()``)."""
+        sock = self._socket()
+        if deadline is None:
+            sock.settimeout(None)
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("deadline passed")
+            sock.settimeout(remaining)
+        try:
+            data = sock.recv(size)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise ConnectionClosed(f"receive failed: {exc}") from exc
+        if not data:
+            raise ConnectionClosed("peer closed the connection")
+        return data
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def __enter__(self) -> BlockingStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

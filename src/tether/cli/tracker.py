@@ -1,0 +1,59 @@
+"""``tether tracker``: the flags and defaults of ``python -m tvm.exec.rpc_tracker`` (host aside)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import signal
+import sys
+from typing import Any
+
+from ..errors import ConfigError
+from ..tracker import TrackerConfig, TrackerServer
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("tracker", help="run a tracker (queues device servers by key)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 or :: for the network)"
+    )
+    p.add_argument("--port", type=int, default=9190, help="first port to try (default 9190; 0 lets the OS choose)")
+    p.add_argument("--port-end", type=int, default=9199, help="end of the port range, exclusive (default 9199)")
+    p.add_argument("--stop-key", default=None, help="key a STOP message must carry (default: random)")
+    p.add_argument("--silent", action="store_true", help="log warnings and errors only")
+    p.set_defaults(run=run)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    config = TrackerConfig(host=args.host, port=args.port, port_end=args.port_end, stop_key=args.stop_key)
+    try:
+        asyncio.run(_serve(config))
+    except ConfigError as exc:
+        print(f"tether tracker: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _serve(config: TrackerConfig) -> None:
+    server = TrackerServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.stop)
+    print(f"listening on {server.address}", flush=True)
+    if _is_loopback(server.host):
+        hint = f"tether tracker --host 0.0.0.0 --port {server.port}"
+        print(f"only this machine can reach this tracker; to accept devices from the network: {hint}", flush=True)
+    await server.serve_until_stopped()

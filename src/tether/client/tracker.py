@@ -1,0 +1,248 @@
+"""A blocking tracker client: works against tether's tracker and TVM's alike.
+
+::
+
+    with TrackerClient.connect("127.0.0.1", 9190) as tracker:
+        print(tracker.summary())
+        grant = tracker.request_grant("android", timeout=60)   # Grant(host, port, matchkey)
+
+Against TVM's tracker the tether-only parts degrade as they must: request timeouts are enforced on
+this side (the waiting entry stays queued on TVM's tracker until its next PUT, TVM's bug), cancel
+closes the connection, and ``summary(detail=True)`` returns TVM's plain summary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from ..aio.stream import BlockingStream
+from ..errors import (
+    ConnectionClosed,
+    NotTetherTracker,
+    RemoteProtocolError,
+    RequestCancelled,
+    RequestRejected,
+    RequestTimeout,
+)
+from ..protocol.constants import TrackerCode
+from ..protocol.tracker import (
+    Cancel,
+    GetPendingMatchkeys,
+    Grant,
+    Ping,
+    Put,
+    Request,
+    RequestOptions,
+    SessionEvent,
+    Stop,
+    Summary,
+    TrackerClientStream,
+    TrackerMessage,
+    UpdateInfo,
+    encode_message,
+    parse_request_reply,
+)
+
+__all__ = ["DEFAULT_TRACKER_PORT", "TrackerClient", "tracker_address_from_env"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKER_PORT = 9190
+_ids = itertools.count(1)
+
+
+def tracker_address_from_env(host: str | None = None, port: int | None = None) -> tuple[str, int]:
+    """``host``/``port`` if given, else ``TVM_TRACKER_HOST``/``TVM_TRACKER_PORT``, else 127.0.0.1:9190."""
+    return (
+        host or os.environ.get("TVM_TRACKER_HOST") or "127.0.0.1",
+        port or int(os.environ.get("TVM_TRACKER_PORT") or DEFAULT_TRACKER_PORT),
+    )
+
+
+class TrackerClient:
+    """One connection to a tracker. Not thread-safe: one call at a time.
+
+    Raises :class:`~tether.errors.ConnectFailed` when no address answers, and
+    :class:`~tether.errors.RemoteProtocolError` when the peer is not a tracker.
+    """
+
+    def __init__(self, stream: BlockingStream, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._stream = stream
+        self._codec = TrackerClientStream()
+        self._replies: deque[Any] = deque()
+        self._tether_version: str | None = None
+        self._hello_done = False
+
+    @classmethod
+    def connect(cls, host: str, port: int, timeout: float = 5.0) -> TrackerClient:
+        """Connect and exchange the magic, all within ``timeout`` seconds."""
+        stream = BlockingStream.connect(host, port, timeout)
+        client = cls(stream, host, port)
+        try:
+            stream.send(TrackerClientStream.initial_bytes())
+            deadline = time.monotonic() + timeout
+            while not client._codec.connected:
+                client._replies.extend(client._codec.receive_data(stream.recv(deadline)))
+        except TimeoutError as exc:
+            stream.close()
+            raise RemoteProtocolError(f"{host}:{port} did not answer the tracker magic within {timeout} s") from exc
+        except BaseException:
+            stream.close()
+            raise
+        return client
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def send(self, msg: TrackerMessage) -> None:
+        """Send one message without waiting for its reply (pair with :meth:`recv`)."""
+        self._stream.send(encode_message(msg))
+
+    def recv(self, deadline: float | None = None) -> Any:
+        """The next reply value; ``deadline`` on ``time.monotonic()``; raises TimeoutError past it."""
+        while not self._replies:
+            self._replies.extend(self._codec.receive_data(self._stream.recv(deadline)))
+        return self._replies.popleft()
+
+    def call(self, msg: TrackerMessage, timeout: float | None = 30.0) -> Any:
+        """Send ``msg`` and return its reply (valid for every message but a waiting REQUEST)."""
+        self.send(msg)
+        return self.recv(None if timeout is None else time.monotonic() + timeout)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> TrackerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- queries -------------------------------------------------------------------------------
+
+    @property
+    def tether_version(self) -> str | None:
+        """The tether tracker's version, or None for another tracker (asked once, with a ping)."""
+        if not self._hello_done:
+            reply = self.call(Ping(hello=True))
+            if isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], dict):
+                self._tether_version = str(reply[1].get("tether"))
+            self._hello_done = True
+        return self._tether_version
+
+    def ping(self) -> float:
+        """Round trip of one PING, in seconds."""
+        start = time.perf_counter()
+        reply = self.call(Ping())
+        if reply != TrackerCode.SUCCESS:
+            raise RemoteProtocolError(f"unexpected PING reply {reply!r:.80}")
+        return time.perf_counter() - start
+
+    def summary(self, detail: bool = False, timeout: float | None = 30.0) -> dict[str, Any]:
+        """TVM's summary dict (``queue_info``, ``server_info``); ``detail`` adds tether's ``"tether"`` entry."""
+        reply = self.call(Summary(detail=detail), timeout)
+        if not (
+            isinstance(reply, list)
+            and len(reply) == 2
+            and reply[0] == TrackerCode.SUCCESS
+            and isinstance(reply[1], dict)
+        ):
+            raise RemoteProtocolError(f"unexpected SUMMARY reply {reply!r:.200}")
+        return reply[1]
+
+    def stop(self, stop_key: str) -> bool:
+        """Ask the tracker to shut down; False when the key is wrong."""
+        return bool(self.call(Stop(stop_key)) == TrackerCode.SUCCESS)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def request_grant(
+        self,
+        key: str,
+        *,
+        priority: float = 1,
+        user: str = "",
+        timeout: float | None = None,
+        protocol: str = "tvm",
+        labels: Mapping[str, str] | None = None,
+    ) -> Grant:
+        """Wait for a free server of ``key`` and return where to connect.
+
+        ``timeout`` is queue time in seconds (None waits forever). Raises :class:`RequestTimeout`,
+        :class:`RequestRejected`, :class:`RequestCancelled` (KeyboardInterrupt cancels the request on
+        the tracker, then propagates), :class:`ConnectionClosed`.
+        """
+        tether = self.tether_version is not None
+        if not tether and (labels or protocol != "tvm"):
+            raise NotTetherTracker(f"{self.host}:{self.port} is not a tether tracker: labels and protocols need one")
+        request_id = f"{os.getpid()}-{next(_ids)}"
+        options = RequestOptions(request_id, protocol, dict(labels or {}), timeout, user or None) if tether else None
+        self.send(Request(key, user, priority, options))
+        # The tracker enforces a tether request's timeout; this side only guards against a silent tracker.
+        deadline = None if timeout is None else time.monotonic() + timeout + (2.0 if tether else 0.0)
+        try:
+            reply = self.recv(deadline)
+        except TimeoutError:
+            self._abandon(request_id if tether else None)
+            raise RequestTimeout(f"no free server of key {key!r} within {timeout} s") from None
+        except KeyboardInterrupt:
+            self._abandon(request_id if tether else None)
+            raise
+        return _grant_or_raise(parse_request_reply(reply), key)
+
+    def cancel(self, request_id: str) -> bool:
+        """Withdraw a waiting request sent with :meth:`send`; False when it was no longer waiting."""
+        return bool(self.call(Cancel(request_id)) == TrackerCode.SUCCESS)
+
+    def _abandon(self, request_id: str | None) -> None:
+        """Give up a request that is still waiting: cancel it (tether), or drop the connection (TVM)."""
+        if request_id is None:
+            self.close()
+            return
+        try:
+            self.send(Cancel(request_id))
+            deadline = time.monotonic() + 5.0
+            self.recv(deadline)  # the request's own outcome: cancelled, timed out, or a grant that raced us
+            self.recv(deadline)  # then the cancel's reply
+        except (TimeoutError, ConnectionClosed, RemoteProtocolError):
+            self.close()
+
+    # -- server side (registration) ------------------------------------------------------------
+
+    def update_info(self, info: dict[str, Any]) -> None:
+        self._expect_ok(self.call(UpdateInfo(info)), "UPDATE_INFO")
+
+    def put(self, key: str, port: int, matchkey: str, custom_addr: str | None = None) -> None:
+        self._expect_ok(self.call(Put(key, port, matchkey, custom_addr)), "PUT")
+
+    def pending_matchkeys(self) -> list[str]:
+        reply = self.call(GetPendingMatchkeys())
+        if not isinstance(reply, list):
+            raise RemoteProtocolError(f"unexpected GET_PENDING_MATCHKEYS reply {reply!r:.80}")
+        return [str(k) for k in reply]
+
+    def session_event(self, event: str, matchkey: str, peer: str | None = None) -> None:
+        self._expect_ok(self.call(SessionEvent(event, matchkey, peer)), "SESSION")
+
+    @staticmethod
+    def _expect_ok(reply: Any, what: str) -> None:
+        if reply != TrackerCode.SUCCESS:
+            raise RemoteProtocolError(f"tracker answered {reply!r:.80} to {what}")
+
+
+def _grant_or_raise(outcome: Grant | dict[str, Any], key: str) -> Grant:
+    if isinstance(outcome, Grant):
+        return outcome
+    error, message = outcome.get("error"), str(outcome.get("message", ""))
+    if error == "timeout":
+        raise RequestTimeout(message or f"no free server of key {key!r} in time")
+    if error == "cancelled":
+        raise RequestCancelled(message or "request cancelled")
+    raise RequestRejected(message or f"request for {key!r} rejected ({error})")

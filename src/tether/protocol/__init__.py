@@ -1,0 +1,82 @@
+"""Sans-I/O codecs shared by every tether role: bytes in, events out.
+
+Nothing in this package touches sockets, asyncio or processes (``tests/test_layering.py`` checks).
+"""
+
+from .constants import (
+    MAX_HANDSHAKE_KEY_BYTES,
+    MAX_TRACKER_FRAME_BYTES,
+    RPC_MAGIC,
+    RPC_TRACKER_MAGIC,
+    HandshakeCode,
+    TrackerCode,
+)
+from .framing import (
+    FrameDecoder,
+    HandshakeDecoder,
+    HandshakeReply,
+    HandshakeReplyDecoder,
+    encode_frame,
+    encode_handshake,
+    encode_handshake_reply,
+)
+from .keys import PeerKey, format_peer_key, parse_peer_key
+from .tracker import (
+    Cancel,
+    GetPendingMatchkeys,
+    Grant,
+    Ping,
+    Put,
+    Request,
+    RequestOptions,
+    SessionEvent,
+    Stop,
+    Summary,
+    TrackerClientStream,
+    TrackerMessage,
+    TrackerServerStream,
+    UpdateInfo,
+    decode_message,
+    decode_value,
+    encode_message,
+    encode_value,
+    parse_request_reply,
+)
+
+__all__ = [
+    "MAX_HANDSHAKE_KEY_BYTES",
+    "MAX_TRACKER_FRAME_BYTES",
+    "RPC_MAGIC",
+    "RPC_TRACKER_MAGIC",
+    "Cancel",
+    "FrameDecoder",
+    "GetPendingMatchkeys",
+    "Grant",
+    "HandshakeCode",
+    "HandshakeDecoder",
+    "HandshakeReply",
+    "HandshakeReplyDecoder",
+    "PeerKey",
+    "Ping",
+    "Put",
+    "Request",
+    "RequestOptions",
+    "SessionEvent",
+    "Stop",
+    "Summary",
+    "TrackerClientStream",
+    "TrackerCode",
+    "TrackerMessage",
+    "TrackerServerStream",
+    "UpdateInfo",
+    "decode_message",
+    "decode_value",
+    "encode_frame",
+    "encode_handshake",
+    "encode_handshake_reply",
+    "encode_message",
+    "encode_value",
+    "format_peer_key",
+    "parse_peer_key",
+    "parse_request_reply",
+]

@@ -1,0 +1,81 @@
+"""Handshake key strings: ``role:name [-opt=value ...]``.
+
+TVM's forms: a client sends ``client:<matchkey>`` (``client:<key>`` without a tracker), optionally followed
+by `` -timeout=N`` (int or float seconds); a server or proxy answers ``server:<key>``. Names may contain
+``:`` (``127.0.0.1:5555``); the role is everything before the *first* colon, the name runs to the first
+whitespace, and every later whitespace-separated token is an option. TVM's proxy matches peers on exactly
+that name (``key[7:].split()[0]``) and forwards the whole string, options included: :attr:`PeerKey.raw`
+keeps it verbatim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .constants import TETHER_OPTION
+
+__all__ = ["PeerKey", "format_peer_key", "parse_peer_key"]
+
+_ROLES = ("client", "server")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerKey:
+    """A parsed handshake key."""
+
+    role: str
+    name: str
+    options: dict[str, str] = field(default_factory=dict, hash=False)
+    raw: str = ""
+
+    @property
+    def session_timeout(self) -> float | None:
+        """``-timeout=N`` in seconds; None when absent or zero (TVM: zero means no limit)."""
+        text = self.options.get("timeout")
+        if text is None:
+            return None
+        try:
+            value = float(text)
+        except ValueError as exc:
+            raise RemoteProtocolError(f"bad -timeout={text!r} in key {self.raw!r}") from exc
+        if not math.isfinite(value) or value < 0:
+            raise RemoteProtocolError(f"bad -timeout={text!r} in key {self.raw!r}")
+        return value or None
+
+    @property
+    def is_tether(self) -> bool:
+        """True when the peer announced tether's native protocol (``-tether=1``)."""
+        return self.options.get(TETHER_OPTION, "0") not in ("", "0")
+
+
+def parse_peer_key(raw: str) -> PeerKey:
+    """Parse ``role:name [-k=v ...]``; raise :class:`RemoteProtocolError` when it is not one."""
+    head, sep, _ = raw.partition(":")
+    if not sep or head not in _ROLES:
+        raise RemoteProtocolError(f"key {raw!r} does not start with 'client:' or 'server:'")
+    tokens = raw[len(head) + 1 :].split()
+    if not tokens:
+        raise RemoteProtocolError(f"key {raw!r} has an empty name")
+    options: dict[str, str] = {}
+    for token in tokens[1:]:
+        if not token.startswith("-") or len(token) < 2:
+            raise RemoteProtocolError(f"bad option {token!r} in key {raw!r}")
+        name, _, value = token[1:].partition("=")
+        options[name] = value
+    return PeerKey(head, tokens[0], options, raw)
+
+
+def format_peer_key(role: str, name: str, options: dict[str, str] | None = None) -> str:
+    """Build a key string; the inverse of :func:`parse_peer_key` for well-formed input."""
+    if role not in _ROLES:
+        raise LocalProtocolError(f"role must be one of {_ROLES}, not {role!r}")
+    if not name or name.split() != [name]:
+        raise LocalProtocolError(f"key name {name!r} must be non-empty and contain no whitespace")
+    parts = [f"{role}:{name}"]
+    for opt, value in (options or {}).items():
+        if not opt or opt.split() != [opt] or "=" in opt or (value and value.split() != [value]):
+            raise LocalProtocolError(f"bad key option {opt!r}={value!r}")
+        parts.append(f"-{opt}={value}" if value != "" else f"-{opt}")
+    return " ".join(parts)

@@ -1,0 +1,453 @@
+"""Tracker messages as typed records, and the two ends of a tracker connection, sans I/O.
+
+A tracker connection opens with ``RPC_TRACKER_MAGIC`` from the peer, echoed by the tracker; then each
+side sends frames (see :mod:`.framing`) whose payload is one JSON value. Requests are JSON lists whose
+first element is a :class:`TrackerCode`:
+
+==========================  =============================================  ===========================
+request                     wire form                                      reply
+==========================  =============================================  ===========================
+:class:`Ping`               ``[1]`` (+ ``{"hello": true}``)                 ``0`` (tether hello: ``[0, {...}]``)
+:class:`Stop`               ``[2, stop_key]``                              ``0``, or ``-1`` (wrong key)
+:class:`Put`                ``[3, key, [port, matchkey]]`` (+ addr|null)   ``0``
+:class:`Request`            ``[4, key, user, priority]`` (+ options dict)  later: ``[0, [host, port, mk]]``
+:class:`UpdateInfo`         ``[5, {"key": "server:K", "addr": [h, p]}]``   ``0``
+:class:`Summary`            ``[6]`` (+ ``{"detail": true}``)               ``[0, {queue_info, server_info}]``
+:class:`GetPendingMatchkeys` ``[7]``                                       ``[mk, ...]``
+:class:`Cancel` (tether)    ``[101, request_id]``                          ``0``, or ``-1`` (unknown id)
+:class:`SessionEvent` (t.)  ``[102, {"event": "start"|"end", "matchkey"}]`` ``0``
+==========================  =============================================  ===========================
+
+tether's REQUEST options (a fifth element TVM's tracker ignores)::
+
+    {"id": "r1", "protocol": "tether", "labels": {"gpu": "a100"}, "timeout": 30.0, "user": "alice"}
+
+A tether REQUEST is answered ``[0, [host, port, matchkey], {"id": ..., "server": {...}}]`` on a grant,
+``[-1, {"id": ..., "error": "timeout"|"cancelled"|"rejected", "message": ...}]`` otherwise. Replies to
+one connection come in the order the tracker produced them, which is not the order of the requests: a
+waiting REQUEST does not hold back the replies to later messages (TVM behaves the same).
+
+JSON is written with ``json.dumps`` defaults (TVM's exact bytes: ``[0, ["127.0.0.1", 9090, "k:0.5"]]``)
+except that non-ASCII stays literal, so the Java and C++ servers' substring search for their matchkey in
+a GET_PENDING_MATCHKEYS reply finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeAlias
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .constants import MAX_TRACKER_FRAME_BYTES, RPC_TRACKER_MAGIC, TrackerCode
+from .framing import FrameDecoder, encode_frame, pack_i32
+
+__all__ = [
+    "Cancel",
+    "GetPendingMatchkeys",
+    "Grant",
+    "Ping",
+    "Put",
+    "Request",
+    "RequestOptions",
+    "SessionEvent",
+    "Stop",
+    "Summary",
+    "TrackerClientStream",
+    "TrackerMessage",
+    "TrackerServerStream",
+    "UpdateInfo",
+    "decode_message",
+    "decode_value",
+    "encode_message",
+    "encode_value",
+    "parse_request_reply",
+]
+
+MAGIC_BYTES: Final = pack_i32(RPC_TRACKER_MAGIC)
+
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
+_loads = json.loads
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Liveness probe; tether servers send one per heartbeat period.
+
+    With ``hello`` (wire ``[1, {"hello": true}]``) a tether tracker answers ``[0, {"tether": version}]``
+    instead of ``0``: how a client learns, for the price of a ping, that tether's extensions are there
+    (TVM's tracker ignores the extra element and answers ``0``).
+    """
+
+    hello: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Shut the tracker down if ``key`` is its stop key."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """Offer one free slot of ``key``, reachable at ``(custom_addr or peer IP, port)`` with ``matchkey``."""
+
+    key: str
+    port: int
+    matchkey: str
+    custom_addr: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    """tether's extras on a REQUEST. ``timeout`` is queue time in seconds (None: wait forever)."""
+
+    request_id: str | None = None
+    protocol: str = "tvm"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    timeout: float | None = None
+    user: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"protocol": self.protocol}
+        if self.request_id is not None:
+            out["id"] = self.request_id
+        if self.labels:
+            out["labels"] = dict(self.labels)
+        if self.timeout is not None:
+            out["timeout"] = self.timeout
+        if self.user is not None:
+            out["user"] = self.user
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Ask for a slot of ``key``; higher ``priority`` first. ``options`` is None for TVM clients."""
+
+    key: str
+    user: str = ""
+    priority: float = 1
+    options: RequestOptions | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateInfo:
+    """Describe this connection (``{"key": "server:K", "addr": [host|None, port]}`` plus any extra fields)."""
+
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Ask for the tracker's state; ``detail`` asks a tether tracker for holders, waiters and facts."""
+
+    detail: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GetPendingMatchkeys:
+    """Ask which matchkeys PUT on this connection are still free."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """tether: withdraw the waiting request with this id (sent on the connection that made it)."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """tether: a server reports that the session of ``matchkey`` started or ended."""
+
+    event: str
+    matchkey: str
+    peer: str | None = None
+
+
+TrackerMessage: TypeAlias = (
+    Ping | Stop | Put | Request | UpdateInfo | Summary | GetPendingMatchkeys | Cancel | SessionEvent
+)
+
+
+def encode_value(value: Any) -> bytes:
+    """One JSON value as a complete frame."""
+    return encode_frame(_dumps(value).encode("utf-8"))
+
+
+def decode_value(payload: bytes) -> Any:
+    """Parse one frame's JSON payload; :class:`RemoteProtocolError` when it is not JSON."""
+    try:
+        return _loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RemoteProtocolError(f"frame is not JSON: {payload[:64]!r}") from exc
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise RemoteProtocolError(f"{what} must be a string, got {value!r:.80}")
+    return value
+
+
+def _port(value: Any) -> int:
+    # Python servers send an int; C++/Java/iOS servers may send the port as a string.
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise RemoteProtocolError(f"bad port {value!r:.80}")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RemoteProtocolError(f"{what} must be a finite number, got {value!r:.80}")
+    return value
+
+
+def _labels(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise RemoteProtocolError(f"labels must map strings to strings, got {value!r:.80}")
+    return value
+
+
+def _parse_put(args: list[Any]) -> Put:
+    if len(args) not in (3, 4) or not isinstance(args[2], list) or len(args[2]) != 2:
+        raise RemoteProtocolError("PUT is [3, key, [port, matchkey], addr?]")
+    addr = args[3] if len(args) == 4 else None
+    if addr is not None:
+        addr = _str(addr, "PUT address")
+    return Put(_str(args[1], "PUT key"), _port(args[2][0]), _str(args[2][1], "PUT matchkey"), addr)
+
+
+def _parse_options(raw: Any) -> RequestOptions | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise RemoteProtocolError("REQUEST options must be a JSON object")
+    rid = raw.get("id")
+    timeout = raw.get("timeout")
+    if timeout is not None:
+        timeout = _number(timeout, "REQUEST timeout")
+        if timeout < 0:
+            raise RemoteProtocolError("REQUEST timeout must not be negative")
+    user = raw.get("user")
+    return RequestOptions(
+        request_id=None if rid is None else _str(rid, "REQUEST id"),
+        protocol=_str(raw.get("protocol", "tvm"), "REQUEST protocol"),
+        labels=_labels(raw.get("labels", {})),
+        timeout=timeout,
+        user=None if user is None else _str(user, "REQUEST user"),
+    )
+
+
+def _parse_request(args: list[Any]) -> Request:
+    if len(args) not in (4, 5):
+        raise RemoteProtocolError("REQUEST is [4, key, user, priority, options?]")
+    user = "" if args[2] is None else _str(args[2], "REQUEST user")
+    options = _parse_options(args[4]) if len(args) == 5 else None
+    return Request(_str(args[1], "REQUEST key"), user, _number(args[3], "REQUEST priority"), options)
+
+
+def _parse_update_info(args: list[Any]) -> UpdateInfo:
+    if len(args) != 2 or not isinstance(args[1], dict):
+        raise RemoteProtocolError("UPDATE_INFO is [5, {...}]")
+    info = args[1]
+    addr = info.get("addr")
+    if addr is not None and (not isinstance(addr, list) or len(addr) != 2):
+        raise RemoteProtocolError("UPDATE_INFO addr must be [host, port]")
+    if "key" in info:
+        _str(info["key"], "UPDATE_INFO key")
+    return UpdateInfo(info)
+
+
+def _parse_summary(args: list[Any]) -> Summary:
+    opts = args[1] if len(args) > 1 else None
+    return Summary(bool(opts.get("detail")) if isinstance(opts, dict) else False)
+
+
+def _parse_session(args: list[Any]) -> SessionEvent:
+    if len(args) != 2 or not isinstance(args[1], dict):
+        raise RemoteProtocolError("SESSION is [102, {event, matchkey}]")
+    body = args[1]
+    event = _str(body.get("event"), "SESSION event")
+    if event not in ("start", "end"):
+        raise RemoteProtocolError(f"SESSION event must be 'start' or 'end', got {event!r:.40}")
+    peer = body.get("peer")
+    return SessionEvent(event, _str(body.get("matchkey"), "SESSION matchkey"), None if peer is None else str(peer))
+
+
+def _arity(n: int, factory: Callable[[list[Any]], TrackerMessage]) -> Callable[[list[Any]], TrackerMessage]:
+    def parse(args: list[Any]) -> TrackerMessage:
+        if len(args) != n:
+            raise RemoteProtocolError(f"{TrackerCode(args[0]).name} takes {n - 1} argument(s)")
+        return factory(args)
+
+    return parse
+
+
+_PARSERS: dict[int, Callable[[list[Any]], TrackerMessage]] = {
+    TrackerCode.PING: lambda args: Ping(len(args) > 1 and isinstance(args[1], dict) and bool(args[1].get("hello"))),
+    TrackerCode.STOP: _arity(2, lambda args: Stop(_str(args[1], "STOP key"))),
+    TrackerCode.PUT: _parse_put,
+    TrackerCode.REQUEST: _parse_request,
+    TrackerCode.UPDATE_INFO: _parse_update_info,
+    TrackerCode.SUMMARY: _parse_summary,
+    TrackerCode.GET_PENDING_MATCHKEYS: lambda args: GetPendingMatchkeys(),
+    TrackerCode.CANCEL: _arity(2, lambda args: Cancel(_str(args[1], "CANCEL id"))),
+    TrackerCode.SESSION: _parse_session,
+}
+
+
+def decode_message(payload: bytes) -> TrackerMessage:
+    """Parse one request frame's payload into a message.
+
+    Raises :class:`RemoteProtocolError` for bad JSON, an unknown code, or arguments of the wrong shape.
+    """
+    args = decode_value(payload)
+    if not isinstance(args, list) or not args:
+        raise RemoteProtocolError(f"tracker message must be a non-empty JSON list, got {payload[:64]!r}")
+    code = args[0]
+    parser = _PARSERS.get(code) if type(code) is int else None
+    if parser is None:
+        raise RemoteProtocolError(f"unknown tracker code {code!r:.40}")
+    return parser(args)
+
+
+def _message_to_wire(msg: TrackerMessage) -> list[Any]:
+    if isinstance(msg, Ping):
+        return [TrackerCode.PING, {"hello": True}] if msg.hello else [TrackerCode.PING]
+    if isinstance(msg, Stop):
+        return [TrackerCode.STOP, msg.key]
+    if isinstance(msg, Put):
+        return [TrackerCode.PUT, msg.key, [msg.port, msg.matchkey], msg.custom_addr]
+    if isinstance(msg, Request):
+        wire: list[Any] = [TrackerCode.REQUEST, msg.key, msg.user, msg.priority]
+        if msg.options is not None:
+            wire.append(msg.options.to_wire())
+        return wire
+    if isinstance(msg, UpdateInfo):
+        return [TrackerCode.UPDATE_INFO, msg.info]
+    if isinstance(msg, Summary):
+        return [TrackerCode.SUMMARY, {"detail": True}] if msg.detail else [TrackerCode.SUMMARY]
+    if isinstance(msg, GetPendingMatchkeys):
+        return [TrackerCode.GET_PENDING_MATCHKEYS]
+    if isinstance(msg, Cancel):
+        return [TrackerCode.CANCEL, msg.request_id]
+    if isinstance(msg, SessionEvent):
+        body: dict[str, Any] = {"event": msg.event, "matchkey": msg.matchkey}
+        if msg.peer is not None:
+            body["peer"] = msg.peer
+        return [TrackerCode.SESSION, body]
+    raise LocalProtocolError(f"not a tracker message: {msg!r}")
+
+
+def encode_message(msg: TrackerMessage) -> bytes:
+    """A message as one complete frame (codes written as plain ints, as TVM does)."""
+    wire = _message_to_wire(msg)
+    wire[0] = int(wire[0])
+    return encode_value(wire)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Where to connect after a REQUEST succeeded. ``extra`` is tether's third element, if any."""
+
+    host: str
+    port: int
+    matchkey: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_request_reply(value: Any) -> Grant | dict[str, Any]:
+    """Interpret a REQUEST reply: a :class:`Grant`, or the failure dict of a tether tracker.
+
+    Raises :class:`RemoteProtocolError` when the reply has neither shape.
+    """
+    if isinstance(value, list) and len(value) >= 2 and value[0] == TrackerCode.SUCCESS:
+        target = value[1]
+        if isinstance(target, list) and len(target) == 3:
+            extra = value[2] if len(value) > 2 and isinstance(value[2], dict) else {}
+            return Grant(_str(target[0], "grant host"), _port(target[1]), _str(target[2], "grant matchkey"), extra)
+    if isinstance(value, list) and len(value) == 2 and value[0] == TrackerCode.FAIL and isinstance(value[1], dict):
+        return value[1]
+    raise RemoteProtocolError(f"unexpected REQUEST reply {value!r:.200}")
+
+
+class TrackerServerStream:
+    """The tracker's end of one connection: expects the magic, then request frames.
+
+    :meth:`receive_data` returns the messages completed by the bytes given; after the first call that
+    completes the magic, :meth:`data_to_send` returns the magic echo (send it before any reply).
+    Raises :class:`RemoteProtocolError` on a wrong magic, a bad frame or a bad message; the connection
+    must then be closed.
+    """
+
+    __slots__ = ("_decoder", "_magic_buf", "_outgoing")
+
+    def __init__(self, limit: int = MAX_TRACKER_FRAME_BYTES) -> None:
+        self._decoder = FrameDecoder(limit)
+        self._magic_buf: bytearray | None = bytearray()
+        self._outgoing = b""
+
+    @property
+    def incomplete(self) -> bool:
+        """True while part of a magic or frame is buffered (the peer is mid-message)."""
+        return self._magic_buf is not None or self._decoder.incomplete
+
+    def receive_data(self, data: bytes) -> list[TrackerMessage]:
+        if self._magic_buf is not None:
+            self._magic_buf += data
+            if len(self._magic_buf) < 4:
+                return []
+            if bytes(self._magic_buf[:4]) != MAGIC_BYTES:
+                raise RemoteProtocolError(f"wrong tracker magic {bytes(self._magic_buf[:4]).hex()}")
+            data = bytes(self._magic_buf[4:])
+            self._magic_buf = None
+            self._outgoing = MAGIC_BYTES
+            if not data:
+                return []
+        return [decode_message(p) for p in self._decoder.feed(data)]
+
+    def data_to_send(self) -> bytes:
+        out, self._outgoing = self._outgoing, b""
+        return out
+
+
+class TrackerClientStream:
+    """A peer's end of a tracker connection: send :meth:`initial_bytes`, then frames; read JSON values.
+
+    :meth:`receive_data` returns the reply values completed by the bytes given; the first 4 bytes must
+    be the magic echo, else :class:`RemoteProtocolError` ("not a tracker").
+    """
+
+    __slots__ = ("_decoder", "_magic_buf")
+
+    def __init__(self, limit: int = MAX_TRACKER_FRAME_BYTES) -> None:
+        self._decoder = FrameDecoder(limit)
+        self._magic_buf: bytearray | None = bytearray()
+
+    @staticmethod
+    def initial_bytes() -> bytes:
+        return MAGIC_BYTES
+
+    @property
+    def connected(self) -> bool:
+        """True once the tracker echoed the magic."""
+        return self._magic_buf is None
+
+    def receive_data(self, data: bytes) -> list[Any]:
+        if self._magic_buf is not None:
+            self._magic_buf += data
+            if len(self._magic_buf) < 4:
+                return []
+            if bytes(self._magic_buf[:4]) != MAGIC_BYTES:
+                raise RemoteProtocolError(f"peer is not an RPC tracker (answered {bytes(self._magic_buf[:4]).hex()})")
+            data = bytes(self._magic_buf[4:])
+            self._magic_buf = None
+            if not data:
+                return []
+        return [decode_value(p) for p in self._decoder.feed(data)]

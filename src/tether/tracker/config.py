@@ -1,0 +1,42 @@
+"""The tracker's settings, written once. The CLI's flags map onto these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..protocol.constants import MAX_TRACKER_FRAME_BYTES
+
+__all__ = ["TrackerConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerConfig:
+    """Settings of one tracker.
+
+    ``port``/``port_end`` follow ``python -m tvm.exec.rpc_tracker``: the first free port of
+    ``[port, port_end)`` is bound; ``port=0`` lets the OS choose. Times are seconds.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 9190
+    port_end: int = 9199
+    #: Key a STOP message must carry; None draws a random one (readable on the running tracker).
+    stop_key: str | None = None
+    #: Largest tracker frame accepted, in bytes (TVM: 1 MiB).
+    max_frame_bytes: int = MAX_TRACKER_FRAME_BYTES
+    #: A tether server that promised heartbeats leaves the pool after this many periods of silence.
+    heartbeat_misses: float = 3.0
+    #: Longest silence tolerated from a heartbeating server, whatever period it promised.
+    max_silence_s: float = 9.0
+    #: Granted-but-unfinished records kept per connection (oldest forgotten first): bounds memory
+    #: for peers such as TVM's proxy that never report a session's end.
+    max_held_per_connection: int = 1024
+    #: Keys with nothing free, pending or registered are still listed in SUMMARY (as TVM does)
+    #: until more than this many accumulate; the oldest idle ones are then forgotten.
+    max_idle_keys: int = 4096
+    #: TCP keepalive on every accepted connection: idle time, probe interval, probes.
+    keepalive_idle_s: int = 30
+    keepalive_interval_s: int = 10
+    keepalive_probes: int = 3
+    #: listen() backlog; TVM uses 1, which drops connects in a burst.
+    backlog: int = 4096

@@ -1,0 +1,474 @@
+"""The tracker's logic, without I/O: messages in, replies out through each connection's :class:`Link`.
+
+The driver (:mod:`.server`) calls :meth:`TrackerCore.connect` when a peer connects,
+:meth:`~TrackerCore.receive` for every decoded message, :meth:`~TrackerCore.disconnect` when the
+connection ends, and :meth:`~TrackerCore.on_timer` at the time passed to its ``wakeup`` callback.
+The clock is injected, so tests drive time by hand.
+
+Replies follow TVM byte for byte for TVM's messages (``0``, ``-1``, ``[0, [host, port, matchkey]]``,
+``[0, {"queue_info": ..., "server_info": ...}]``); see :mod:`tether.protocol.tracker` for tether's additions.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from heapq import heappop as _heappop
+from heapq import heappush as _heappush
+from typing import Any
+
+from ..protocol.constants import TrackerCode
+from ..protocol.tracker import (
+    Cancel,
+    GetPendingMatchkeys,
+    Ping,
+    Put,
+    Request,
+    SessionEvent,
+    Stop,
+    Summary,
+    TrackerMessage,
+    UpdateInfo,
+    encode_value,
+)
+from .config import TrackerConfig
+from .registry import Connection, Held, Link, parse_tether_info
+from .scheduler import PROTOCOL_TVM, Grant, Scheduler, Slot, Waiter
+
+__all__ = ["KNOWN_PROTOCOLS", "TrackerCore"]
+
+logger = logging.getLogger("tether.tracker")
+
+#: Protocols a REQUEST may ask for; anything else is rejected at once instead of waiting forever.
+KNOWN_PROTOCOLS = frozenset({PROTOCOL_TVM, "tether"})
+
+_OK = encode_value(TrackerCode.SUCCESS.value)
+_FAIL = encode_value(TrackerCode.FAIL.value)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+class TrackerCore:
+    """All of the tracker's state; single-threaded (call it from one event loop only)."""
+
+    def __init__(
+        self,
+        config: TrackerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        wakeup: Callable[[float], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config or TrackerConfig()
+        self.stop_key = self.config.stop_key or "tracker:" + secrets.token_hex(16)
+        self.scheduler = Scheduler()
+        self.grants = 0
+        self.clock = clock
+        self._wall = wall
+        self._wakeup = wakeup or (lambda when: None)
+        self._on_stop = on_stop or (lambda: None)
+        self._started = clock()
+        self._next_cid = 0
+        self._conns: dict[int, Connection] = {}
+        self._known_keys: dict[str, None] = {}
+        self._liveness: list[tuple[float, int]] = []
+        self._handlers: dict[type, Callable[[Connection, Any], None]] = {
+            Ping: self._on_ping,
+            Stop: self._on_stop_msg,
+            Put: self._on_put,
+            Request: self._on_request,
+            UpdateInfo: self._on_update_info,
+            Summary: self._on_summary,
+            GetPendingMatchkeys: self._on_get_pending,
+            Cancel: self._on_cancel,
+            SessionEvent: self._on_session,
+        }
+
+    # -- driver interface ----------------------------------------------------------------------
+
+    def connect(self, link: Link, host: str, port: int) -> Connection:
+        """Register a new connection from ``host:port``."""
+        now = self.clock()
+        self._next_cid += 1
+        conn = Connection(self._next_cid, link, host, port, now, now)
+        self._conns[conn.cid] = conn
+        return conn
+
+    def receive(self, conn: Connection, msg: TrackerMessage) -> None:
+        """Apply one message. Raises :class:`RemoteProtocolError` when its content is unacceptable;
+        the driver then closes the connection."""
+        conn.last_seen = self.clock()
+        self._handlers[type(msg)](conn, msg)
+
+    def disconnect(self, conn: Connection) -> None:
+        """The connection is gone: its slots, grants and waiting requests leave at once."""
+        if conn.closed:
+            return
+        conn.closed = True
+        self._conns.pop(conn.cid, None)
+        for slot in conn.slots.values():
+            self.scheduler.remove_slot(slot)
+        for waiter in conn.waiters:
+            self.scheduler.remove_waiter(waiter)
+        if conn.slots or conn.held or conn.info:
+            logger.info(
+                "connection %s (%s) closed: %d free slot(s) and %d grant(s) removed",
+                conn.address,
+                conn.info_key or "no info",
+                len(conn.slots),
+                len(conn.held),
+            )
+        if conn.waiters:
+            logger.info("connection %s closed: %d waiting request(s) withdrawn", conn.address, len(conn.waiters))
+        conn.slots.clear()
+        conn.held.clear()
+        conn.waiters.clear()
+
+    def on_timer(self) -> float | None:
+        """Expire requests and silent servers due by now; return the next time to call, or None."""
+        now = self.clock()
+        for waiter in self.scheduler.expire(now):
+            owner = waiter.owner
+            assert isinstance(owner, Connection)
+            owner.waiters.pop(waiter, None)
+            logger.info(
+                "request %s for %r by %s timed out after %.3g s",
+                waiter.request_id,
+                waiter.key,
+                waiter.user,
+                now - waiter.since,
+            )
+            self._fail(
+                owner, waiter, "timeout", f"no free server of key {waiter.key!r} within {now - waiter.since:.3g} s"
+            )
+        heap = self._liveness
+        while heap and heap[0][0] <= now:
+            _, cid = _heappop(heap)
+            conn = self._conns.get(cid)
+            if conn is None or conn.silence_limit is None:
+                continue
+            silent = now - conn.last_seen
+            if silent >= conn.silence_limit:
+                logger.warning(
+                    "server %s (%s) silent for %.1f s: removed from the pool", conn.address, conn.info_key, silent
+                )
+                conn.liveness_scheduled = False
+                self.disconnect(conn)
+                conn.link.close()
+            else:
+                _heappush(heap, (conn.last_seen + conn.silence_limit, cid))
+        return self.next_deadline()
+
+    def next_deadline(self) -> float | None:
+        when = self.scheduler.next_deadline()
+        if self._liveness and (when is None or self._liveness[0][0] < when):
+            when = self._liveness[0][0]
+        return when
+
+    @property
+    def connections(self) -> list[Connection]:
+        return list(self._conns.values())
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    def _on_ping(self, conn: Connection, msg: Ping) -> None:
+        if msg.hello:
+            conn.link.send(encode_value([TrackerCode.SUCCESS.value, {"tether": _version()}]))
+        else:
+            conn.link.send(_OK)
+
+    def _on_stop_msg(self, conn: Connection, msg: Stop) -> None:
+        if msg.key != self.stop_key:
+            logger.warning("STOP with a wrong key from %s", conn.address)
+            conn.link.send(_FAIL)
+            return
+        logger.info("STOP from %s: shutting down", conn.address)
+        conn.link.send(_OK)
+        self._on_stop()
+
+    def _on_put(self, conn: Connection, msg: Put) -> None:
+        now = self.clock()
+        old = conn.slots.get(msg.matchkey)
+        host = msg.custom_addr if msg.custom_addr is not None else conn.host
+        if old is not None:
+            if old.key == msg.key and old.port == msg.port and old.host == host:
+                conn.link.send(_OK)  # the same slot offered again: counts once
+                return
+            self.scheduler.remove_slot(old)
+            del conn.slots[msg.matchkey]
+        if conn.single_session:
+            conn.held.clear()  # a plain TVM server offers itself again: its session is over
+        else:
+            conn.held.pop(msg.matchkey, None)
+        self._note_key(msg.key)
+        slot = Slot(msg.key, msg.matchkey, host, msg.port, conn, conn.protocols, conn.labels)
+        conn.slots[msg.matchkey] = slot
+        grant = self.scheduler.put(slot, now)
+        if grant is not None:
+            self._deliver(grant, now)
+        conn.link.send(_OK)
+
+    def _on_request(self, conn: Connection, msg: Request) -> None:
+        now = self.clock()
+        opts = msg.options
+        user = (opts.user if opts and opts.user else None) or msg.user or conn.host
+        waiter = Waiter(msg.key, user, msg.priority, owner=conn)
+        if opts is not None:
+            waiter.protocol = opts.protocol
+            waiter.labels = opts.labels
+            waiter.request_id = opts.request_id
+            if opts.timeout is not None:
+                waiter.deadline = now + opts.timeout
+            reason = self._reject_reason(conn, waiter)
+            if reason:
+                self._fail(conn, waiter, "rejected", reason)
+                return
+        self._note_key(msg.key)
+        grant = self.scheduler.request(waiter, now)
+        if grant is not None:
+            self._deliver(grant, now)
+        elif waiter.waiting:
+            conn.waiters[waiter] = None
+            if waiter.deadline is not None:
+                self._wakeup(waiter.deadline)
+        else:  # a zero timeout with nothing free
+            self._fail(conn, waiter, "timeout", f"no free server of key {msg.key!r} (timeout 0)")
+
+    def _reject_reason(self, conn: Connection, waiter: Waiter) -> str | None:
+        if waiter.protocol not in KNOWN_PROTOCOLS:
+            return f"unknown protocol {waiter.protocol!r}; this tracker knows {sorted(KNOWN_PROTOCOLS)}"
+        if waiter.request_id is not None and any(w.request_id == waiter.request_id for w in conn.waiters):
+            return f"request id {waiter.request_id!r} is already waiting on this connection"
+        return None
+
+    def _on_update_info(self, conn: Connection, msg: UpdateInfo) -> None:
+        info = dict(msg.info)
+        addr = info.get("addr")
+        if isinstance(addr, list):
+            addr = list(addr)
+            if addr[0] is None:
+                addr[0] = conn.host
+            info["addr"] = addr
+        tether = parse_tether_info(info["tether"]) if "tether" in info else conn.tether
+        first = conn.info is None
+        if conn.info is None:
+            conn.info = info
+        else:
+            conn.info.update(info)
+        changed = tether != conn.tether
+        conn.tether = tether
+        if conn.server_key is not None:
+            self._note_key(conn.server_key)
+        if first and conn.info_key.startswith("server"):
+            logger.info("server registered from %s: %s at %s", conn.address, conn.info_key, conn.info.get("addr"))
+        if tether is not None and tether.heartbeat_s is not None:
+            conn.silence_limit = min(tether.heartbeat_s * self.config.heartbeat_misses, self.config.max_silence_s)
+            if not conn.liveness_scheduled:
+                conn.liveness_scheduled = True
+                when = conn.last_seen + conn.silence_limit
+                _heappush(self._liveness, (when, conn.cid))
+                self._wakeup(when)
+        if changed and conn.slots:
+            self._requeue(conn)
+        conn.link.send(_OK)
+
+    def _requeue(self, conn: Connection) -> None:
+        """Protocols or labels changed: re-offer the connection's free slots with the new ones."""
+        now = self.clock()
+        for slot in list(conn.slots.values()):
+            self.scheduler.remove_slot(slot)
+            slot.protocols, slot.labels = conn.protocols, conn.labels
+            grant = self.scheduler.put(slot, now)
+            if grant is not None:
+                self._deliver(grant, now)
+
+    def _on_summary(self, conn: Connection, msg: Summary) -> None:
+        conn.link.send(encode_value([TrackerCode.SUCCESS.value, self.summary(detail=msg.detail)]))
+
+    def _on_get_pending(self, conn: Connection, msg: GetPendingMatchkeys) -> None:
+        conn.link.send(encode_value(list(conn.slots)))
+
+    def _on_cancel(self, conn: Connection, msg: Cancel) -> None:
+        for waiter in conn.waiters:
+            if waiter.request_id == msg.request_id:
+                self.scheduler.remove_waiter(waiter)
+                del conn.waiters[waiter]
+                self._fail(conn, waiter, "cancelled", "cancelled by the client")
+                conn.link.send(_OK)
+                return
+        conn.link.send(_FAIL)
+
+    def _on_session(self, conn: Connection, msg: SessionEvent) -> None:
+        now = self.clock()
+        if msg.event == "start":
+            held = conn.held.get(msg.matchkey)
+            if held is None:  # a direct connection, not granted by this tracker
+                key = conn.server_key or "?"
+                held = Held(key, msg.matchkey, "busy", "?", "?", now)
+                slot = conn.slots.pop(msg.matchkey, None)
+                if slot is not None:
+                    self.scheduler.remove_slot(slot)
+                conn.remember(held, self.config.max_held_per_connection)
+            held.state, held.since, held.peer = "busy", now, msg.peer
+        else:
+            conn.held.pop(msg.matchkey, None)
+        conn.link.send(_OK)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _deliver(self, grant: Grant, now: float) -> None:
+        waiter, slot = grant.waiter, grant.slot
+        requester, server = waiter.owner, slot.owner
+        assert isinstance(requester, Connection) and isinstance(server, Connection)
+        requester.waiters.pop(waiter, None)
+        server.slots.pop(slot.matchkey, None)
+        server.remember(
+            Held(slot.key, slot.matchkey, "granted", waiter.user, requester.address, now),
+            self.config.max_held_per_connection,
+        )
+        self.grants += 1
+        target = [slot.host, slot.port, slot.matchkey]
+        if waiter.request_id is None and waiter.protocol == PROTOCOL_TVM and not waiter.labels:
+            reply: list[Any] = [0, target]  # exactly TVM's reply
+        else:
+            reply = [0, target, {"id": waiter.request_id, "server": self._server_facts(server)}]
+        requester.link.send(encode_value(reply))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("granted %s to %s (%s)", slot.matchkey, waiter.user, requester.address)
+
+    def _fail(self, conn: Connection, waiter: Waiter, error: str, message: str) -> None:
+        conn.link.send(
+            encode_value([TrackerCode.FAIL.value, {"id": waiter.request_id, "error": error, "message": message}])
+        )
+
+    def _note_key(self, key: str) -> None:
+        known = self._known_keys
+        if key in known:
+            return
+        known[key] = None
+        if len(known) > self.config.max_idle_keys:
+            self._forget_idle_keys()
+
+    def _forget_idle_keys(self) -> None:
+        active: set[str] = set(self.scheduler.keys())
+        for conn in self._conns.values():
+            active.update(h.key for h in conn.held.values())
+            if conn.server_key is not None:
+                active.add(conn.server_key)
+        target = self.config.max_idle_keys * 3 // 4
+        for key in list(self._known_keys):
+            if len(self._known_keys) <= target:
+                break
+            if key not in active:
+                del self._known_keys[key]
+
+    @staticmethod
+    def _server_facts(conn: Connection) -> dict[str, Any]:
+        facts: dict[str, Any] = {"key": conn.info_key, "addr": conn.info.get("addr") if conn.info else None}
+        if conn.tether is not None:
+            facts["protocols"] = sorted(conn.tether.protocols)
+            facts["labels"] = dict(conn.tether.labels)
+            facts["device"] = dict(conn.tether.device)
+        return facts
+
+    # -- summary -------------------------------------------------------------------------------
+
+    def summary(self, detail: bool = False) -> dict[str, Any]:
+        """TVM's SUMMARY dict; with ``detail``, a ``"tether"`` entry with the whole truth."""
+        queue_info = {}
+        for key in self._known_keys:
+            free, pending = self.scheduler.counts(key)
+            queue_info[key] = {"free": free, "pending": pending}
+        server_info = [conn.info for conn in self._conns.values() if conn.info and conn.info_key.startswith("server")]
+        out: dict[str, Any] = {"queue_info": queue_info, "server_info": server_info}
+        if detail:
+            out["tether"] = self._detail(queue_info)
+        return out
+
+    def _detail(self, queue_info: dict[str, dict[str, int]]) -> dict[str, Any]:
+        now = self.clock()
+        keys: dict[str, dict[str, Any]] = {}
+        for key, counts in queue_info.items():
+            waiters = [
+                {
+                    "user": w.user,
+                    "priority": w.priority,
+                    "waited_s": round(now - w.since, 3),
+                    "protocol": w.protocol,
+                    "labels": dict(w.labels),
+                    "id": w.request_id,
+                    "timeout_s": None if w.deadline is None else round(w.deadline - w.since, 3),
+                }
+                for w in self.scheduler.waiters(key)
+            ]
+            keys[key] = {
+                "total": 0,
+                "free": counts["free"],
+                "busy": 0,
+                "pending": counts["pending"],
+                "waiters": waiters,
+            }
+        servers = []
+        for conn in self._conns.values():
+            if not (conn.slots or conn.held or conn.info_key.startswith("server")):
+                continue
+            per_key: dict[str, int] = {}
+            slots: list[dict[str, Any]] = []
+            for slot in conn.slots.values():
+                per_key[slot.key] = per_key.get(slot.key, 0) + 1
+                slots.append({"key": slot.key, "state": "free", "since_s": round(now - slot.free_since, 3)})
+            for held in conn.held.values():
+                per_key[held.key] = per_key.get(held.key, 0) + 1
+                if held.key in keys:
+                    keys[held.key]["busy"] += 1
+                slots.append(
+                    {
+                        "key": held.key,
+                        "state": held.state,
+                        "user": held.user,
+                        "requester": held.requester,
+                        "peer": held.peer,
+                        "since_s": round(now - held.since, 3),
+                    }
+                )
+            own = conn.server_key
+            if own is not None and own not in per_key:
+                per_key[own] = 1  # registered, between sessions: still one of the key's servers
+            for key, n in per_key.items():
+                if key in keys:
+                    keys[key]["total"] += n
+            entry: dict[str, Any] = {
+                "key": conn.info_key or None,
+                "addr": conn.info.get("addr") if conn.info else None,
+                "peer": conn.address,
+                "connected_s": round(now - conn.opened, 3),
+                "slots": slots,
+            }
+            if conn.tether is not None:
+                entry.update(
+                    protocols=sorted(conn.tether.protocols),
+                    labels=dict(conn.tether.labels),
+                    device=dict(conn.tether.device),
+                    heartbeat_s=conn.tether.heartbeat_s,
+                    last_seen_s=round(now - conn.last_seen, 3),
+                    version=conn.tether.version,
+                )
+            else:
+                entry["protocols"] = [PROTOCOL_TVM]
+            servers.append(entry)
+        return {
+            "version": _version(),
+            "time": self._wall(),
+            "uptime_s": round(now - self._started, 3),
+            "grants": self.grants,
+            "connections": len(self._conns),
+            "keys": keys,
+            "servers": servers,
+        }

@@ -1,0 +1,282 @@
+"""The tracker's asyncio driver: sockets in, :class:`~tether.tracker.core.TrackerCore` calls out.
+
+One ``asyncio.Protocol`` per connection; each reply is one ``transport.write`` (length and body
+together) on a ``TCP_NODELAY`` socket, and ``TCP_QUICKACK`` is set while a peer is mid-frame, so a
+TVM client that writes length and body in two sends is not held up by delayed ACKs. A peer that sends
+garbage gets one log line and a closed connection; nothing it sends can stop the tracker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..aio.net import Keepalive, bind_listener, format_hostport, quickack, tune_socket
+from ..errors import ConfigError, RemoteProtocolError
+from ..protocol.tracker import TrackerServerStream
+from .config import TrackerConfig
+from .core import TrackerCore
+from .registry import Connection
+
+__all__ = ["TrackerServer", "TrackerThread", "run_tracker"]
+
+logger = logging.getLogger("tether.tracker")
+
+#: A peer that lets this many reply bytes pile up unread is dropped (SUMMARY floods, dead readers).
+MAX_UNREAD_REPLY_BYTES = 16 * 1024 * 1024
+
+
+class _TrackerProtocol(asyncio.Protocol):
+    __slots__ = ("_conn", "_core", "_server", "_sock", "_stream", "_transport")
+
+    def __init__(self, server: TrackerServer) -> None:
+        self._server = server
+        self._core = server.core
+        self._transport: asyncio.Transport | None = None
+        self._sock: socket.socket | None = None
+        self._conn: Connection | None = None
+        self._stream = TrackerServerStream(server.config.max_frame_bytes)
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        if sock is not None:
+            self._sock = sock
+            cfg = self._server.config
+            tune_socket(sock, Keepalive(cfg.keepalive_idle_s, cfg.keepalive_interval_s, cfg.keepalive_probes))
+        self._conn = self._core.connect(self, str(peer[0]), int(peer[1]))
+
+    def data_received(self, data: bytes) -> None:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            return
+        try:
+            messages = self._stream.receive_data(data)
+            greeting = self._stream.data_to_send()
+            if greeting:
+                self.send(greeting)
+            for msg in messages:
+                self._core.receive(conn, msg)
+                if conn.is_closed():  # a STOP, or a liveness drop
+                    return
+        except RemoteProtocolError as exc:
+            logger.warning("closing %s: %s", conn.address, exc)
+            self._drop()
+            return
+        except Exception:
+            logger.exception("closing %s: internal error while handling its message", conn.address)
+            self._drop()
+            return
+        if self._sock is not None and self._stream.incomplete:
+            quickack(self._sock)
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._core.disconnect(self._conn)
+        self._server.forget(self)
+
+    # Link, for the core
+
+    def send(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > MAX_UNREAD_REPLY_BYTES:
+            assert self._conn is not None
+            logger.warning(
+                "closing %s: %d reply bytes left unread", self._conn.address, transport.get_write_buffer_size()
+            )
+            transport.abort()  # connection_lost() then withdraws its slots and requests
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._core.disconnect(self._conn)
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class TrackerServer:
+    """A tracker bound to a socket, served on the running event loop.
+
+    ``await start()`` binds (raising :class:`ConfigError` when no port is free), then ``host``/``port``
+    tell where; ``await serve_until_stopped()`` returns after :meth:`stop` or a STOP message.
+    """
+
+    def __init__(self, config: TrackerConfig | None = None, *, clock: Callable[[], float] | None = None) -> None:
+        self.config = config or TrackerConfig()
+        kwargs: dict[str, Any] = {"wakeup": self._wakeup, "on_stop": self.stop}
+        if clock is not None:
+            kwargs["clock"] = clock
+        self.core = TrackerCore(self.config, **kwargs)
+        self._clock = self.core.clock
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._protocols: set[_TrackerProtocol] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._stopped: asyncio.Event | None = None
+        self.host = self.config.host
+        self.port = 0
+
+    @property
+    def stop_key(self) -> str:
+        return self.core.stop_key
+
+    @property
+    def address(self) -> str:
+        return format_hostport(self.host, self.port)
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        sock = bind_listener(cfg.host, cfg.port, cfg.port_end, cfg.backlog)
+        sockname = sock.getsockname()
+        self.host, self.port = str(sockname[0]), int(sockname[1])
+        self._server = await self._loop.create_server(self._new_protocol, sock=sock, backlog=cfg.backlog)
+
+    def _new_protocol(self) -> _TrackerProtocol:
+        proto = _TrackerProtocol(self)
+        self._protocols.add(proto)
+        return proto
+
+    def forget(self, proto: _TrackerProtocol) -> None:
+        self._protocols.discard(proto)
+
+    async def serve_until_stopped(self) -> None:
+        assert self._stopped is not None, "start() first"
+        await self._stopped.wait()
+        await self._shutdown()
+
+    def stop(self) -> None:
+        """Ask the tracker to stop (from the loop's thread); ``serve_until_stopped`` then returns."""
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def _shutdown(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._server is not None:
+            self._server.close()
+        for proto in list(self._protocols):
+            proto.close()
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        logger.info("tracker on %s stopped", self.address)
+
+    # timers: one handle, re-armed to the core's earliest deadline
+
+    def _wakeup(self, when: float) -> None:
+        if self._loop is None or (self._timer_at is not None and self._timer_at <= when):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_later(max(0.0, when - self._clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        try:
+            nxt = self.core.on_timer()
+        except Exception:
+            logger.exception("tracker timer failed")
+            nxt = self._clock() + 1.0
+        if nxt is not None:
+            self._wakeup(nxt)
+
+
+async def run_tracker(config: TrackerConfig, ready: Callable[[TrackerServer], None] | None = None) -> None:
+    """Bind, call ``ready(server)``, serve until stopped (STOP message or :meth:`TrackerServer.stop`)."""
+    server = TrackerServer(config)
+    await server.start()
+    if ready is not None:
+        ready(server)
+    await server.serve_until_stopped()
+
+
+class TrackerThread:
+    """A tracker on its own event loop in a background thread: for tests, notebooks and the demo.
+
+    ``with TrackerThread(TrackerConfig(port=0)) as t: ...`` then ``t.host``, ``t.port``. Raises
+    :class:`ConfigError` from the constructor when it cannot bind.
+    """
+
+    def __init__(self, config: TrackerConfig | None = None, start_timeout: float = 10.0) -> None:
+        self.server = TrackerServer(config or TrackerConfig(port=0))
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tether-tracker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(start_timeout):
+            raise ConfigError("tracker thread did not start in time")
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                return
+            self._ready.set()
+            await self.server.serve_until_stopped()
+
+        try:
+            self._loop.run_until_complete(main())
+        finally:
+            self._loop.close()
+
+    @property
+    def host(self) -> str:
+        return self.server.host
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def core(self) -> TrackerCore:
+        return self.server.core
+
+    def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Run ``fn`` on the tracker's loop and return its result (to read state safely)."""
+
+        async def wrapper() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                self._loop.call_soon_threadsafe(self.server.stop)
+            self._thread.join(timeout)
+
+    def __enter__(self) -> TrackerThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,300 @@
+"""Codecs: golden bytes from tvm-wire-protocol.md, and round trips split at arbitrary byte boundaries."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tether.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
+from tether.protocol import (
+    RPC_MAGIC,
+    RPC_TRACKER_MAGIC,
+    Cancel,
+    FrameDecoder,
+    GetPendingMatchkeys,
+    Grant,
+    HandshakeCode,
+    HandshakeDecoder,
+    HandshakeReplyDecoder,
+    Ping,
+    Put,
+    Request,
+    RequestOptions,
+    SessionEvent,
+    Stop,
+    Summary,
+    TrackerClientStream,
+    TrackerServerStream,
+    UpdateInfo,
+    decode_message,
+    encode_frame,
+    encode_handshake,
+    encode_handshake_reply,
+    encode_message,
+    encode_value,
+    format_peer_key,
+    parse_peer_key,
+    parse_request_reply,
+)
+
+
+def chunks(data: bytes, cuts: list[int]) -> list[bytes]:
+    """Split ``data`` at the given offsets (sorted, deduplicated, clipped)."""
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+
+
+# -- golden bytes ---------------------------------------------------------------------------------
+
+
+def test_magics_are_tvms() -> None:
+    assert struct.pack("<i", RPC_MAGIC) == bytes.fromhex("71f20f00")
+    assert RPC_TRACKER_MAGIC == 0x2F271
+    assert [c.value for c in HandshakeCode] == [RPC_MAGIC, RPC_MAGIC + 1, RPC_MAGIC + 2]
+
+
+@pytest.mark.parametrize(
+    ("msg", "wire"),
+    [
+        (Ping(), b"[1]"),
+        (Stop("k"), b'[2, "k"]'),
+        (Put("foo", 9090, "foo:0.5"), b'[3, "foo", [9090, "foo:0.5"], null]'),
+        (Put("foo", 9090, "foo:0.5", "10.0.0.1"), b'[3, "foo", [9090, "foo:0.5"], "10.0.0.1"]'),
+        (Request("foo", "", 1), b'[4, "foo", "", 1]'),
+        (UpdateInfo({"key": "server:foo", "addr": [None, 9090]}), b'[5, {"key": "server:foo", "addr": [null, 9090]}]'),
+        (Summary(), b"[6]"),
+        (GetPendingMatchkeys(), b"[7]"),
+        (Cancel("r1"), b'[101, "r1"]'),
+    ],
+)
+def test_messages_encode_as_tvm_does(msg: object, wire: bytes) -> None:
+    frame = encode_message(msg)  # type: ignore[arg-type]
+    assert frame == struct.pack("<i", len(wire)) + wire
+    assert decode_message(wire) == msg
+
+
+def test_replies_are_tvms_exact_bytes() -> None:
+    assert encode_value(0) == b"\x01\x00\x00\x00" + b"0"
+    grant = b'[0, ["127.0.0.1", 29555, "foo:0.5"]]'
+    assert encode_value([0, ["127.0.0.1", 29555, "foo:0.5"]])[4:] == grant
+    summary = (
+        b'[0, {"queue_info": {"foo": {"free": 3, "pending": 0}}, '
+        b'"server_info": [{"key": "server:foo", "addr": ["127.0.0.1", 29555]}]}]'
+    )
+    value = [0, {"queue_info": {"foo": {"free": 3, "pending": 0}}, "server_info": [{"key": "server:foo", "addr": ["127.0.0.1", 29555]}]}]
+    assert encode_value(value)[4:] == summary
+
+
+def test_non_ascii_keys_stay_literal_and_lengths_count_bytes() -> None:
+    # Java and C++ servers search the raw reply text for their matchkey; TVM counts characters.
+    frame = encode_value(["clé:0.1"])
+    assert "clé:0.1".encode() in frame
+    assert struct.unpack("<i", frame[:4])[0] == len(frame) - 4 == len('["clé:0.1"]'.encode())
+    hello = encode_handshake("client:clé")
+    assert struct.unpack("<i", hello[4:8])[0] == len("client:clé".encode())
+
+
+def test_put_variants_from_every_server_kind() -> None:
+    assert decode_message(b'[3, "k", [9090, "k:1"]]') == Put("k", 9090, "k:1")  # 3 elements
+    assert decode_message(b'[3, "k", [9090, "k:1"], null]') == Put("k", 9090, "k:1")
+    assert decode_message(b'[3, "k", ["9090", "k:1"], "1.2.3.4"]') == Put("k", 9090, "k:1", "1.2.3.4")
+
+
+def test_update_info_keeps_extra_fields_and_string_ports() -> None:
+    msg = decode_message(b'[5, {"key": "server:k", "addr": [null, "9090"], "x": [1]}]')
+    assert msg == UpdateInfo({"key": "server:k", "addr": [None, "9090"], "x": [1]})
+
+
+def test_tether_request_options_round_trip() -> None:
+    opts = RequestOptions("r1", "tether", {"gpu": "a100"}, 2.5, "alice")
+    msg = Request("k", "alice", 3, opts)
+    assert decode_message(encode_message(msg)[4:]) == msg
+    assert decode_message(b'[4, "k", "", 1, null]') == Request("k", "", 1)
+
+
+def test_ping_hello_and_session_event() -> None:
+    assert decode_message(b'[1, {"hello": true}]') == Ping(hello=True)
+    assert decode_message(b'[1, "whatever"]') == Ping()
+    ev = SessionEvent("start", "k:1", "127.0.0.1:5000")
+    assert decode_message(encode_message(ev)[4:]) == ev
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"not json",
+        b"{}",
+        b"[]",
+        b"[99]",
+        b'["1"]',
+        b"[true]",
+        b'[3, "k", [70000, "m"]]',
+        b'[3, "k", 9090]',
+        b'[3, 1, [9090, "m"]]',
+        b'[4, "k", "", "high"]',
+        b'[4, "k", "", 1, {"timeout": -1}]',
+        b'[4, "k", "", 1, {"labels": {"a": 1}}]',
+        b"[5, []]",
+        b'[5, {"addr": [1, 2, 3]}]',
+        b"[2]",
+        b'[102, {"event": "maybe", "matchkey": "m"}]',
+        b"\xff\xfe",
+    ],
+)
+def test_bad_messages_raise_remote_protocol_error(wire: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_message(wire)
+
+
+def test_request_replies() -> None:
+    assert parse_request_reply([0, ["h", 1, "m"]]) == Grant("h", 1, "m")
+    assert parse_request_reply([0, ["h", 1, "m"], {"id": "x"}]) == Grant("h", 1, "m", {"id": "x"})
+    assert parse_request_reply([-1, {"error": "timeout"}]) == {"error": "timeout"}
+    with pytest.raises(RemoteProtocolError):
+        parse_request_reply(0)
+
+
+# -- frames ---------------------------------------------------------------------------------------
+
+
+@given(st.lists(st.binary(min_size=1, max_size=300), max_size=8), st.lists(st.integers(0, 10_000), max_size=20))
+def test_frames_survive_any_chunking(payloads: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(encode_frame(p) for p in payloads)
+    decoder = FrameDecoder(limit=1000)
+    out: list[bytes] = []
+    for piece in chunks(stream, cuts):
+        out.extend(decoder.feed(piece))
+    assert out == payloads
+    assert not decoder.incomplete
+
+
+@pytest.mark.parametrize("length", [0, -1, 1001, 2**31 - 1])
+def test_frame_length_checked_from_header_alone(length: int) -> None:
+    decoder = FrameDecoder(limit=1000)
+    with pytest.raises(FrameTooLarge):
+        decoder.feed(struct.pack("<i", length))  # no payload needed to refuse it
+
+
+def test_tracker_stream_accepts_magic_and_message_in_one_chunk() -> None:
+    stream = TrackerServerStream()
+    msgs = stream.receive_data(struct.pack("<i", RPC_TRACKER_MAGIC) + encode_message(Ping()))
+    assert msgs == [Ping()]
+    assert stream.data_to_send() == struct.pack("<i", RPC_TRACKER_MAGIC)
+    assert stream.data_to_send() == b""
+
+
+@given(st.lists(st.sampled_from([Ping(), Summary(), GetPendingMatchkeys(), Put("k", 1, "k:1")]), max_size=6), st.lists(st.integers(0, 500)))
+def test_tracker_stream_any_chunking(msgs: list[object], cuts: list[int]) -> None:
+    wire = struct.pack("<i", RPC_TRACKER_MAGIC) + b"".join(encode_message(m) for m in msgs)  # type: ignore[arg-type]
+    stream = TrackerServerStream()
+    got: list[object] = []
+    for piece in chunks(wire, cuts):
+        got.extend(stream.receive_data(piece))
+    assert got == msgs
+    assert not stream.incomplete
+
+
+def test_tracker_stream_wrong_magic() -> None:
+    with pytest.raises(RemoteProtocolError, match="magic"):
+        TrackerServerStream().receive_data(struct.pack("<i", RPC_MAGIC))
+
+
+def test_tracker_client_stream_rejects_a_non_tracker() -> None:
+    client = TrackerClientStream()
+    with pytest.raises(RemoteProtocolError, match="not an RPC tracker"):
+        client.receive_data(b"HTTP")
+    client = TrackerClientStream()
+    values = client.receive_data(struct.pack("<i", RPC_TRACKER_MAGIC) + encode_value([0, {"a": 1}]))
+    assert client.connected and values == [[0, {"a": 1}]]
+
+
+# -- handshake ------------------------------------------------------------------------------------
+
+
+def test_handshake_golden_bytes() -> None:
+    assert encode_handshake("client:foo") == bytes.fromhex("71f20f00") + b"\x0a\x00\x00\x00client:foo"
+    assert encode_handshake_reply(HandshakeCode.MISMATCH) == struct.pack("<i", RPC_MAGIC + 2)
+    assert encode_handshake_reply(HandshakeCode.SUCCESS, "server:foo") == (
+        struct.pack("<i", RPC_MAGIC) + struct.pack("<i", 10) + b"server:foo"
+    )
+    with pytest.raises(LocalProtocolError):
+        encode_handshake_reply(HandshakeCode.SUCCESS)
+
+
+@given(st.text(min_size=1, max_size=100), st.binary(max_size=20), st.lists(st.integers(0, 200)))
+def test_handshake_any_chunking_keeps_trailing_bytes(key: str, tail: bytes, cuts: list[int]) -> None:
+    wire = encode_handshake(key) + tail
+    decoder = HandshakeDecoder()
+    got = None
+    for piece in chunks(wire, cuts):
+        if got is None:
+            got = decoder.feed(piece)
+        else:
+            decoder.unused += piece
+    assert got == key
+    assert decoder.unused == tail
+
+
+@given(st.sampled_from(list(HandshakeCode)), st.text(min_size=1, max_size=50), st.lists(st.integers(0, 100)))
+def test_handshake_reply_any_chunking(code: HandshakeCode, key: str, cuts: list[int]) -> None:
+    wire = encode_handshake_reply(code, key)
+    decoder = HandshakeReplyDecoder()
+    reply = None
+    for piece in chunks(wire, cuts):
+        assert reply is None
+        reply = decoder.feed(piece)
+    assert reply is not None and reply.code is code
+    assert reply.key == (key if code is HandshakeCode.SUCCESS else None)
+
+
+def test_handshake_bad_input() -> None:
+    with pytest.raises(RemoteProtocolError, match="wrong magic"):
+        HandshakeDecoder().feed(struct.pack("<i", RPC_TRACKER_MAGIC))
+    with pytest.raises(FrameTooLarge):
+        HandshakeDecoder().feed(struct.pack("<ii", RPC_MAGIC, 1 << 30))
+    with pytest.raises(RemoteProtocolError, match="UTF-8"):
+        HandshakeDecoder().feed(struct.pack("<ii", RPC_MAGIC, 2) + b"\xff\xfe")
+    with pytest.raises(RemoteProtocolError, match="unknown handshake reply"):
+        HandshakeReplyDecoder().feed(struct.pack("<i", 7))
+
+
+# -- keys -----------------------------------------------------------------------------------------
+
+
+def test_keys_with_colons_and_options() -> None:
+    key = parse_peer_key("client:127.0.0.1:5555:0.123 -timeout=1.5 -tether=1")
+    assert (key.role, key.name) == ("client", "127.0.0.1:5555:0.123")
+    assert key.session_timeout == 1.5 and key.is_tether
+    assert parse_peer_key("client:k -timeout=0").session_timeout is None  # TVM: 0 means no limit
+    assert parse_peer_key("server:k").options == {}
+    assert format_peer_key("client", "a:b", {"timeout": "10"}) == "client:a:b -timeout=10"
+
+
+@pytest.mark.parametrize("raw", ["", "client:", "client:   ", "foo:bar", "nokey", "client:k junk"])
+def test_bad_keys(raw: str) -> None:
+    with pytest.raises(RemoteProtocolError):
+        parse_peer_key(raw)
+
+
+def test_bad_timeout_option() -> None:
+    with pytest.raises(RemoteProtocolError):
+        _ = parse_peer_key("client:k -timeout=soon").session_timeout
+
+
+_token = st.text(st.characters(blacklist_categories=["Z", "C"], blacklist_characters="="), min_size=1, max_size=12)
+
+
+@given(st.sampled_from(["client", "server"]), _token, st.dictionaries(_token.filter(lambda s: s[0] != "-"), _token, max_size=3))
+def test_key_round_trip(role: str, name: str, options: dict[str, str]) -> None:
+    raw = format_peer_key(role, name, options)
+    key = parse_peer_key(raw)
+    assert (key.role, key.name, key.options, key.raw) == (role, name, options, raw)
+    assert raw[7:].split()[0] == name  # how TVM's proxy reads the same string
+
+
+def test_json_dumps_default_is_tvm_compatible() -> None:
+    assert json.dumps([0, ["a", 1, "b"]]).encode() == encode_value([0, ["a", 1, "b"]])[4:]
