@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 
@@ -45,7 +46,7 @@ from tether.protocol import (
 def chunks(data: bytes, cuts: list[int]) -> list[bytes]:
     """Split ``data`` at the given offsets (sorted, deduplicated, clipped)."""
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 # -- golden bytes ---------------------------------------------------------------------------------
@@ -85,7 +86,13 @@ def test_replies_are_tvms_exact_bytes() -> None:
         b'[0, {"queue_info": {"foo": {"free": 3, "pending": 0}}, '
         b'"server_info": [{"key": "server:foo", "addr": ["127.0.0.1", 29555]}]}]'
     )
-    value = [0, {"queue_info": {"foo": {"free": 3, "pending": 0}}, "server_info": [{"key": "server:foo", "addr": ["127.0.0.1", 29555]}]}]
+    value = [
+        0,
+        {
+            "queue_info": {"foo": {"free": 3, "pending": 0}},
+            "server_info": [{"key": "server:foo", "addr": ["127.0.0.1", 29555]}],
+        },
+    ]
     assert encode_value(value)[4:] == summary
 
 
@@ -187,7 +194,10 @@ def test_tracker_stream_accepts_magic_and_message_in_one_chunk() -> None:
     assert stream.data_to_send() == b""
 
 
-@given(st.lists(st.sampled_from([Ping(), Summary(), GetPendingMatchkeys(), Put("k", 1, "k:1")]), max_size=6), st.lists(st.integers(0, 500)))
+@given(
+    st.lists(st.sampled_from([Ping(), Summary(), GetPendingMatchkeys(), Put("k", 1, "k:1")]), max_size=6),
+    st.lists(st.integers(0, 500)),
+)
 def test_tracker_stream_any_chunking(msgs: list[object], cuts: list[int]) -> None:
     wire = struct.pack("<i", RPC_TRACKER_MAGIC) + b"".join(encode_message(m) for m in msgs)  # type: ignore[arg-type]
     stream = TrackerServerStream()
@@ -288,7 +298,11 @@ def test_bad_timeout_option() -> None:
 _token = st.text(st.characters(blacklist_categories=["Z", "C"], blacklist_characters="="), min_size=1, max_size=12)
 
 
-@given(st.sampled_from(["client", "server"]), _token, st.dictionaries(_token.filter(lambda s: s[0] != "-"), _token, max_size=3))
+@given(
+    st.sampled_from(["client", "server"]),
+    _token,
+    st.dictionaries(_token.filter(lambda s: s[0] != "-"), _token, max_size=3),
+)
 def test_key_round_trip(role: str, name: str, options: dict[str, str]) -> None:
     raw = format_peer_key(role, name, options)
     key = parse_peer_key(raw)

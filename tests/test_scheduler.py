@@ -205,7 +205,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         gpu=st.sampled_from([None, None, "x"]),
         timeout=st.sampled_from([None, None, 0.0, 1.0, 3.0]),
     )
-    def request(self, key: str, user: str, priority: int, protocol: str, gpu: str | None, timeout: float | None) -> Waiter:
+    def request(
+        self, key: str, user: str, priority: int, protocol: str, gpu: str | None, timeout: float | None
+    ) -> Waiter:
         w = Waiter(key, user, priority, protocol, {} if gpu is None else {"gpu": gpu})
         if timeout is not None:
             w.deadline = self.now + timeout

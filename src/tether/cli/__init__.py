@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import query, tracker
+from . import demo, query, tracker
 
 __all__ = ["main"]
 
-_COMMANDS = {"tracker": tracker, "query": query}
+_COMMANDS = {"tracker": tracker, "query": query, "demo": demo}
 
 
 def _parser() -> argparse.ArgumentParser:

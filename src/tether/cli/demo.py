@@ -1,0 +1,51 @@
+"""``tether demo``: the main job on a fresh machine (tracker, device server, real model, on loopback)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import TetherError
+from .query import render
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="run a real model through a tracker and a device server on this machine")
+    p.add_argument("--model", type=Path, default=None, help="ONNX model (default: SqueezeNet from the onnx package)")
+    p.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (default 10)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from ..demo import run_demo
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        print(f"tether demo needs the tvm and onnx extras: pip install 'tether[tvm,onnx]' ({exc})", file=sys.stderr)
+        return 2
+    try:
+        result = run_demo(args.model, repeat=args.repeat)
+    except ImportError as exc:
+        print(f"tether demo needs the tvm and onnx extras: pip install 'tether[tvm,onnx]' ({exc})", file=sys.stderr)
+        return 2
+    except TetherError as exc:
+        print(f"tether demo failed: {exc}", file=sys.stderr)
+        return 1
+    print()
+    if result.status is not None:
+        print("While the session was held, tether query showed:\n")
+        print(render(result.status))
+    print(f"input  {result.input_name}: {result.input_shape} float32 (seeded random)")
+    print(f"output: {result.output_shape}, top-5 classes {[(i, round(p, 4)) for i, p in result.top5]}")
+    print(f"remote vs local onnxruntime: max |diff| = {result.max_abs_diff:.3g} -> {'OK' if result.ok else 'MISMATCH'}")
+    t = result.timings
+    print(
+        "timings: "
+        f"compile {t['compile_s']:.2f} s, request {t['request_ms']:.1f} ms, upload {t['upload_ms']:.1f} ms, "
+        f"first remote run {t['first_run_ms']:.1f} ms, remote run {t['remote_run_ms']:.2f} ms (median), "
+        f"local onnxruntime {t['local_ort_run_ms']:.2f} ms (median)"
+    )
+    return 0 if result.ok else 1
