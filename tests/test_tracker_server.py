@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
 
 from tether.client.tracker import TrackerClient
 from tether.errors import ConnectFailed, RemoteProtocolError, RequestTimeout
-from tether.protocol import RPC_MAGIC, RPC_TRACKER_MAGIC
+from tether.protocol import RPC_MAGIC, RPC_TRACKER_MAGIC, Request, RequestOptions
 from tether.tracker import TrackerConfig, TrackerThread
 
 from .conftest import RawPeer, wait_until
@@ -171,3 +173,30 @@ def test_many_concurrent_connections(tracker: TrackerThread) -> None:
     for s in socks:
         s.close()
     wait_until(lambda: tracker.call(lambda: len(tracker.core.connections)) == 0, what="all closed")
+
+
+def test_cancel_a_waiting_request(tracker: TrackerThread) -> None:
+    with TrackerClient.connect(tracker.host, tracker.port) as client:
+        client.send(Request("busy", "me", 1, RequestOptions("r1", timeout=60)))
+        assert client.cancel("r1") is True
+        outcome = client.recv(time.monotonic() + 5)
+        assert outcome[0] == -1 and outcome[1]["error"] == "cancelled"
+        assert client.cancel("r1") is False
+        assert queue(tracker, "busy")["pending"] == 0
+
+
+def test_interrupted_request_is_withdrawn(tracker: TrackerThread) -> None:
+    """Ctrl-C while waiting: the request is cancelled on the tracker, then the interrupt propagates."""
+    with TrackerClient.connect(tracker.host, tracker.port) as client:
+
+        def interrupt_once_queued() -> None:
+            wait_until(lambda: queue(tracker, "nobody")["pending"] == 1, what="request queued")
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+        interrupter = threading.Thread(target=interrupt_once_queued)
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            client.request_grant("nobody", timeout=30)
+        interrupter.join(5)
+        assert queue(tracker, "nobody")["pending"] == 0
+        assert client.ping() > 0  # the connection is still usable

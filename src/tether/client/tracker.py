@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..aio.stream import BlockingStream
@@ -111,6 +111,20 @@ class TrackerClient:
             self._replies.extend(self._codec.receive_data(self._stream.recv(deadline)))
         return self._replies.popleft()
 
+    def _recv_where(self, wanted: Callable[[Any], bool], deadline: float | None) -> Any:
+        """The first reply, queued or still to come, for which ``wanted`` is true; the others stay queued."""
+        for i, value in enumerate(self._replies):
+            if wanted(value):
+                del self._replies[i]
+                return value
+        while True:
+            values = self._codec.receive_data(self._stream.recv(deadline))
+            for i, value in enumerate(values):
+                if wanted(value):
+                    self._replies.extend(values[:i] + values[i + 1 :])
+                    return value
+            self._replies.extend(values)
+
     def call(self, msg: TrackerMessage, timeout: float | None = 30.0) -> Any:
         """Send ``msg`` and return its reply (valid for every message but a waiting REQUEST)."""
         self.send(msg)
@@ -197,9 +211,15 @@ class TrackerClient:
             raise
         return _grant_or_raise(parse_request_reply(reply), key)
 
-    def cancel(self, request_id: str) -> bool:
-        """Withdraw a waiting request sent with :meth:`send`; False when it was no longer waiting."""
-        return bool(self.call(Cancel(request_id)) == TrackerCode.SUCCESS)
+    def cancel(self, request_id: str, timeout: float = 5.0) -> bool:
+        """Withdraw a waiting request sent with :meth:`send`; False when it was no longer waiting.
+
+        The request's own outcome (``[-1, {"error": "cancelled"}]``, or a grant that won the race) comes
+        before the cancel's reply; it stays queued for :meth:`recv`.
+        """
+        self.send(Cancel(request_id))
+        reply = self._recv_where(lambda v: not isinstance(v, list), time.monotonic() + timeout)
+        return bool(reply == TrackerCode.SUCCESS)
 
     def _abandon(self, request_id: str | None) -> None:
         """Give up a request that is still waiting: cancel it (tether), or drop the connection (TVM)."""
@@ -207,10 +227,8 @@ class TrackerClient:
             self.close()
             return
         try:
-            self.send(Cancel(request_id))
-            deadline = time.monotonic() + 5.0
-            self.recv(deadline)  # the request's own outcome: cancelled, timed out, or a grant that raced us
-            self.recv(deadline)  # then the cancel's reply
+            self.cancel(request_id)
+            self._recv_where(lambda v: isinstance(v, list), time.monotonic() + 5.0)  # its outcome: dropped
         except (TimeoutError, ConnectionClosed, RemoteProtocolError):
             self.close()
 

@@ -69,7 +69,7 @@ __all__ = [
 MAGIC_BYTES: Final = pack_i32(RPC_TRACKER_MAGIC)
 
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
-_loads = json.loads
+_decode = json.JSONDecoder().decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +182,8 @@ def encode_value(value: Any) -> bytes:
 def decode_value(payload: bytes) -> Any:
     """Parse one frame's JSON payload; :class:`RemoteProtocolError` when it is not JSON."""
     try:
-        return _loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return _decode(payload.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
         raise RemoteProtocolError(f"frame is not JSON: {payload[:64]!r}") from exc
 
 

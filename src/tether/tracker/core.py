@@ -104,7 +104,8 @@ class TrackerCore:
     def receive(self, conn: Connection, msg: TrackerMessage) -> None:
         """Apply one message. Raises :class:`RemoteProtocolError` when its content is unacceptable;
         the driver then closes the connection."""
-        conn.last_seen = self.clock()
+        if conn.silence_limit is not None:
+            conn.last_seen = self.clock()
         self._handlers[type(msg)](conn, msg)
 
     def disconnect(self, conn: Connection) -> None:
@@ -269,6 +270,8 @@ class TrackerCore:
         if first and conn.info_key.startswith("server"):
             logger.info("server registered from %s: %s at %s", conn.address, conn.info_key, conn.info.get("addr"))
         if tether is not None and tether.heartbeat_s is not None:
+            if conn.silence_limit is None:
+                conn.last_seen = self.clock()
             conn.silence_limit = min(tether.heartbeat_s * self.config.heartbeat_misses, self.config.max_silence_s)
             if not conn.liveness_scheduled:
                 conn.liveness_scheduled = True

@@ -27,13 +27,14 @@ import itertools
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 
 __all__ = ["PROTOCOL_TVM", "Grant", "Scheduler", "Slot", "Waiter"]
 
 #: The protocol every TVM server serves and every plain TVM REQUEST asks for.
 PROTOCOL_TVM: Final = "tvm"
 _TVM_ONLY: Final = frozenset({PROTOCOL_TVM})
+_NO_LABELS: Final[frozenset[tuple[str, str]]] = frozenset()
 
 
 @dataclass(eq=False, slots=True)
@@ -50,9 +51,8 @@ class Slot:
     free_since: float = 0.0
     seq: int = 0  # set by the scheduler: order of arrival, oldest first
     queued: bool = False
-
-    def signature(self) -> tuple[frozenset[str], frozenset[tuple[str, str]]]:
-        return self.protocols, frozenset(self.labels.items())
+    # (protocols, labels) as the scheduler grouped the slot when it was queued
+    group: tuple[frozenset[str], frozenset[tuple[str, str]]] | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -72,8 +72,7 @@ class Waiter:
     waiting: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
+class Grant(NamedTuple):
     """A slot handed to a waiter; both have left the queue."""
 
     waiter: Waiter
@@ -135,7 +134,8 @@ class Scheduler:
             if waiter is not None:
                 self._drop_if_empty(slot.key, queue)
                 return Grant(waiter, slot)
-        group = queue.free.get(sig := slot.signature())
+        sig = slot.group = (slot.protocols, frozenset(slot.labels.items()) if slot.labels else _NO_LABELS)
+        group = queue.free.get(sig)
         if group is None:
             group = queue.free[sig] = {}
         group[slot] = None
@@ -148,7 +148,8 @@ class Scheduler:
         if not slot.queued:
             return False
         queue = self._queues[slot.key]
-        sig = slot.signature()
+        sig = slot.group
+        assert sig is not None
         group = queue.free[sig]
         del group[slot]
         if not group:

@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from ..aio.net import Keepalive, bind_listener, format_hostport, quickack, tune_socket
 from ..errors import ConfigError, RemoteProtocolError
@@ -27,12 +28,16 @@ __all__ = ["TrackerServer", "TrackerThread", "run_tracker"]
 
 logger = logging.getLogger("tether.tracker")
 
+#: Linux copies NODELAY and the keepalive settings from a listening socket to the sockets it accepts,
+#: so they are set once on the listener there; elsewhere on every accepted socket.
+_OPTIONS_INHERITED = sys.platform == "linux"
+
 #: A peer that lets this many reply bytes pile up unread is dropped (SUMMARY floods, dead readers).
 MAX_UNREAD_REPLY_BYTES = 16 * 1024 * 1024
 
 
 class _TrackerProtocol(asyncio.Protocol):
-    __slots__ = ("_conn", "_core", "_server", "_sock", "_stream", "_transport")
+    __slots__ = ("_conn", "_core", "_greet", "_server", "_sock", "_stream", "_transport")
 
     def __init__(self, server: TrackerServer) -> None:
         self._server = server
@@ -41,18 +46,18 @@ class _TrackerProtocol(asyncio.Protocol):
         self._sock: socket.socket | None = None
         self._conn: Connection | None = None
         self._stream = TrackerServerStream(server.config.max_frame_bytes)
+        self._greet = True  # until the magic echo has been sent
 
     # asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
         sock = transport.get_extra_info("socket")
         peer = transport.get_extra_info("peername") or ("?", 0)
         if sock is not None:
             self._sock = sock
-            cfg = self._server.config
-            tune_socket(sock, Keepalive(cfg.keepalive_idle_s, cfg.keepalive_interval_s, cfg.keepalive_probes))
+            if not _OPTIONS_INHERITED:
+                tune_socket(sock, self._server.keepalive)
         self._conn = self._core.connect(self, str(peer[0]), int(peer[1]))
 
     def data_received(self, data: bytes) -> None:
@@ -61,9 +66,11 @@ class _TrackerProtocol(asyncio.Protocol):
             return
         try:
             messages = self._stream.receive_data(data)
-            greeting = self._stream.data_to_send()
-            if greeting:
-                self.send(greeting)
+            if self._greet:
+                greeting = self._stream.data_to_send()
+                if greeting:
+                    self._greet = False
+                    self.send(greeting)
             for msg in messages:
                 self._core.receive(conn, msg)
                 if conn.is_closed():  # a STOP, or a liveness drop
@@ -134,6 +141,8 @@ class TrackerServer:
         self._stopped: asyncio.Event | None = None
         self.host = self.config.host
         self.port = 0
+        cfg = self.config
+        self.keepalive = Keepalive(cfg.keepalive_idle_s, cfg.keepalive_interval_s, cfg.keepalive_probes)
 
     @property
     def stop_key(self) -> str:
@@ -148,6 +157,7 @@ class TrackerServer:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         sock = bind_listener(cfg.host, cfg.port, cfg.port_end, cfg.backlog)
+        tune_socket(sock, self.keepalive)  # inherited by accepted sockets on Linux
         sockname = sock.getsockname()
         self.host, self.port = str(sockname[0]), int(sockname[1])
         self._server = await self._loop.create_server(self._new_protocol, sock=sock, backlog=cfg.backlog)
