@@ -149,8 +149,7 @@ def test_stop_message_stops_the_tracker() -> None:
     with TrackerClient.connect(thread.host, thread.port) as client:
         assert not client.stop("wrong")
         assert client.stop("secret")
-    thread._thread.join(5)
-    assert not thread._thread.is_alive()
+    assert thread.wait(5)
 
 
 def test_ipv6_loopback() -> None:

@@ -13,12 +13,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..aio.net import format_hostport
+from ..protocol.keys import proxied_keys, server_key_name
 from .tracker import TrackerClient
 
 __all__ = ["KeyRow", "ServerRow", "TrackerStatus", "WaiterRow", "query_tracker", "status_from_summary"]
-
-_SERVER = "server:"
-_PROXY = "server:proxy["
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +86,6 @@ def _addr_text(addr: Any) -> str:
         host, port = addr
         return format_hostport(str(host), port) if isinstance(port, int) else f"{host}:{port}"
     return str(addr)
-
-
-def _proxied_keys(info_key: str) -> list[str]:
-    if info_key.startswith(_PROXY) and info_key.endswith("]"):
-        return [k for k in info_key[len(_PROXY) : -1].split(",") if k]
-    return []
 
 
 def _notes(rows: list[KeyRow]) -> list[KeyRow]:
@@ -169,10 +161,9 @@ def _from_tvm(summary: dict[str, Any], address: str) -> TrackerStatus:
     for info in summary.get("server_info", []):
         key = str(info.get("key", ""))
         servers.append(ServerRow(_addr_text(info.get("addr")), key, "?"))
-        if key.startswith(_PROXY):
-            proxied.update(_proxied_keys(key))
-        elif key.startswith(_SERVER):
-            name = key[len(_SERVER) :]
+        proxied.update(proxied_keys(key))
+        name = server_key_name(key)
+        if name is not None:
             direct[name] = direct.get(name, 0) + 1
     queue_info: dict[str, Any] = summary.get("queue_info", {})
     keys = []

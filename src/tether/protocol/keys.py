@@ -16,9 +16,35 @@ from dataclasses import dataclass, field
 from ..errors import LocalProtocolError, RemoteProtocolError
 from .constants import TETHER_OPTION
 
-__all__ = ["PeerKey", "format_peer_key", "parse_peer_key"]
+__all__ = [
+    "PROXY_PREFIX",
+    "SERVER_PREFIX",
+    "PeerKey",
+    "format_peer_key",
+    "parse_peer_key",
+    "proxied_keys",
+    "server_key_name",
+]
 
 _ROLES = ("client", "server")
+
+#: A server's UPDATE_INFO key is ``server:<key>``; a proxy registers ``server:proxy[k1,k2]``.
+SERVER_PREFIX = "server:"
+PROXY_PREFIX = "server:proxy["
+
+
+def server_key_name(info_key: str) -> str | None:
+    """``K`` for ``server:K`` (everything after the prefix: keys may hold ``:``); None for a proxy or other."""
+    if info_key.startswith(SERVER_PREFIX) and not info_key.startswith(PROXY_PREFIX):
+        return info_key[len(SERVER_PREFIX) :]
+    return None
+
+
+def proxied_keys(info_key: str) -> list[str]:
+    """The keys a proxy serves, from its ``server:proxy[k1,k2]`` info key (empty for anything else)."""
+    if info_key.startswith(PROXY_PREFIX) and info_key.endswith("]"):
+        return [k for k in info_key[len(PROXY_PREFIX) : -1].split(",") if k]
+    return []
 
 
 @dataclass(frozen=True, slots=True)

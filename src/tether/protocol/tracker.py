@@ -377,7 +377,37 @@ def parse_request_reply(value: Any) -> Grant | dict[str, Any]:
     raise RemoteProtocolError(f"unexpected REQUEST reply {value!r:.200}")
 
 
-class TrackerServerStream:
+class _MagicThenFrames:
+    """Both ends of a tracker connection: 4 bytes of magic first, then ``[int32 len][JSON]`` frames."""
+
+    __slots__ = ("_decoder", "_magic_buf")
+    _wrong_magic = "wrong tracker magic {}"
+
+    def __init__(self, limit: int) -> None:
+        self._decoder = FrameDecoder(limit)
+        self._magic_buf: bytearray | None = bytearray()
+
+    def _payloads(self, data: bytes) -> list[bytes]:
+        """The frame payloads completed by ``data``, once the magic is through."""
+        if self._magic_buf is not None:
+            self._magic_buf += data
+            if len(self._magic_buf) < 4:
+                return []
+            magic = bytes(self._magic_buf[:4])
+            if magic != MAGIC_BYTES:
+                raise RemoteProtocolError(self._wrong_magic.format(magic.hex()))
+            data = bytes(self._magic_buf[4:])
+            self._magic_buf = None
+            self._on_magic()
+            if not data:
+                return []
+        return self._decoder.feed(data)
+
+    def _on_magic(self) -> None:
+        pass
+
+
+class TrackerServerStream(_MagicThenFrames):
     """The tracker's end of one connection: expects the magic, then request frames.
 
     :meth:`receive_data` returns the messages completed by the bytes given; after the first call that
@@ -386,11 +416,10 @@ class TrackerServerStream:
     must then be closed.
     """
 
-    __slots__ = ("_decoder", "_magic_buf", "_outgoing")
+    __slots__ = ("_outgoing",)
 
     def __init__(self, limit: int = MAX_TRACKER_FRAME_BYTES) -> None:
-        self._decoder = FrameDecoder(limit)
-        self._magic_buf: bytearray | None = bytearray()
+        super().__init__(limit)
         self._outgoing = b""
 
     @property
@@ -398,37 +427,29 @@ class TrackerServerStream:
         """True while part of a magic or frame is buffered (the peer is mid-message)."""
         return self._magic_buf is not None or self._decoder.incomplete
 
+    def _on_magic(self) -> None:
+        self._outgoing = MAGIC_BYTES
+
     def receive_data(self, data: bytes) -> list[TrackerMessage]:
-        if self._magic_buf is not None:
-            self._magic_buf += data
-            if len(self._magic_buf) < 4:
-                return []
-            if bytes(self._magic_buf[:4]) != MAGIC_BYTES:
-                raise RemoteProtocolError(f"wrong tracker magic {bytes(self._magic_buf[:4]).hex()}")
-            data = bytes(self._magic_buf[4:])
-            self._magic_buf = None
-            self._outgoing = MAGIC_BYTES
-            if not data:
-                return []
-        return [decode_message(p) for p in self._decoder.feed(data)]
+        return [decode_message(p) for p in self._payloads(data)]
 
     def data_to_send(self) -> bytes:
         out, self._outgoing = self._outgoing, b""
         return out
 
 
-class TrackerClientStream:
+class TrackerClientStream(_MagicThenFrames):
     """A peer's end of a tracker connection: send :meth:`initial_bytes`, then frames; read JSON values.
 
     :meth:`receive_data` returns the reply values completed by the bytes given; the first 4 bytes must
     be the magic echo, else :class:`RemoteProtocolError` ("not a tracker").
     """
 
-    __slots__ = ("_decoder", "_magic_buf")
+    __slots__ = ()
+    _wrong_magic = "peer is not an RPC tracker (answered {})"
 
     def __init__(self, limit: int = MAX_TRACKER_FRAME_BYTES) -> None:
-        self._decoder = FrameDecoder(limit)
-        self._magic_buf: bytearray | None = bytearray()
+        super().__init__(limit)
 
     @staticmethod
     def initial_bytes() -> bytes:
@@ -440,14 +461,4 @@ class TrackerClientStream:
         return self._magic_buf is None
 
     def receive_data(self, data: bytes) -> list[Any]:
-        if self._magic_buf is not None:
-            self._magic_buf += data
-            if len(self._magic_buf) < 4:
-                return []
-            if bytes(self._magic_buf[:4]) != MAGIC_BYTES:
-                raise RemoteProtocolError(f"peer is not an RPC tracker (answered {bytes(self._magic_buf[:4]).hex()})")
-            data = bytes(self._magic_buf[4:])
-            self._magic_buf = None
-            if not data:
-                return []
-        return [decode_value(p) for p in self._decoder.feed(data)]
+        return [decode_value(p) for p in self._payloads(data)]

@@ -19,14 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..errors import RemoteProtocolError
+from ..protocol.keys import PROXY_PREFIX, server_key_name
 from .scheduler import PROTOCOL_TVM, Slot, Waiter
 
 __all__ = ["Connection", "Held", "Link", "TetherInfo", "parse_tether_info"]
 
 logger = logging.getLogger(__name__)
-
-SERVER_PREFIX = "server:"
-PROXY_PREFIX = "server:proxy["
 
 
 class Link(Protocol):
@@ -128,10 +126,7 @@ class Connection:
     @property
     def server_key(self) -> str | None:
         """``K`` for a server that registered as ``server:K`` (None for clients and proxies)."""
-        key = self.info_key
-        if key.startswith(SERVER_PREFIX) and not key.startswith(PROXY_PREFIX):
-            return key[len(SERVER_PREFIX) :]
-        return None
+        return server_key_name(self.info_key)
 
     @property
     def protocols(self) -> frozenset[str]:

@@ -279,6 +279,11 @@ class TrackerThread:
 
         return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the tracker has stopped (STOP message or :meth:`stop`); False on timeout."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread.is_alive():
             with contextlib.suppress(RuntimeError):  # loop already closed
