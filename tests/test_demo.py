@@ -1,0 +1,28 @@
+"""The README's main job, as a newcomer runs it: ``tether demo`` in a real process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("tvm")
+pytest.importorskip("onnxruntime")
+
+pytestmark = [pytest.mark.tvm, pytest.mark.slow]
+
+
+@pytest.mark.timeout(300)
+def test_demo_runs_a_real_model_through_tracker_and_server() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tether", "--log-level", "WARNING", "demo", "--repeat", "3"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "remote vs local onnxruntime" in out and "-> OK" in out
+    assert "Server List" in out and "server:demo-cpu" in out  # the query table, read while the session was held
+    assert "top-5 classes" in out
