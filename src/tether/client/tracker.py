@@ -107,9 +107,7 @@ class TrackerClient:
 
     def recv(self, deadline: float | None = None) -> Any:
         """The next reply value; ``deadline`` on ``time.monotonic()``; raises TimeoutError past it."""
-        while not self._replies:
-            self._replies.extend(self._codec.receive_data(self._stream.recv(deadline)))
-        return self._replies.popleft()
+        return self._recv_where(lambda _: True, deadline)
 
     def _recv_where(self, wanted: Callable[[Any], bool], deadline: float | None) -> Any:
         """The first reply, queued or still to come, for which ``wanted`` is true; the others stay queued."""

@@ -112,6 +112,7 @@ class Connection:
     closed: bool = False
 
     def is_closed(self) -> bool:
+        """``closed`` read afresh: the driver checks it after calls that may close the connection."""
         return self.closed
 
     @property

@@ -132,7 +132,6 @@ class TrackerServer:
         if clock is not None:
             kwargs["clock"] = clock
         self.core = TrackerCore(self.config, **kwargs)
-        self._clock = self.core.clock
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._protocols: set[_TrackerProtocol] = set()
@@ -200,7 +199,7 @@ class TrackerServer:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = when
-        self._timer = self._loop.call_later(max(0.0, when - self._clock()), self._on_timer)
+        self._timer = self._loop.call_later(max(0.0, when - self.core.clock()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
@@ -208,7 +207,7 @@ class TrackerServer:
             nxt = self.core.on_timer()
         except Exception:
             logger.exception("tracker timer failed")
-            nxt = self._clock() + 1.0
+            nxt = self.core.clock() + 1.0
         if nxt is not None:
             self._wakeup(nxt)
 
