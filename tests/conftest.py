@@ -169,3 +169,27 @@ def cli() -> Iterator[Callable[..., CliProcess]]:
     yield spawn
     for p in procs:
         p.stop()
+
+
+@pytest.fixture
+def device_server(tmp_path: Any) -> Iterator[Callable[..., Any]]:
+    """Start in-process tether servers (their session workers are real processes); stopped afterwards."""
+    from tether.device.server import DeviceServer, ServerConfig
+
+    servers: list[DeviceServer] = []
+
+    def start(**kwargs: Any) -> DeviceServer:
+        kwargs.setdefault("host", "127.0.0.1")
+        kwargs.setdefault("port", 0)
+        kwargs.setdefault("preload", [])
+        kwargs.setdefault("work_dir", str(tmp_path / f"server{len(servers)}"))
+        server = DeviceServer(ServerConfig(**kwargs))
+        servers.append(server)
+        server.start()
+        if server.config.tracker:
+            assert server.registered.wait(10), "the server did not register with the tracker"
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -7,24 +7,49 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .client.api import Tracker, connect_tracker
 from .client.query import TrackerStatus, query_tracker
+from .client.session import BenchmarkResult, RemoteModel, RemoteTensor, Session, connect
 from .client.tracker import TrackerClient
 from .errors import (
     ConfigError,
     ConnectFailed,
     ConnectionClosed,
+    ModelLoadError,
+    ModelRunError,
+    NotTetherServer,
     NotTetherTracker,
     ProtocolError,
+    RemoteError,
     RemoteProtocolError,
     RequestCancelled,
     RequestRejected,
     RequestTimeout,
+    SessionLost,
+    SessionRefused,
+    SessionTimeout,
     TetherError,
     TrackerError,
     TransportError,
+    WorkspaceError,
 )
 
 __all__ = [
+    "BenchmarkResult",
+    "ModelLoadError",
+    "ModelRunError",
+    "NotTetherServer",
+    "RemoteError",
+    "RemoteModel",
+    "RemoteTensor",
+    "Session",
+    "SessionLost",
+    "SessionRefused",
+    "SessionTimeout",
+    "Tracker",
+    "WorkspaceError",
+    "connect",
+    "connect_tracker",
     "ConfigError",
     "ConnectFailed",
     "ConnectionClosed",

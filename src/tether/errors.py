@@ -5,16 +5,24 @@
     TetherError
     ├── ProtocolError                 bytes that break the wire protocol
     │   ├── LocalProtocolError        we were asked to send something invalid (a bug on this side)
-    │   └── RemoteProtocolError       the peer sent something invalid (wrong magic, bad frame, bad JSON)
-    │       └── FrameTooLarge         a length header above the limit, rejected before the payload
+    │   ├── RemoteProtocolError       the peer sent something invalid (wrong magic, bad frame, bad JSON)
+    │   │   └── FrameTooLarge         a length header above the limit, rejected before the payload
+    │   └── NotTetherServer           a tether client reached a server that speaks only TVM's protocol
     ├── TransportError                the connection failed: retrying may help
     │   ├── ConnectFailed             could not connect to any address of a host
-    │   └── ConnectionClosed          the peer closed while we waited for a reply
+    │   ├── ConnectionClosed          the peer closed while we waited for a reply
+    │   │   └── SessionLost           the session's worker died or its connection broke mid-request
+    │   └── SessionRefused            the server or proxy answered the handshake with MISMATCH/DUPLICATE
     ├── TrackerError                  the tracker answered, and the answer is no
     │   ├── RequestTimeout            no server was granted within the request's timeout (also TimeoutError)
     │   ├── RequestCancelled          the request was cancelled before a grant
     │   ├── RequestRejected           the tracker refused the request (bad options, unknown protocol)
     │   └── NotTetherTracker          a tether-only operation sent to a plain TVM tracker
+    ├── RemoteError                   a session request failed on the device (type, message, traceback)
+    │   ├── SessionTimeout            the session outlived its ``session_timeout`` (also TimeoutError)
+    │   ├── WorkspaceError            a path outside the session's workspace, a missing file
+    │   ├── ModelLoadError            a backend could not load the model
+    │   └── ModelRunError             the model raised while running
     └── ConfigError                   invalid configuration (bad flag, port range)
 
 Only :class:`TransportError` is worth a retry: everything else says something that a new attempt
@@ -29,15 +37,24 @@ __all__ = [
     "ConnectionClosed",
     "FrameTooLarge",
     "LocalProtocolError",
+    "ModelLoadError",
+    "ModelRunError",
+    "NotTetherServer",
     "NotTetherTracker",
     "ProtocolError",
+    "RemoteError",
     "RemoteProtocolError",
     "RequestCancelled",
     "RequestRejected",
     "RequestTimeout",
+    "SessionLost",
+    "SessionRefused",
+    "SessionTimeout",
     "TetherError",
     "TrackerError",
     "TransportError",
+    "WorkspaceError",
+    "remote_error",
 ]
 
 
@@ -100,3 +117,60 @@ class NotTetherTracker(TrackerError):
 
 class ConfigError(TetherError, ValueError):
     """An invalid setting: a flag, an address, a port range."""
+
+
+class NotTetherServer(ProtocolError):
+    """A tether client reached a server that speaks only TVM's session protocol (a plain TVM server)."""
+
+
+class SessionLost(ConnectionClosed):
+    """The session ended under a request: its worker died or the connection broke."""
+
+
+class SessionRefused(TransportError):
+    """The server or proxy refused the handshake (MISMATCH: wrong or stale key, busy; DUPLICATE)."""
+
+
+class RemoteError(TetherError):
+    """A session request failed on the device; carries the remote type, message and traceback text."""
+
+    def __init__(self, message: str, remote_type: str = "Error", remote_traceback: str = "") -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_message = message
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        text = f"{self.remote_type}: {self.remote_message}"
+        if self.remote_traceback:
+            text += "\n--- remote traceback ---\n" + self.remote_traceback.rstrip()
+        return text
+
+
+class SessionTimeout(RemoteError, TimeoutError):
+    """The session outlived its ``session_timeout``; the device ended it (queue time never counts)."""
+
+
+class WorkspaceError(RemoteError):
+    """A path that escapes the session's workspace, or a file that is not there."""
+
+
+class ModelLoadError(RemoteError):
+    """A backend could not load the model (wrong format, missing runtime, bad options)."""
+
+
+class ModelRunError(RemoteError):
+    """The model raised while running (bad inputs, a runtime error)."""
+
+
+_REMOTE_TYPES: dict[str, type[RemoteError]] = {
+    "SessionTimeout": SessionTimeout,
+    "WorkspaceError": WorkspaceError,
+    "ModelLoadError": ModelLoadError,
+    "ModelRunError": ModelRunError,
+}
+
+
+def remote_error(remote_type: str, message: str, remote_traceback: str = "") -> RemoteError:
+    """The typed exception for an error frame's ``type``."""
+    return _REMOTE_TYPES.get(remote_type, RemoteError)(message, remote_type, remote_traceback)

@@ -11,11 +11,18 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, query, tracker
+from . import demo, pack, query, run, server, tracker
 
 __all__ = ["main"]
 
-_COMMANDS = {"tracker": tracker, "query": query, "demo": demo}
+_COMMANDS = {
+    "tracker": tracker,
+    "server": server,
+    "query": query,
+    "run": run,
+    "pack": pack,
+    "demo": demo,
+}
 
 
 def _parser() -> argparse.ArgumentParser:

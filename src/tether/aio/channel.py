@@ -1,0 +1,164 @@
+"""Blocking frame I/O for tether's native session (both ends: the device worker and the client).
+
+Frames are described in :mod:`tether.protocol.session`. Sending gathers the head and every payload
+buffer into ``sendmsg`` calls (no concatenation); receiving reads the head through a small buffer and
+the payload straight into its destination with ``recv_into`` (a tensor's memory, a file's chunks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Sequence
+from typing import IO, Any
+
+from ..errors import ConnectionClosed, RemoteProtocolError
+from ..protocol.session import (
+    FIXED_HEADER,
+    MAX_PAYLOAD_BYTES,
+    FrameHeader,
+    FrameKind,
+    encode_frame_head,
+    parse_fixed_header,
+    parse_json_header,
+)
+
+__all__ = ["Channel"]
+
+_CHUNK = 1 << 20
+_IOV_MAX = 512
+
+
+class Channel:
+    """One session's socket. ``send_*`` may be called from two threads (a lock keeps frames whole);
+    ``recv_*`` from one."""
+
+    def __init__(self, sock: socket.socket, max_payload: int = MAX_PAYLOAD_BYTES) -> None:
+        sock.settimeout(None)
+        self.sock = sock
+        self.max_payload = max_payload
+        self._buf = bytearray(65536)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._send_lock = threading.Lock()
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send_frame(self, kind: FrameKind, frame_id: int, header: dict[str, Any], payload: Sequence[Any] = ()) -> None:
+        """One frame; ``payload`` is a sequence of buffers sent back to back without copying."""
+        views = [memoryview(b).cast("B") for b in payload]
+        head = encode_frame_head(kind, frame_id, header, sum(v.nbytes for v in views))
+        with self._send_lock:
+            self._sendmsg_all([memoryview(head), *views])
+
+    def send_file_frame(
+        self, kind: FrameKind, frame_id: int, header: dict[str, Any], file: IO[bytes], size: int
+    ) -> None:
+        """One frame whose payload is the next ``size`` bytes of ``file`` (``sendfile`` where it can)."""
+        head = encode_frame_head(kind, frame_id, header, size)
+        with self._send_lock:
+            self._sendmsg_all([memoryview(head)])
+            try:
+                sent = self.sock.sendfile(file, count=size) if size else 0
+            except OSError as exc:
+                raise ConnectionClosed(f"send failed: {exc}") from exc
+            if sent != size:
+                raise ConnectionClosed(f"file shrank while sending: {sent} of {size} bytes")
+
+    def _sendmsg_all(self, views: list[memoryview]) -> None:
+        views = [v for v in views if v.nbytes]
+        try:
+            while views:
+                sent = self.sock.sendmsg(views[:_IOV_MAX])
+                while sent:
+                    if sent >= views[0].nbytes:
+                        sent -= views.pop(0).nbytes
+                    else:
+                        views[0] = views[0][sent:]
+                        sent = 0
+        except OSError as exc:
+            raise ConnectionClosed(f"send failed: {exc}") from exc
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def _fill(self, need: int) -> None:
+        """Make ``need`` (at most the buffer's size) unread bytes available in the buffer."""
+        if self._end - self._start >= need:
+            return
+        if self._start:
+            size = self._end - self._start
+            self._buf[:size] = self._buf[self._start : self._end]
+            self._start, self._end = 0, size
+        while self._end - self._start < need:
+            n = self._recv_into(self._view[self._end :])
+            self._end += n
+
+    def _recv_into(self, view: memoryview) -> int:
+        try:
+            n = self.sock.recv_into(view)
+        except OSError as exc:
+            raise ConnectionClosed(f"receive failed: {exc}") from exc
+        if n == 0:
+            raise ConnectionClosed("peer closed the connection")
+        return n
+
+    def _take(self, n: int) -> bytes:
+        if n > len(self._buf):
+            out = bytearray(n)
+            self.recv_into(memoryview(out))
+            return bytes(out)
+        self._fill(n)
+        data = bytes(self._view[self._start : self._start + n])
+        self._start += n
+        return data
+
+    def recv_head(self) -> tuple[FrameHeader, dict[str, Any]]:
+        """The next frame's fixed header and JSON header; its payload is still to be read."""
+        self._fill(FIXED_HEADER.size)
+        head = parse_fixed_header(self._view[self._start : self._start + FIXED_HEADER.size], self.max_payload)
+        self._start += FIXED_HEADER.size
+        return head, parse_json_header(self._take(head.header_len))
+
+    def recv_into(self, view: memoryview) -> None:
+        """Fill ``view`` completely with payload bytes."""
+        view = view.cast("B")
+        buffered = min(self._end - self._start, view.nbytes)
+        if buffered:
+            view[:buffered] = self._view[self._start : self._start + buffered]
+            self._start += buffered
+        got = buffered
+        while got < view.nbytes:
+            got += self._recv_into(view[got:])
+
+    def recv_bytes(self, n: int) -> bytearray:
+        out = bytearray(n)
+        self.recv_into(memoryview(out))
+        return out
+
+    def recv_to_file(self, file: IO[bytes], n: int) -> None:
+        """Copy ``n`` payload bytes into ``file`` in chunks."""
+        chunk = bytearray(min(n, _CHUNK))
+        view = memoryview(chunk)
+        while n:
+            part = view[: min(n, len(chunk))]
+            self.recv_into(part)
+            file.write(part)
+            n -= part.nbytes
+
+    def discard(self, n: int) -> None:
+        """Skip ``n`` payload bytes (a request that failed before its payload was used)."""
+        chunk = memoryview(bytearray(min(max(n, 1), _CHUNK)))
+        while n:
+            part = chunk[: min(n, chunk.nbytes)]
+            self.recv_into(part)
+            n -= part.nbytes
+
+    def expect_empty(self, head: FrameHeader, what: str) -> None:
+        if head.payload_len:
+            raise RemoteProtocolError(f"{what} carries no payload, got {head.payload_len} bytes")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()

@@ -1,0 +1,111 @@
+"""``tether server``: the flags of ``python -m tvm.exec.rpc_server``, plus tether's.
+
+Runs on a bare device Python: nothing here imports beyond the standard library (``tether pack``
+makes a single-file bundle of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from typing import Any
+
+from ..aio.net import format_hostport, parse_hostport
+from ..errors import ConfigError
+
+__all__ = ["add_parser", "run"]
+
+
+def _label(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"labels are name=value, not {text!r}")
+    return name, value
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("server", help="run a device server (tether's native sessions and TVM's)")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind, or the proxy's with --through-proxy")
+    p.add_argument("--port", type=int, default=9090, help="first port to try (default 9090; 0: the OS chooses)")
+    p.add_argument("--port-end", type=int, default=9199, help="end of the port range, exclusive (default 9199)")
+    p.add_argument("--tracker", default=None, help="HOST:PORT of the tracker to register with")
+    p.add_argument("--key", default="", help="the key clients request this device by")
+    p.add_argument("--through-proxy", action="store_true", help="connect out to the proxy at --host:--port")
+    p.add_argument("--custom-addr", default=None, help="address the tracker hands to clients (NAT, tunnels)")
+    p.add_argument("--load-library", default=None, help="colon-separated libraries to load into TVM sessions")
+    p.add_argument(
+        "--no-fork",
+        action="store_true",
+        help="accepted for TVM compatibility: sessions always run in a fresh worker process",
+    )
+    p.add_argument("--silent", action="store_true", help="log warnings and errors only")
+    p.add_argument("--work-dir", default=None, help="where session workspaces live (default: a temporary directory)")
+    p.add_argument(
+        "--label",
+        action="append",
+        type=_label,
+        default=[],
+        metavar="K=V",
+        help="a label clients can ask for (repeatable)",
+    )
+    p.add_argument("--slots", type=int, default=1, help="concurrent sessions (default 1)")
+    p.add_argument(
+        "--preload",
+        default="auto",
+        help="modules a waiting worker imports ahead of a session: comma list, 'auto' (installed runtimes) or 'none'",
+    )
+    p.add_argument("--no-prestart", action="store_true", help="start each session's worker only when it is granted")
+    p.add_argument("--no-tvm", action="store_true", help="serve tether clients only, even when tvm is importable")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from ..device.server import ServerConfig
+
+    preload = (
+        None if args.preload == "auto" else [] if args.preload == "none" else [m for m in args.preload.split(",") if m]
+    )
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        port_end=args.port_end,
+        key=args.key,
+        tracker=parse_hostport(args.tracker, 9190) if args.tracker else None,
+        custom_addr=args.custom_addr,
+        through_proxy=args.through_proxy,
+        load_library=[p for p in (args.load_library or "").split(":") if p],
+        work_dir=args.work_dir,
+        labels=dict(args.label),
+        slots=args.slots,
+        preload=preload,
+        prestart=not args.no_prestart,
+        serve_tvm=not args.no_tvm,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..device.server import DeviceServer
+
+    try:
+        server = DeviceServer(config_from_args(args))
+        server.start()
+    except ConfigError as exc:
+        print(f"tether server: {exc}", file=sys.stderr)
+        return 2
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        done.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    if not args.through_proxy:
+        print(f"listening on {format_hostport(args.host, server.port)}", flush=True)
+    try:
+        while not done.wait(3600):
+            pass
+    finally:
+        server.stop()
+    return 0

@@ -1,0 +1,438 @@
+"""The blocking client of tether's native session: files, models, tensors, timing. Needs numpy.
+
+::
+
+    import tether
+    with tether.connect_tracker("127.0.0.1", 9190) as tracker:
+        with tracker.request("android", session_timeout=60, timeout=300) as sess:
+            sess.upload("model.onnx")
+            model = sess.load_model("model.onnx")
+            outputs = model.run({"x": image})              # {"y": numpy array}
+            print(model.benchmark(number=10, repeat=5))
+
+Everything closes explicitly (``close()``, ``with``); nothing waits for garbage collection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import statistics
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..aio.channel import Channel
+from ..aio.net import connect_tcp, format_hostport
+from ..errors import (
+    ConnectionClosed,
+    NotTetherServer,
+    RemoteProtocolError,
+    SessionLost,
+    SessionRefused,
+    SessionTimeout,
+    TetherError,
+    remote_error,
+)
+from ..protocol.constants import HandshakeCode
+from ..protocol.framing import HandshakeReplyDecoder, encode_handshake
+from ..protocol.keys import format_peer_key, parse_peer_key
+from ..protocol.session import DTYPE_SIZES, FrameKind, tensor_descs
+
+__all__ = ["BenchmarkResult", "RemoteModel", "RemoteTensor", "Session", "connect"]
+
+
+def connect(
+    host: str, port: int, key: str = "", session_timeout: float | None = None, timeout: float = 10.0
+) -> Session:
+    """Open a native session with a tether server directly (no tracker): ``key`` is the server's key."""
+    return Session.connect(host, port, key or "tether", session_timeout=session_timeout, timeout=timeout)
+
+
+def _np() -> Any:
+    import numpy
+
+    return numpy
+
+
+def _as_wire_array(value: Any) -> Any:
+    np = _np()
+    arr = np.asarray(value)
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big"):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    name = arr.dtype.name
+    if name not in DTYPE_SIZES:
+        raise TypeError(f"dtype {arr.dtype} cannot travel; supported: {', '.join(DTYPE_SIZES)}")
+    return np.ascontiguousarray(arr)
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """Seconds per run, one sample per repeat (TVM's ``time_evaluator`` semantics), and statistics."""
+
+    samples: list[float]
+    number: int
+    inputs: str = "device"
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.samples)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def max(self) -> float:
+        return max(self.samples)
+
+    @property
+    def std(self) -> float:
+        return statistics.pstdev(self.samples) if len(self.samples) > 1 else 0.0
+
+    def percentile(self, p: float) -> float:
+        """Linear interpolation between order statistics (numpy's default), ``p`` in 0..100."""
+        ordered = sorted(self.samples)
+        rank = (len(ordered) - 1) * p / 100
+        low, high = math.floor(rank), math.ceil(rank)
+        return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+    @property
+    def results(self) -> list[float]:
+        """Alias for TVM users: ``time_evaluator(...)().results``."""
+        return self.samples
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples_s": self.samples,
+            "number": self.number,
+            "repeat": len(self.samples),
+            "mean_s": self.mean,
+            "median_s": self.median,
+            "min_s": self.min,
+            "max_s": self.max,
+            "std_s": self.std,
+            "p90_s": self.percentile(90),
+            "p99_s": self.percentile(99),
+        }
+
+    def __str__(self) -> str:
+        ms = 1000
+        return (
+            f"{len(self.samples)} repeats x {self.number} runs: mean {self.mean * ms:.3f} ms, "
+            f"median {self.median * ms:.3f} ms, min {self.min * ms:.3f} ms, max {self.max * ms:.3f} ms, "
+            f"std {self.std * ms:.3f} ms"
+        )
+
+
+@dataclass(eq=False)
+class RemoteTensor:
+    """A tensor kept on the device; pass it as an input without sending it again."""
+
+    session: Session
+    handle: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def numpy(self) -> Any:
+        _header, arrays = self.session._call("get", {"tensor": self.handle})
+        return arrays[0]
+
+    def free(self) -> None:
+        if not self.session.closed:
+            self.session._call("free", {"tensors": [self.handle]})
+
+
+@dataclass(eq=False)
+class RemoteModel:
+    """A model loaded on the device by one of its backends."""
+
+    session: Session
+    handle: str
+    backend: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    load_s: float
+    last_run_s: float | None = field(default=None, init=False)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec["name"] for spec in self.inputs]
+
+    def _split(self, inputs: Mapping[str, Any] | None) -> tuple[dict[str, str], dict[str, Any]]:
+        refs: dict[str, str] = {}
+        inline: dict[str, Any] = {}
+        for name, value in (inputs or {}).items():
+            if isinstance(value, RemoteTensor):
+                refs[name] = value.handle
+            else:
+                inline[name] = _as_wire_array(value)
+        return refs, inline
+
+    def run(
+        self,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        fill: str | None = None,
+        seed: int | None = None,
+        keep: bool = False,
+    ) -> dict[str, Any]:
+        """Run once; numpy arrays (or :class:`RemoteTensor` with ``keep=True``) by output name.
+
+        ``inputs`` maps names to arrays or :class:`RemoteTensor`; inputs left out are generated on the
+        device when ``fill`` is "random", "zeros" or "ones".
+        """
+        refs, inline = self._split(inputs)
+        header = {"model": self.handle, "inputs": refs, "fill": fill, "seed": seed, "keep": keep}
+        result, arrays = self.session._call("run", header, inline)
+        self.last_run_s = float(result.get("run_s", 0.0))
+        if keep:
+            return {
+                o["name"]: RemoteTensor(self.session, o["tensor"], o["dtype"], tuple(o["shape"]))
+                for o in result["outputs"]
+            }
+        names = [d["name"] for d in result["tensors"]]
+        return dict(zip(names, arrays, strict=True))
+
+    def benchmark(
+        self,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        number: int = 1,
+        repeat: int = 1,
+        min_repeat_ms: float = 0,
+        cooldown_ms: float = 0,
+        warmup: int = 1,
+        fill: str | None = "random",
+        seed: int | None = None,
+    ) -> BenchmarkResult:
+        """Time runs on the device with inputs kept there (sent once, or generated with ``fill``)."""
+        refs, inline = self._split(inputs)
+        header = {
+            "model": self.handle,
+            "inputs": refs,
+            "fill": fill,
+            "seed": seed,
+            "number": number,
+            "repeat": repeat,
+            "min_repeat_ms": min_repeat_ms,
+            "cooldown_ms": cooldown_ms,
+            "warmup": warmup,
+        }
+        result, _ = self.session._call("benchmark", header, inline)
+        return BenchmarkResult([float(s) for s in result["samples"]], int(result["number"]))
+
+    def close(self) -> None:
+        if not self.session.closed:
+            self.session._call("unload", {"model": self.handle})
+
+    def __enter__(self) -> RemoteModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Session:
+    """One native session with a tether server. Not thread-safe: one request at a time."""
+
+    def __init__(self, sock: Any, server_key: str, address: str) -> None:
+        self._channel: Channel | None = Channel(sock)
+        self.server_key = server_key
+        self.address = address
+        self._ids = itertools.count(1)
+        self._on_close: list[Any] = []
+
+    @classmethod
+    def connect(
+        cls, host: str, port: int, name: str, *, session_timeout: float | None = None, timeout: float = 10.0
+    ) -> Session:
+        """Handshake as ``client:<name> -tether=1`` (``name``: the server's key, or a tracker's matchkey)."""
+        options = {"tether": "1"}
+        if session_timeout:
+            options["timeout"] = f"{session_timeout:g}"
+        address = format_hostport(host, port)
+        sock = connect_tcp(host, port, timeout)
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(encode_handshake(format_peer_key("client", name, options)))
+            decoder = HandshakeReplyDecoder()
+            reply = None
+            while reply is None:
+                data = sock.recv(4096)
+                if not data:
+                    raise ConnectionClosed(f"{address} closed the connection during the handshake")
+                reply = decoder.feed(data)
+            if reply.code != HandshakeCode.SUCCESS or reply.key is None:
+                why = (
+                    "busy, or the key/matchkey is not current" if reply.code == HandshakeCode.MISMATCH else "duplicate"
+                )
+                raise SessionRefused(f"{address} refused the session ({reply.code.name}: {why})")
+            server = parse_peer_key(reply.key)
+            if not server.is_tether:
+                raise NotTetherServer(
+                    f"{address} is a plain TVM server (it answered {reply.key!r}); it speaks only TVM's session "
+                    "protocol: use tvm.rpc.connect for it, or run `tether server` on the device"
+                )
+            sock.setsockopt(6, 1, 1)  # TCP_NODELAY: small requests must not wait for Nagle
+        except TimeoutError:
+            sock.close()
+            raise ConnectionClosed(f"{address} did not answer the handshake within {timeout} s") from None
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, reply.key, address)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._channel is None
+
+    def _call(
+        self,
+        op: str,
+        header: dict[str, Any],
+        tensors: Mapping[str, Any] | None = None,
+        *,
+        payload: list[Any] | None = None,
+        file: Any = None,
+        size: int = 0,
+    ) -> tuple[dict[str, Any], list[Any]]:
+        """One request and its response: tensors (numpy arrays by name), raw ``payload`` buffers or the
+        next ``size`` bytes of ``file`` go out; the response's header and its tensors come back."""
+        channel = self._channel
+        if channel is None:
+            raise ConnectionClosed("the session is closed")
+        frame_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        request = {"op": op, **header}
+        try:
+            if file is not None:
+                channel.send_file_frame(FrameKind.REQUEST, frame_id, request, file, size)
+            elif tensors:
+                request["tensors"] = [
+                    {"name": n, "dtype": a.dtype.name, "shape": list(a.shape), "nbytes": a.nbytes}
+                    for n, a in tensors.items()
+                ]
+                channel.send_frame(FrameKind.REQUEST, frame_id, request, list(tensors.values()))
+            else:
+                channel.send_frame(FrameKind.REQUEST, frame_id, request, payload or ())
+            head, reply = channel.recv_head()
+            if head.kind == FrameKind.ERROR:
+                channel.discard(head.payload_len)
+                error = remote_error(
+                    str(reply.get("type", "Error")), str(reply.get("message", "")), str(reply.get("traceback", ""))
+                )
+                if head.id == 0:  # the session itself ended: timeout, worker died
+                    self._drop()
+                    if isinstance(error, SessionTimeout):
+                        raise error
+                    raise SessionLost(f"{self.address}: {error.remote_type}: {error.remote_message}")
+                raise error
+            if head.kind != FrameKind.RESPONSE or head.id != frame_id:
+                raise RemoteProtocolError(
+                    f"expected the response to request {frame_id}, got {head.kind.name} {head.id}"
+                )
+            if op == "download":
+                return reply, [channel.recv_bytes(head.payload_len)] if file is None else []
+            arrays = []
+            for desc in tensor_descs(reply.get("tensors"), head.payload_len):
+                arr = _np().empty(desc.shape, dtype=desc.dtype)
+                if desc.nbytes:
+                    channel.recv_into(memoryview(arr.reshape(-1).view("uint8")))
+                arrays.append(arr)
+            return reply, arrays
+        except ConnectionClosed as exc:
+            self._drop()
+            raise SessionLost(f"{self.address}: the session ended during {op!r}: {exc}") from None
+        except RemoteProtocolError:
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        for callback in self._on_close:
+            callback()
+        self._on_close.clear()
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """An empty round trip."""
+        self._call("ping", {})
+
+    def info(self) -> dict[str, Any]:
+        """The device's facts, the worker's pid and workspace."""
+        return self._call("info", {})[0]
+
+    def upload(self, data: str | os.PathLike[str] | bytes | bytearray | memoryview, target: str | None = None) -> str:
+        """Send a file (a path) or bytes into the workspace; returns its remote name."""
+        if isinstance(data, bytes | bytearray | memoryview):
+            if not target:
+                raise ValueError("target is required when uploading bytes")
+            self._call("upload", {"path": target}, payload=[data])
+            return target
+        path = Path(data)
+        target = target or path.name
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            self._call("upload", {"path": target}, file=file, size=size)
+        return target
+
+    def download(self, path: str) -> bytes:
+        """A workspace file's content."""
+        return bytes(self._call("download", {"path": path})[1][0])
+
+    def remove(self, path: str) -> None:
+        self._call("remove", {"path": path})
+
+    def listdir(self, path: str = ".", detail: bool = False) -> list[Any]:
+        """Names in a workspace directory (``detail``: dicts with name, type, size)."""
+        entries = self._call("listdir", {"path": path})[0]["entries"]
+        return entries if detail else [e["name"] for e in entries]
+
+    def load_model(self, path: str, backend: str | None = None, **options: Any) -> RemoteModel:
+        """Load an uploaded model; the backend follows the file type unless given. ``options`` go to the
+        backend (onnxruntime: ``providers``, ``intra_op_num_threads``; tvm: ``device``, ``function``)."""
+        reply = self._call("load_model", {"path": path, "backend": backend, "options": options})[0]
+        return RemoteModel(self, reply["model"], reply["backend"], reply["inputs"], reply["outputs"], reply["load_s"])
+
+    def tensor(self, array: Any) -> RemoteTensor:
+        """Send an array once and keep it on the device."""
+        arr = _as_wire_array(array)
+        handle = self._call("put", {}, {"": arr})[0]["handles"][0]
+        return RemoteTensor(self, handle, arr.dtype.name, tuple(arr.shape))
+
+    def fill(
+        self, shape: tuple[int, ...], dtype: str = "float32", kind: str = "random", seed: int | None = None
+    ) -> RemoteTensor:
+        """A tensor generated on the device ("random", "zeros", "ones"): nothing crosses the network."""
+        handle = self._call("fill", {"shape": list(shape), "dtype": dtype, "kind": kind, "seed": seed})[0]["tensor"]
+        return RemoteTensor(self, handle, dtype, tuple(shape))
+
+    def close(self) -> None:
+        """End the session: the server kills its worker and removes its workspace."""
+        if self._channel is None:
+            return
+        with contextlib.suppress(TetherError):
+            self._call("close", {})
+        self._drop()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<tether.Session {self.address} {self.server_key!r}{' closed' if self.closed else ''}>"

@@ -1,0 +1,671 @@
+"""The device server: listener, handshake, tracker registration, and a supervisor of session workers.
+
+Threads, each with one job:
+
+- **accept**: takes connections and answers each handshake on a short-lived thread: a client must
+  name a free slot's current matchkey (with a tracker) or the server's key (without one). tether clients
+  (``-tether=1``) get tether's native session; plain TVM clients get TVM's own session loop when tvm is
+  importable, else MISMATCH and a log line.
+- **registration**: the only thread that talks to the tracker. UPDATE_INFO with the device's facts,
+  one PUT per free slot, GET_PENDING_MATCHKEYS every second (also the heartbeat), a fresh matchkey when
+  a grant is not redeemed, SESSION start/end on a tether tracker. A lost tracker is retried forever with
+  backoff (TVM's server gives up after 60 s).
+- **one watcher per session**: the session runs in a worker process (its own process group and
+  workspace directory) started ahead of time; when the worker exits, or its session outlives the timeout
+  plus a grace period, the watcher kills the process group, tells a tether client why if the worker
+  could not, removes the workspace and frees the slot. A crashed session is a finished session.
+
+With ``through_proxy`` there is no listener and no tracker link: each slot connects out to the proxy as
+``server:KEY`` and waits, forever, for a client to be paired with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import queue
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__
+from ..aio.net import bind_listener, connect_tcp, format_hostport
+from ..client.tracker import TrackerClient
+from ..errors import ConfigError, RemoteProtocolError, TetherError
+from ..protocol.constants import DEFAULT_HEARTBEAT_S, HandshakeCode
+from ..protocol.framing import HandshakeDecoder, HandshakeReplyDecoder, encode_handshake, encode_handshake_reply
+from ..protocol.keys import PeerKey, format_peer_key, parse_peer_key
+from ..protocol.session import MAX_PAYLOAD_BYTES, FrameKind, encode_frame_head
+from .facts import device_facts
+
+__all__ = ["DeviceServer", "ServerConfig", "default_preload"]
+
+logger = logging.getLogger("tether.server")
+
+PROTOCOL_TETHER = "tether"
+PROTOCOL_TVM = "tvm"
+
+
+def default_preload() -> list[str]:
+    """What a pre-started worker imports: the installed runtimes (the slow part of a first call)."""
+    return [m for m in ("numpy", "onnxruntime", "tvm") if importlib.util.find_spec(m) is not None]
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Settings of one device server; the flags of ``python -m tvm.exec.rpc_server`` plus tether's."""
+
+    host: str = "0.0.0.0"
+    port: int = 9090
+    port_end: int = 9199
+    key: str = ""
+    tracker: tuple[str, int] | None = None
+    custom_addr: str | None = None
+    #: Connect out to the proxy at host:port instead of listening.
+    through_proxy: bool = False
+    load_library: list[str] = field(default_factory=list)
+    work_dir: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    #: Concurrent sessions (one tracker slot each).
+    slots: int = 1
+    #: Modules a pre-started worker imports; None: every installed runtime.
+    preload: list[str] | None = None
+    #: Start each slot's next worker ahead of time.
+    prestart: bool = True
+    #: Serve TVM's protocol when tvm is importable (False: tether clients only).
+    serve_tvm: bool = True
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S
+    poll_s: float = 1.0
+    reconnect_max_s: float = 5.0
+    #: A matchkey granted by the tracker but not redeemed within this long is replaced.
+    grant_timeout_s: float = 5.0
+    #: Seconds past a session's timeout before its process group is killed regardless.
+    kill_grace_s: float = 1.0
+    handshake_timeout_s: float = 10.0
+    max_payload: int = MAX_PAYLOAD_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.key and (self.tracker or self.through_proxy):
+            raise ConfigError("--key is required with --tracker or --through-proxy")
+        if self.slots < 1:
+            raise ConfigError("--slots must be at least 1")
+        for name in self.labels:
+            if not name or any(c in name for c in "=, "):
+                raise ConfigError(f"bad label name {name!r}")
+
+
+@dataclass(eq=False)
+class _Worker:
+    proc: subprocess.Popen[bytes]
+    control: socket.socket
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(eq=False)
+class _Session:
+    id: str
+    matchkey: str
+    protocol: str
+    peer: str
+    #: The server's copy of the session's socket, kept for tether sessions only: to tell the client why
+    #: its worker died. A TVM client gets EOF when the worker exits (nothing else can speak TVM's protocol).
+    conn: socket.socket | None
+    worker: _Worker
+    workspace: str
+    timeout: float | None
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Slot:
+    index: int
+    matchkey: str
+    session: _Session | None = None
+    reserved: bool = False
+    granted_since: float | None = None
+    worker: _Worker | None = None
+
+
+class DeviceServer:
+    """``start()`` binds and starts the threads; ``stop()`` ends them and every session."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.protocols = [PROTOCOL_TETHER]
+        if config.serve_tvm and importlib.util.find_spec("tvm") is not None:
+            self.protocols.append(PROTOCOL_TVM)
+        self.preload = default_preload() if config.preload is None else list(config.preload)
+        if PROTOCOL_TVM not in self.protocols and "tvm" in self.preload:
+            self.preload.remove("tvm")
+        self.facts = device_facts()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._events: queue.Queue[tuple[str, str, str]] = queue.Queue()
+        self._slots = [_Slot(i, self._new_matchkey()) for i in range(config.slots)]
+        self._threads: list[threading.Thread] = []
+        self._workers: set[_Worker] = set()
+        self._listener: socket.socket | None = None
+        self._own_work_dir = config.work_dir is None
+        self.work_dir = tempfile.mkdtemp(prefix="tether-server-") if config.work_dir is None else config.work_dir
+        os.makedirs(self.work_dir, exist_ok=True)
+        self.port = config.port
+        self.sessions_served = 0
+        #: Set when the tracker has this server's slots (a test waits on it; re-set after each reconnect).
+        self.registered = threading.Event()
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        if cfg.through_proxy:
+            for slot in self._slots:
+                self._spawn(self._proxy_loop, slot, name=f"proxy-slot-{slot.index}")
+        else:
+            self._listener = bind_listener(cfg.host, cfg.port, cfg.port_end, backlog=128)
+            self.port = self._listener.getsockname()[1]
+            self._spawn(self._accept_loop, name="accept")
+            if cfg.tracker:
+                self._spawn(self._registration_loop, name="registration")
+        if cfg.prestart:
+            for slot in self._slots:
+                self._prestart(slot)
+        where = f"through proxy {format_hostport(cfg.host, cfg.port)}" if cfg.through_proxy else f"on port {self.port}"
+        logger.info(
+            "serving key %r %s (protocols %s, %d slot(s), labels %s)",
+            cfg.key,
+            where,
+            ",".join(self.protocols),
+            cfg.slots,
+            cfg.labels or "none",
+        )
+
+    def serve_forever(self) -> None:
+        self.start()
+        self._stop.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+        with self._lock:
+            workers = list(self._workers)
+        for worker in workers:
+            _kill_group(worker.proc)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+        for worker in workers:
+            self._reap(worker)
+        if self._own_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def __enter__(self) -> DeviceServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, target: Any, *args: Any, name: str) -> None:
+        thread = threading.Thread(target=target, args=args, name=f"tether-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def busy_slots(self) -> int:
+        with self._lock:
+            return sum(1 for s in self._slots if s.session is not None or s.reserved)
+
+    def session_pids(self) -> list[int]:
+        with self._lock:
+            return [s.session.worker.proc.pid for s in self._slots if s.session is not None]
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def _new_matchkey(self) -> str:
+        return f"{self.config.key}:{secrets.token_hex(8)}"
+
+    def _worker_command(self, control_fd: int) -> list[str]:
+        flags = [
+            f
+            for f, on in (("-S", sys.flags.no_site), ("-I", sys.flags.isolated), ("-E", sys.flags.ignore_environment))
+            if on
+        ]
+        # sys.path travels explicitly: a zipapp run with -S -I finds tether only through it
+        boot = (
+            "import sys, json; sys.path[:0] = [p for p in json.loads(sys.argv[1]) if p not in sys.path];"
+            "from tether.device.worker import main; sys.exit(main(sys.argv[2:]))"
+        )
+        paths = [p for p in sys.path if p]
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        return [
+            sys.executable,
+            *flags,
+            "-c",
+            boot,
+            json.dumps(paths),
+            "--control-fd",
+            str(control_fd),
+            "--preload",
+            ",".join(self.preload),
+            "--log-level",
+            level if isinstance(level, str) else "INFO",
+        ]
+
+    def _reap(self, worker: _Worker) -> int | None:
+        """Wait for a worker that was killed or has exited; close its control socket."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.proc.wait(timeout=5)
+        worker.control.close()
+        with self._lock:
+            self._workers.discard(worker)
+        return worker.proc.returncode
+
+    def _start_worker(self) -> _Worker:
+        with self._lock:
+            if self._stop.is_set():
+                raise TetherError("the server is stopping")
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = subprocess.Popen(
+                self._worker_command(child.fileno()),
+                pass_fds=(child.fileno(),),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                cwd=self.work_dir,
+            )
+        finally:
+            child.close()
+        worker = _Worker(proc, parent)
+        with self._lock:
+            self._workers.add(worker)
+            stopping = self._stop.is_set()
+        if stopping:  # stop() may have taken its list of workers while this one started
+            _kill_group(proc)
+            self._reap(worker)
+            raise TetherError("the server is stopping")
+        threading.Thread(target=self._await_ready, args=(worker,), daemon=True, name="tether-worker-ready").start()
+        return worker
+
+    @staticmethod
+    def _await_ready(worker: _Worker) -> None:
+        try:
+            worker.control.settimeout(120)
+            line = worker.control.recv(4096)
+            if line and json.loads(line.split(b"\n", 1)[0]).get("ready"):
+                worker.ready.set()
+        except (OSError, ValueError):
+            pass
+
+    def _prestart(self, slot: _Slot) -> None:
+        try:
+            worker = self._start_worker()
+        except TetherError:
+            return
+        with self._lock:
+            old, slot.worker = slot.worker, worker
+        if old is not None:  # pragma: no cover - a slot holds one spare at a time
+            _kill_group(old.proc)
+            self._reap(old)
+
+    def _take_worker(self, slot: _Slot) -> _Worker:
+        with self._lock:
+            worker, slot.worker = slot.worker, None
+        if worker is not None and worker.proc.poll() is not None:
+            self._reap(worker)
+            worker = None
+        if worker is None:
+            worker = self._start_worker()
+        if not worker.ready.wait(120):
+            _kill_group(worker.proc)
+            self._reap(worker)
+            raise TetherError("a session worker did not start within 120 s")
+        return worker
+
+    # -- accepting -----------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                conn, addr = self._listener.accept()
+            except OSError:
+                if self._stop.is_set():
+                    return
+                continue
+            threading.Thread(
+                target=self._handshake, args=(conn, format_hostport(str(addr[0]), int(addr[1]))), daemon=True
+            ).start()
+
+    def _handshake(self, conn: socket.socket, peer: str) -> None:
+        decoder = HandshakeDecoder()
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(self.config.handshake_timeout_s)
+            key = None
+            while key is None:
+                data = conn.recv(4096)
+                if not data:
+                    raise ConnectionError("closed during the handshake")
+                key = decoder.feed(data)
+        except (OSError, ConnectionError, RemoteProtocolError) as exc:
+            logger.info("handshake from %s failed: %s", peer, exc)  # wrong magic, garbage: close, as TVM does
+            conn.close()
+            return
+        try:
+            client = parse_peer_key(key)
+        except RemoteProtocolError as exc:
+            logger.warning("refused %s: %s", peer, exc)
+            with contextlib.suppress(OSError):
+                conn.sendall(encode_handshake_reply(HandshakeCode.MISMATCH))
+            conn.close()
+            return
+        self._admit(conn, client, peer, decoder.unused)
+
+    def _admit(self, conn: socket.socket, client: PeerKey, peer: str, unused: bytes) -> None:
+        """Check a client's key against the free slots; reply, and start its session or close."""
+        reason, slot = self._claim(client)
+        if slot is None:
+            logger.warning("refused %s (%s): %s", peer, client.raw, reason)
+            with contextlib.suppress(OSError):
+                conn.sendall(encode_handshake_reply(HandshakeCode.MISMATCH))
+            conn.close()
+            return
+        options = {"tether": "1"} if client.is_tether else None
+        try:
+            conn.sendall(
+                encode_handshake_reply(
+                    HandshakeCode.SUCCESS, format_peer_key("server", self.config.key or "tether", options)
+                )
+            )
+            if unused:
+                raise RemoteProtocolError("the client sent bytes before the handshake reply")
+            self._start_session(slot, conn, client, peer)
+        except Exception as exc:
+            logger.warning("could not start a session for %s: %s", peer, exc)
+            conn.close()
+            with self._lock:
+                slot.reserved = False
+            self._events.put(("rotate", slot.matchkey, ""))
+
+    def _claim(self, client: PeerKey) -> tuple[str, _Slot | None]:
+        if client.role != "client":
+            return f"role {client.role!r} is not a client", None
+        try:
+            client.session_timeout  # noqa: B018 - validates -timeout=
+        except RemoteProtocolError as exc:
+            return str(exc), None
+        if not client.is_tether and PROTOCOL_TVM not in self.protocols:
+            return "a plain TVM client, and this server cannot serve TVM sessions (tvm is not importable)", None
+        with self._lock:
+            if self.config.tracker:
+                for slot in self._slots:
+                    if slot.matchkey == client.name:
+                        if slot.session or slot.reserved:
+                            return "that matchkey's session is already running", None
+                        slot.reserved = True
+                        return "", slot
+                return f"key {client.name!r} is not a current matchkey of this server", None
+            if client.name != self.config.key and not self.config.through_proxy:
+                return f"key {client.name!r} is not this server's key {self.config.key!r}", None
+            for slot in self._slots:
+                if not slot.session and not slot.reserved:
+                    slot.reserved = True
+                    return "", slot
+        return f"all {self.config.slots} slot(s) are busy", None
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def _start_session(self, slot: _Slot, conn: socket.socket, client: PeerKey, peer: str) -> None:
+        protocol = PROTOCOL_TETHER if client.is_tether else PROTOCOL_TVM
+        worker = self._take_worker(slot)
+        session_id = secrets.token_hex(4)
+        workspace = tempfile.mkdtemp(prefix=f"session-{session_id}-", dir=self.work_dir)
+        timeout = client.session_timeout
+        job = {
+            "session": session_id,
+            "protocol": protocol,
+            "workspace": workspace,
+            "timeout": timeout,
+            "load_library": self.config.load_library,
+            "max_payload": self.config.max_payload,
+            "info": {
+                "key": self.config.key,
+                "labels": self.config.labels,
+                "device": self.facts,
+                "version": __version__,
+            },
+        }
+        session = _Session(session_id, slot.matchkey, protocol, peer, conn, worker, workspace, timeout)
+        socket.send_fds(worker.control, [json.dumps(job).encode()], [conn.fileno()])
+        if protocol == PROTOCOL_TVM:
+            conn.close()
+            session.conn = None
+        with self._lock:
+            slot.session, slot.reserved, slot.granted_since = session, False, None
+        logger.info(
+            "session %s: %s client %s%s (worker %d)",
+            session_id,
+            protocol,
+            peer,
+            f", timeout {timeout:g} s" if timeout else "",
+            worker.proc.pid,
+        )
+        self._events.put(("start", slot.matchkey, peer))
+        threading.Thread(target=self._watch, args=(slot, session), daemon=True, name="tether-session").start()
+        if self.config.prestart:
+            self._prestart(slot)
+
+    def _watch(self, slot: _Slot, session: _Session) -> None:
+        proc = session.worker.proc
+        limit = None if session.timeout is None else session.timeout + self.config.kill_grace_s
+        timed_out = False
+        try:
+            code = proc.wait(limit)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            code = proc.wait()
+        _kill_group(proc)  # whatever the session started dies with it
+        reason = None
+        if timed_out:
+            reason = ("SessionTimeout", f"RPCSessionTimeoutError: the {session.timeout:g} s session timeout expired")
+        elif code < 0:
+            reason = ("SessionLost", f"the session's worker process was killed by {_signal_name(-code)}")
+        elif code not in (0, 124):
+            reason = ("SessionLost", f"the session's worker process exited with code {code}")
+        if session.conn is not None:
+            with contextlib.suppress(OSError):
+                if reason:
+                    detail = {"type": reason[0], "message": reason[1], "traceback": ""}
+                    session.conn.sendall(encode_frame_head(FrameKind.ERROR, 0, detail))
+                session.conn.shutdown(socket.SHUT_RDWR)
+            session.conn.close()
+        self._reap(session.worker)
+        shutil.rmtree(session.workspace, ignore_errors=True)
+        took = time.monotonic() - session.started
+        logger.info("session %s ended after %.3f s%s", session.id, took, f": {reason[1]}" if reason else "")
+        with self._lock:
+            slot.session = None
+            self.sessions_served += 1
+            old, slot.matchkey = slot.matchkey, self._new_matchkey()
+        self._events.put(("end", old, ""))
+
+    # -- tracker -------------------------------------------------------------------------------
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "key": f"server:{self.config.key}",
+            "addr": [self.config.custom_addr, self.port],
+            "tether": {
+                "protocols": self.protocols,
+                "labels": self.config.labels,
+                "heartbeat": self.config.heartbeat_s,
+                "slots": self.config.slots,
+                "device": self.facts,
+                "version": __version__,
+            },
+        }
+
+    def _put(self, tracker: TrackerClient, slot: _Slot) -> None:
+        tracker.put(self.config.key, self.port, slot.matchkey, self.config.custom_addr)
+        slot.granted_since = None
+
+    def _registration_loop(self) -> None:
+        assert self.config.tracker is not None
+        host, port = self.config.tracker
+        delay = 0.2
+        while not self._stop.is_set():
+            tracker = None
+            try:
+                tracker = TrackerClient.connect(host, port, timeout=5.0)
+                is_tether = tracker.tether_version is not None
+                tracker.update_info(self._info())
+                with self._lock:
+                    free = [s for s in self._slots if not s.session and not s.reserved]
+                    busy = [s for s in self._slots if s.session]
+                for slot in free:
+                    self._put(tracker, slot)
+                if is_tether:
+                    for slot in busy:
+                        tracker.session_event("start", slot.matchkey)
+                logger.info("registered with tracker %s as key %r", format_hostport(host, port), self.config.key)
+                self.registered.set()
+                delay = 0.2
+                self._serve_tracker(tracker, is_tether)
+            except (TetherError, OSError, ValueError) as exc:
+                self.registered.clear()
+                if self._stop.is_set():
+                    break
+                logger.warning("tracker %s: %s; retrying in %.1f s (forever)", format_hostport(host, port), exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.config.reconnect_max_s)
+            finally:
+                if tracker is not None:
+                    tracker.close()
+
+    def _serve_tracker(self, tracker: TrackerClient, is_tether: bool) -> None:
+        next_poll = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                event, matchkey, peer = self._events.get(timeout=max(0.0, next_poll - time.monotonic()))
+            except queue.Empty:
+                event = ""
+            if event == "start" and is_tether:
+                tracker.session_event("start", matchkey, peer or None)
+            elif event in ("end", "rotate"):
+                if event == "end" and is_tether:
+                    tracker.session_event("end", matchkey)
+                with self._lock:
+                    slots = [s for s in self._slots if not s.session and not s.reserved]
+                    if event == "rotate":
+                        for slot in slots:
+                            if slot.matchkey == matchkey:
+                                slot.matchkey = self._new_matchkey()
+                for slot in slots:
+                    self._put(tracker, slot)
+            if time.monotonic() < next_poll:
+                continue
+            next_poll = time.monotonic() + self.config.poll_s
+            pending = set(tracker.pending_matchkeys())  # also the heartbeat
+            now = time.monotonic()
+            stale = []
+            with self._lock:
+                for slot in self._slots:
+                    if slot.session or slot.reserved or slot.matchkey in pending:
+                        slot.granted_since = None
+                    elif slot.granted_since is None:
+                        slot.granted_since = now
+                    elif now - slot.granted_since > self.config.grant_timeout_s:
+                        logger.info(
+                            "grant of %s not redeemed in %.0f s: new matchkey",
+                            slot.matchkey,
+                            self.config.grant_timeout_s,
+                        )
+                        slot.matchkey = self._new_matchkey()
+                        stale.append(slot)
+            for slot in stale:
+                self._put(tracker, slot)
+
+    # -- through a proxy -----------------------------------------------------------------------
+
+    def _proxy_loop(self, slot: _Slot) -> None:
+        cfg = self.config
+        delay = 0.2
+        while not self._stop.is_set():
+            with self._lock:
+                busy = slot.session is not None or slot.reserved
+            if busy:
+                self._stop.wait(0.05)
+                continue
+            try:
+                conn = connect_tcp(cfg.host, cfg.port, timeout=5.0)
+            except TetherError as exc:
+                logger.warning(
+                    "proxy %s: %s; retrying in %.1f s (forever)", format_hostport(cfg.host, cfg.port), exc, delay
+                )
+                self._stop.wait(delay)
+                delay = min(delay * 2, cfg.reconnect_max_s)
+                continue
+            try:
+                conn.sendall(encode_handshake(f"server:{cfg.key}"))
+                decoder = HandshakeReplyDecoder()
+                reply = None
+                while reply is None:
+                    data = conn.recv(4096)
+                    if not data:
+                        raise ConnectionError("the proxy closed the connection")
+                    reply = decoder.feed(data)
+                if reply.code != HandshakeCode.SUCCESS or reply.key is None:
+                    raise ConnectionError(f"the proxy answered {HandshakeCode(reply.code).name}")
+                client = parse_peer_key(reply.key)
+            except (OSError, ConnectionError, RemoteProtocolError, ValueError) as exc:
+                conn.close()
+                if not self._stop.is_set():
+                    logger.info("proxy %s: %s; reconnecting", format_hostport(cfg.host, cfg.port), exc)
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, cfg.reconnect_max_s)
+                continue
+            delay = 0.2
+            with self._lock:
+                slot.reserved = True
+            protocol = PROTOCOL_TETHER if client.is_tether else PROTOCOL_TVM
+            if protocol not in self.protocols:
+                logger.warning("proxy paired a plain TVM client, and this server cannot serve TVM sessions")
+                conn.close()
+                with self._lock:
+                    slot.reserved = False
+                continue
+            try:
+                if decoder.unused:
+                    raise RemoteProtocolError("the client sent bytes before the handshake reply")
+                self._start_session(slot, conn, client, f"proxy:{client.raw}")
+            except Exception as exc:
+                logger.warning("could not start a session through the proxy: %s", exc)
+                conn.close()
+                with self._lock:
+                    slot.reserved = False
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -1,0 +1,485 @@
+"""A session worker: one process per session, started ahead of time by the server.
+
+Life of a worker: start, import what ``--preload`` names (numpy, onnxruntime, tvm: the slow part of a
+first call), say ``ready`` on the control socket, wait for one job (a JSON line and the session's
+socket, passed as a file descriptor), serve that session, exit. The server kills the whole process group
+afterwards, so whatever the session started dies with it.
+
+Two protocols: tether's native session (:class:`NativeSession`, standard library plus the backends) and
+TVM's, handed to TVM's own C++ loop (``tvm.rpc._ffi_api.ServerLoop``) with tether's workspace rules.
+A watchdog ends a session past its deadline with a typed timeout error before the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from ..aio.channel import Channel
+from ..errors import ConnectionClosed, RemoteError, RemoteProtocolError, WorkspaceError
+from ..protocol.session import FrameHeader, FrameKind, TensorDesc, tensor_descs
+from ..runtime import Model, RawTensor, backend_for_path, fill_tensor, get_backend
+from .workspace import Workspace
+
+__all__ = ["NativeSession", "main", "measure"]
+
+logger = logging.getLogger("tether.worker")
+
+TIMEOUT_MESSAGE = "RPCSessionTimeoutError: the {0:g} s session timeout expired; ask for a longer session_timeout"
+
+
+class _Payload:
+    """The unread payload of the request being handled; whatever a handler leaves is skipped."""
+
+    def __init__(self, channel: Channel, size: int) -> None:
+        self.channel, self.left = channel, size
+
+    def into(self, view: memoryview) -> None:
+        self.left -= view.nbytes
+        self.channel.recv_into(view)
+
+    def drain(self) -> None:
+        if self.left:
+            left, self.left = self.left, 0
+            self.channel.discard(left)
+
+
+def measure(
+    run: Callable[[], None], *, number: int, repeat: int, min_repeat_ms: float, cooldown_ms: float, warmup: int
+) -> tuple[list[float], int]:
+    """TVM's ``time_evaluator``: per repeat, ``number`` runs timed together, ``number`` grown until a
+    repeat lasts ``min_repeat_ms``; returns seconds per run for each repeat, and the final ``number``."""
+    if number < 1 or repeat < 1 or warmup < 0 or min_repeat_ms < 0 or cooldown_ms < 0:
+        raise ValueError("number and repeat must be >= 1; warmup, min_repeat_ms, cooldown_ms >= 0")
+    for _ in range(warmup):
+        run()
+    samples = []
+    for index in range(repeat):
+        while True:
+            start = time.perf_counter()
+            for _ in range(number):
+                run()
+            elapsed = time.perf_counter() - start
+            if min_repeat_ms <= 0 or elapsed * 1000 >= min_repeat_ms:
+                break
+            per_run_ms = max(elapsed * 1000 / number, 1e-6)
+            number = max(int(min_repeat_ms / per_run_ms) + 1, int(number * 1.618))
+        samples.append(elapsed / number)
+        if cooldown_ms and index + 1 < repeat:
+            time.sleep(cooldown_ms / 1000)
+    return samples, number
+
+
+class NativeSession:
+    """Serves tether's native requests on one channel until the client closes or says ``close``."""
+
+    def __init__(self, channel: Channel, workspace: Workspace, info: dict[str, Any]) -> None:
+        self.channel = channel
+        self.workspace = workspace
+        self.info = info
+        self.tensors: dict[str, RawTensor] = {}
+        self.models: dict[str, Model] = {}
+        self._ids = 0
+        self._ops: dict[str, Callable[[dict[str, Any], _Payload], tuple[dict[str, Any], list[Any]]]] = {
+            "ping": self._ping,
+            "info": self._info,
+            "upload": self._upload,
+            "download": self._ping,  # served by _download_frame: its payload is a file
+            "remove": self._remove,
+            "listdir": self._listdir,
+            "load_model": self._load_model,
+            "unload": self._unload,
+            "put": self._put,
+            "fill": self._fill,
+            "get": self._get,
+            "free": self._free,
+            "run": self._run,
+            "benchmark": self._benchmark,
+            "close": self._ping,
+        }
+
+    def _handle(self, name: str) -> str:
+        self._ids += 1
+        return f"{name}{self._ids}"
+
+    def serve(self) -> None:
+        while True:
+            try:
+                head, header = self.channel.recv_head()
+            except ConnectionClosed:
+                return
+            if head.kind != FrameKind.REQUEST:
+                raise RemoteProtocolError(f"expected a request frame, got {head.kind.name}")
+            op = header.get("op")
+            if op == "download":
+                self._download_frame(head, header)
+                continue
+            payload = _Payload(self.channel, head.payload_len)
+            try:
+                handler = self._ops.get(op) if isinstance(op, str) else None
+                if handler is None:
+                    raise RemoteError(f"unknown operation {op!r}; this server knows {sorted(self._ops)}", "UnknownOp")
+                result, out = handler(header, payload)
+                payload.drain()
+            except (ConnectionClosed, RemoteProtocolError):
+                raise
+            except BaseException as exc:  # a failed request is an answer, not the end of the session
+                payload.drain()
+                self._send_error(head, exc, op)
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    raise
+                continue
+            self.channel.send_frame(FrameKind.RESPONSE, head.id, result, out)
+            if op == "close":
+                return
+
+    def _send_error(self, head: FrameHeader, exc: BaseException, op: Any) -> None:
+        if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
+            kind = "WorkspaceError"
+        elif isinstance(exc, RemoteError) and exc.remote_type == "WorkspaceError":
+            kind = exc.remote_type
+        elif op == "load_model":
+            kind = "ModelLoadError"
+        elif op in ("run", "benchmark"):
+            kind = "ModelRunError"
+        else:
+            kind = exc.remote_type if isinstance(exc, RemoteError) else type(exc).__name__
+        message = exc.remote_message if isinstance(exc, RemoteError) else str(exc) or type(exc).__name__
+        trace = "" if isinstance(exc, RemoteError) else traceback.format_exc(limit=20)
+        self.channel.send_frame(FrameKind.ERROR, head.id, {"type": kind, "message": message, "traceback": trace})
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def _ping(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        return {}, []
+
+    def _info(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        return {**self.info, "pid": os.getpid(), "workspace": str(self.workspace.root)}, []
+
+    def _upload(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        name = header.get("path")
+        path = self.workspace.resolve(name if isinstance(name, str) else "")
+        size = payload.left
+        with self.workspace.open_for_write(str(path.relative_to(self.workspace.root))) as file:
+            payload.left = 0
+            self.channel.recv_to_file(file, size)
+        return {"path": name, "size": size}, []
+
+    def _download_frame(self, head: FrameHeader, header: dict[str, Any]) -> None:
+        try:
+            self.channel.expect_empty(head, "download")
+            name = header.get("path")
+            path = self.workspace.resolve(name if isinstance(name, str) else "", must_exist=True)
+            file = open(path, "rb")  # noqa: SIM115 - closed below, after the frame went out
+        except RemoteProtocolError:
+            raise
+        except Exception as exc:
+            self._send_error(head, exc, "download")
+            return
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            self.channel.send_file_frame(FrameKind.RESPONSE, head.id, {"path": name, "size": size}, file, size)
+
+    def _remove(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        self.workspace.remove(str(header.get("path", "")))
+        return {}, []
+
+    def _listdir(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        return {"entries": self.workspace.listdir(str(header.get("path") or "."))}, []
+
+    def _load_model(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        name = str(header.get("path", ""))
+        path = self.workspace.resolve(name, must_exist=True)
+        options = header.get("options") or {}
+        if not isinstance(options, dict):
+            raise RemoteError("options must be an object", "ModelLoadError")
+        backend_name = header.get("backend") or backend_for_path(name)
+        start = time.perf_counter()
+        model = get_backend(str(backend_name)).load(str(path), options)
+        load_s = time.perf_counter() - start
+        handle = self._handle("m")
+        self.models[handle] = model
+        return {
+            "model": handle,
+            "backend": model.backend,
+            "inputs": [s.to_wire() for s in model.inputs],
+            "outputs": [s.to_wire() for s in model.outputs],
+            "load_s": load_s,
+        }, []
+
+    def _model(self, header: dict[str, Any]) -> Model:
+        model = self.models.get(str(header.get("model")))
+        if model is None:
+            raise RemoteError(f"no model {header.get('model')!r} in this session", "KeyError")
+        return model
+
+    def _unload(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        self._model(header).close()
+        del self.models[str(header["model"])]
+        return {}, []
+
+    def _receive_tensors(self, header: dict[str, Any], payload: _Payload) -> list[tuple[TensorDesc, RawTensor]]:
+        received = []
+        for desc in tensor_descs(header.get("tensors"), payload.left):
+            data = bytearray(desc.nbytes)
+            payload.into(memoryview(data))
+            received.append((desc, RawTensor(desc.dtype, desc.shape, data)))
+        return received
+
+    def _put(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        handles = []
+        for _, tensor in self._receive_tensors(header, payload):
+            handle = self._handle("t")
+            self.tensors[handle] = tensor
+            handles.append(handle)
+        return {"handles": handles}, []
+
+    def _fill(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        shape = header.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise RemoteError(f"shape must be a list of non-negative ints, not {shape!r}", "ValueError")
+        seed = header.get("seed")
+        tensor = fill_tensor(str(header.get("dtype")), tuple(shape), str(header.get("kind", "random")), seed)
+        handle = self._handle("t")
+        self.tensors[handle] = tensor
+        return {"tensor": handle}, []
+
+    def _tensor(self, handle: Any) -> RawTensor:
+        tensor = self.tensors.get(str(handle))
+        if tensor is None:
+            raise RemoteError(f"no tensor {handle!r} in this session", "KeyError")
+        return tensor
+
+    def _get(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        tensor = self._tensor(header.get("tensor"))
+        return {"tensors": [tensor.desc("").to_wire()]}, [tensor.data]
+
+    def _free(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        for handle in header.get("tensors") or []:
+            self.tensors.pop(str(handle), None)
+        return {}, []
+
+    def _inputs(self, model: Model, header: dict[str, Any], payload: _Payload) -> dict[str, Any]:
+        """Prepared inputs: tensors in the payload, handles (``{"name": "t3"}``), or generated ones."""
+        inline = {desc.name: tensor for desc, tensor in self._receive_tensors(header, payload)}
+        refs = header.get("inputs") or {}
+        if not isinstance(refs, dict):
+            raise RemoteError("inputs must map names to tensor handles", "ValueError")
+        fill = header.get("fill")
+        prepared: dict[str, Any] = {}
+        for spec in model.inputs:
+            if spec.name in inline:
+                tensor = inline.pop(spec.name)
+            elif spec.name in refs:
+                tensor = self._tensor(refs.pop(spec.name))
+            elif fill:
+                if not all(isinstance(d, int) for d in spec.shape):
+                    raise RemoteError(
+                        f"input {spec.name!r} has symbolic shape {list(spec.shape)}: send it", "ValueError"
+                    )
+                shape = tuple(int(d) for d in spec.shape if isinstance(d, int))
+                tensor = fill_tensor(spec.dtype, shape, str(fill), header.get("seed"))
+            else:
+                raise RemoteError(
+                    f"input {spec.name!r} missing; the model takes {[s.name for s in model.inputs]}", "ValueError"
+                )
+            prepared[spec.name] = model.prepare(spec.name, tensor)
+        extra = sorted(inline) + sorted(refs)
+        if extra:
+            raise RemoteError(f"unknown inputs {extra}; the model takes {[s.name for s in model.inputs]}", "ValueError")
+        return prepared
+
+    def _run(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        model = self._model(header)
+        prepared = self._inputs(model, header, payload)
+        start = time.perf_counter()
+        outputs = model.run(prepared)
+        model.sync()
+        run_s = time.perf_counter() - start
+        raws = [(name, model.to_raw(value)) for name, value in outputs]
+        if header.get("keep"):
+            kept = []
+            for name, raw in raws:
+                handle = self._handle("t")
+                self.tensors[handle] = raw
+                kept.append({**raw.desc(name).to_wire(), "tensor": handle})
+            return {"outputs": kept, "run_s": run_s}, []
+        return {"tensors": [raw.desc(name).to_wire() for name, raw in raws], "run_s": run_s}, [r.data for _, r in raws]
+
+    def _benchmark(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        model = self._model(header)
+        prepared = self._inputs(model, header, payload)
+
+        def once() -> None:
+            model.run(prepared)
+            model.sync()
+
+        samples, number = measure(
+            once,
+            number=int(header.get("number", 1)),
+            repeat=int(header.get("repeat", 1)),
+            min_repeat_ms=float(header.get("min_repeat_ms", 0)),
+            cooldown_ms=float(header.get("cooldown_ms", 0)),
+            warmup=int(header.get("warmup", 1)),
+        )
+        return {"samples": samples, "number": number}, []
+
+
+# -- TVM's protocol ----------------------------------------------------------------------------
+
+
+def serve_tvm(sock: socket.socket, workspace: Workspace, load_library: list[str]) -> None:
+    """Hand the socket to TVM's session loop, with tether's workspace behind TVM's file functions."""
+    import ctypes
+
+    import tvm_ffi
+    from tvm.rpc import _ffi_api
+    from tvm.runtime import load_module
+
+    libs = [ctypes.CDLL(path, ctypes.RTLD_GLOBAL) for path in load_library]
+
+    def workpath(path: str) -> str:
+        return str(workspace.resolve(path))
+
+    def listdir(path: str) -> str:
+        return ",".join(entry["name"] for entry in workspace.listdir(path or "."))
+
+    def load(path: str) -> Any:
+        return load_module(workpath(path))
+
+    def download_linked_module(path: str) -> bytearray:
+        real = workpath(path)
+        if real.endswith(".o") or real.endswith(".tar"):
+            from tvm.support import cc, tar, utils
+
+            files = [real]
+            if real.endswith(".tar"):
+                unpacked = utils.tempdir(custom_path=real[: -len(".tar")])
+                tar.untar(real, unpacked.temp_dir)
+                files = [unpacked.relpath(x) for x in unpacked.listdir()]
+            cc.create_shared(real + ".so", files)
+            real += ".so"
+        elif not real.endswith((".so", ".dylib")):
+            raise RuntimeError(f"do not know how to link {path}")
+        with open(real, "rb") as file:
+            return bytearray(file.read())
+
+    for name, func in (
+        ("workpath", workpath),
+        ("listdir", listdir),
+        ("load_module", load),
+        ("download_linked_module", download_linked_module),
+    ):
+        tvm_ffi.register_global_func(f"tvm.rpc.server.{name}", func, override=True)
+    _ffi_api.ServerLoop(sock.fileno())
+    del libs
+
+
+def _tvm_timeout_reply(fd: int, timeout: float) -> None:
+    from tvm.rpc import _ffi_api
+
+    _ffi_api.ReturnException(fd, TIMEOUT_MESSAGE.format(timeout))
+
+
+# -- process entry -----------------------------------------------------------------------------
+
+
+def _watchdog(deadline: float, timeout: float, on_expire: Callable[[], None]) -> None:
+    def wait() -> None:
+        remaining = deadline - time.monotonic()
+        while remaining > 0:
+            time.sleep(remaining)  # a worker's own clock; nothing to wake early for
+            remaining = deadline - time.monotonic()
+        try:
+            on_expire()
+        except Exception:
+            logger.exception("could not tell the client that its session timed out")
+        finally:
+            os._exit(124)
+
+    threading.Thread(target=wait, name="tether-watchdog", daemon=True).start()
+
+
+def run_job(job: dict[str, Any], sock: socket.socket) -> None:
+    workspace = Workspace(job["workspace"])
+    os.chdir(workspace.root)
+    timeout = job.get("timeout")
+    deadline = job.get("deadline")
+    if job["protocol"] == "tvm":
+        if timeout:
+            _watchdog(
+                deadline or time.monotonic() + timeout, timeout, lambda: _tvm_timeout_reply(sock.fileno(), timeout)
+            )
+        serve_tvm(sock, workspace, job.get("load_library") or [])
+        return
+    channel = Channel(sock, int(job.get("max_payload") or 0) or (16 << 30))
+    if timeout:
+
+        def expire() -> None:
+            message = TIMEOUT_MESSAGE.format(timeout)
+            channel.send_frame(FrameKind.ERROR, 0, {"type": "SessionTimeout", "message": message, "traceback": ""})
+            sock.shutdown(socket.SHUT_RDWR)
+
+        _watchdog(deadline or time.monotonic() + timeout, timeout, expire)
+    try:
+        NativeSession(channel, workspace, job.get("info") or {}).serve()
+    except RemoteProtocolError as exc:
+        logger.warning("session %s ended: %s", job.get("session"), exc)
+        with contextlib.suppress(ConnectionClosed):
+            channel.send_frame(FrameKind.ERROR, 0, {"type": "ProtocolError", "message": str(exc), "traceback": ""})
+
+
+def preload(modules: list[str]) -> list[str]:
+    """Import what sessions will need; returns the modules that imported."""
+    done = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+            done.append(name)
+        except Exception as exc:  # a broken optional runtime must not stop the worker
+            logger.debug("preload %s failed: %s", name, exc)
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tether-worker")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--preload", default="")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    control = socket.socket(fileno=args.control_fd)
+    preload([m for m in args.preload.split(",") if m])
+    control.sendall(json.dumps({"ready": True, "pid": os.getpid()}).encode() + b"\n")
+    try:
+        message, fds, _, _ = socket.recv_fds(control, 1 << 20, 1)
+    except OSError:
+        return 0
+    if not message or not fds:
+        return 0  # the server let this worker go unused
+    job = json.loads(message)
+    sock = socket.socket(fileno=fds[0])
+    sock.setblocking(True)  # the descriptor's O_NONBLOCK is shared with the server's copy: TVM's loop needs it clear
+    try:
+        run_job(job, sock)
+    except (ConnectionClosed, WorkspaceError) as exc:
+        logger.info("session %s ended: %s", job.get("session"), exc)
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

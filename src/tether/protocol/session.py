@@ -1,0 +1,173 @@
+"""tether's native session protocol, sans I/O: what flows after TVM's handshake with ``-tether=1``.
+
+Every message is one frame::
+
+    +------+---------+------+---------+-------------+----------------+---------------+-----------------+
+    | "TQ" | version | kind | id      | header_len  | payload_len    | header        | payload         |
+    | 2 B  | u8 = 1  | u8   | u32 LE  | u32 LE      | u64 LE         | UTF-8 JSON    | raw bytes       |
+    +------+---------+------+---------+-------------+----------------+---------------+-----------------+
+
+- ``kind``: REQUEST (client to server), RESPONSE or ERROR (server to client, same ``id``). A response to
+  id 0 is a session-level event (the session timed out, the server is closing it).
+- ``header`` is a JSON object: ``{"op": ..., ...}`` for requests, the result for responses,
+  ``{"type", "message", "traceback"}`` for errors.
+- ``payload`` carries raw bytes the header describes: a file's content (``"size"``), or tensors
+  (``"tensors": [{"name", "dtype", "shape", "nbytes"}, ...]`` back to back, C order, little-endian).
+  The I/O layer reads it straight into its destination (a file, a tensor buffer) in chunks: nothing is
+  pickled, no tensor is copied on the way.
+
+Both lengths are checked from the 20-byte fixed header, before anything else is read: a garbage frame
+ends the session with :class:`~tether.errors.RemoteProtocolError` and touches nothing else.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ..errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "DTYPE_SIZES",
+    "FIXED_HEADER",
+    "MAX_HEADER_BYTES",
+    "MAX_PAYLOAD_BYTES",
+    "FrameHeader",
+    "FrameKind",
+    "TensorDesc",
+    "encode_frame_head",
+    "parse_fixed_header",
+    "parse_json_header",
+    "tensor_desc",
+    "tensor_descs",
+]
+
+MAGIC: Final = b"TQ"
+VERSION: Final = 1
+FIXED_HEADER: Final = struct.Struct("<2sBBIIQ")
+#: Bound on a frame's JSON header.
+MAX_HEADER_BYTES: Final = 1 << 20
+#: Default bound on a frame's payload (a file or a set of tensors); servers may set their own.
+MAX_PAYLOAD_BYTES: Final = 16 << 30
+
+#: Element sizes of the dtypes the protocol carries (numpy's names).
+DTYPE_SIZES: Final[dict[str, int]] = {
+    "bool": 1,
+    "int8": 1,
+    "uint8": 1,
+    "int16": 2,
+    "uint16": 2,
+    "float16": 2,
+    "bfloat16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "float32": 4,
+    "int64": 8,
+    "uint64": 8,
+    "float64": 8,
+    "complex64": 8,
+    "complex128": 16,
+}
+
+
+class FrameKind(enum.IntEnum):
+    REQUEST = 1
+    RESPONSE = 2
+    ERROR = 3
+
+
+@dataclass(frozen=True, slots=True)
+class FrameHeader:
+    kind: FrameKind
+    id: int
+    header_len: int
+    payload_len: int
+
+
+def encode_frame_head(kind: FrameKind, frame_id: int, header: dict[str, Any], payload_len: int = 0) -> bytes:
+    """The fixed header and the JSON header of one frame; the payload follows it on the wire."""
+    body = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    if len(body) > MAX_HEADER_BYTES:
+        raise LocalProtocolError(f"frame header of {len(body)} bytes is above {MAX_HEADER_BYTES}")
+    if not 0 <= frame_id < 1 << 32 or payload_len < 0:
+        raise LocalProtocolError(f"bad frame id {frame_id} or payload length {payload_len}")
+    return FIXED_HEADER.pack(MAGIC, VERSION, kind, frame_id, len(body), payload_len) + body
+
+
+def parse_fixed_header(data: bytes | bytearray | memoryview, max_payload: int = MAX_PAYLOAD_BYTES) -> FrameHeader:
+    """Validate the 20-byte fixed header; raise before any of the frame's body is read."""
+    magic, version, kind, frame_id, header_len, payload_len = FIXED_HEADER.unpack(data)
+    if magic != MAGIC:
+        raise RemoteProtocolError(f"not a tether session frame (magic {bytes(magic)!r})")
+    if version != VERSION:
+        raise RemoteProtocolError(f"session protocol version {version}, this side speaks {VERSION}")
+    try:
+        frame_kind = FrameKind(kind)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown frame kind {kind}") from None
+    if not 2 <= header_len <= MAX_HEADER_BYTES:
+        raise FrameTooLarge(header_len, MAX_HEADER_BYTES)
+    if payload_len > max_payload:
+        raise FrameTooLarge(payload_len, max_payload)
+    return FrameHeader(frame_kind, frame_id, header_len, payload_len)
+
+
+def parse_json_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """The JSON object of a frame header."""
+    try:
+        value = json.loads(bytes(data))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RemoteProtocolError(f"frame header is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise RemoteProtocolError("frame header must be a JSON object")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TensorDesc:
+    """One tensor of a payload: ``nbytes`` raw little-endian C-order bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
+
+
+def tensor_desc(raw: Any) -> TensorDesc:
+    """Validate one tensor description from a peer."""
+    if not isinstance(raw, dict):
+        raise RemoteProtocolError("a tensor description must be an object")
+    name, dtype, shape = raw.get("name", ""), raw.get("dtype"), raw.get("shape")
+    if not isinstance(name, str):
+        raise RemoteProtocolError("tensor name must be a string")
+    if dtype not in DTYPE_SIZES:
+        raise RemoteProtocolError(f"unsupported dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise RemoteProtocolError(f"tensor shape must be a list of non-negative ints, not {shape!r}")
+    desc = TensorDesc(name, dtype, tuple(shape))
+    if raw.get("nbytes", desc.nbytes) != desc.nbytes:
+        raise RemoteProtocolError(f"tensor {name!r}: nbytes {raw.get('nbytes')} != {desc.nbytes} for its shape")
+    return desc
+
+
+def tensor_descs(raw: Any, payload_len: int) -> list[TensorDesc]:
+    """Validate a frame's ``"tensors"`` list against its payload length."""
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise RemoteProtocolError("'tensors' must be a list")
+    descs = [tensor_desc(item) for item in raw]
+    total = sum(d.nbytes for d in descs)
+    if total != payload_len:
+        raise RemoteProtocolError(f"tensors need {total} payload bytes, the frame has {payload_len}")
+    return descs

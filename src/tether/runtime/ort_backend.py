@@ -1,0 +1,165 @@
+"""The ``onnxruntime`` backend: ``.onnx`` files in an ``onnxruntime.InferenceSession``.
+
+Options (all optional)::
+
+    providers                 ["CUDAExecutionProvider", ["CPUExecutionProvider", {...}]]; default CPU only
+    intra_op_num_threads      int
+    inter_op_num_threads      int
+    graph_optimization_level  "disable" | "basic" | "extended" | "all"
+    execution_mode            "sequential" | "parallel"
+    log_severity_level        int, 0 (verbose) .. 4 (fatal)
+
+Inputs are numpy views of the received bytes (no copy); outputs are the numpy arrays onnxruntime returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .base import (
+    BackendError,
+    RawTensor,
+    TensorSpec,
+    check_feed,
+    check_input,
+    input_spec,
+    numpy_to_raw,
+    numpy_view,
+    runtime_version,
+)
+
+__all__ = ["ORT_DTYPES", "OnnxRuntimeBackend", "OnnxRuntimeModel"]
+
+#: onnxruntime's type strings -> numpy dtype names.
+ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+    "tensor(complex64)": "complex64",
+    "tensor(complex128)": "complex128",
+}
+_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "ort-nightly")
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+_EXEC_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
+_INT_OPTIONS = ("intra_op_num_threads", "inter_op_num_threads", "log_severity_level")
+_OPTIONS = {"providers", "graph_optimization_level", "execution_mode", *_INT_OPTIONS}
+
+
+def _specs(args: Any) -> list[TensorSpec]:
+    """Specs from ``session.get_inputs()``/``get_outputs()``: symbolic dims stay strings (or None)."""
+    return [
+        TensorSpec(
+            a.name, ORT_DTYPES.get(a.type, a.type), tuple(d if isinstance(d, (int, str)) else None for d in a.shape)
+        )
+        for a in args
+    ]
+
+
+def _providers(raw: Any, available: list[str]) -> list[Any]:
+    """``providers`` as onnxruntime takes them: names, or ``(name, options)`` pairs; each one available."""
+    if not isinstance(raw, list) or not raw:
+        raise BackendError(f"'providers' must be a non-empty list, not {raw!r}")
+    providers: list[Any] = []
+    for item in raw:
+        if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], dict):
+            name, opts = item
+            entry: Any = (name, dict(opts))
+        else:
+            name = entry = item
+        if name not in available:
+            raise BackendError(f"execution provider {name!r} is not available here; available: {', '.join(available)}")
+        providers.append(entry)
+    return providers
+
+
+def _choice(options: Mapping[str, Any], key: str, table: dict[str, str]) -> str:
+    value = options[key]
+    if value not in table:
+        raise BackendError(f"{key} must be one of {', '.join(table)}, not {value!r}")
+    return table[value]
+
+
+class OnnxRuntimeModel:
+    """A loaded ``onnxruntime.InferenceSession``."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.inputs = _specs(session.get_inputs())
+        self.outputs = _specs(session.get_outputs())
+        self._output_names = [s.name for s in self.outputs]
+
+    def prepare(self, name: str, tensor: RawTensor) -> Any:
+        check_input(input_spec(self.inputs, name), tensor)
+        return numpy_view(tensor)
+
+    def run(self, inputs: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        check_feed(self.inputs, inputs)
+        try:
+            values = self.session.run(None, dict(inputs))
+        except Exception as exc:
+            raise BackendError(f"onnxruntime: {exc}") from None
+        return list(zip(self._output_names, values, strict=True))
+
+    def sync(self) -> None:
+        pass  # session.run returns when the outputs are on the host
+
+    def to_raw(self, value: Any) -> RawTensor:
+        return numpy_to_raw(value)
+
+    def close(self) -> None:
+        self.session = None
+
+
+class OnnxRuntimeBackend:
+    """Loads ``.onnx`` models with onnxruntime."""
+
+    name = "onnxruntime"
+
+    def version(self) -> str | None:
+        return runtime_version("onnxruntime", _DISTRIBUTIONS)
+
+    def load(self, path: str, options: Mapping[str, Any]) -> OnnxRuntimeModel:
+        unknown = sorted(set(options) - _OPTIONS)
+        if unknown:
+            raise BackendError(f"unknown onnxruntime options {unknown}; known: {', '.join(sorted(_OPTIONS))}")
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendError(f"the onnxruntime backend needs onnxruntime and numpy: {exc}") from None
+        available = list(ort.get_available_providers())
+        providers = _providers(options.get("providers", ["CPUExecutionProvider"]), available)
+        so = ort.SessionOptions()
+        for key in _INT_OPTIONS:
+            if key in options:
+                if not isinstance(options[key], int) or isinstance(options[key], bool):
+                    raise BackendError(f"{key} must be an int, not {options[key]!r}")
+                setattr(so, key, options[key])
+        if "graph_optimization_level" in options:
+            so.graph_optimization_level = getattr(
+                ort.GraphOptimizationLevel, _choice(options, "graph_optimization_level", _OPT_LEVELS)
+            )
+        if "execution_mode" in options:
+            so.execution_mode = getattr(ort.ExecutionMode, _choice(options, "execution_mode", _EXEC_MODES))
+        try:
+            session = ort.InferenceSession(path, sess_options=so, providers=providers)
+        except Exception as exc:
+            raise BackendError(f"onnxruntime cannot load {path}: {exc}") from None
+        return OnnxRuntimeModel(session)

@@ -1,0 +1,276 @@
+"""tether's device server and native session, over real sockets, with real worker processes.
+
+Models here use the stdlib reference backend, so these tests exercise the core (handshake, workers,
+workspace, timeouts, tracker registration) without onnxruntime or tvm; test_models.py runs real models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import tether
+from tether.device.server import DeviceServer
+from tether.protocol import RPC_MAGIC, HandshakeCode
+from tether.tracker import TrackerConfig, TrackerThread
+
+from .conftest import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def reference_model(path: Path, *ops: dict[str, Any], shape: tuple[int, ...] = (2, 3)) -> Path:
+    spec = {"dtype": "float32", "shape": list(shape)}
+    path.write_text(
+        json.dumps(
+            {
+                "format": "tether-reference/1",
+                "inputs": [{"name": "x", **spec}],
+                "outputs": [{"name": "y", **spec}],
+                "ops": [*ops, {"op": "affine", "input": "x", "output": "y", "scale": 2.0, "bias": 1.0}],
+            }
+        )
+    )
+    return path
+
+
+def test_native_session_files_models_tensors(device_server: Any, tmp_path: Path) -> None:
+    server = device_server(key="dev")
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        assert sess.upload(b"hello", "dir/a.txt") == "dir/a.txt"
+        assert sess.listdir() == ["dir"]
+        assert sess.listdir("dir", detail=True) == [{"name": "a.txt", "type": "file", "size": 5}]
+        assert sess.download("dir/a.txt") == b"hello"
+        sess.remove("dir/a.txt")
+        assert sess.listdir("dir") == []
+
+        big = os.urandom(3 << 20)
+        (tmp_path / "big.bin").write_bytes(big)
+        sess.upload(tmp_path / "big.bin")
+        assert sess.download("big.bin") == big
+
+        sess.upload(reference_model(tmp_path / "m.json"))
+        model = sess.load_model("m.json")
+        assert model.backend == "reference"
+        assert model.inputs == [{"name": "x", "dtype": "float32", "shape": [2, 3]}]
+        x = np.arange(6, dtype="float32").reshape(2, 3)
+        out = model.run({"x": x})
+        np.testing.assert_array_equal(out["y"], x * 2 + 1)
+
+        kept = sess.tensor(x)
+        np.testing.assert_array_equal(kept.numpy(), x)
+        y = model.run({"x": kept}, keep=True)["y"]
+        assert isinstance(y, tether.RemoteTensor) and y.shape == (2, 3)
+        np.testing.assert_array_equal(y.numpy(), x * 2 + 1)
+
+        ones = sess.fill((2, 3), "float32", "ones")
+        np.testing.assert_array_equal(model.run({"x": ones})["y"], np.full((2, 3), 3, "float32"))
+        generated = model.run(fill="zeros")["y"]
+        np.testing.assert_array_equal(generated, np.ones((2, 3), "float32"))
+
+        result = model.benchmark(number=3, repeat=4)
+        assert len(result.samples) == 4 and result.number == 3
+        assert result.min <= result.median <= result.max and result.std >= 0
+        grown = model.benchmark(number=1, repeat=2, min_repeat_ms=5)
+        assert grown.number > 1  # TVM's rule: number grows until a repeat lasts min_repeat_ms
+
+        info = sess.info()
+        assert info["device"]["cores"] >= 1 and "reference" in info["device"]["backends"]
+        workspace = Path(info["workspace"])
+        assert workspace.is_dir()
+    wait_until(lambda: not workspace.exists() and server.busy_slots() == 0, what="workspace removed, slot free")
+
+
+def test_remote_errors_are_typed_and_the_session_goes_on(device_server: Any, tmp_path: Path) -> None:
+    server = device_server(key="dev")
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        sess.upload(b"{not json", "broken.json")
+        with pytest.raises(tether.ModelLoadError, match=r"broken\.json|JSON|json"):
+            sess.load_model("broken.json")
+        sess.upload(reference_model(tmp_path / "raise.json", {"op": "raise", "message": "boom at run"}))
+        model = sess.load_model("raise.json")
+        with pytest.raises(tether.ModelRunError, match="boom at run") as info:
+            model.run(fill="random")
+        assert "Traceback" in info.value.remote_traceback
+        with pytest.raises(tether.WorkspaceError, match="no such file"):
+            sess.download("missing.bin")
+        with pytest.raises(tether.RemoteError, match="unknown operation"):
+            sess._call("no-such-op", {})
+        sess.upload(reference_model(tmp_path / "ok.json"))
+        with pytest.raises(tether.ModelRunError, match="missing"):
+            sess.load_model("ok.json").run({})
+        sess.ping()  # still alive after every failure
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "/tmp/escape.txt", "a/../../escape.txt", "link/escape.txt"])
+def test_upload_paths_that_escape_the_workspace_are_refused(device_server: Any, tmp_path: Path, name: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    server = device_server(key="dev")
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        workspace = Path(sess.info()["workspace"])
+        (workspace / "link").symlink_to(outside)
+        with pytest.raises(tether.WorkspaceError):
+            sess.upload(b"x", name)
+        with pytest.raises(tether.WorkspaceError):
+            sess.download(name)
+        with pytest.raises(tether.WorkspaceError):
+            sess.remove(name.replace("escape.txt", "") or "..")
+        assert list(outside.iterdir()) == []
+        assert not (tmp_path / "escape.txt").exists()
+        sess.ping()
+
+
+def test_session_timeout_is_typed_then_the_slot_is_free(device_server: Any, tmp_path: Path) -> None:
+    server = device_server(key="dev")
+    with tether.connect("127.0.0.1", server.port, key="dev", session_timeout=1) as sess:
+        sess.upload(reference_model(tmp_path / "slow.json", {"op": "sleep", "seconds": 30}))
+        model = sess.load_model("slow.json")
+        with pytest.raises(tether.SessionTimeout, match="session timeout"):
+            model.run(fill="random")
+        assert sess.closed
+    wait_until(lambda: server.busy_slots() == 0, timeout=3, what="slot free after the timeout")
+    with tether.connect("127.0.0.1", server.port, key="dev") as again:
+        again.ping()
+
+
+def test_worker_killed_mid_run_clear_error_and_free_within_a_second(
+    device_server: Any, tracker: TrackerThread, tmp_path: Path
+) -> None:
+    server = device_server(key="dev", tracker=(tracker.host, tracker.port))
+    with tether.connect_tracker(tracker.host, tracker.port) as pool:
+        sess = pool.request("dev", timeout=10)
+        pid = sess.info()["pid"]
+        sess.upload(reference_model(tmp_path / "slow.json", {"op": "sleep", "seconds": 60}))
+        model = sess.load_model("slow.json")
+        running = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            running.set()
+            try:
+                model.run(fill="random")
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert running.wait(5)
+        wait_until(lambda: tracker.call(lambda: tracker.core.summary()["queue_info"]["dev"]["free"]) == 0)
+        os.kill(pid, signal.SIGKILL)
+        thread.join(10)
+        assert len(errors) == 1 and isinstance(errors[0], tether.SessionLost)
+        assert "SIGKILL" in str(errors[0])
+        wait_until(lambda: server.busy_slots() == 0, timeout=1.0, what="slot free within 1 s")
+        wait_until(
+            lambda: tracker.call(lambda: tracker.core.summary()["queue_info"]["dev"]["free"]) == 1,
+            timeout=1.0,
+            what="back in the tracker's pool within 1 s",
+        )
+        with pool.request("dev", timeout=10) as again:
+            again.ping()
+
+
+def test_bad_handshakes_and_garbage_frames_end_only_their_connection(device_server: Any) -> None:
+    server = device_server(key="dev")
+
+    def raw() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", server.port), timeout=5)
+
+    with raw() as sock:  # wrong magic: closed without a reply, as TVM does
+        sock.sendall(struct.pack("<ii", 0x1234, 4) + b"abcd")
+        assert sock.recv(16) == b""
+    with raw() as sock:  # a key that is not this server's
+        key = b"client:other -tether=1"
+        sock.sendall(struct.pack("<ii", RPC_MAGIC, len(key)) + key)
+        assert struct.unpack("<i", sock.recv(4))[0] == HandshakeCode.MISMATCH
+    with raw() as sock:  # a giant key length
+        sock.sendall(struct.pack("<ii", RPC_MAGIC, 1 << 30))
+        assert sock.recv(16) == b""
+    with pytest.raises(tether.SessionRefused, match="MISMATCH"):
+        tether.connect("127.0.0.1", server.port, key="wrong")
+    with raw() as sock:  # a good handshake, then garbage instead of a frame
+        key = b"client:dev -tether=1"
+        sock.sendall(struct.pack("<ii", RPC_MAGIC, len(key)) + key)
+        assert struct.unpack("<i", sock.recv(4))[0] == HandshakeCode.SUCCESS
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 64)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        assert b"not a tether session frame" in data
+    wait_until(lambda: server.busy_slots() == 0, what="slot free after the garbage session")
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        sess.ping()
+
+
+def test_registration_reports_facts_labels_and_protocols(device_server: Any, tracker: TrackerThread) -> None:
+    device_server(key="gpu", tracker=(tracker.host, tracker.port), labels={"soc": "sd8", "os": "android"}, slots=2)
+    device_server(key="gpu", tracker=(tracker.host, tracker.port), labels={"soc": "sd7"})
+    detail = tracker.call(lambda: tracker.core.summary(detail=True))
+    assert detail["queue_info"]["gpu"]["free"] == 3
+    servers = detail["tether"]["servers"]
+    labelled = next(s for s in servers if s["labels"].get("soc") == "sd8")
+    assert "tether" in labelled["protocols"] and len(labelled["slots"]) == 2
+    assert labelled["device"]["cores"] >= 1 and labelled["device"]["arch"]
+    with tether.connect_tracker(tracker.host, tracker.port) as pool:
+        with pool.request("gpu", labels={"soc": "sd7"}, timeout=10) as sess:
+            assert sess.info()["labels"] == {"soc": "sd7"}
+        status = pool.status()
+        assert any(row.key == "gpu" for row in status.keys)
+
+
+def test_an_unredeemed_grant_gets_a_fresh_matchkey(device_server: Any, tracker: TrackerThread) -> None:
+    server = device_server(key="dev", tracker=(tracker.host, tracker.port), grant_timeout_s=0.3, poll_s=0.1)
+    with tether.TrackerClient.connect(tracker.host, tracker.port) as client:
+        grant = client.request_grant("dev", protocol="tether", timeout=10)  # and never connect
+    wait_until(
+        lambda: tracker.call(lambda: tracker.core.summary()["queue_info"]["dev"]["free"]) == 1,
+        timeout=5,
+        what="the slot offered again",
+    )
+    with pytest.raises(tether.SessionRefused):  # the stale matchkey is not accepted any more
+        tether.Session.connect(grant.host, grant.port, grant.matchkey)
+    with tether.connect_tracker(tracker.host, tracker.port) as pool, pool.request("dev", timeout=10) as sess:
+        sess.ping()
+    assert server.sessions_served >= 0
+
+
+def test_server_survives_a_tracker_restart(device_server: Any) -> None:
+    first = TrackerThread(TrackerConfig(host="127.0.0.1", port=0))
+    port = first.port
+    server = device_server(key="dev", tracker=("127.0.0.1", port), reconnect_max_s=0.3)
+    first.stop()
+    wait_until(lambda: not server.registered.is_set(), what="the server noticing the tracker is gone")
+    with TrackerThread(TrackerConfig(host="127.0.0.1", port=port)) as second:
+        assert server.registered.wait(10), "not back in the pool"
+        wait_until(lambda: second.call(lambda: second.core.summary()["queue_info"].get("dev", {}).get("free")) == 1)
+        with tether.connect_tracker("127.0.0.1", port) as pool, pool.request("dev", timeout=10) as sess:
+            sess.ping()
+
+
+def test_request_and_run(device_server: Any, tracker: TrackerThread, tmp_path: Path) -> None:
+    device_server(key="dev", tracker=(tracker.host, tracker.port))
+    with tether.connect_tracker(tracker.host, tracker.port) as pool:
+        x = np.ones((2, 3), "float32")
+        out = pool.request_and_run("dev", reference_model(tmp_path / "m.json"), {"x": x}, timeout=10)
+    np.testing.assert_array_equal(out["y"], x * 2 + 1)
+
+
+def test_two_slots_serve_two_sessions_at_once(device_server: Any, tracker: TrackerThread) -> None:
+    server: DeviceServer = device_server(key="dev", tracker=(tracker.host, tracker.port), slots=2)
+    with (
+        tether.connect_tracker(tracker.host, tracker.port) as pool,
+        pool.request("dev", timeout=10) as a,
+        pool.request("dev", timeout=10) as b,
+    ):
+        assert a.info()["pid"] != b.info()["pid"]
+        assert server.busy_slots() == 2

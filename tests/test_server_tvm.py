@@ -1,0 +1,104 @@
+"""TVM's own client (apache-tvm 0.27) against tether's server: the session runs in TVM's C++ loop
+inside a tether worker, with tether's workspace rules and typed timeouts; and a tether client that
+reaches a plain TVM server is told so."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tether
+from tether.tracker import TrackerThread
+
+from .conftest import wait_until
+from .test_tvm_interop import addone_lib, run_addone, tvm_server  # noqa: F401 - fixtures
+
+tvm = pytest.importorskip("tvm")
+np = pytest.importorskip("numpy")
+from tvm import rpc  # noqa: E402
+
+pytestmark = [pytest.mark.tvm, pytest.mark.timeout(90)]
+
+
+def test_tvm_connect_uploads_loads_runs_and_times(device_server: Any, addone_lib: Path) -> None:  # noqa: F811
+    server = device_server(key="dev", preload=["tvm"])
+    sess = rpc.connect("127.0.0.1", server.port, key="dev")
+    np.testing.assert_array_equal(run_addone(sess, addone_lib), np.arange(8, dtype="float32") + 1)
+    assert sess.get_function("rpc.test.addone")(41) == 42
+    assert addone_lib.name in sess.listdir(".").split(",")  # TVM's own Python server lacks listdir
+    assert bytes(sess.download(addone_lib.name)) == addone_lib.read_bytes()
+    sess.remove(addone_lib.name)
+    assert addone_lib.name not in sess.listdir(".")
+    with pytest.raises(Exception, match="leaves the workspace"):
+        sess.upload(bytearray(b"x"), "../escape.txt")
+    del sess
+    gc.collect()  # TVM closes a session only when every remote object is gone
+    wait_until(lambda: server.busy_slots() == 0, timeout=5, what="session over")
+
+
+def test_tvm_connect_tracker_request(
+    device_server: Any,
+    tracker: TrackerThread,
+    addone_lib: Path,  # noqa: F811
+) -> None:
+    device_server(key="dev", tracker=(tracker.host, tracker.port), preload=["tvm"])
+    client = rpc.connect_tracker(tracker.host, tracker.port)
+    sess = client.request("dev", priority=1, session_timeout=30)
+    np.testing.assert_array_equal(run_addone(sess, addone_lib), np.arange(8, dtype="float32") + 1)
+    del sess
+    gc.collect()
+    wait_until(lambda: client.summary()["queue_info"]["dev"]["free"] == 1, timeout=5, what="slot free again")
+    client.close()
+
+
+def test_tvm_session_timeout_is_rpc_session_timeout_error(device_server: Any, tracker: TrackerThread) -> None:
+    server = device_server(key="dev", tracker=(tracker.host, tracker.port), preload=["tvm"])
+    client = rpc.connect_tracker(tracker.host, tracker.port)
+    sess = client.request("dev", session_timeout=1)
+    funcs = [sess.get_function("rpc.test.addone")]
+    assert funcs[0](1) == 2
+
+    def expired() -> bool:
+        try:
+            funcs[0](1)
+        except tvm.error.RPCSessionTimeoutError:
+            return True
+        return False
+
+    wait_until(expired, timeout=15, interval=0.1, what="RPCSessionTimeoutError")
+    funcs.clear()
+    del sess
+    gc.collect()
+    wait_until(lambda: server.busy_slots() == 0, timeout=5, what="slot free after the timeout")
+    client.close()
+
+
+def test_tether_client_reaching_a_plain_tvm_server_is_told_so(
+    tracker: TrackerThread,
+    tvm_server: Any,  # noqa: F811
+) -> None:
+    server = tvm_server(tracker.port, "plain")
+    wait_until(
+        lambda: tracker.call(lambda: tracker.core.summary()["queue_info"].get("plain", {}).get("free")) == 1,
+        timeout=20,
+    )
+    with tether.TrackerClient.connect(tracker.host, tracker.port) as client:
+        grant = client.request_grant("plain", timeout=10)  # TVM's protocol: the only one it serves
+    with pytest.raises(tether.NotTetherServer, match="plain TVM server"):
+        tether.Session.connect(grant.host, grant.port, grant.matchkey)
+    # tether's request never gets it
+    with tether.connect_tracker(tracker.host, tracker.port) as pool, pytest.raises(tether.RequestTimeout):
+        pool.request("plain", timeout=0.5)
+    assert server is not None
+
+
+def test_without_tvm_plain_tvm_clients_get_mismatch(device_server: Any) -> None:
+    server = device_server(key="dev", serve_tvm=False)
+    assert server.protocols == ["tether"]
+    with pytest.raises(Exception, match=r"mismatch|MISMATCH|key"):
+        rpc.connect("127.0.0.1", server.port, key="dev")
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        sess.ping()
