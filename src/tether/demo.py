@@ -1,12 +1,13 @@
-"""The main job, end to end on loopback: tether's tracker, a real device server, a real model.
+"""The main job, end to end on loopback: tether's tracker, tether's device server, a real model.
 
 1. start tether's tracker on 127.0.0.1 (port chosen by the OS);
-2. start a device server that registers with it (TVM's own ``rpc_server``, a separate process, until
-   tether's server lands);
-3. compile a real ONNX model with TVM (default: the SqueezeNet architecture that the ``onnx`` package
-   ships, given seeded random weights: see :mod:`tether.models`);
-4. request the server through the tracker with TVM's stock client, upload the library, run it remotely;
-5. check the outputs against a local onnxruntime run, read the tracker's state while the session is held;
+2. start ``tether server`` as a separate process that registers with it (its sessions run in worker
+   processes of their own);
+3. take a real ONNX model (default: the SqueezeNet architecture that the ``onnx`` package ships, given
+   seeded random weights: see :mod:`tether.models`) and compile it with TVM for llvm;
+4. request the server through the tracker with tether's client, upload both, run the ONNX model with the
+   onnxruntime backend and the TVM library with the tvm backend, time both on the device;
+5. check both outputs against a local onnxruntime run, read the tracker's state while the session is held;
 6. shut everything down, by pid.
 
 Needs the ``tvm`` and ``onnx`` extras (apache-tvm, onnx, onnxruntime, numpy); imported here only.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .client.api import connect_tracker
 from .client.query import TrackerStatus, query_tracker
 from .client.tracker import TrackerClient
 from .errors import TetherError
@@ -49,36 +50,38 @@ class DemoResult:
     input_shape: list[int]
     output_shape: list[int]
     max_abs_diff: float
+    max_abs_diff_tvm: float
     top5: list[tuple[int, float]]
     timings: dict[str, float] = field(default_factory=dict)
     status: TrackerStatus | None = None
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= 1e-4
+        return self.max_abs_diff <= 1e-4 and self.max_abs_diff_tvm <= 1e-4
 
 
 @contextlib.contextmanager
 def _device_server(tracker_port: int, key: str) -> Iterator[subprocess.Popen[bytes]]:
-    """TVM's ``rpc_server`` registered with the tracker, in its own process group (stopped by pid)."""
-    start = random.randint(20000, 55000)
+    """``tether server`` registered with the tracker, in its own process group (stopped by pid)."""
     cmd = [
         sys.executable,
         "-m",
-        "tvm.exec.rpc_server",
+        "tether",
+        "--log-level",
+        "WARNING",
+        "server",
         "--host",
         "127.0.0.1",
         "--port",
-        str(start),
-        "--port-end",
-        str(start + 500),
+        "0",
         "--tracker",
         f"127.0.0.1:{tracker_port}",
         "--key",
         key,
-        "--silent",
+        "--label",
+        "demo=1",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
     try:
         yield proc
     finally:
@@ -109,7 +112,6 @@ def run_demo(model_path: Path | None = None, progress: Callable[[str], None] = p
     import onnx
     import onnxruntime as ort
     import tvm
-    from tvm import relax, rpc
     from tvm.relax.frontend.onnx import from_onnx
 
     timings: dict[str, float] = {}
@@ -122,39 +124,36 @@ def run_demo(model_path: Path | None = None, progress: Callable[[str], None] = p
                 onnx.save(light_model("squeezenet", seed=0), str(path))
             else:
                 path = model_path
-            model = onnx.load(str(path))
             local = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             spec = local.get_inputs()[0]
             shape = [d if isinstance(d, int) else 1 for d in spec.shape]
             x = np.random.default_rng(0).standard_normal(shape).astype("float32")
-            mod = from_onnx(model, keep_params_in_input=False)
-            executable = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
+            executable = tvm.compile(from_onnx(onnx.load(str(path))), target=tvm.target.Target({"kind": "llvm"}))
             lib_path = Path(tmp) / "model.so"
             executable.export_library(str(lib_path))
             timings["compile_s"] = time.perf_counter() - t0
-            progress(f"model: {path.name} compiled by TVM for llvm in {timings['compile_s']:.2f} s")
+            progress(f"model: {path.name}, also compiled by TVM for llvm in {timings['compile_s']:.2f} s")
 
             _wait_for_free(tracker.port, DEMO_KEY, 60.0, server_proc)
-            progress(f"server: TVM rpc_server registered as {DEMO_KEY!r} (pid {server_proc.pid})")
+            progress(f"server: tether server registered as {DEMO_KEY!r} (pid {server_proc.pid})")
 
-            t0 = time.perf_counter()
-            client = rpc.connect_tracker("127.0.0.1", tracker.port)
-            sess = client.request(DEMO_KEY, priority=1, session_timeout=300)
-            timings["request_ms"] = (time.perf_counter() - t0) * 1e3
-            t0 = time.perf_counter()
-            sess.upload(bytearray(lib_path.read_bytes()), "model.so")
-            timings["upload_ms"] = (time.perf_counter() - t0) * 1e3
-            remote_lib = sess.load_module("model.so")
-            dev = sess.cpu()
-            vm = relax.VirtualMachine(remote_lib, dev)
-            remote_x = tvm.runtime.tensor(x, dev)
-            t0 = time.perf_counter()
-            out = vm["main"](remote_x)
-            y = (out[0] if not hasattr(out, "numpy") else out).numpy()
-            timings["first_run_ms"] = (time.perf_counter() - t0) * 1e3
-            bench = vm.time_evaluator("main", dev, number=repeat, repeat=3)(remote_x)
-            timings["remote_run_ms"] = float(bench.median) * 1e3
-            status = query_tracker("127.0.0.1", tracker.port)  # while the session is held
+            with connect_tracker("127.0.0.1", tracker.port) as pool:
+                t0 = time.perf_counter()
+                with pool.request(DEMO_KEY, priority=1, session_timeout=300, timeout=60) as sess:
+                    timings["request_ms"] = (time.perf_counter() - t0) * 1e3
+                    t0 = time.perf_counter()
+                    sess.upload(path, "model.onnx")
+                    sess.upload(lib_path, "model.so")
+                    timings["upload_ms"] = (time.perf_counter() - t0) * 1e3
+                    onnx_model = sess.load_model("model.onnx")
+                    tvm_model = sess.load_model("model.so", backend="tvm")
+                    t0 = time.perf_counter()
+                    y = next(iter(onnx_model.run({spec.name: x}).values()))
+                    timings["first_run_ms"] = (time.perf_counter() - t0) * 1e3
+                    y_tvm = next(iter(tvm_model.run({tvm_model.input_names[0]: x}).values()))
+                    timings["remote_run_ms"] = onnx_model.benchmark(number=repeat, repeat=3).median * 1e3
+                    timings["remote_tvm_run_ms"] = tvm_model.benchmark(number=repeat, repeat=3).median * 1e3
+                    status = query_tracker("127.0.0.1", tracker.port)  # while the session is held
 
             ref = local.run(None, {spec.name: x})[0]
             samples = []
@@ -163,8 +162,6 @@ def run_demo(model_path: Path | None = None, progress: Callable[[str], None] = p
                 local.run(None, {spec.name: x})
                 samples.append(time.perf_counter() - t0)
             timings["local_ort_run_ms"] = float(np.median(samples)) * 1e3
-            del out, remote_x, vm, remote_lib, dev, sess
-            client.close()
 
     flat = y.reshape(-1)
     top = np.argsort(flat)[::-1][:5]
@@ -174,6 +171,7 @@ def run_demo(model_path: Path | None = None, progress: Callable[[str], None] = p
         input_shape=list(x.shape),
         output_shape=list(y.shape),
         max_abs_diff=float(np.max(np.abs(y.astype("float64") - ref.astype("float64")))),
+        max_abs_diff_tvm=float(np.max(np.abs(y_tvm.astype("float64") - ref.astype("float64")))),
         top5=[(int(i), float(flat[i])) for i in top],
         timings=timings,
         status=status,

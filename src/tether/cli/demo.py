@@ -37,12 +37,15 @@ def run(args: argparse.Namespace) -> int:
         print(render(result.status))
     print(f"input  {result.input_name}: {result.input_shape} float32 (seeded random)")
     print(f"output: {result.output_shape}, top-5 classes {[(i, round(p, 4)) for i, p in result.top5]}")
-    print(f"remote vs local onnxruntime: max |diff| = {result.max_abs_diff:.3g} -> {'OK' if result.ok else 'MISMATCH'}")
+    print(f"remote onnxruntime vs local onnxruntime: max |diff| = {result.max_abs_diff:.3g}")
+    print(f"remote TVM library vs local onnxruntime: max |diff| = {result.max_abs_diff_tvm:.3g}")
+    print(f"-> {'OK' if result.ok else 'MISMATCH'}")
     t = result.timings
     print(
         "timings: "
         f"compile {t['compile_s']:.2f} s, request {t['request_ms']:.1f} ms, upload {t['upload_ms']:.1f} ms, "
-        f"first remote run {t['first_run_ms']:.1f} ms, remote run {t['remote_run_ms']:.2f} ms (median), "
-        f"local onnxruntime {t['local_ort_run_ms']:.2f} ms (median)"
+        f"first remote run {t['first_run_ms']:.1f} ms (round trip); on the device (median): "
+        f"onnxruntime {t['remote_run_ms']:.2f} ms, TVM {t['remote_tvm_run_ms']:.2f} ms; "
+        f"local onnxruntime {t['local_ort_run_ms']:.2f} ms"
     )
     return 0 if result.ok else 1

@@ -54,8 +54,8 @@ def describe_array(name: str, arr: Any, top: int = 5) -> str:
     flat = arr.reshape(-1)
     preview = np.array2string(flat[:6], precision=4, separator=", ", max_line_width=1000)
     text = f"  {name}: {list(arr.shape)} {arr.dtype} {preview}{' ...' if flat.size > 6 else ''}"
-    if arr.ndim in (1, 2) and arr.shape[-1] >= 10 and arr.dtype.kind == "f" and (arr.ndim == 1 or arr.shape[0] == 1):
-        scores = flat[-arr.shape[-1] :]
+    scores = arr.squeeze()
+    if scores.ndim == 1 and scores.size >= 10 and arr.dtype.kind == "f":  # one row of class scores
         best = np.argsort(scores)[::-1][:top]
         text += f"\n    top-{top}: " + ", ".join(f"{int(i)} ({scores[i]:.4g})" for i in best)
     return text

@@ -1,0 +1,160 @@
+"""Real models through the whole path: tether client -> tether's tracker -> tether server -> a backend,
+compared with a local onnxruntime run; and the ``tether run`` and ``tether pack`` commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tether
+from tether.cli.pack import build_zipapp
+from tether.tracker import TrackerThread
+
+from .conftest import CliProcess, wait_until
+
+np = pytest.importorskip("numpy")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def squeezenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tether.models import light_model
+
+    path = tmp_path_factory.mktemp("models") / "squeezenet.onnx"
+    onnx.save(light_model("squeezenet", seed=1), str(path))
+    return path
+
+
+def local_run(path: Path, feed: dict[str, Any]) -> list[Any]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return list(session.run(None, feed))
+
+
+def test_onnx_model_through_the_tracker_equals_local_onnxruntime(
+    device_server: Any, tracker: TrackerThread, squeezenet: Path
+) -> None:
+    device_server(key="cpu", tracker=(tracker.host, tracker.port))
+    x = np.random.default_rng(3).standard_normal((1, 3, 224, 224)).astype("float32")
+    with (
+        tether.connect_tracker(tracker.host, tracker.port) as pool,
+        pool.request("cpu", session_timeout=60, timeout=10) as sess,
+    ):
+        sess.upload(squeezenet)
+        model = sess.load_model("squeezenet.onnx", providers=["CPUExecutionProvider"], intra_op_num_threads=1)
+        assert model.backend == "onnxruntime"
+        assert [s["name"] for s in model.inputs] == ["data_0"]
+        remote = model.run({"data_0": x})
+        (expected,) = local_run(squeezenet, {"data_0": x})
+        (name,) = remote
+        assert remote[name].dtype == expected.dtype and remote[name].shape == expected.shape
+        np.testing.assert_allclose(remote[name], expected, rtol=1e-5, atol=1e-6)
+        assert np.argmax(remote[name]) == np.argmax(expected)
+
+        on_device = sess.tensor(x)
+        np.testing.assert_allclose(model.run({"data_0": on_device})[name], expected, rtol=1e-5, atol=1e-6)
+        timing = model.benchmark({"data_0": on_device}, number=2, repeat=3)
+        assert len(timing.samples) == 3 and all(s > 0 for s in timing.samples)
+        with pytest.raises(tether.ModelLoadError, match="NoSuchExecutionProvider"):
+            sess.load_model("squeezenet.onnx", providers=["NoSuchExecutionProvider"])
+
+
+@pytest.mark.tvm
+def test_tvm_compiled_model_runs_with_the_tvm_backend_and_matches_onnxruntime(
+    device_server: Any, tracker: TrackerThread, squeezenet: Path, tmp_path: Path
+) -> None:
+    tvm = pytest.importorskip("tvm")
+    from tvm.relax.frontend.onnx import from_onnx
+
+    executable = tvm.compile(from_onnx(onnx.load(str(squeezenet))), target=tvm.target.Target({"kind": "llvm"}))
+    lib = tmp_path / "squeezenet.so"
+    executable.export_library(str(lib))
+    device_server(key="cpu", tracker=(tracker.host, tracker.port))
+    x = np.random.default_rng(4).standard_normal((1, 3, 224, 224)).astype("float32")
+    with tether.connect_tracker(tracker.host, tracker.port) as pool, pool.request("cpu", timeout=10) as sess:
+        sess.upload(lib)
+        model = sess.load_model("squeezenet.so")  # the backend follows the file type
+        assert model.backend == "tvm"
+        (out,) = model.run({model.input_names[0]: x}).values()
+        (expected,) = local_run(squeezenet, {"data_0": x})
+        np.testing.assert_allclose(out.reshape(expected.shape), expected, rtol=1e-4, atol=1e-5)
+        assert len(model.benchmark(number=1, repeat=2).samples) == 2
+
+
+def test_tether_run_prints_outputs_topk_and_timing(
+    cli: Any, tracker: TrackerThread, squeezenet: Path, tmp_path: Path
+) -> None:
+    server: CliProcess = cli(
+        "server", "--host", "127.0.0.1", "--port", "0", "--tracker", f"127.0.0.1:{tracker.port}", "--key", "cpu",
+        "--preload", "none",
+    )  # fmt: skip
+    server.listening()
+    wait_until(lambda: tracker.call(lambda: tracker.core.summary()["queue_info"].get("cpu", {}).get("free")) == 1)
+    out = tmp_path / "out.npz"
+    done = subprocess.run(
+        [sys.executable, "-m", "tether", "run", str(squeezenet), "--tracker", f"127.0.0.1:{tracker.port}",
+         "--key", "cpu", "--fill", "random", "--output", str(out), "--repeat", "3", "--timeout", "30"],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "data_0: [1, 3, 224, 224] float32 (random on the device)" in done.stdout
+    assert "top-5:" in done.stdout and "device timing: 3 repeats" in done.stdout
+    with np.load(out) as saved:
+        assert saved[saved.files[0]].shape == (1, 1000, 1, 1)
+    failed = subprocess.run(
+        [sys.executable, "-m", "tether", "run", str(squeezenet), "--tracker", f"127.0.0.1:{tracker.port}",
+         "--key", "nobody", "--timeout", "0.2"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert failed.returncode == 1 and "no free server" in failed.stderr
+
+
+def test_zipapp_server_runs_on_a_bare_python(tracker: TrackerThread, tmp_path: Path) -> None:
+    """``tether pack``'s bundle under ``python -S -I``: no site-packages, no numpy; sessions still work."""
+    bundle = build_zipapp(tmp_path / "tether-server.pyz")
+    proc = subprocess.Popen(
+        [sys.executable, "-S", "-I", str(bundle), "--host", "127.0.0.1", "--port", "0",
+         "--tracker", f"127.0.0.1:{tracker.port}", "--key", "bare"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while not any("listening on" in line for line in lines):  # bounded by the test's timeout
+            line = proc.stdout.readline()
+            assert line, f"the server exited: {lines}"
+            lines.append(line)
+        wait_until(
+            lambda: tracker.call(lambda: tracker.core.summary()["queue_info"].get("bare", {}).get("free")) == 1,
+            timeout=15,
+        )
+        model = tmp_path / "m.json"
+        spec = {"dtype": "float32", "shape": [4]}
+        model.write_text(
+            json.dumps(
+                {
+                    "format": "tether-reference/1",
+                    "inputs": [{"name": "x", **spec}],
+                    "outputs": [{"name": "y", **spec}],
+                    "ops": [{"op": "affine", "input": "x", "output": "y", "scale": 3.0, "bias": 0.5}],
+                }
+            )
+        )
+        with tether.connect_tracker(tracker.host, tracker.port) as pool, pool.request("bare", timeout=10) as sess:
+            info = sess.info()
+            assert set(info["device"]["backends"]) == {"reference"}  # nothing else importable under -S -I
+            sess.upload(model)
+            y = sess.load_model("m.json").run({"x": np.arange(4, dtype="float32")})["y"]
+            np.testing.assert_array_equal(y, np.arange(4, dtype="float32") * 3 + 0.5)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
