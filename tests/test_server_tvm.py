@@ -102,3 +102,47 @@ def test_without_tvm_plain_tvm_clients_get_mismatch(device_server: Any) -> None:
         rpc.connect("127.0.0.1", server.port, key="dev")
     with tether.connect("127.0.0.1", server.port, key="dev") as sess:
         sess.ping()
+
+
+def test_tether_session_through_tvms_own_proxy(device_server: Any, tmp_path: Path) -> None:
+    """``tether server --through-proxy`` behind TVM's ``rpc_proxy``: the proxy carries tether's native
+    session without knowing it; the server reconnects for the next client (and would wait forever)."""
+    import random
+    import subprocess
+    import sys
+
+    port = random.randint(20000, 50000)
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_proxy", "--host", "127.0.0.1", "--port", str(port),
+         "--port-end", str(port + 300), "--web-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proxy.stdout is not None
+        bound = None
+        while bound is None:  # bounded by the test's timeout
+            line = proxy.stdout.readline()
+            assert line, "TVM's proxy exited"
+            if "RPCProxy: client port bind to" in line:
+                bound = int(line.rsplit(":", 1)[1])
+        server = device_server(key="behind", host="127.0.0.1", port=bound, through_proxy=True)
+        for _ in range(2):  # a second session: the server went back to the proxy after the first
+            session = wait_until(
+                lambda: _try_connect("127.0.0.1", bound, "behind"), timeout=15, what="a session through the proxy"
+            )
+            with session as sess:
+                assert sess.upload(b"through", "a.txt") == "a.txt"
+                assert sess.download("a.txt") == b"through"
+            wait_until(lambda: server.busy_slots() == 0, timeout=5, what="the session over")
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+        if proxy.stdout is not None:
+            proxy.stdout.close()
+
+
+def _try_connect(host: str, port: int, key: str) -> tether.Session | None:
+    try:
+        return tether.connect(host, port, key=key, timeout=5)
+    except (tether.SessionRefused, tether.TransportError):
+        return None  # the server has not reached the proxy yet: TVM's proxy answers MISMATCH then

@@ -354,12 +354,10 @@ class DeviceServer:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(self.config.handshake_timeout_s)
+            # exact reads: whatever follows the handshake belongs to the session's worker
             key = None
             while key is None:
-                data = conn.recv(4096)
-                if not data:
-                    raise ConnectionError("closed during the handshake")
-                key = decoder.feed(data)
+                key = decoder.feed(_recv_exact(conn, decoder.needed()))
         except (OSError, ConnectionError, RemoteProtocolError) as exc:
             logger.info("handshake from %s failed: %s", peer, exc)  # wrong magic, garbage: close, as TVM does
             conn.close()
@@ -372,9 +370,9 @@ class DeviceServer:
                 conn.sendall(encode_handshake_reply(HandshakeCode.MISMATCH))
             conn.close()
             return
-        self._admit(conn, client, peer, decoder.unused)
+        self._admit(conn, client, peer)
 
-    def _admit(self, conn: socket.socket, client: PeerKey, peer: str, unused: bytes) -> None:
+    def _admit(self, conn: socket.socket, client: PeerKey, peer: str) -> None:
         """Check a client's key against the free slots; reply, and start its session or close."""
         reason, slot = self._claim(client)
         if slot is None:
@@ -390,8 +388,6 @@ class DeviceServer:
                     HandshakeCode.SUCCESS, format_peer_key("server", self.config.key or "tether", options)
                 )
             )
-            if unused:
-                raise RemoteProtocolError("the client sent bytes before the handshake reply")
             self._start_session(slot, conn, client, peer)
         except Exception as exc:
             logger.warning("could not start a session for %s: %s", peer, exc)
@@ -620,14 +616,11 @@ class DeviceServer:
                 delay = min(delay * 2, cfg.reconnect_max_s)
                 continue
             try:
-                conn.sendall(encode_handshake(f"server:{cfg.key}"))
+                conn.sendall(encode_handshake(format_peer_key("server", cfg.key, {"tether": "1"})))
                 decoder = HandshakeReplyDecoder()
                 reply = None
                 while reply is None:
-                    data = conn.recv(4096)
-                    if not data:
-                        raise ConnectionError("the proxy closed the connection")
-                    reply = decoder.feed(data)
+                    reply = decoder.feed(_recv_exact(conn, decoder.needed()))
                 if reply.code != HandshakeCode.SUCCESS or reply.key is None:
                     raise ConnectionError(f"the proxy answered {HandshakeCode(reply.code).name}")
                 client = parse_peer_key(reply.key)
@@ -649,14 +642,23 @@ class DeviceServer:
                     slot.reserved = False
                 continue
             try:
-                if decoder.unused:
-                    raise RemoteProtocolError("the client sent bytes before the handshake reply")
                 self._start_session(slot, conn, client, f"proxy:{client.raw}")
             except Exception as exc:
                 logger.warning("could not start a session through the proxy: %s", exc)
                 conn.close()
                 with self._lock:
                     slot.reserved = False
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes (the handshake must not consume a byte of the session that follows)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        buf += chunk
+    return bytes(buf)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -171,6 +171,18 @@ class _PrefixedReader:
         except UnicodeDecodeError as exc:
             raise RemoteProtocolError("handshake key is not UTF-8") from exc
 
+    def needed(self, prefix: int = 4) -> int:
+        """Bytes still missing from what is known so far (header first, then the key): feeding exactly
+        this many lets a reader stop at the handshake's last byte."""
+        if self._done:
+            return 0
+        if len(self._buf) < prefix + 4:
+            return prefix + 4 - len(self._buf)
+        (n,) = _unpack_i32(self._buf, prefix)
+        if n < 0 or n > MAX_HANDSHAKE_KEY_BYTES:
+            raise FrameTooLarge(n, MAX_HANDSHAKE_KEY_BYTES)
+        return prefix + 4 + int(n) - len(self._buf)
+
     def _finish(self, end: int) -> None:
         self._done = True
         self.unused = bytes(self._buf[end:])
