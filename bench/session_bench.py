@@ -58,10 +58,12 @@ HOST = "127.0.0.1"
 MIB = 1 << 20
 
 #: The floor: a raw Python socket server. The first byte of a connection picks the mode: "E" echoes
-#: whatever comes; "S" (sink) reads 8-byte length-prefixed blobs into one buffer and answers b"k";
-#: "G" (source) reads an 8-byte length and sends that many bytes.
+#: whatever comes; then 8-byte length-prefixed requests: "S" (sink) reads the bytes into one reused
+#: buffer, "N" into a fresh bytearray each time (as tether's worker receives a tensor), "F" into a file
+#: in 1 MiB chunks (as an upload lands: argv[1] names the file), and answers b"k"; "G" (source) sends
+#: that many bytes.
 FLOOR_SERVER = r"""
-import socket, struct, threading
+import socket, struct, sys, threading
 srv = socket.socket()
 srv.bind(("127.0.0.1", 0))
 srv.listen(16)
@@ -89,9 +91,20 @@ def serve(conn):
         while True:
             recv_exact(conn, memoryview(head))
             (size,) = struct.unpack("<Q", head)
-            if len(buf) < size:
+            if mode == b"N":
                 buf = bytearray(size)
-            if mode == b"S":
+            elif len(buf) < size:
+                buf = bytearray(size if mode != b"F" else min(size, 1 << 20))
+            if mode == b"F":
+                with open(sys.argv[1], "wb") as f:
+                    left = size
+                    while left:
+                        part = memoryview(buf)[: min(left, len(buf))]
+                        recv_exact(conn, part)
+                        f.write(part)
+                        left -= len(part)
+                conn.sendall(b"k")
+            elif mode in (b"S", b"N"):
                 recv_exact(conn, memoryview(buf)[:size])
                 conn.sendall(b"k")
             else:
@@ -204,12 +217,13 @@ def running(name: str, argv: list[str]) -> Iterator[Proc]:
         _stop(server.proc)
 
 
-def floor_server() -> contextlib.AbstractContextManager[Proc]:
-    return running("raw floor", [sys.executable, "-c", FLOOR_SERVER])
+def floor_server(file: Path) -> contextlib.AbstractContextManager[Proc]:
+    return running("raw floor", [sys.executable, "-c", FLOOR_SERVER, str(file)])
 
 
-def tether_server(key: str, tracker: int | None = None) -> contextlib.AbstractContextManager[Proc]:
+def tether_server(key: str, tracker: int | None = None, slots: int = 1) -> contextlib.AbstractContextManager[Proc]:
     argv = [sys.executable, "-m", "tether", "server", "--host", HOST, "--port", "0", "--key", key, "--preload", "auto"]
+    argv += ["--slots", str(slots)]
     if tracker is not None:
         argv += ["--tracker", f"{HOST}:{tracker}"]
     return running("tether server", argv)
@@ -335,347 +349,354 @@ def throughput(seconds: list[float], nbytes: int) -> dict[str, float]:
     }
 
 
+# -- clients -------------------------------------------------------------------------------------
+
+
+class RawClient:
+    """The floor's client side: one connection per mode."""
+
+    def __init__(self, port: int, nbytes: int) -> None:
+        self.port, self.nbytes = port, nbytes
+        self.socks: dict[bytes, socket.socket] = {}
+        self.blob = bytearray(os.urandom(1 << 16)) * max(1, nbytes >> 16)
+        self.reused = bytearray(nbytes)
+        self.head = nbytes.to_bytes(8, "little")
+
+    def _sock(self, mode: bytes) -> socket.socket:
+        if mode not in self.socks:
+            sock = socket.create_connection((HOST, self.port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(mode)
+            self.socks[mode] = sock
+        return self.socks[mode]
+
+    def echo(self, size: int = 1) -> Callable[[], None]:
+        sock, msg = self._sock(b"E"), b"x" * size
+
+        def call() -> None:
+            sock.sendall(msg)
+            got = 0
+            while got < size:
+                got += len(sock.recv(65536))
+
+        return call
+
+    def send(self, mode: bytes) -> None:
+        sock = self._sock(mode)
+        sock.sendall(self.head)
+        sock.sendall(self.blob)
+        if sock.recv(1) != b"k":
+            raise RuntimeError("the floor server did not acknowledge")
+
+    def recv(self, fresh: bool) -> None:
+        import numpy as np
+
+        sock = self._sock(b"G")
+        view = memoryview(np.empty(self.nbytes, np.uint8) if fresh else self.reused)
+        sock.sendall(self.head)
+        got = 0
+        while got < self.nbytes:
+            got += sock.recv_into(view[got:])
+
+    def close(self) -> None:
+        for sock in self.socks.values():
+            sock.close()
+
+
+class TvmClient:
+    """A TVM session and the remote objects used on it; ``close()`` drops them all (TVM ends a session when
+    its last remote object is gone)."""
+
+    def __init__(self, port: int, key: str) -> None:
+        self.sess: Any = tvm_connect(port, key)
+        self.addone: Any = self.sess.get_function("rpc.test.addone")
+        if self.addone(1) != 2:
+            raise RuntimeError("rpc.test.addone(1) != 2")
+        self.dev: Any = self.sess.cpu()
+
+    def call(self) -> None:
+        self.addone(1)
+
+    def close(self) -> None:
+        self.sess = self.addone = self.dev = None
+        gc.collect()
+
+
 # -- 1. empty calls ------------------------------------------------------------------------------
 
 
-def bench_floor(port: int, n: int, warmup: int, nbytes: int) -> dict[str, Any]:
-    """Raw socket: echo round trips of 1 and 32 bytes; bulk send (sink) and receive (source)."""
-    out: dict[str, Any] = {}
-    with socket.create_connection((HOST, port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(b"E")
-        for size in (1, 32):
-            msg = b"x" * size
-
-            def echo(msg: bytes = msg, size: int = size) -> None:
-                sock.sendall(msg)
-                got = 0
-                while got < size:
-                    got += len(sock.recv(65536))
-
-            out[f"echo_{size}B_us"] = latency(time_calls(echo, n, warmup), 1e6)
-    blob = bytearray(os.urandom(1 << 16)) * (nbytes >> 16)
-    sink = bytearray(nbytes)
-    head = nbytes.to_bytes(8, "little")
-    with socket.create_connection((HOST, port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(b"S")
-
-        def send_blob() -> None:
-            sock.sendall(head)
-            sock.sendall(blob)
-            assert sock.recv(1) == b"k"
-
-        out["send"] = throughput(time_calls(send_blob, 5, 1), nbytes)
-    with socket.create_connection((HOST, port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(b"G")
-        view = memoryview(sink)
-
-        def recv_blob() -> None:
-            sock.sendall(head)
-            got = 0
-            while got < nbytes:
-                got += sock.recv_into(view[got:])
-
-        out["recv"] = throughput(time_calls(recv_blob, 5, 1), nbytes)
-    return out
+def bench_empty_calls(calls: dict[str, Callable[[], Any]], total: int, rounds: int) -> dict[str, Any]:
+    """Every client in turn, ``rounds`` times in shuffled order (background load then hits all alike)."""
+    per_round = max(1, total // rounds)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    round_p50: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
+        time_calls(call, 0, max(100, per_round // 5))
+    for _ in range(rounds):
+        order = list(calls)
+        random.shuffle(order)
+        for name in order:
+            got = time_calls(calls[name], per_round, per_round // 10)
+            samples[name] += got
+            round_p50[name].append(statistics.median(got) * 1e6)
+    return {
+        name: {**latency(samples[name], 1e6), "best_round_p50": min(round_p50[name]), "round_p50": round_p50[name]}
+        for name in calls
+    }
 
 
 # -- 3, 4: bulk ----------------------------------------------------------------------------------
 
 
-def bench_tether_direct(port: int, key: str, args: argparse.Namespace, blob_path: Path, arr: Any) -> dict[str, Any]:
-    """Empty calls, uploads and tensors on one direct tether session."""
+def bench_bulk(
+    raw: RawClient, tsess: Any, tvm: TvmClient | None, *, blob_path: Path, arr: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Uploads and tensors, one of each per round, the systems in turn; round 0 is the warm-up (and checks)."""
     import numpy as np
+    import tvm as tvm_mod
 
-    import tether
+    data = blob_path.read_bytes()
+    tvm_data = bytearray(data)
+    times: dict[str, list[float]] = collections.defaultdict(list)
 
-    out: dict[str, Any] = {}
-    with tether.connect(HOST, port, key=key, session_timeout=600) as sess:
-        sess.ping()
-        out["ping_us"] = latency(time_calls(sess.ping, args.calls, args.calls // 5), 1e6)
-        size = blob_path.stat().st_size
-        out["upload_file"] = throughput(time_calls(lambda: sess.upload(blob_path, "blob.bin"), args.reps, 1), size)
-        data = blob_path.read_bytes()
-        out["upload_bytes"] = throughput(time_calls(lambda: sess.upload(data, "blob2.bin"), args.reps, 1), size)
-        assert sess.download("blob.bin") == data
-        data = b""
-        h2d, d2h = [], []
-        for i in range(args.reps + 1):
-            t0 = time.perf_counter()
-            remote = sess.tensor(arr)
-            t1 = time.perf_counter()
-            back = remote.numpy()
-            t2 = time.perf_counter()
-            if i == 0:
-                assert np.array_equal(back, arr)
-            else:
-                h2d.append(t1 - t0)
-                d2h.append(t2 - t1)
-            del back
-            remote.free()
-        out["h2d"] = throughput(h2d, arr.nbytes)
-        out["d2h"] = throughput(d2h, arr.nbytes)
-    return out
-
-
-def bench_tvm_direct(port: int, key: str, args: argparse.Namespace, blob_path: Path, arr: Any) -> dict[str, Any]:
-    """The same on one TVM session (TVM's client, whichever server)."""
-    sess = tvm_connect(port, key)
-    try:
-        return _tvm_direct(sess, args, blob_path, arr)
-    finally:
-        sess = None  # a TVM session ends when its last remote object is gone
-        gc.collect()
-
-
-def _tvm_direct(sess: Any, args: argparse.Namespace, blob_path: Path, arr: Any) -> dict[str, Any]:
-    import numpy as np
-    import tvm
-
-    out: dict[str, Any] = {}
-    addone = sess.get_function("rpc.test.addone")
-    assert addone(1) == 2
-    out["addone_us"] = latency(time_calls(lambda: addone(1), args.calls, args.calls // 5), 1e6)
-    if not args.tvm_bulk:
-        return out
-    data = bytearray(blob_path.read_bytes())
-    out["upload_bytes"] = throughput(time_calls(lambda: sess.upload(data, "blob.bin"), args.tvm_reps, 1), len(data))
-    assert sess.download("blob.bin") == data
-    dev = sess.cpu()
-    h2d, d2h = [], []
-    for i in range(args.tvm_reps + 1):
+    def timed(name: str, call: Callable[[], Any], keep: bool) -> Any:
         t0 = time.perf_counter()
-        remote = tvm.runtime.tensor(arr, dev)
-        t1 = time.perf_counter()
-        back = remote.numpy()
-        t2 = time.perf_counter()
-        if i == 0:
+        value = call()
+        if keep:
+            times[name].append(time.perf_counter() - t0)
+        return value
+
+    for index in range(args.reps + 1):
+        keep = index > 0
+        timed("floor_send", lambda: raw.send(b"S"), keep)
+        timed("floor_send_fresh", lambda: raw.send(b"N"), keep)
+        timed("floor_send_file", lambda: raw.send(b"F"), keep)
+        timed("floor_recv", lambda: raw.recv(fresh=False), keep)
+        timed("floor_recv_fresh", lambda: raw.recv(fresh=True), keep)
+
+        timed("tether_upload_file", lambda: tsess.upload(blob_path, "blob.bin"), keep)
+        timed("tether_upload_bytes", lambda: tsess.upload(data, "blob2.bin"), keep)
+        remote = timed("tether_h2d", lambda: tsess.tensor(arr), keep)
+        back = timed("tether_d2h", remote.numpy, keep)
+        if index == 0:
+            assert tsess.download("blob.bin") == data and tsess.download("blob2.bin") == data
             assert np.array_equal(back, arr)
-        else:
-            h2d.append(t1 - t0)
-            d2h.append(t2 - t1)
-    out["h2d"] = throughput(h2d, arr.nbytes)
-    out["d2h"] = throughput(d2h, arr.nbytes)
-    return out
+        remote.free()
+        back = remote = None
 
-
-def tvm_addone_only(port: int, key: str, args: argparse.Namespace) -> dict[str, Any]:
-    saved = args.tvm_bulk
-    args.tvm_bulk = False
-    try:
-        return bench_tvm_direct(port, key, args, Path(), None)
-    finally:
-        args.tvm_bulk = saved
+        if tvm is not None and index <= args.tvm_reps:
+            timed("tvm_upload", lambda: tvm.sess.upload(tvm_data, "blob.bin"), keep)
+            remote = timed("tvm_h2d", lambda: tvm_mod.runtime.tensor(arr, tvm.dev), keep)
+            back = timed("tvm_d2h", remote.numpy, keep)
+            if index == 0:
+                assert tvm.sess.download("blob.bin") == tvm_data
+                assert np.array_equal(back, arr)
+            back = remote = None
+    return {name: throughput(seconds, arr.nbytes) for name, seconds in times.items()}
 
 
 # -- 2. request to first call --------------------------------------------------------------------
 
 
-def first_call_tether(tracker: Proc, server: Proc, key: str, runs: int, idle: bool) -> dict[str, Any]:
+def first_call(tracker: Proc, server: Proc | None, key: str, *, runs: int, client: str, idle: bool) -> dict[str, Any]:
+    """``connect_tracker`` -> ``request`` -> first call, ``runs`` times after one untimed run (one-time costs:
+    imports here, the first grant there). Before each: the tracker lists the server free; with ``idle``
+    the server's processes have stopped using CPU too (its spare worker is ready)."""
     import tether
 
     samples, request = [], []
     for i in range(runs + 1):
         wait_free(tracker.port, key)
-        if idle:
+        if idle and server is not None:
             wait_quiet(server.pid)
         gc.collect()
-        t0 = time.perf_counter()
-        with tether.connect_tracker(HOST, tracker.port) as client:
-            sess = client.request(key, session_timeout=60, timeout=30)
-            t1 = time.perf_counter()
-            sess.ping()
-            t2 = time.perf_counter()
-            sess.close()
-        if i:  # the first run pays one-time costs (imports here and there)
-            samples.append(t2 - t0)
-            request.append(t1 - t0)
-    return {"first_call_ms": latency(samples, 1e3), "request_ms": latency(request, 1e3)}
-
-
-def first_call_tvm(tracker: Proc, key: str, runs: int) -> dict[str, Any]:
-    from tvm import rpc
-
-    samples, request = [], []
-    for i in range(runs + 1):
-        wait_free(tracker.port, key)
-        gc.collect()
-        t0 = time.perf_counter()
-        client = rpc.connect_tracker(HOST, tracker.port)
-        sess = client.request(key, session_timeout=60)
-        t1 = time.perf_counter()
-        assert sess.get_function("rpc.test.addone")(1) == 2
-        t2 = time.perf_counter()
-        del sess
-        client.close()
-        gc.collect()
+        if client == "tether":
+            t0 = time.perf_counter()
+            with tether.connect_tracker(HOST, tracker.port) as conn:
+                sess = conn.request(key, session_timeout=60, timeout=30)
+                t1 = time.perf_counter()
+                sess.ping()
+                t2 = time.perf_counter()
+                sess.close()
+        else:
+            t0, t1, t2 = _first_call_tvm(tracker.port, key)
         if i:
             samples.append(t2 - t0)
             request.append(t1 - t0)
-    return {"first_call_ms": latency(samples, 1e3), "request_ms": latency(request, 1e3)}
+    return {"first_call_ms": latency(samples, 1e3), "request_ms": latency(request, 1e3), "runs": runs}
+
+
+def _first_call_tvm(port: int, key: str) -> tuple[float, float, float]:
+    from tvm import rpc
+
+    t0 = time.perf_counter()
+    conn = rpc.connect_tracker(HOST, port)
+    sess = conn.request(key, session_timeout=60)
+    t1 = time.perf_counter()
+    if sess.get_function("rpc.test.addone")(1) != 2:
+        raise RuntimeError("rpc.test.addone(1) != 2")
+    t2 = time.perf_counter()
+    sess = None
+    conn.close()
+    gc.collect()
+    return t0, t1, t2
 
 
 # -- 5. a real model -----------------------------------------------------------------------------
 
 
-def bench_model_tether(port: int, key: str, args: argparse.Namespace, bandwidth: dict[str, Any]) -> dict[str, Any]:
+def _model_input(proto: Any) -> tuple[str, Any]:
+    import numpy as np
+
+    (graph_input,) = proto.graph.input
+    shape = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+    return graph_input.name, np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+
+def _transfer_ms(in_bytes: int, out_bytes: int, h2d: dict[str, Any], d2h: dict[str, Any]) -> float:
+    return (in_bytes / (h2d["mib_s"] * MIB) + out_bytes / (d2h["mib_s"] * MIB)) * 1e3
+
+
+def bench_model_tether(tsess: Any, args: argparse.Namespace, bulk: dict[str, Any]) -> dict[str, Any]:
+    """SqueezeNet: local onnxruntime and tether's remote run, alternating, the same options on both."""
     import numpy as np
     import onnxruntime as ort
 
-    import tether
     from tether.models import light_model
 
     proto = light_model("squeezenet")
     model_bytes = proto.SerializeToString()
-    (graph_input,) = proto.graph.input
-    shape = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    name = graph_input.name
-
-    local = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    name, x = _model_input(proto)
+    options = {"intra_op_num_threads": args.ort_threads} if args.ort_threads else {}
+    so = ort.SessionOptions()
+    for option, value in options.items():
+        setattr(so, option, value)
+    local = ort.InferenceSession(model_bytes, sess_options=so, providers=["CPUExecutionProvider"])
     (expected,) = local.run(None, {name: x})
-    local_s = time_calls(lambda: local.run(None, {name: x}), args.model_runs, 5)
-    local = None
 
-    out: dict[str, Any] = {"model": "squeezenet (light, seeded random weights)", "input": name, "shape": shape}
-    with tether.connect(HOST, port, key=key, session_timeout=600) as sess:
-        sess.upload(model_bytes, "squeezenet.onnx")
-        model = sess.load_model("squeezenet.onnx")
-        (got,) = model.run({name: x}).values()
-        assert np.allclose(got, expected, rtol=1e-4, atol=1e-6), "remote output differs from local"
-        device_s: list[float] = []
-
-        def remote_run() -> None:
-            model.run({name: x})
+    tsess.upload(model_bytes, "squeezenet.onnx")
+    model = tsess.load_model("squeezenet.onnx", **options)
+    (got,) = model.run({name: x}).values()
+    if not np.allclose(got, expected, rtol=1e-4, atol=1e-6):
+        raise AssertionError("the remote output differs from the local one")
+    local_s: list[float] = []
+    remote_s: list[float] = []
+    device_s: list[float] = []
+    for i in range(args.model_runs + 5):
+        t0 = time.perf_counter()
+        local.run(None, {name: x})
+        t1 = time.perf_counter()
+        model.run({name: x})
+        t2 = time.perf_counter()
+        if i >= 5:
+            local_s.append(t1 - t0)
+            remote_s.append(t2 - t1)
             device_s.append(model.last_run_s or 0.0)
+    bench = model.benchmark({name: x}, number=1, repeat=args.model_runs, warmup=5)
+    model.close()
 
-        remote_s = time_calls(remote_run, args.model_runs, 5)
-        device_s = device_s[5:]
-        bench = model.benchmark({name: x}, number=1, repeat=args.model_runs, warmup=2)
-        model.close()
-    in_bytes, out_bytes = x.nbytes, expected.nbytes
-    transfer_s = in_bytes / (bandwidth["h2d"]["mib_s"] * MIB) + out_bytes / (bandwidth["d2h"]["mib_s"] * MIB)
-    local_ms = statistics.median(local_s) * 1e3
-    remote_ms = statistics.median(remote_s) * 1e3
-    out.update(
-        {
-            "input_bytes": in_bytes,
-            "output_bytes": out_bytes,
-            "local_ms": latency(local_s, 1e3),
-            "remote_ms": latency(remote_s, 1e3),
-            "device_run_ms": latency(device_s, 1e3),
-            "device_benchmark_ms": latency(bench.samples, 1e3),
-            "transfer_estimate_ms": transfer_s * 1e3,
-            "overhead_ms": remote_ms - (local_ms + transfer_s * 1e3),
-            "overhead_vs_device_ms": remote_ms - (statistics.median(device_s) * 1e3 + transfer_s * 1e3),
-        }
-    )
-    return out
+    transfer = _transfer_ms(x.nbytes, expected.nbytes, bulk["tether_h2d"], bulk["tether_d2h"])
+    local_ms, remote_ms = statistics.median(local_s) * 1e3, statistics.median(remote_s) * 1e3
+    return {
+        "model": "squeezenet (onnx light model, seeded random weights)",
+        "ort_options": options or "onnxruntime's defaults",
+        "input": name,
+        "input_bytes": x.nbytes,
+        "output_bytes": expected.nbytes,
+        "local_ms": latency(local_s, 1e3),
+        "remote_ms": latency(remote_s, 1e3),
+        "device_run_ms": latency(device_s, 1e3),
+        "device_benchmark_ms": latency(bench.samples, 1e3),
+        "transfer_estimate_ms": transfer,
+        "overhead_ms": remote_ms - (local_ms + transfer),
+        "overhead_vs_device_run_ms": remote_ms - (statistics.median(device_s) * 1e3 + transfer),
+    }
 
 
-def compile_tvm_model(workdir: Path) -> tuple[Path, Any]:
+def compile_tvm_model(workdir: Path) -> Path:
     """SqueezeNet through ``from_onnx`` and ``tvm.compile`` (llvm, default pipeline): the library's path."""
-    import numpy as np
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
     from tether.models import light_model
 
-    proto = light_model("squeezenet")
-    (graph_input,) = proto.graph.input
-    shape = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    executable = tvm.compile(from_onnx(proto), target=tvm.target.Target({"kind": "llvm"}))
+    executable = tvm.compile(from_onnx(light_model("squeezenet")), target=tvm.target.Target({"kind": "llvm"}))
     path = workdir / "squeezenet_tvm.so"
     executable.export_library(str(path))
-    return path, x
+    return path
 
 
 def bench_model_tvm(
-    ports: dict[str, int], key: str, args: argparse.Namespace, bandwidth: dict[str, Any], workdir: Path
+    tvm: TvmClient, tsess: Any, args: argparse.Namespace, bulk: dict[str, Any], workdir: Path
 ) -> dict[str, Any]:
-    """The TVM-compiled SqueezeNet: locally, through TVM's server (its own client) and tether's (tvm backend)."""
+    """The TVM-compiled SqueezeNet: locally, through TVM's server (its client, a Relax VM over RPC) and
+    through tether's (its tvm backend), alternating."""
     import numpy as np
-    import tvm
+    import tvm as tvm_mod
     from tvm import relax
 
-    import tether
+    from tether.models import light_model
 
     t0 = time.perf_counter()
-    lib_path, x = compile_tvm_model(workdir)
+    lib_path = compile_tvm_model(workdir)
     out: dict[str, Any] = {"compile_s": time.perf_counter() - t0, "library_bytes": lib_path.stat().st_size}
-    runs = args.tvm_model_runs
+    _, x = _model_input(light_model("squeezenet"))
 
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
-    expected = vm["main"](tvm.runtime.tensor(x)).numpy()
-    local_s = time_calls(lambda: vm["main"](tvm.runtime.tensor(x)).numpy(), runs, 1)
-    vm = None
+    vm = relax.VirtualMachine(tvm_mod.runtime.load_module(str(lib_path)), tvm_mod.cpu())
+    expected = vm["main"](tvm_mod.runtime.tensor(x)).numpy()
 
-    sess = tvm_connect(ports["tvm"], key)
-    try:
-        remote_s, device_s = _tvm_remote_model(sess, lib_path, x, expected, runs)
-    finally:
-        sess = None
-        gc.collect()
+    tvm.sess.upload(str(lib_path))
+    rvm = relax.VirtualMachine(tvm.sess.load_module(lib_path.name), tvm.dev)
+    tsess.upload(lib_path, lib_path.name)
+    model = tsess.load_model(lib_path.name)
+    feed = {model.input_names[0]: x}
 
-    with tether.connect(HOST, ports["tether"], key=key, session_timeout=600) as tsess:
-        tsess.upload(lib_path, lib_path.name)
-        model = tsess.load_model(lib_path.name)
-        (got,) = model.run({model.input_names[0]: x}).values()
-        assert np.allclose(got.reshape(expected.shape), expected, rtol=1e-4, atol=1e-6)
-        tether_device: list[float] = []
+    runs: dict[str, Callable[[], Any]] = {
+        "local": lambda: vm["main"](tvm_mod.runtime.tensor(x)).numpy(),
+        "tvm_server": lambda: rvm["main"](tvm_mod.runtime.tensor(x, tvm.dev)).numpy(),
+        "tether_server": lambda: next(iter(model.run(feed).values())),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    tether_device: list[float] = []
+    for i in range(args.tvm_model_runs + 1):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            got = run()
+            elapsed = time.perf_counter() - t0
+            if i == 0:
+                assert np.allclose(got.reshape(expected.shape), expected, rtol=1e-4, atol=1e-6), name
+            else:
+                samples[name].append(elapsed)
+                if name == "tether_server":
+                    tether_device.append(model.last_run_s or 0.0)
+    device = rvm.time_evaluator("main", tvm.dev, number=1, repeat=args.tvm_model_runs)(
+        tvm_mod.runtime.tensor(x, tvm.dev)
+    )
+    model.close()
+    rvm = vm = None
+    gc.collect()
 
-        def tether_run() -> None:
-            model.run({model.input_names[0]: x})
-            tether_device.append(model.last_run_s or 0.0)
-
-        tether_s = time_calls(tether_run, runs, 0)
-        model.close()
-
-    def transfer_ms(bw: dict[str, Any]) -> float:
-        return (x.nbytes / (bw["h2d"]["mib_s"] * MIB) + expected.nbytes / (bw["d2h"]["mib_s"] * MIB)) * 1e3
-
-    local_ms = statistics.median(local_s) * 1e3
-    for label, samples, device_samples, bw in (
-        ("tvm_server", remote_s, device_s, bandwidth["tvm"]),
-        ("tether_server", tether_s, tether_device, bandwidth["tether"]),
+    local_ms = statistics.median(samples["local"]) * 1e3
+    out["local_ms"] = latency(samples["local"], 1e3)
+    for name, device_samples, prefix in (
+        ("tvm_server", list(device.results), "tvm"),
+        ("tether_server", tether_device, "tether"),
     ):
-        remote_ms = statistics.median(samples) * 1e3
-        out[label] = {
-            "remote_ms": latency(samples, 1e3),
+        transfer = _transfer_ms(x.nbytes, expected.nbytes, bulk[f"{prefix}_h2d"], bulk[f"{prefix}_d2h"])
+        out[name] = {
+            "remote_ms": latency(samples[name], 1e3),
             "device_run_ms": latency(device_samples, 1e3),
-            "transfer_estimate_ms": transfer_ms(bw),
-            "overhead_ms": remote_ms - (local_ms + transfer_ms(bw)),
+            "transfer_estimate_ms": transfer,
+            "overhead_ms": statistics.median(samples[name]) * 1e3 - (local_ms + transfer),
         }
-    out["local_ms"] = latency(local_s, 1e3)
     out["note"] = "TVM's default llvm pipeline, untuned: slow kernels; the overhead, not the run time, is the point"
     return out
-
-
-def _tvm_remote_model(sess: Any, lib_path: Path, x: Any, expected: Any, runs: int) -> tuple[list[float], list[float]]:
-    import numpy as np
-    import tvm
-    from tvm import relax
-
-    sess.upload(str(lib_path))
-    dev = sess.cpu()
-    rvm = relax.VirtualMachine(sess.load_module(lib_path.name), dev)
-
-    def remote_run() -> Any:
-        return rvm["main"](tvm.runtime.tensor(x, dev)).numpy()
-
-    assert np.allclose(remote_run(), expected, rtol=1e-4, atol=1e-6)
-    remote_s = time_calls(remote_run, runs, 0)
-    device = rvm.time_evaluator("main", dev, number=1, repeat=runs)(tvm.runtime.tensor(x, dev))
-    return remote_s, list(device.results)
 
 
 # -- the run -------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     import numpy as np
     import onnxruntime
     import psutil
@@ -683,102 +704,120 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     import tether
 
-    report: dict[str, Any] = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": {
-            "cpus": os.cpu_count(),
-            "cpus_usable": len(os.sched_getaffinity(0)),
-            "memory_gib": psutil.virtual_memory().total / (1 << 30),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "tvm": tvm.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "numpy": np.__version__,
-            "tether": tether.__version__,
-        },
+    return {
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "load_average": os.getloadavg(),
+        "memory_gib": psutil.virtual_memory().total / (1 << 30),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "tvm": tvm.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "tether": tether.__version__,
     }
+
+
+def phase_direct(report: dict[str, Any], args: argparse.Namespace, workdir: Path, key: str) -> None:
+    """1, 3, 4, 5: direct sessions, every server up at once, the clients measured in turn."""
+    import numpy as np
+
+    import tether
+
     nbytes = args.mib * MIB
     arr = np.random.default_rng(1).standard_normal(nbytes // 4, dtype=np.float32)
-    key = f"bench{random.randint(0, 10**6)}"
-    with tempfile.TemporaryDirectory(prefix="session-bench-") as tmp:
-        workdir = Path(tmp)
-        blob_path = workdir / "blob.bin"
-        blob_path.write_bytes(arr.tobytes())
-
-        print("== direct sessions: floor, tether server, TVM rpc_server", flush=True)
-        with floor_server() as floor:
-            report["floor"] = bench_floor(floor.port, args.calls, args.calls // 5, nbytes)
-        f = report["floor"]
-        print(
-            f"  raw floor: echo 1 B p50 {f['echo_1B_us']['p50']:.1f} us, send {f['send']['mib_s']:.0f} MiB/s, "
-            f"receive {f['recv']['mib_s']:.0f} MiB/s",
-            flush=True,
-        )
-        with tether_server(key) as server:
-            wait_quiet(server.pid)
-            t = report["tether"] = bench_tether_direct(server.port, key, args, blob_path, arr)
+    blob_path = workdir / "blob.bin"
+    blob_path.write_bytes(arr.tobytes())
+    print("== direct sessions: raw floor, tether server, TVM rpc_server", flush=True)
+    with (
+        floor_server(workdir / "floor-upload.bin") as floor,
+        tether_server(key, slots=2) as tserver,  # slot 2: a TVM client beside tether's own
+        tvm_server(key) as vserver,
+    ):
+        raw = RawClient(floor.port, nbytes)
+        tsess = tether.connect(HOST, tserver.port, key=key, session_timeout=3600)
+        tvm = TvmClient(vserver.port, key)
+        tvm_on_tether = TvmClient(tserver.port, key)
+        try:
+            tsess.ping()
+            wait_quiet(tserver.pid)
+            calls = {
+                "raw_1B": raw.echo(1),
+                "raw_32B": raw.echo(32),
+                "tether_ping": tsess.ping,
+                "tvm_addone": tvm.call,
+                "tvm_client_on_tether_addone": tvm_on_tether.call,
+            }
+            e = report["empty_call_us"] = bench_empty_calls(calls, args.calls, args.rounds)
+            tvm_on_tether.close()
             print(
-                f"  tether: ping p50 {t['ping_us']['p50']:.1f} us, upload {t['upload_file']['mib_s']:.0f} MiB/s, "
-                f"h2d {t['h2d']['mib_s']:.0f} MiB/s, d2h {t['d2h']['mib_s']:.0f} MiB/s",
+                "  empty call p50 us: "
+                + ", ".join(f"{name} {r['p50']:.1f} (best round {r['best_round_p50']:.1f})" for name, r in e.items()),
                 flush=True,
             )
-            wait_quiet(server.pid)
-            report["tvm_client_on_tether"] = tvm_addone_only(server.port, key, args)
-            print(
-                f"  TVM client on tether's server: addone p50 {report['tvm_client_on_tether']['addone_us']['p50']:.1f} us",
-                flush=True,
+            b = report["bulk_mib_s"] = bench_bulk(
+                raw, tsess, tvm if args.tvm_bulk else None, blob_path=blob_path, arr=arr, args=args
             )
-            wait_quiet(server.pid)
-            m = report["model"] = bench_model_tether(server.port, key, args, report["tether"])
+            print("  MiB/s: " + ", ".join(f"{name} {r['mib_s']:.0f}" for name, r in b.items()), flush=True)
+            wait_quiet(tserver.pid)
+            m = report["model"] = bench_model_tether(tsess, args, b)
             print(
-                f"  tether SqueezeNet: local {m['local_ms']['p50']:.2f} ms, remote {m['remote_ms']['p50']:.2f} ms, "
+                f"  SqueezeNet (onnxruntime): local {m['local_ms']['p50']:.2f} ms, remote {m['remote_ms']['p50']:.2f} ms, "
                 f"device {m['device_run_ms']['p50']:.2f} ms, transfer {m['transfer_estimate_ms']:.2f} ms, "
                 f"overhead {m['overhead_ms']:.2f} ms",
                 flush=True,
             )
-            with tvm_server(key) as tserver:
-                wait_quiet(tserver.pid)
-                v = report["tvm"] = bench_tvm_direct(tserver.port, key, args, blob_path, arr)
-                if args.tvm_bulk:
+            if args.tvm_model and args.tvm_bulk:
+                try:
+                    tm = report["tvm_model"] = bench_model_tvm(tvm, tsess, args, b, workdir)
                     print(
-                        f"  TVM: addone p50 {v['addone_us']['p50']:.1f} us, upload {v['upload_bytes']['mib_s']:.0f} MiB/s, "
-                        f"h2d {v['h2d']['mib_s']:.0f} MiB/s, d2h {v['d2h']['mib_s']:.0f} MiB/s",
+                        f"  SqueezeNet (TVM-compiled): local {tm['local_ms']['p50']:.1f} ms, through TVM's server "
+                        f"{tm['tvm_server']['remote_ms']['p50']:.1f} ms, through tether's "
+                        f"{tm['tether_server']['remote_ms']['p50']:.1f} ms",
                         flush=True,
                     )
-                if args.tvm_model and args.tvm_bulk:
-                    try:
-                        wait_quiet(server.pid)
-                        tm = report["tvm_model"] = bench_model_tvm(
-                            {"tvm": tserver.port, "tether": server.port}, key, args, {"tvm": v, "tether": t}, workdir
-                        )
-                        print(
-                            f"  TVM-compiled SqueezeNet: local {tm['local_ms']['p50']:.1f} ms, through TVM's server "
-                            f"{tm['tvm_server']['remote_ms']['p50']:.1f} ms, through tether's "
-                            f"{tm['tether_server']['remote_ms']['p50']:.1f} ms",
-                            flush=True,
-                        )
-                    except Exception as exc:  # optional: a compiler or runtime hiccup must not lose the rest
-                        report["tvm_model"] = {"skipped": f"{type(exc).__name__}: {exc}"}
-                        print(f"  TVM-compiled SqueezeNet skipped: {exc}", flush=True)
+                except Exception as exc:  # optional: a compiler or runtime hiccup must not lose the rest
+                    report["tvm_model"] = {"skipped": f"{type(exc).__name__}: {exc}"}
+                    print(f"  SqueezeNet (TVM-compiled) skipped: {type(exc).__name__}: {exc}", flush=True)
+        finally:
+            tsess.close()
+            tvm.close()
+            tvm_on_tether.close()
+            raw.close()
+    blob_path.unlink()
 
-        print("== request-to-first-call through a tracker", flush=True)
-        with tether_tracker() as tracker, tether_server(key, tracker.port) as server:
-            wait_free(tracker.port, key)
-            wait_quiet(server.pid)
-            fc: dict[str, Any] = {}
-            fc["tether_back_to_back"] = first_call_tether(tracker, server, key, args.runs, idle=False)
-            fc["tether_idle"] = first_call_tether(tracker, server, key, args.runs, idle=True)
-            wait_quiet(server.pid)
-            fc["tvm_client_tether_stack"] = first_call_tvm(tracker, key, args.runs)
-        with tvm_tracker() as tracker, tvm_server(key, tracker.port):
-            fc["tvm_stack"] = first_call_tvm(tracker, key, args.runs)
-        report["first_call"] = fc
-        for label, r in fc.items():
-            print(
-                f"  {label:26s} p50 {r['first_call_ms']['p50']:8.2f} ms  p90 {r['first_call_ms']['p90']:8.2f} ms",
-                flush=True,
-            )
+
+def phase_first_call(report: dict[str, Any], args: argparse.Namespace, key: str) -> None:
+    print("== request-to-first-call through a tracker", flush=True)
+    fc: dict[str, Any] = {}
+    with tether_tracker() as tracker, tether_server(key, tracker.port) as server:
+        wait_free(tracker.port, key)
+        wait_quiet(server.pid)
+        for client in ("tether", "tvm"):
+            for idle in (False, True):
+                label = f"{client}_client_tether_stack_{'idle' if idle else 'back_to_back'}"
+                fc[label] = first_call(tracker, server, key, runs=args.runs, client=client, idle=idle)
+    with tvm_tracker() as tracker, tvm_server(key, tracker.port):
+        fc["tvm_client_tvm_stack"] = first_call(tracker, None, key, runs=args.runs, client="tvm", idle=False)
+    report["first_call"] = fc
+    for label, r in fc.items():
+        print(
+            f"  {label:42s} p50 {r['first_call_ms']['p50']:8.2f} ms  p90 {r['first_call_ms']['p90']:8.2f} ms",
+            flush=True,
+        )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    report: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine_info(),
+    }
+    key = f"bench{random.randint(0, 10**6)}"
+    with tempfile.TemporaryDirectory(prefix="session-bench-") as tmp:
+        phase_direct(report, args, Path(tmp), key)
+    phase_first_call(report, args, key)
+    report["machine"]["load_average_end"] = os.getloadavg()
     return report
 
 
@@ -804,130 +843,127 @@ def _target(ok: bool, text: str) -> str:
 
 
 def rows(report: dict[str, Any], args: argparse.Namespace) -> list[Row]:
-    fl, te, tv = report["floor"], report["tether"], report.get("tvm", {})
+    e, b, fc = report["empty_call_us"], report["bulk_mib_s"], report["first_call"]
     out: list[Row] = []
+    raw, ping, addone = e["raw_1B"], e["tether_ping"], e["tvm_addone"]
     for p in ("p50", "p90"):
-        ratio = te["ping_us"][p] / fl["echo_1B_us"][p]
         out.append(
             Row(
-                f"1. empty call {p} us (ping / addone / 1 B echo)",
-                tv["addone_us"][p],
-                te["ping_us"][p],
-                fl["echo_1B_us"][p],
-                _x(te["ping_us"][p], fl["echo_1B_us"][p], "raw"),
-                _target(ratio <= 1.3, "<= 1.3x raw") if p == "p50" else "",
+                f"1. empty call {p} us (addone | ping | 1 B echo)",
+                addone[p],
+                ping[p],
+                raw[p],
+                _x(ping[p], raw[p], "raw"),
+                _target(ping[p] / raw[p] <= 1.3, "<= 1.3x raw") if p == "p50" else "",
             )
         )
-    tc = report["tvm_client_on_tether"]["addone_us"]
     out.append(
         Row(
-            "   TVM client addone p50 us: TVM's server | tether's",
-            tv["addone_us"]["p50"],
-            tc["p50"],
-            fl["echo_1B_us"]["p50"],
-            _x(tc["p50"], tv["addone_us"]["p50"], "TVM"),
+            "   same, best round's p50 us",
+            addone["best_round_p50"],
+            ping["best_round_p50"],
+            raw["best_round_p50"],
+            _x(ping["best_round_p50"], raw["best_round_p50"], "raw"),
         )
     )
-    fc = report["first_call"]
-    for p in ("p50", "p90"):
-        b2b = fc["tether_back_to_back"]["first_call_ms"][p]
+    mixed = e["tvm_client_on_tether_addone"]
+    out.append(
+        Row(
+            "   TVM client's addone p50 us: TVM server | tether's",
+            addone["p50"],
+            mixed["p50"],
+            raw["p50"],
+            _x(mixed["p50"], addone["p50"], "TVM"),
+        )
+    )
+    tvm_fc = fc["tvm_client_tvm_stack"]["first_call_ms"]
+    for label, key, p in (
+        ("2. request-to-first-call p50 ms, back to back", "tether_client_tether_stack_back_to_back", "p50"),
+        ("   request-to-first-call p90 ms, back to back", "tether_client_tether_stack_back_to_back", "p90"),
+        ("   request-to-first-call p50 ms, idle server", "tether_client_tether_stack_idle", "p50"),
+        ("   request-to-first-call p90 ms, idle server", "tether_client_tether_stack_idle", "p90"),
+    ):
+        value = fc[key]["first_call_ms"][p]
         out.append(
             Row(
-                f"2. request-to-first-call {p} ms (tether: back to back)",
-                fc["tvm_stack"]["first_call_ms"][p],
-                b2b,
+                label,
+                tvm_fc[p],
+                value,
                 None,
-                _x(b2b, fc["tvm_stack"]["first_call_ms"][p], "TVM"),
-                _target(b2b < 20, "< 20 ms") if p == "p50" else "",
+                _x(value, tvm_fc[p], "TVM"),
+                _target(value < 20, "< 20 ms") if p == "p50" else "",
             )
         )
-    idle = fc["tether_idle"]["first_call_ms"]["p50"]
+    for label, key in (
+        ("   TVM client via tether's stack p50 ms, back to back", "tvm_client_tether_stack_back_to_back"),
+        ("   TVM client via tether's stack p50 ms, idle server", "tvm_client_tether_stack_idle"),
+    ):
+        value = fc[key]["first_call_ms"]["p50"]
+        out.append(Row(label, tvm_fc["p50"], value, None, _x(value, tvm_fc["p50"], "TVM")))
+
+    def mib(name: str) -> float | None:
+        return b[name]["mib_s"] if name in b else None
+
+    up = b["tether_upload_file"]["mib_s"]
     out.append(
         Row(
-            "   request-to-first-call p50 ms (tether: idle server)",
-            fc["tvm_stack"]["first_call_ms"]["p50"],
-            idle,
-            None,
-            _x(idle, fc["tvm_stack"]["first_call_ms"]["p50"], "TVM"),
-            _target(idle < 20, "< 20 ms"),
-        )
-    )
-    mixed = fc["tvm_client_tether_stack"]["first_call_ms"]["p50"]
-    out.append(
-        Row(
-            "   TVM client p50 ms: TVM tracker+server | tether's",
-            fc["tvm_stack"]["first_call_ms"]["p50"],
-            mixed,
-            None,
-            _x(mixed, fc["tvm_stack"]["first_call_ms"]["p50"], "TVM"),
-        )
-    )
-    mib = args.mib
-    up = te["upload_file"]["mib_s"]
-    out.append(
-        Row(
-            f"3. upload {mib} MiB, MiB/s (tether: a file)",
-            tv.get("upload_bytes", {}).get("mib_s"),
+            f"3. upload {args.mib} MiB MiB/s (raw: socket to file)",
+            mib("tvm_upload"),
             up,
-            fl["send"]["mib_s"],
-            _x(up, fl["send"]["mib_s"], "raw"),
+            mib("floor_send_file"),
+            _x(up, mib("floor_send_file"), "raw"),
             _target(up >= 1024, ">= 1024 MiB/s"),
         )
     )
+    value = b["tether_upload_bytes"]["mib_s"]
     out.append(
         Row(
-            "   upload from bytes, MiB/s",
-            tv.get("upload_bytes", {}).get("mib_s"),
-            te["upload_bytes"]["mib_s"],
-            fl["send"]["mib_s"],
-            _x(te["upload_bytes"]["mib_s"], fl["send"]["mib_s"], "raw"),
+            "   upload from bytes MiB/s",
+            mib("tvm_upload"),
+            value,
+            mib("floor_send_file"),
+            _x(value, mib("floor_send_file"), "raw"),
         )
     )
-    for direction, floor_key, label in (("h2d", "send", "host-to-device"), ("d2h", "recv", "device-to-host")):
-        out.append(
-            Row(
-                f"4. {label} tensor {mib} MiB, MiB/s",
-                tv.get(direction, {}).get("mib_s"),
-                te[direction]["mib_s"],
-                fl[floor_key]["mib_s"],
-                _x(te[direction]["mib_s"], fl[floor_key]["mib_s"], "raw"),
-            )
-        )
+    for label, name, floor in (
+        (f"4. host-to-device {args.mib} MiB MiB/s (raw: fresh memory)", "h2d", "floor_send_fresh"),
+        (f"   device-to-host {args.mib} MiB MiB/s (raw: fresh memory)", "d2h", "floor_recv_fresh"),
+    ):
+        value = b[f"tether_{name}"]["mib_s"]
+        out.append(Row(label, mib(f"tvm_{name}"), value, mib(floor), _x(value, mib(floor), "raw")))
+    out.append(Row("   raw socket only (reused buffer): send MiB/s", None, None, mib("floor_send")))
+    out.append(Row("   raw socket only (reused buffer): receive MiB/s", None, None, mib("floor_recv")))
+
     m = report["model"]
     tm = report.get("tvm_model", {})
     has_tvm = "local_ms" in tm
+
+    def tv(*path: str) -> float | None:
+        if not has_tvm:
+            return None
+        value: Any = tm["tvm_server"]
+        for part in path:
+            value = value[part]
+        return float(value)
+
     out.append(
         Row(
-            "5. SqueezeNet local run p50 ms (TVM-compiled | ORT)",
+            "5. SqueezeNet local p50 ms (TVM-compiled | onnxruntime)",
             tm["local_ms"]["p50"] if has_tvm else None,
             m["local_ms"]["p50"],
         )
     )
+    out.append(Row("   remote round trip p50 ms", tv("remote_ms", "p50"), m["remote_ms"]["p50"]))
     out.append(
-        Row(
-            "   remote round trip p50 ms",
-            tm["tvm_server"]["remote_ms"]["p50"] if has_tvm else None,
-            m["remote_ms"]["p50"],
-        )
+        Row("   device run p50 ms (time_evaluator | last_run_s)", tv("device_run_ms", "p50"), m["device_run_ms"]["p50"])
     )
     out.append(
-        Row(
-            "   device run p50 ms (time_evaluator | last_run_s)",
-            tm["tvm_server"]["device_run_ms"]["p50"] if has_tvm else None,
-            m["device_run_ms"]["p50"],
-        )
-    )
-    out.append(
-        Row(
-            "   transfer estimate ms (bytes / bandwidth of 4.)",
-            tm["tvm_server"]["transfer_estimate_ms"] if has_tvm else None,
-            m["transfer_estimate_ms"],
-        )
+        Row("   transfer estimate ms (bytes / bandwidth of 4.)", tv("transfer_estimate_ms"), m["transfer_estimate_ms"])
     )
     out.append(
         Row(
             "   overhead ms = remote - (local + transfer)",
-            tm["tvm_server"]["overhead_ms"] if has_tvm else None,
+            tv("overhead_ms"),
             m["overhead_ms"],
             None,
             "",
@@ -938,16 +974,16 @@ def rows(report: dict[str, Any], args: argparse.Namespace) -> list[Row]:
         ts = tm["tether_server"]
         out.append(
             Row(
-                "   TVM-compiled on tether's server: remote p50 ms",
-                tm["tvm_server"]["remote_ms"]["p50"],
+                "   TVM-compiled, remote p50 ms: TVM server | tether's",
+                tv("remote_ms", "p50"),
                 ts["remote_ms"]["p50"],
                 None,
-                _x(ts["remote_ms"]["p50"], tm["tvm_server"]["remote_ms"]["p50"], "TVM"),
+                _x(ts["remote_ms"]["p50"], tv("remote_ms", "p50"), "TVM"),
             )
         )
-        out.append(
-            Row("   TVM-compiled on tether's server: overhead ms", tm["tvm_server"]["overhead_ms"], ts["overhead_ms"])
-        )
+        out.append(Row("   TVM-compiled, overhead ms: TVM server | tether's", tv("overhead_ms"), ts["overhead_ms"]))
+    elif "skipped" in tm:
+        out.append(Row(f"   TVM-compiled model skipped: {tm['skipped'][:60]}", None, None))
     return out
 
 
@@ -957,33 +993,42 @@ def print_table(table: list[Row]) -> None:
             return "-"
         return f"{v:.1f}" if abs(v) >= 100 else f"{v:.2f}"
 
+    width = max(len(r.metric) for r in table)
     print()
-    print(f"{'metric':56s} {'TVM 0.27':>10s} {'tether':>10s} {'raw floor':>10s} {'ratio':>14s}  target")
+    print(f"{'metric':{width}s} {'TVM 0.27':>10s} {'tether':>10s} {'raw floor':>10s} {'ratio':>12s}  target")
     for r in table:
         print(
-            f"{r.metric:56s} {cell(r.tvm):>10s} {cell(r.tether):>10s} {cell(r.floor):>10s} {r.ratio:>14s}  {r.target}"
+            f"{r.metric:{width}s} {cell(r.tvm):>10s} {cell(r.tether):>10s} {cell(r.floor):>10s} {r.ratio:>12s}  {r.target}"
         )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer iterations everywhere (about a minute)")
-    parser.add_argument("--calls", type=int, default=5000, help="timed empty calls per client (default 5000)")
-    parser.add_argument("--runs", type=int, default=20, help="request-to-first-call runs per stack (default 20)")
-    parser.add_argument("--reps", type=int, default=5, help="timed 64 MiB transfers, tether (default 5)")
-    parser.add_argument("--tvm-reps", type=int, default=3, help="timed 64 MiB transfers, TVM: slow (default 3)")
+    parser.add_argument("--calls", type=int, default=20000, help="timed empty calls per client (default 20000)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds the empty calls are split into (default 10)")
+    parser.add_argument("--runs", type=int, default=10, help="request-to-first-call runs per case (default 10)")
+    parser.add_argument("--reps", type=int, default=5, help="timed transfers per kind, tether and floor (default 5)")
+    parser.add_argument("--tvm-reps", type=int, default=2, help="timed transfers per kind, TVM: slow (default 2)")
     parser.add_argument("--mib", type=int, default=64, help="size of uploads and tensors in MiB (default 64)")
     parser.add_argument("--model-runs", type=int, default=100, help="timed SqueezeNet runs, local and remote")
+    parser.add_argument(
+        "--ort-threads",
+        type=int,
+        default=1,
+        help="onnxruntime intra-op threads, local and remote alike (default 1: stable on a small, shared machine; "
+        "0: onnxruntime's default, one per core)",
+    )
     parser.add_argument("--tvm-model-runs", type=int, default=3, help="timed runs of the TVM-compiled model")
     parser.add_argument("--no-tvm-model", dest="tvm_model", action="store_false", help="skip the TVM-compiled model")
     parser.add_argument(
-        "--no-tvm-bulk", dest="tvm_bulk", action="store_false", help="skip TVM's uploads and tensors (slow)"
+        "--no-tvm-bulk", dest="tvm_bulk", action="store_false", help="skip TVM's uploads and tensors (and its model)"
     )
     parser.add_argument("--json", type=Path, default=None, help="where to write the results (default bench/results/)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.calls, args.runs, args.reps, args.tvm_reps = 1000, 5, 2, 1
-        args.model_runs, args.tvm_model_runs = 30, 2
+        args.calls, args.rounds, args.runs, args.reps, args.tvm_reps = 4000, 4, 4, 2, 1
+        args.model_runs, args.tvm_model_runs = 30, 1
     started = time.perf_counter()
     report = run(args)
     report["total_s"] = time.perf_counter() - started

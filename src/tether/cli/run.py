@@ -9,15 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TetherError
+from ._args import label
 
 __all__ = ["add_parser", "describe_array", "run"]
-
-
-def _label(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"labels are name=value, not {text!r}")
-    return name, value
 
 
 def add_parser(sub: Any) -> None:
@@ -25,7 +19,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("model", type=Path, help="model file (.onnx, a TVM library .so/.tar, a reference .json)")
     p.add_argument("--tracker", default=None, help="HOST:PORT (default: TVM_TRACKER_HOST/PORT, else 127.0.0.1:9190)")
     p.add_argument("--key", required=True, help="device key to request")
-    p.add_argument("--label", action="append", type=_label, default=[], metavar="K=V", help="required label")
+    p.add_argument("--label", action="append", type=label, default=[], metavar="K=V", help="required label")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--input", type=Path, default=None, help=".npz of inputs by name")
     source.add_argument(

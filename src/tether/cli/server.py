@@ -14,15 +14,9 @@ from typing import Any
 
 from ..aio.net import format_hostport, parse_hostport
 from ..errors import ConfigError
+from ._args import label
 
 __all__ = ["add_parser", "run"]
-
-
-def _label(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"labels are name=value, not {text!r}")
-    return name, value
 
 
 def add_parser(sub: Any) -> None:
@@ -45,7 +39,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--label",
         action="append",
-        type=_label,
+        type=label,
         default=[],
         metavar="K=V",
         help="a label clients can ask for (repeatable)",

@@ -105,6 +105,13 @@ class Backend(Protocol):
 # -- helpers the backends share ------------------------------------------------------------------
 
 
+def check_options(backend: str, options: Mapping[str, Any], known: Iterable[str]) -> None:
+    """Refuse option names a backend does not know (a typo must not be ignored silently)."""
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise BackendError(f"unknown {backend} options {unknown}; known: {', '.join(sorted(known))}")
+
+
 def module_installed(module: str) -> bool:
     """Whether the top-level ``module`` can be imported, without importing it."""
     try:

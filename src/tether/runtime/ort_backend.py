@@ -23,6 +23,7 @@ from .base import (
     TensorSpec,
     check_feed,
     check_input,
+    check_options,
     input_spec,
     numpy_to_raw,
     numpy_view,
@@ -137,9 +138,7 @@ class OnnxRuntimeBackend:
         return runtime_version("onnxruntime", _DISTRIBUTIONS)
 
     def load(self, path: str, options: Mapping[str, Any]) -> OnnxRuntimeModel:
-        unknown = sorted(set(options) - _OPTIONS)
-        if unknown:
-            raise BackendError(f"unknown onnxruntime options {unknown}; known: {', '.join(sorted(_OPTIONS))}")
+        check_options("onnxruntime", options, _OPTIONS)
         try:
             import onnxruntime as ort
         except ImportError as exc:

@@ -36,6 +36,7 @@ from .base import (
     TensorSpec,
     check_feed,
     check_input,
+    check_options,
     input_spec,
     numpy_to_raw,
     numpy_view,
@@ -289,9 +290,7 @@ class TVMBackend:
         return runtime_version("tvm", _DISTRIBUTIONS)
 
     def load(self, path: str, options: Mapping[str, Any]) -> TVMModel:
-        unknown = sorted(set(options) - _OPTIONS)
-        if unknown:
-            raise BackendError(f"unknown tvm options {unknown}; known: {', '.join(sorted(_OPTIONS))}")
+        check_options("tvm", options, _OPTIONS)
         try:
             import tvm
             import tvm.relax
