@@ -414,7 +414,7 @@ class DeviceServer:
                         slot.reserved = True
                         return "", slot
                 return f"key {client.name!r} is not a current matchkey of this server", None
-            if client.name != self.config.key and not self.config.through_proxy:
+            if self.config.key and client.name != self.config.key and not self.config.through_proxy:
                 return f"key {client.name!r} is not this server's key {self.config.key!r}", None
             for slot in self._slots:
                 if not slot.session and not slot.reserved:
