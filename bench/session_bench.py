@@ -2,31 +2,36 @@
 
     python bench/session_bench.py [--quick] [--json out.json]
 
-Every server runs in its own process and is stopped by pid (its descendants too, by pid): tether's
-``python -m tether server``/``tracker``, TVM's ``python -m tvm.exec.rpc_server`` and
-``tvm.rpc.tracker.Tracker``, and a raw Python socket server (TCP_NODELAY) that echoes small messages,
-swallows or sends bulk bytes: the floor of a Python peer over loopback.
+Every server runs in its own process and is stopped by pid (its descendants too, by pid: TVM's rpc_server
+leaves its PopenWorker running otherwise): tether's ``python -m tether server``/``tracker``, TVM's
+``python -m tvm.exec.rpc_server`` and ``tvm.rpc.tracker.Tracker``, and a raw Python socket server
+(TCP_NODELAY) that echoes small messages, swallows or sends bulk bytes: what a Python peer can do over
+loopback, the floor.
 
 Measured:
 
 1. empty-call round trip (p50/p90 us): tether ``sess.ping()``, TVM ``rpc.test.addone(1)`` (TVM's client
-   against TVM's server, and against tether's server, which hands TVM clients to TVM's own session loop),
-   a 1-byte echo as the floor.
-2. request-to-first-call through a tracker (p50/p90 ms): from ``connect_tracker(...)`` to the first call
-   returning, with the server free again (the tracker says so) before each run, not timed. tether
-   client + tether tracker + tether server (``--preload auto``); TVM client + TVM tracker + TVM server;
-   TVM client + tether tracker + tether server. tether twice: right after the server is free (as a
-   client sees it back to back), and once its spare worker has finished importing (idle server).
-3. upload of 64 MiB (MiB/s): tether ``sess.upload(path)`` (and bytes), TVM ``sess.upload(bytearray)``.
-4. 64 MiB tensors host-to-device and device-to-host (MiB/s): tether ``sess.tensor(arr)``/``.numpy()``,
-   TVM ``tvm.runtime.tensor(arr, sess.cpu())``/``.numpy()``.
-5. SqueezeNet (``tether.models.light_model``): local onnxruntime run vs tether's remote ``model.run``;
-   the overhead is remote - (local + transfer), transfer = bytes / the bandwidths of 4. With TVM: the same
-   model compiled by TVM (default pipeline, no tuning), run locally, through TVM's server (Relax VM over
-   RPC, ``time_evaluator`` for the device time) and through tether's server (its tvm backend).
+   against TVM's server, and against tether's server, which hands TVM clients to TVM's own C++ loop), a
+   1-byte echo as the floor. The clients take turns in shuffled rounds, so background load hits all alike;
+   the best round's p50 is reported too.
+2. request-to-first-call through a tracker (p50/p90 ms): ``connect_tracker(...)``, ``request(key)``, the
+   first call (tether: ``ping()``; TVM: ``addone(1)``), with the tracker listing the server free again
+   before each run (not timed). tether client, tether tracker and server (``--preload auto``); TVM client,
+   TVM tracker and rpc_server; TVM client, tether tracker and server. tether's runs twice: back to back
+   (as soon as the tracker lists the server free) and idle (its spare worker has also finished importing).
+3. upload of 64 MiB (MiB/s): tether ``sess.upload(path)`` (and from bytes), TVM
+   ``sess.upload(bytearray, name)``; the floor writes what it receives to a file in 1 MiB chunks.
+4. 64 MiB tensors host-to-device and device-to-host (MiB/s): tether ``sess.tensor(arr)`` and
+   ``.numpy()``, TVM ``tvm.runtime.tensor(arr, sess.cpu())`` and ``.numpy()``; the floor receives into
+   fresh memory each time (the raw socket with reused buffers is listed too). Transfers take turns as well.
+5. SqueezeNet (``tether.models.light_model``) on onnxruntime: local runs and tether's remote
+   ``model.run`` alternating, same options (``--ort-threads``); overhead = remote - (local + transfer),
+   transfer = input and output bytes at the bandwidths of 4. Then the same model compiled by TVM (default
+   llvm pipeline, untuned), run locally, through TVM's server (Relax VM over RPC; ``time_evaluator`` for
+   the device time) and through tether's server (its tvm backend); skipped with a note if it fails.
 
 Prints a table (metric | TVM 0.27 | tether | raw floor | ratio | target) and writes every number to
-bench/results/session-<timestamp>.json. About 2 minutes on 2 cores; ``--quick`` about one.
+bench/results/session-<timestamp>.json. About 2.5 minutes on 2 cores; ``--quick`` about 1.5.
 """
 
 from __future__ import annotations
@@ -147,10 +152,16 @@ class Proc:
         return self.proc.pid
 
 
-def _drain(proc: subprocess.Popen[str], log: collections.deque[str]) -> None:
+def _drain(proc: subprocess.Popen[str], log: collections.deque[str], port: list[int], found: threading.Event) -> None:
+    """Read a server's output for as long as it runs (a full pipe would block it); note its port."""
     assert proc.stdout is not None
     for line in proc.stdout:
         log.append(line.rstrip())
+        match = _LISTENING.search(line)
+        if match and not found.is_set():
+            port.append(int(match.group(1)))
+            found.set()
+    found.set()  # it exited
 
 
 def _start(name: str, argv: list[str], timeout: float = 60) -> Proc:
@@ -164,22 +175,13 @@ def _start(name: str, argv: list[str], timeout: float = 60) -> Proc:
         cwd=tempfile.gettempdir(),
     )
     log: collections.deque[str] = collections.deque(maxlen=50)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    port = None
-    for line in proc.stdout:
-        log.append(line.rstrip())
-        match = _LISTENING.search(line)
-        if match:
-            port = int(match.group(1))
-            break
-        if time.monotonic() > deadline:
-            break
-    if port is None:
+    port: list[int] = []
+    found = threading.Event()
+    threading.Thread(target=_drain, args=(proc, log, port, found), daemon=True).start()
+    if not found.wait(timeout) or not port:
         _stop(proc)
-        raise RuntimeError(f"{name} did not start: " + "\n".join(log))
-    threading.Thread(target=_drain, args=(proc, log), daemon=True).start()
-    return Proc(name, proc, port, log)
+        raise RuntimeError(f"{name} did not start within {timeout} s (exit code {proc.poll()}): " + "\n".join(log))
+    return Proc(name, proc, port[0], log)
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
@@ -275,6 +277,19 @@ def wait_quiet(pid: int, quiet_s: float = 0.25, timeout: float = 60) -> float:
         elif now - since >= quiet_s:
             break
     return time.monotonic() - start
+
+
+def wait_tvm_sessions_gone(pid: int, timeout: float = 30) -> None:
+    """Until TVM's server (main -> PopenWorker -> one forked process per session) has no session process
+    left, so that it has removed the session's temporary directory before it is stopped."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for worker in psutil.Process(pid).children():
+            while worker.children() and time.monotonic() < deadline:
+                time.sleep(0.01)
+    wait_quiet(pid, quiet_s=0.1, timeout=5)
 
 
 def wait_free(tracker_port: int, key: str, timeout: float = 60) -> None:
@@ -443,6 +458,35 @@ def bench_empty_calls(calls: dict[str, Callable[[], Any]], total: int, rounds: i
         name: {**latency(samples[name], 1e6), "best_round_p50": min(round_p50[name]), "round_p50": round_p50[name]}
         for name in calls
     }
+
+
+@contextlib.contextmanager
+def pinned(pids: list[int], cpu: int) -> Iterator[None]:
+    """Every thread of these processes and their descendants on one CPU, for the block; then as before.
+
+    Client and server on one CPU: a round trip is the CPU work of both plus two context switches. Apart,
+    it also pays waking an idle CPU, which in a VM can be a hypervisor exit of tens of microseconds, or
+    not, depending on where the scheduler put them: bimodal. Both are reported."""
+    import psutil
+
+    saved: list[tuple[int, set[int]]] = []
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc = psutil.Process(pid)
+            procs += [proc, *proc.children(recursive=True)]
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for thread in proc.threads():
+                with contextlib.suppress(OSError):
+                    saved.append((thread.id, os.sched_getaffinity(thread.id)))
+                    os.sched_setaffinity(thread.id, {cpu})
+    try:
+        yield
+    finally:
+        for tid, cpus in saved:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpus)
 
 
 # -- 3, 4: bulk ----------------------------------------------------------------------------------
@@ -749,24 +793,35 @@ def phase_direct(report: dict[str, Any], args: argparse.Namespace, workdir: Path
                 "tvm_client_on_tether_addone": tvm_on_tether.call,
             }
             e = report["empty_call_us"] = bench_empty_calls(calls, args.calls, args.rounds)
+            with pinned([os.getpid(), floor.pid, tserver.pid, vserver.pid], max(os.sched_getaffinity(0))):
+                ep = report["empty_call_us_one_cpu"] = bench_empty_calls(calls, args.calls, args.rounds)
             tvm_on_tether.close()
-            print(
-                "  empty call p50 us: "
-                + ", ".join(f"{name} {r['p50']:.1f} (best round {r['best_round_p50']:.1f})" for name, r in e.items()),
-                flush=True,
-            )
+            for label, result in (("", e), (", all on one CPU", ep)):
+                print(
+                    f"  empty call p50 us{label}: "
+                    + ", ".join(
+                        f"{name} {r['p50']:.1f} (best round {r['best_round_p50']:.1f})" for name, r in result.items()
+                    ),
+                    flush=True,
+                )
             b = report["bulk_mib_s"] = bench_bulk(
                 raw, tsess, tvm if args.tvm_bulk else None, blob_path=blob_path, arr=arr, args=args
             )
             print("  MiB/s: " + ", ".join(f"{name} {r['mib_s']:.0f}" for name, r in b.items()), flush=True)
             wait_quiet(tserver.pid)
-            m = report["model"] = bench_model_tether(tsess, args, b)
-            print(
-                f"  SqueezeNet (onnxruntime): local {m['local_ms']['p50']:.2f} ms, remote {m['remote_ms']['p50']:.2f} ms, "
-                f"device {m['device_run_ms']['p50']:.2f} ms, transfer {m['transfer_estimate_ms']:.2f} ms, "
-                f"overhead {m['overhead_ms']:.2f} ms",
-                flush=True,
-            )
+            report["model"] = bench_model_tether(tsess, args, b)
+            if args.ort_threads == 1:  # one intra-op thread: one CPU takes the client, the server and the model
+                with pinned([os.getpid(), tserver.pid], max(os.sched_getaffinity(0))):
+                    report["model_one_cpu"] = bench_model_tether(tsess, args, b)
+            for label, section in (("", "model"), (", one CPU", "model_one_cpu")):
+                if section in report:
+                    m = report[section]
+                    print(
+                        f"  SqueezeNet (onnxruntime){label}: local {m['local_ms']['p50']:.2f} ms, remote "
+                        f"{m['remote_ms']['p50']:.2f} ms, device {m['device_run_ms']['p50']:.2f} ms, transfer "
+                        f"{m['transfer_estimate_ms']:.2f} ms, overhead {m['overhead_ms']:.2f} ms",
+                        flush=True,
+                    )
             if args.tvm_model and args.tvm_bulk:
                 try:
                     tm = report["tvm_model"] = bench_model_tvm(tvm, tsess, args, b, workdir)
@@ -784,6 +839,7 @@ def phase_direct(report: dict[str, Any], args: argparse.Namespace, workdir: Path
             tvm.close()
             tvm_on_tether.close()
             raw.close()
+            wait_tvm_sessions_gone(vserver.pid)
     blob_path.unlink()
 
 
@@ -797,8 +853,9 @@ def phase_first_call(report: dict[str, Any], args: argparse.Namespace, key: str)
             for idle in (False, True):
                 label = f"{client}_client_tether_stack_{'idle' if idle else 'back_to_back'}"
                 fc[label] = first_call(tracker, server, key, runs=args.runs, client=client, idle=idle)
-    with tvm_tracker() as tracker, tvm_server(key, tracker.port):
+    with tvm_tracker() as tracker, tvm_server(key, tracker.port) as server:
         fc["tvm_client_tvm_stack"] = first_call(tracker, None, key, runs=args.runs, client="tvm", idle=False)
+        wait_tvm_sessions_gone(server.pid)
     report["first_call"] = fc
     for label, r in fc.items():
         print(
@@ -812,6 +869,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine_info(),
+        "notes": {
+            "empty_call_us": "clients in shuffled rounds, default scheduling; a VM's idle-CPU wake-ups make it bimodal",
+            "empty_call_us_one_cpu": "the same with the bench and every server thread pinned to one CPU: CPU cost",
+            "floor_send_file": "raw socket, the server writing 1 MiB chunks to one file (as an upload lands)",
+            "floor_send_fresh": "raw socket into a fresh bytearray per transfer (as tether's worker receives a tensor)",
+            "floor_recv_fresh": "raw socket into a fresh numpy.empty per transfer (as tether's client receives one)",
+            "model": "overhead_ms = remote p50 - (local p50 + transfer); transfer = bytes / tether_h2d and tether_d2h",
+            "first_call": "back_to_back: as soon as the tracker lists the server free; idle: its processes quiet too",
+        },
     }
     key = f"bench{random.randint(0, 10**6)}"
     with tempfile.TemporaryDirectory(prefix="session-bench-") as tmp:
@@ -843,39 +909,41 @@ def _target(ok: bool, text: str) -> str:
 
 
 def rows(report: dict[str, Any], args: argparse.Namespace) -> list[Row]:
-    e, b, fc = report["empty_call_us"], report["bulk_mib_s"], report["first_call"]
+    b, fc = report["bulk_mib_s"], report["first_call"]
     out: list[Row] = []
-    raw, ping, addone = e["raw_1B"], e["tether_ping"], e["tvm_addone"]
-    for p in ("p50", "p90"):
+    for where, section in (("", "empty_call_us"), (", one CPU", "empty_call_us_one_cpu")):
+        e = report[section]
+        raw, ping, addone = e["raw_1B"], e["tether_ping"], e["tvm_addone"]
+        for p in ("p50", "p90"):
+            out.append(
+                Row(
+                    f"{'1.' if not out else '  '} empty call {p} us{where} (addone | ping | 1 B echo)",
+                    addone[p],
+                    ping[p],
+                    raw[p],
+                    _x(ping[p], raw[p], "raw"),
+                    _target(ping[p] / raw[p] <= 1.3, "<= 1.3x raw") if p == "p50" else "",
+                )
+            )
         out.append(
             Row(
-                f"1. empty call {p} us (addone | ping | 1 B echo)",
-                addone[p],
-                ping[p],
-                raw[p],
-                _x(ping[p], raw[p], "raw"),
-                _target(ping[p] / raw[p] <= 1.3, "<= 1.3x raw") if p == "p50" else "",
+                f"   best round's p50 us{where}",
+                addone["best_round_p50"],
+                ping["best_round_p50"],
+                raw["best_round_p50"],
+                _x(ping["best_round_p50"], raw["best_round_p50"], "raw"),
             )
         )
-    out.append(
-        Row(
-            "   same, best round's p50 us",
-            addone["best_round_p50"],
-            ping["best_round_p50"],
-            raw["best_round_p50"],
-            _x(ping["best_round_p50"], raw["best_round_p50"], "raw"),
+        mixed = e["tvm_client_on_tether_addone"]
+        out.append(
+            Row(
+                f"   TVM client's addone p50 us{where}: TVM server | tether's",
+                addone["p50"],
+                mixed["p50"],
+                raw["p50"],
+                _x(mixed["p50"], addone["p50"], "TVM"),
+            )
         )
-    )
-    mixed = e["tvm_client_on_tether_addone"]
-    out.append(
-        Row(
-            "   TVM client's addone p50 us: TVM server | tether's",
-            addone["p50"],
-            mixed["p50"],
-            raw["p50"],
-            _x(mixed["p50"], addone["p50"], "TVM"),
-        )
-    )
     tvm_fc = fc["tvm_client_tvm_stack"]["first_call_ms"]
     for label, key, p in (
         ("2. request-to-first-call p50 ms, back to back", "tether_client_tether_stack_back_to_back", "p50"),
@@ -970,6 +1038,20 @@ def rows(report: dict[str, Any], args: argparse.Namespace) -> list[Row]:
             _target(abs(m["overhead_ms"]) <= 0.5, "within 0.5 ms"),
         )
     )
+    if "model_one_cpu" in report:
+        mp = report["model_one_cpu"]
+        out.append(Row("   one CPU: local p50 ms", None, mp["local_ms"]["p50"]))
+        out.append(Row("   one CPU: remote round trip p50 ms", None, mp["remote_ms"]["p50"]))
+        out.append(
+            Row(
+                "   one CPU: overhead ms = remote - (local + transfer)",
+                None,
+                mp["overhead_ms"],
+                None,
+                "",
+                _target(abs(mp["overhead_ms"]) <= 0.5, "within 0.5 ms"),
+            )
+        )
     if has_tvm:
         ts = tm["tether_server"]
         out.append(
@@ -1007,9 +1089,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer iterations everywhere (about a minute)")
     parser.add_argument("--calls", type=int, default=20000, help="timed empty calls per client (default 20000)")
     parser.add_argument("--rounds", type=int, default=10, help="rounds the empty calls are split into (default 10)")
-    parser.add_argument("--runs", type=int, default=10, help="request-to-first-call runs per case (default 10)")
+    parser.add_argument("--runs", type=int, default=8, help="request-to-first-call runs per case (default 8)")
     parser.add_argument("--reps", type=int, default=5, help="timed transfers per kind, tether and floor (default 5)")
-    parser.add_argument("--tvm-reps", type=int, default=2, help="timed transfers per kind, TVM: slow (default 2)")
+    parser.add_argument("--tvm-reps", type=int, default=1, help="timed transfers per kind, TVM: slow (default 1)")
     parser.add_argument("--mib", type=int, default=64, help="size of uploads and tensors in MiB (default 64)")
     parser.add_argument("--model-runs", type=int, default=100, help="timed SqueezeNet runs, local and remote")
     parser.add_argument(

@@ -5,6 +5,8 @@ reaches a plain TVM server is told so."""
 from __future__ import annotations
 
 import gc
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +117,7 @@ def test_tether_session_through_tvms_own_proxy(device_server: Any, tmp_path: Pat
     proxy = subprocess.Popen(
         [sys.executable, "-m", "tvm.exec.rpc_proxy", "--host", "127.0.0.1", "--port", str(port),
          "--port-end", str(port + 300), "--web-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     try:
         assert proxy.stdout is not None
@@ -135,7 +137,7 @@ def test_tether_session_through_tvms_own_proxy(device_server: Any, tmp_path: Pat
                 assert sess.download("a.txt") == b"through"
             wait_until(lambda: server.busy_slots() == 0, timeout=5, what="the session over")
     finally:
-        proxy.terminate()
+        os.killpg(proxy.pid, signal.SIGTERM)  # the proxy and the PopenWorker it starts, by process group
         proxy.wait(10)
         if proxy.stdout is not None:
             proxy.stdout.close()

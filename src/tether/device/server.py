@@ -248,7 +248,8 @@ class DeviceServer:
             "import sys, json; sys.path[:0] = [p for p in json.loads(sys.argv[1]) if p not in sys.path];"
             "from tether.device.worker import main; sys.exit(main(sys.argv[2:]))"
         )
-        paths = [p for p in sys.path if p]
+        cwd = os.getcwd()
+        paths = [p for p in sys.path if p and p != cwd]  # not the server's working directory (``-m``'s entry)
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         return [
             sys.executable,
