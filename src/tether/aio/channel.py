@@ -27,6 +27,7 @@ from ..protocol.session import (
 __all__ = ["Channel"]
 
 _CHUNK = 1 << 20
+_FIXED = FIXED_HEADER.size
 _IOV_MAX = 512
 
 
@@ -48,6 +49,14 @@ class Channel:
 
     def send_frame(self, kind: FrameKind, frame_id: int, header: dict[str, Any], payload: Sequence[Any] = ()) -> None:
         """One frame; ``payload`` is a sequence of buffers sent back to back without copying."""
+        if not payload:
+            head = encode_frame_head(kind, frame_id, header)
+            with self._send_lock:
+                try:
+                    self.sock.sendall(head)
+                except OSError as exc:
+                    raise ConnectionClosed(f"send failed: {exc}") from exc
+            return
         views = [memoryview(b).cast("B") for b in payload]
         head = encode_frame_head(kind, frame_id, header, sum(v.nbytes for v in views))
         with self._send_lock:
@@ -116,9 +125,17 @@ class Channel:
 
     def recv_head(self) -> tuple[FrameHeader, dict[str, Any]]:
         """The next frame's fixed header and JSON header; its payload is still to be read."""
-        self._fill(FIXED_HEADER.size)
-        head = parse_fixed_header(self._view[self._start : self._start + FIXED_HEADER.size], self.max_payload)
-        self._start += FIXED_HEADER.size
+        start = self._start
+        if self._end - start < _FIXED:
+            self._fill(_FIXED)
+            start = self._start
+        head = parse_fixed_header(self._view[start : start + _FIXED], self.max_payload)
+        start += _FIXED
+        end = start + head.header_len
+        if end <= self._end:  # the usual case: the whole head arrived in one read
+            self._start = end
+            return head, parse_json_header(self._view[start:end])
+        self._start = start
         return head, parse_json_header(self._take(head.header_len))
 
     def recv_into(self, view: memoryview) -> None:

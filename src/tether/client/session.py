@@ -339,7 +339,7 @@ class Session:
                 raise error
             if head.kind != FrameKind.RESPONSE or head.id != frame_id:
                 raise RemoteProtocolError(
-                    f"expected the response to request {frame_id}, got {head.kind.name} {head.id}"
+                    f"expected the response to request {frame_id}, got {FrameKind(head.kind).name} {head.id}"
                 )
             if op == "download":
                 return reply, [channel.recv_bytes(head.payload_len)] if file is None else []

@@ -120,7 +120,7 @@ class NativeSession:
             except ConnectionClosed:
                 return
             if head.kind != FrameKind.REQUEST:
-                raise RemoteProtocolError(f"expected a request frame, got {head.kind.name}")
+                raise RemoteProtocolError(f"expected a request frame, got {FrameKind(head.kind).name}")
             op = header.get("op")
             if op == "download":
                 self._download_frame(head, header)

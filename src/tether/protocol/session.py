@@ -80,9 +80,16 @@ class FrameKind(enum.IntEnum):
     ERROR = 3
 
 
+_KINDS: Final = frozenset(int(k) for k in FrameKind)
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_decode_json = json.JSONDecoder().decode
+_pack_fixed = FIXED_HEADER.pack
+_unpack_fixed = FIXED_HEADER.unpack
+
+
 @dataclass(frozen=True, slots=True)
 class FrameHeader:
-    kind: FrameKind
+    kind: int  # a FrameKind value (kept a plain int: this is the hot path)
     id: int
     header_len: int
     payload_len: int
@@ -90,36 +97,34 @@ class FrameHeader:
 
 def encode_frame_head(kind: FrameKind, frame_id: int, header: dict[str, Any], payload_len: int = 0) -> bytes:
     """The fixed header and the JSON header of one frame; the payload follows it on the wire."""
-    body = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    body = _encode_json(header).encode()
     if len(body) > MAX_HEADER_BYTES:
         raise LocalProtocolError(f"frame header of {len(body)} bytes is above {MAX_HEADER_BYTES}")
     if not 0 <= frame_id < 1 << 32 or payload_len < 0:
         raise LocalProtocolError(f"bad frame id {frame_id} or payload length {payload_len}")
-    return FIXED_HEADER.pack(MAGIC, VERSION, kind, frame_id, len(body), payload_len) + body
+    return _pack_fixed(MAGIC, VERSION, kind, frame_id, len(body), payload_len) + body
 
 
 def parse_fixed_header(data: bytes | bytearray | memoryview, max_payload: int = MAX_PAYLOAD_BYTES) -> FrameHeader:
     """Validate the 20-byte fixed header; raise before any of the frame's body is read."""
-    magic, version, kind, frame_id, header_len, payload_len = FIXED_HEADER.unpack(data)
+    magic, version, kind, frame_id, header_len, payload_len = _unpack_fixed(data)
     if magic != MAGIC:
         raise RemoteProtocolError(f"not a tether session frame (magic {bytes(magic)!r})")
     if version != VERSION:
         raise RemoteProtocolError(f"session protocol version {version}, this side speaks {VERSION}")
-    try:
-        frame_kind = FrameKind(kind)
-    except ValueError:
-        raise RemoteProtocolError(f"unknown frame kind {kind}") from None
+    if kind not in _KINDS:
+        raise RemoteProtocolError(f"unknown frame kind {kind}")
     if not 2 <= header_len <= MAX_HEADER_BYTES:
         raise FrameTooLarge(header_len, MAX_HEADER_BYTES)
     if payload_len > max_payload:
         raise FrameTooLarge(payload_len, max_payload)
-    return FrameHeader(frame_kind, frame_id, header_len, payload_len)
+    return FrameHeader(kind, frame_id, header_len, payload_len)
 
 
 def parse_json_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     """The JSON object of a frame header."""
     try:
-        value = json.loads(bytes(data))
+        value = _decode_json(bytes(data).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RemoteProtocolError(f"frame header is not JSON: {exc}") from None
     if not isinstance(value, dict):
