@@ -59,20 +59,21 @@ def test_tvm_connect_tracker_request(
 def test_tvm_session_timeout_is_rpc_session_timeout_error(device_server: Any, tracker: TrackerThread) -> None:
     server = device_server(key="dev", tracker=(tracker.host, tracker.port), preload=["tvm"])
     client = rpc.connect_tracker(tracker.host, tracker.port)
-    sess = client.request("dev", session_timeout=1)
-    funcs = [sess.get_function("rpc.test.addone")]
-    assert funcs[0](1) == 2
+    held = [client.request("dev", session_timeout=2)]  # a list: the session must be dropped at the end
+    funcs: list[Any] = []
 
-    def expired() -> bool:
+    def expired() -> bool:  # calls work until the session's 2 s are over, then fail typed
         try:
-            funcs[0](1)
+            if not funcs:
+                funcs.append(held[0].get_function("rpc.test.addone"))
+            assert funcs[0](1) == 2
         except tvm.error.RPCSessionTimeoutError:
             return True
         return False
 
     wait_until(expired, timeout=15, interval=0.1, what="RPCSessionTimeoutError")
     funcs.clear()
-    del sess
+    held.clear()
     gc.collect()
     wait_until(lambda: server.busy_slots() == 0, timeout=5, what="slot free after the timeout")
     client.close()

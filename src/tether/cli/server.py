@@ -32,7 +32,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--no-fork",
         action="store_true",
-        help="accepted for TVM compatibility: sessions always run in a fresh worker process",
+        help="start each session worker as a fresh interpreter, not forked from one that imported the runtimes",
     )
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
     p.add_argument("--work-dir", default=None, help="where session workspaces live (default: a temporary directory)")
@@ -75,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         slots=args.slots,
         preload=preload,
         prestart=not args.no_prestart,
+        fork=not args.no_fork,
         serve_tvm=not args.no_tvm,
     )
 

@@ -29,10 +29,7 @@ import os
 import queue
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -48,6 +45,7 @@ from ..protocol.framing import HandshakeDecoder, HandshakeReplyDecoder, encode_h
 from ..protocol.keys import PeerKey, format_peer_key, parse_peer_key
 from ..protocol.session import MAX_PAYLOAD_BYTES, FrameKind, encode_frame_head
 from .facts import device_facts
+from .workers import Worker, WorkerPool, describe_exit
 
 __all__ = ["DeviceServer", "ServerConfig", "default_preload"]
 
@@ -83,6 +81,9 @@ class ServerConfig:
     preload: list[str] | None = None
     #: Start each slot's next worker ahead of time.
     prestart: bool = True
+    #: Fork workers from a process that imported the runtimes once (False: a fresh interpreter each, TVM's
+    #: ``--no-fork``).
+    fork: bool = True
     #: Serve TVM's protocol when tvm is importable (False: tether clients only).
     serve_tvm: bool = True
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
@@ -106,13 +107,6 @@ class ServerConfig:
 
 
 @dataclass(eq=False)
-class _Worker:
-    proc: subprocess.Popen[bytes]
-    control: socket.socket
-    ready: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass(eq=False)
 class _Session:
     id: str
     matchkey: str
@@ -121,7 +115,7 @@ class _Session:
     #: The server's copy of the session's socket, kept for tether sessions only: to tell the client why
     #: its worker died. A TVM client gets EOF when the worker exits (nothing else can speak TVM's protocol).
     conn: socket.socket | None
-    worker: _Worker
+    worker: Worker
     workspace: str
     timeout: float | None
     started: float = field(default_factory=time.monotonic)
@@ -134,7 +128,7 @@ class _Slot:
     session: _Session | None = None
     reserved: bool = False
     granted_since: float | None = None
-    worker: _Worker | None = None
+    worker: Worker | None = None
 
 
 class DeviceServer:
@@ -154,11 +148,11 @@ class DeviceServer:
         self._events: queue.Queue[tuple[str, str, str]] = queue.Queue()
         self._slots = [_Slot(i, self._new_matchkey()) for i in range(config.slots)]
         self._threads: list[threading.Thread] = []
-        self._workers: set[_Worker] = set()
         self._listener: socket.socket | None = None
         self._own_work_dir = config.work_dir is None
         self.work_dir = tempfile.mkdtemp(prefix="tether-server-") if config.work_dir is None else config.work_dir
         os.makedirs(self.work_dir, exist_ok=True)
+        self.pool = WorkerPool(self.preload, self.work_dir, fork=config.fork)
         self.port = config.port
         self.sessions_served = 0
         #: Set when the tracker has this server's slots (a test waits on it; re-set after each reconnect).
@@ -200,15 +194,10 @@ class DeviceServer:
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
-        with self._lock:
-            workers = list(self._workers)
-        for worker in workers:
-            _kill_group(worker.proc)
+        self.pool.stop()
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=5)
-        for worker in workers:
-            self._reap(worker)
         if self._own_work_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
@@ -230,108 +219,37 @@ class DeviceServer:
 
     def session_pids(self) -> list[int]:
         with self._lock:
-            return [s.session.worker.proc.pid for s in self._slots if s.session is not None]
+            return [s.session.worker.pid for s in self._slots if s.session is not None]
 
     # -- workers -------------------------------------------------------------------------------
 
     def _new_matchkey(self) -> str:
         return f"{self.config.key}:{secrets.token_hex(8)}"
 
-    def _worker_command(self, control_fd: int) -> list[str]:
-        flags = [
-            f
-            for f, on in (("-S", sys.flags.no_site), ("-I", sys.flags.isolated), ("-E", sys.flags.ignore_environment))
-            if on
-        ]
-        # sys.path travels explicitly: a zipapp run with -S -I finds tether only through it
-        boot = (
-            "import sys, json; sys.path[:0] = [p for p in json.loads(sys.argv[1]) if p not in sys.path];"
-            "from tether.device.worker import main; sys.exit(main(sys.argv[2:]))"
-        )
-        cwd = os.getcwd()
-        paths = [p for p in sys.path if p and p != cwd]  # not the server's working directory (``-m``'s entry)
-        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-        return [
-            sys.executable,
-            *flags,
-            "-c",
-            boot,
-            json.dumps(paths),
-            "--control-fd",
-            str(control_fd),
-            "--preload",
-            ",".join(self.preload),
-            "--log-level",
-            level if isinstance(level, str) else "INFO",
-        ]
-
-    def _reap(self, worker: _Worker) -> int | None:
-        """Wait for a worker that was killed or has exited; close its control socket."""
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            worker.proc.wait(timeout=5)
-        worker.control.close()
-        with self._lock:
-            self._workers.discard(worker)
-        return worker.proc.returncode
-
-    def _start_worker(self) -> _Worker:
-        with self._lock:
-            if self._stop.is_set():
-                raise TetherError("the server is stopping")
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            proc = subprocess.Popen(
-                self._worker_command(child.fileno()),
-                pass_fds=(child.fileno(),),
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-                cwd=self.work_dir,
-            )
-        finally:
-            child.close()
-        worker = _Worker(proc, parent)
-        with self._lock:
-            self._workers.add(worker)
-            stopping = self._stop.is_set()
-        if stopping:  # stop() may have taken its list of workers while this one started
-            _kill_group(proc)
-            self._reap(worker)
-            raise TetherError("the server is stopping")
-        threading.Thread(target=self._await_ready, args=(worker,), daemon=True, name="tether-worker-ready").start()
-        return worker
-
-    @staticmethod
-    def _await_ready(worker: _Worker) -> None:
-        try:
-            worker.control.settimeout(120)
-            line = worker.control.recv(4096)
-            if line and json.loads(line.split(b"\n", 1)[0]).get("ready"):
-                worker.ready.set()
-        except (OSError, ValueError):
-            pass
-
     def _prestart(self, slot: _Slot) -> None:
         try:
-            worker = self._start_worker()
-        except TetherError:
+            worker = self.pool.start()
+        except TetherError as exc:
+            if not self._stop.is_set():
+                logger.warning("could not start a spare worker: %s", exc)
             return
         with self._lock:
             old, slot.worker = slot.worker, worker
         if old is not None:  # pragma: no cover - a slot holds one spare at a time
-            _kill_group(old.proc)
-            self._reap(old)
+            old.kill()
+            self.pool.reap(old)
 
-    def _take_worker(self, slot: _Slot) -> _Worker:
+    def _take_worker(self, slot: _Slot) -> Worker:
         with self._lock:
             worker, slot.worker = slot.worker, None
-        if worker is not None and worker.proc.poll() is not None:
-            self._reap(worker)
+        if worker is not None and not worker.alive():
+            self.pool.reap(worker)
             worker = None
         if worker is None:
-            worker = self._start_worker()
+            worker = self.pool.start()
         if not worker.ready.wait(120):
-            _kill_group(worker.proc)
-            self._reap(worker)
+            worker.kill()
+            self.pool.reap(worker)
             raise TetherError("a session worker did not start within 120 s")
         return worker
 
@@ -458,7 +376,7 @@ class DeviceServer:
             protocol,
             peer,
             f", timeout {timeout:g} s" if timeout else "",
-            worker.proc.pid,
+            worker.pid,
         )
         self._events.put(("start", slot.matchkey, peer))
         threading.Thread(target=self._watch, args=(slot, session), daemon=True, name="tether-session").start()
@@ -466,23 +384,18 @@ class DeviceServer:
             self._prestart(slot)
 
     def _watch(self, slot: _Slot, session: _Session) -> None:
-        proc = session.worker.proc
+        worker = session.worker
         limit = None if session.timeout is None else session.timeout + self.config.kill_grace_s
-        timed_out = False
-        try:
-            code = proc.wait(limit)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
-            code = proc.wait()
-        _kill_group(proc)  # whatever the session started dies with it
+        code = worker.wait(limit)
+        timed_out = code is None
+        worker.kill()  # whatever the session started dies with it
+        if code is None:
+            code = worker.wait(10)
         reason = None
         if timed_out:
             reason = ("SessionTimeout", f"RPCSessionTimeoutError: the {session.timeout:g} s session timeout expired")
-        elif code < 0:
-            reason = ("SessionLost", f"the session's worker process was killed by {_signal_name(-code)}")
-        elif code not in (0, 124):
-            reason = ("SessionLost", f"the session's worker process exited with code {code}")
+        elif code is not None and (why := describe_exit(code)):
+            reason = ("SessionLost", why)
         if session.conn is not None:
             with contextlib.suppress(OSError):
                 if reason:
@@ -490,7 +403,7 @@ class DeviceServer:
                     session.conn.sendall(encode_frame_head(FrameKind.ERROR, 0, detail))
                 session.conn.shutdown(socket.SHUT_RDWR)
             session.conn.close()
-        self._reap(session.worker)
+        self.pool.reap(session.worker)
         shutil.rmtree(session.workspace, ignore_errors=True)
         took = time.monotonic() - session.started
         logger.info("session %s ended after %.3f s%s", session.id, took, f": {reason[1]}" if reason else "")
@@ -660,15 +573,3 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             raise ConnectionError("closed during the handshake")
         buf += chunk
     return bytes(buf)
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"

@@ -452,15 +452,8 @@ def preload(modules: list[str]) -> list[str]:
     return done
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tether-worker")
-    parser.add_argument("--control-fd", type=int, required=True)
-    parser.add_argument("--preload", default="")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
-    control = socket.socket(fileno=args.control_fd)
-    preload([m for m in args.preload.split(",") if m])
+def serve_one(control: socket.socket) -> int:
+    """Say ready, take one job (a JSON message and the session's socket), serve it."""
     control.sendall(json.dumps({"ready": True, "pid": os.getpid()}).encode() + b"\n")
     try:
         message, fds, _, _ = socket.recv_fds(control, 1 << 20, 1)
@@ -479,6 +472,85 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             sock.close()
     return 0
+
+
+def zygote(control: socket.socket) -> int:
+    """Fork a worker per request, from a process that has already imported the runtimes.
+
+    Requests: ``{"fork": true}`` with one descriptor, the new worker's control socket; replies
+    ``{"forked": pid}``. Each child starts its own session (process group) and serves one job. Exits
+    are reported as ``{"exit": pid, "code": n}`` as soon as SIGCHLD arrives. EOF on the control socket
+    (the server is gone) ends the zygote.
+    """
+    import select
+    import signal
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+
+    def send(message: dict[str, Any]) -> None:
+        control.sendall(json.dumps(message).encode() + b"\n")
+
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the imported runtimes' objects: a forked worker's collections must not copy their pages
+    send({"ready": True, "pid": os.getpid()})
+    while True:
+        readable = select.select([control.fileno(), wake_r], [], [])[0]
+        if wake_r in readable:
+            os.read(wake_r, 4096)
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+        if control.fileno() not in readable:
+            continue
+        try:
+            message, fds, _, _ = socket.recv_fds(control, 1 << 16, 1)
+        except OSError:
+            return 0
+        if not message:
+            return 0
+        if not fds:
+            continue
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                os.setsid()
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                os.close(wake_r)
+                os.close(wake_w)
+                control.close()
+                code = serve_one(socket.socket(fileno=fds[0]))
+            except BaseException:
+                logger.exception("worker failed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        os.close(fds[0])
+        send({"forked": pid})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tether-worker")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--preload", default="")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--zygote", action="store_true", help="fork workers on request instead of serving one")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    control = socket.socket(fileno=args.control_fd)
+    preload([m for m in args.preload.split(",") if m])
+    return zygote(control) if args.zygote else serve_one(control)
 
 
 if __name__ == "__main__":
