@@ -16,7 +16,7 @@ import tether
 from tether.tracker import TrackerThread
 
 from .conftest import wait_until
-from .test_tvm_interop import addone_lib, run_addone, tvm_server  # noqa: F401 - fixtures
+from .test_tvm_interop import addone_lib, run_addone, tvm_server, tvm_tracker  # noqa: F401 - fixtures
 
 tvm = pytest.importorskip("tvm")
 np = pytest.importorskip("numpy")
@@ -149,3 +149,19 @@ def _try_connect(host: str, port: int, key: str) -> tether.Session | None:
         return tether.connect(host, port, key=key, timeout=5)
     except (tether.SessionRefused, tether.TransportError):
         return None  # the server has not reached the proxy yet: TVM's proxy answers MISMATCH then
+
+
+def test_tether_server_with_tvms_tracker(device_server: Any, tvm_tracker: Any, addone_lib: Path) -> None:  # noqa: F811
+    """TVM's own tracker queues a tether server like any TVM server: both kinds of client get sessions."""
+    device_server(key="mixed", tracker=("127.0.0.1", tvm_tracker.port), preload=["tvm"])
+    client = rpc.connect_tracker("127.0.0.1", tvm_tracker.port)
+    wait_until(lambda: client.summary()["queue_info"].get("mixed", {}).get("free") == 1, timeout=20)
+    with tether.connect_tracker("127.0.0.1", tvm_tracker.port) as pool, pool.request("mixed", timeout=20) as sess:
+        sess.upload(b"from tether", "a.txt")
+        assert sess.listdir() == ["a.txt"]
+    wait_until(lambda: client.summary()["queue_info"]["mixed"]["free"] == 1, timeout=20, what="offered again")
+    tvm_sess = client.request("mixed", session_timeout=30)
+    np.testing.assert_array_equal(run_addone(tvm_sess, addone_lib), np.arange(8, dtype="float32") + 1)
+    del tvm_sess
+    gc.collect()
+    client.close()
