@@ -291,3 +291,56 @@ def test_two_slots_serve_two_sessions_at_once(device_server: Any, tracker: Track
     ):
         assert a.info()["pid"] != b.info()["pid"]
         assert server.busy_slots() == 2
+
+
+def test_a_huge_session_timeout_is_capped_not_a_stuck_slot(device_server: Any) -> None:
+    server = device_server(key="dev")
+    with tether.connect("127.0.0.1", server.port, key="dev", session_timeout=1e10) as sess:
+        sess.ping()
+    wait_until(lambda: server.busy_slots() == 0, what="slot free")
+    with tether.connect("127.0.0.1", server.port, key="dev") as again:
+        again.ping()
+
+
+def test_a_dead_zygote_does_not_keep_a_slot(device_server: Any, tmp_path: Path) -> None:
+    server = device_server(key="dev")
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        sess.ping()
+        zygote = server.pool._zygote
+        assert zygote is not None
+        os.kill(zygote.pid, signal.SIGKILL)
+        sess.ping()  # the running session does not need its zygote
+    wait_until(lambda: server.busy_slots() == 0, timeout=5, what="slot free without the zygote's exit report")
+    with tether.connect("127.0.0.1", server.port, key="dev") as again:  # a new zygote forks the next worker
+        again.ping()
+
+
+def test_a_granted_slot_is_not_offered_twice(device_server: Any, tracker: TrackerThread) -> None:
+    device_server(key="dev", tracker=(tracker.host, tracker.port), slots=2, grant_timeout_s=60)
+    with tether.TrackerClient.connect(tracker.host, tracker.port) as client:
+        first = client.request_grant("dev", protocol="tether", timeout=10)
+        second = client.request_grant("dev", protocol="tether", timeout=10)  # granted, never redeemed
+        with tether.Session.connect(first.host, first.port, first.matchkey) as sess:
+            sess.ping()
+        third = client.request_grant("dev", protocol="tether", timeout=10)  # the first slot, offered again
+        assert third.matchkey not in (first.matchkey, second.matchkey)
+        with pytest.raises(tether.RequestTimeout):
+            client.request_grant("dev", protocol="tether", timeout=0.5)
+
+
+def test_a_response_too_large_for_a_header_is_an_error_not_a_crash(device_server: Any) -> None:
+    server = device_server(key="dev")
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        workspace = Path(sess.info()["workspace"])
+        for i in range(5000):
+            (workspace / f"{i:05d}-{'x' * 230}").touch()
+        with pytest.raises(tether.RemoteError, match="header"):
+            sess.listdir()
+        sess.ping()
+
+
+def test_a_handshake_has_a_deadline(device_server: Any) -> None:
+    server = device_server(key="dev", handshake_timeout_s=0.5)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(struct.pack("<i", RPC_MAGIC))  # and nothing more
+        assert sock.recv(16) == b""  # closed after the deadline (the 10 s socket timeout would fail the test)

@@ -31,6 +31,7 @@ from ..aio.net import connect_tcp, format_hostport
 from ..errors import (
     ConnectionClosed,
     NotTetherServer,
+    RemoteError,
     RemoteProtocolError,
     SessionLost,
     SessionRefused,
@@ -42,6 +43,7 @@ from ..protocol.constants import HandshakeCode
 from ..protocol.framing import HandshakeReplyDecoder, encode_handshake
 from ..protocol.keys import format_peer_key, parse_peer_key
 from ..protocol.session import DTYPE_SIZES, FrameKind, tensor_descs
+from ..runtime.base import BackendError, numpy_dtype
 
 __all__ = ["BenchmarkResult", "RemoteModel", "RemoteTensor", "Session", "connect"]
 
@@ -260,7 +262,7 @@ class Session:
         if session_timeout:
             options["timeout"] = f"{session_timeout:g}"
         address = format_hostport(host, port)
-        sock = connect_tcp(host, port, timeout)
+        sock = connect_tcp(host, port, timeout)  # ConnectFailed names every address tried
         try:
             sock.settimeout(timeout)
             sock.sendall(encode_handshake(format_peer_key("client", name, options)))
@@ -286,6 +288,9 @@ class Session:
         except TimeoutError:
             sock.close()
             raise ConnectionClosed(f"{address} did not answer the handshake within {timeout} s") from None
+        except OSError as exc:
+            sock.close()
+            raise ConnectionClosed(f"{address} failed during the handshake: {exc}") from None
         except BaseException:
             sock.close()
             raise
@@ -343,9 +348,15 @@ class Session:
                 )
             if op == "download":
                 return reply, [channel.recv_bytes(head.payload_len)] if file is None else []
+            descs = tensor_descs(reply.get("tensors"), head.payload_len)
+            try:
+                dtypes = [numpy_dtype(desc.dtype) for desc in descs]
+            except BackendError as exc:  # e.g. bfloat16 without ml_dtypes: skip the payload, keep the session
+                channel.discard(head.payload_len)
+                raise TypeError(f"cannot receive the result of {op!r}: {exc}") from None
             arrays = []
-            for desc in tensor_descs(reply.get("tensors"), head.payload_len):
-                arr = _np().empty(desc.shape, dtype=desc.dtype)
+            for desc, dtype in zip(descs, dtypes, strict=True):
+                arr = _np().empty(desc.shape, dtype=dtype)
                 if desc.nbytes:
                     channel.recv_into(memoryview(arr.reshape(-1).view("uint8")))
                 arrays.append(arr)
@@ -353,8 +364,10 @@ class Session:
         except ConnectionClosed as exc:
             self._drop()
             raise SessionLost(f"{self.address}: the session ended during {op!r}: {exc}") from None
-        except RemoteProtocolError:
-            self._drop()
+        except (RemoteError, TypeError):
+            raise  # answered in full: the session goes on
+        except BaseException:
+            self._drop()  # Ctrl-C or a protocol error mid-frame: the stream cannot be trusted any more
             raise
 
     def _drop(self) -> None:

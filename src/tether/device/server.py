@@ -94,6 +94,8 @@ class ServerConfig:
     #: Seconds past a session's timeout before its process group is killed regardless.
     kill_grace_s: float = 1.0
     handshake_timeout_s: float = 10.0
+    #: Connections allowed to be in their handshake at once; more are closed at accept.
+    max_handshakes: int = 64
     max_payload: int = MAX_PAYLOAD_BYTES
 
     def __post_init__(self) -> None:
@@ -129,6 +131,9 @@ class _Slot:
     reserved: bool = False
     granted_since: float | None = None
     worker: Worker | None = None
+    #: The matchkey last PUT on the current tracker connection (a slot is PUT once per matchkey: a
+    #: second PUT of a granted, unredeemed one would offer it twice).
+    put_matchkey: str | None = None
 
 
 class DeviceServer:
@@ -148,6 +153,7 @@ class DeviceServer:
         self._events: queue.Queue[tuple[str, str, str]] = queue.Queue()
         self._slots = [_Slot(i, self._new_matchkey()) for i in range(config.slots)]
         self._threads: list[threading.Thread] = []
+        self._handshakes = threading.BoundedSemaphore(config.max_handshakes)
         self._listener: socket.socket | None = None
         self._own_work_dir = config.work_dir is None
         self.work_dir = tempfile.mkdtemp(prefix="tether-server-") if config.work_dir is None else config.work_dir
@@ -260,23 +266,42 @@ class DeviceServer:
         while not self._stop.is_set():
             try:
                 conn, addr = self._listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stop.is_set():
                     return
+                logger.warning("accept failed: %s", exc)  # EMFILE and the like: do not spin
+                self._stop.wait(0.1)
                 continue
-            threading.Thread(
-                target=self._handshake, args=(conn, format_hostport(str(addr[0]), int(addr[1]))), daemon=True
-            ).start()
+            if not self._handshakes.acquire(blocking=False):
+                logger.warning("too many handshakes in progress: closing %s", addr)
+                conn.close()
+                continue
+            try:
+                peer = format_hostport(str(addr[0]), int(addr[1]))
+                threading.Thread(target=self._handshake, args=(conn, peer), daemon=True).start()
+            except Exception as exc:  # no thread to be had: refuse this one, keep accepting
+                logger.warning("cannot serve %s: %s", addr, exc)
+                self._handshakes.release()
+                conn.close()
 
     def _handshake(self, conn: socket.socket, peer: str) -> None:
+        try:
+            self._handshake_inner(conn, peer)
+        except Exception:
+            logger.exception("handshake with %s failed", peer)
+            conn.close()
+        finally:
+            self._handshakes.release()
+
+    def _handshake_inner(self, conn: socket.socket, peer: str) -> None:
         decoder = HandshakeDecoder()
+        deadline = time.monotonic() + self.config.handshake_timeout_s
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(self.config.handshake_timeout_s)
             # exact reads: whatever follows the handshake belongs to the session's worker
             key = None
             while key is None:
-                key = decoder.feed(_recv_exact(conn, decoder.needed()))
+                key = decoder.feed(_recv_exact(conn, decoder.needed(), deadline))
         except (OSError, ConnectionError, RemoteProtocolError) as exc:
             logger.info("handshake from %s failed: %s", peer, exc)  # wrong magic, garbage: close, as TVM does
             conn.close()
@@ -313,7 +338,7 @@ class DeviceServer:
             conn.close()
             with self._lock:
                 slot.reserved = False
-            self._events.put(("rotate", slot.matchkey, ""))
+            self._post("rotate", slot.matchkey, "")
 
     def _claim(self, client: PeerKey) -> tuple[str, _Slot | None]:
         if client.role != "client":
@@ -347,24 +372,34 @@ class DeviceServer:
         protocol = PROTOCOL_TETHER if client.is_tether else PROTOCOL_TVM
         worker = self._take_worker(slot)
         session_id = secrets.token_hex(4)
-        workspace = tempfile.mkdtemp(prefix=f"session-{session_id}-", dir=self.work_dir)
-        timeout = client.session_timeout
-        job = {
-            "session": session_id,
-            "protocol": protocol,
-            "workspace": workspace,
-            "timeout": timeout,
-            "load_library": self.config.load_library,
-            "max_payload": self.config.max_payload,
-            "info": {
-                "key": self.config.key,
-                "labels": self.config.labels,
-                "device": self.facts,
-                "version": __version__,
-            },
-        }
-        session = _Session(session_id, slot.matchkey, protocol, peer, conn, worker, workspace, timeout)
-        socket.send_fds(worker.control, [json.dumps(job).encode()], [conn.fileno()])
+        workspace = ""
+        try:
+            workspace = tempfile.mkdtemp(prefix=f"session-{session_id}-", dir=self.work_dir)
+            timeout = client.session_timeout
+            job = {
+                "session": session_id,
+                "protocol": protocol,
+                "workspace": workspace,
+                "timeout": timeout,
+                "load_library": self.config.load_library,
+                "max_payload": self.config.max_payload,
+                "info": {
+                    "key": self.config.key,
+                    "labels": self.config.labels,
+                    "device": self.facts,
+                    "version": __version__,
+                },
+            }
+            with self._lock:
+                matchkey = slot.matchkey
+            session = _Session(session_id, matchkey, protocol, peer, conn, worker, workspace, timeout)
+            socket.send_fds(worker.control, [json.dumps(job).encode()], [conn.fileno()])
+        except BaseException:
+            worker.kill()  # it would wait for its job forever
+            self.pool.reap(worker)
+            if workspace:
+                shutil.rmtree(workspace, ignore_errors=True)
+            raise
         if protocol == PROTOCOL_TVM:
             conn.close()
             session.conn = None
@@ -378,12 +413,31 @@ class DeviceServer:
             f", timeout {timeout:g} s" if timeout else "",
             worker.pid,
         )
-        self._events.put(("start", slot.matchkey, peer))
+        self._post("start", matchkey, peer)
         threading.Thread(target=self._watch, args=(slot, session), daemon=True, name="tether-session").start()
         if self.config.prestart:
             self._prestart(slot)
 
     def _watch(self, slot: _Slot, session: _Session) -> None:
+        """Wait for the session's worker; whatever happens, free the slot and clean up after it."""
+        try:
+            self._end_session(session)
+        except Exception:
+            logger.exception("session %s: error while ending it", session.id)
+            session.worker.kill()
+            self.pool.reap(session.worker)
+        finally:
+            if session.conn is not None:
+                with contextlib.suppress(OSError):
+                    session.conn.close()
+            shutil.rmtree(session.workspace, ignore_errors=True)
+            with self._lock:
+                slot.session = None
+                self.sessions_served += 1
+                old, slot.matchkey = slot.matchkey, self._new_matchkey()
+            self._post("end", old, "")
+
+    def _end_session(self, session: _Session) -> None:
         worker = session.worker
         limit = None if session.timeout is None else session.timeout + self.config.kill_grace_s
         code = worker.wait(limit)
@@ -404,14 +458,12 @@ class DeviceServer:
                 session.conn.shutdown(socket.SHUT_RDWR)
             session.conn.close()
         self.pool.reap(session.worker)
-        shutil.rmtree(session.workspace, ignore_errors=True)
         took = time.monotonic() - session.started
         logger.info("session %s ended after %.3f s%s", session.id, took, f": {reason[1]}" if reason else "")
-        with self._lock:
-            slot.session = None
-            self.sessions_served += 1
-            old, slot.matchkey = slot.matchkey, self._new_matchkey()
-        self._events.put(("end", old, ""))
+
+    def _post(self, event: str, matchkey: str, peer: str) -> None:
+        if self.config.tracker and not self.config.through_proxy:  # only the registration thread reads these
+            self._events.put((event, matchkey, peer))
 
     # -- tracker -------------------------------------------------------------------------------
 
@@ -430,8 +482,14 @@ class DeviceServer:
         }
 
     def _put(self, tracker: TrackerClient, slot: _Slot) -> None:
-        tracker.put(self.config.key, self.port, slot.matchkey, self.config.custom_addr)
-        slot.granted_since = None
+        with self._lock:
+            matchkey = slot.matchkey
+            if slot.session or slot.reserved or slot.put_matchkey == matchkey:
+                return
+        tracker.put(self.config.key, self.port, matchkey, self.config.custom_addr)
+        with self._lock:
+            slot.put_matchkey = matchkey
+            slot.granted_since = None
 
     def _registration_loop(self) -> None:
         assert self.config.tracker is not None
@@ -444,9 +502,10 @@ class DeviceServer:
                 is_tether = tracker.tether_version is not None
                 tracker.update_info(self._info())
                 with self._lock:
-                    free = [s for s in self._slots if not s.session and not s.reserved]
+                    for slot in self._slots:
+                        slot.put_matchkey = None  # a new connection knows none of them
                     busy = [s for s in self._slots if s.session]
-                for slot in free:
+                for slot in self._slots:
                     self._put(tracker, slot)
                 if is_tether:
                     for slot in busy:
@@ -478,13 +537,12 @@ class DeviceServer:
             elif event in ("end", "rotate"):
                 if event == "end" and is_tether:
                     tracker.session_event("end", matchkey)
-                with self._lock:
-                    slots = [s for s in self._slots if not s.session and not s.reserved]
-                    if event == "rotate":
-                        for slot in slots:
-                            if slot.matchkey == matchkey:
+                if event == "rotate":
+                    with self._lock:
+                        for slot in self._slots:
+                            if slot.matchkey == matchkey and not slot.session and not slot.reserved:
                                 slot.matchkey = self._new_matchkey()
-                for slot in slots:
+                for slot in self._slots:
                     self._put(tracker, slot)
             if time.monotonic() < next_poll:
                 continue
@@ -507,7 +565,7 @@ class DeviceServer:
                         slot.matchkey = self._new_matchkey()
                         stale.append(slot)
             for slot in stale:
-                self._put(tracker, slot)
+                self._put(tracker, slot)  # a new matchkey: PUT once
 
     # -- through a proxy -----------------------------------------------------------------------
 
@@ -522,7 +580,7 @@ class DeviceServer:
                 continue
             try:
                 conn = connect_tcp(cfg.host, cfg.port, timeout=5.0)
-            except TetherError as exc:
+            except (TetherError, OSError) as exc:
                 logger.warning(
                     "proxy %s: %s; retrying in %.1f s (forever)", format_hostport(cfg.host, cfg.port), exc, delay
                 )
@@ -564,10 +622,16 @@ class DeviceServer:
                     slot.reserved = False
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Exactly ``n`` bytes (the handshake must not consume a byte of the session that follows)."""
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """Exactly ``n`` bytes (the handshake must not consume a byte of the session that follows), all of
+    them before ``deadline`` (``time.monotonic()``): a peer that trickles bytes is cut off."""
     buf = bytearray()
     while len(buf) < n:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("handshake took too long")
+            sock.settimeout(remaining)
         chunk = sock.recv(n - len(buf))
         if not chunk:
             raise ConnectionError("closed during the handshake")

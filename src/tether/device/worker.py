@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..aio.channel import Channel
-from ..errors import ConnectionClosed, RemoteError, RemoteProtocolError, WorkspaceError
+from ..errors import ConnectionClosed, LocalProtocolError, RemoteError, RemoteProtocolError, WorkspaceError
 from ..protocol.session import FrameHeader, FrameKind, TensorDesc, tensor_descs
 from ..runtime import Model, RawTensor, backend_for_path, fill_tensor, get_backend
 from .workspace import Workspace
@@ -53,6 +53,10 @@ class _Payload:
         if self.left:
             left, self.left = self.left, 0
             self.channel.discard(left)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit // 2] + "\n[...]\n" + text[-limit // 2 :]
 
 
 def measure(
@@ -140,7 +144,10 @@ class NativeSession:
                 if isinstance(exc, KeyboardInterrupt | SystemExit):
                     raise
                 continue
-            self.channel.send_frame(FrameKind.RESPONSE, head.id, result, out)
+            try:
+                self.channel.send_frame(FrameKind.RESPONSE, head.id, result, out)
+            except LocalProtocolError as exc:  # e.g. a listing too large for one header: an error reply
+                self._send_error(head, exc, op)
             if op == "close":
                 return
 
@@ -157,6 +164,7 @@ class NativeSession:
             kind = exc.remote_type if isinstance(exc, RemoteError) else type(exc).__name__
         message = exc.remote_message if isinstance(exc, RemoteError) else str(exc) or type(exc).__name__
         trace = "" if isinstance(exc, RemoteError) else traceback.format_exc(limit=20)
+        message, trace = _clip(message, 16 << 10), _clip(trace, 256 << 10)  # an error frame must fit its header
         self.channel.send_frame(FrameKind.ERROR, head.id, {"type": kind, "message": message, "traceback": trace})
 
     # -- operations ----------------------------------------------------------------------------
@@ -171,9 +179,17 @@ class NativeSession:
         name = header.get("path")
         path = self.workspace.resolve(name if isinstance(name, str) else "")
         size = payload.left
-        with self.workspace.open_for_write(str(path.relative_to(self.workspace.root))) as file:
-            payload.left = 0
-            self.channel.recv_to_file(file, size)
+        chunk = memoryview(bytearray(min(max(size, 1), 1 << 20)))
+        try:
+            with self.workspace.open_for_write(str(path.relative_to(self.workspace.root))) as file:
+                while payload.left:
+                    part = chunk[: min(payload.left, chunk.nbytes)]
+                    payload.into(part)  # what a failed write leaves unread is skipped by drain()
+                    file.write(part)
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
         return {"path": name, "size": size}, []
 
     def _download_frame(self, head: FrameHeader, header: dict[str, Any]) -> None:
@@ -520,6 +536,7 @@ def zygote(control: socket.socket) -> int:
             return 0
         if not fds:
             continue
+        request = json.loads(message)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
@@ -537,7 +554,7 @@ def zygote(control: socket.socket) -> int:
                 logging.shutdown()
                 os._exit(code)
         os.close(fds[0])
-        send({"forked": pid})
+        send({"forked": pid, "id": request.get("id")})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,7 +82,10 @@ class WorkerPool:
         self._stopping = False
         self._zygote: subprocess.Popen[bytes] | None = None
         self._zygote_control: socket.socket | None = None
-        self._forked: queue.Queue[int] = queue.Queue()
+        #: Fork requests waiting for the zygote's reply, by request id: the new worker's control socket
+        #: and where to hand the registered :class:`Worker`.
+        self._pending: dict[int, tuple[socket.socket, queue.Queue[Worker | None]]] = {}
+        self._fork_ids = 0
 
     # -- processes -----------------------------------------------------------------------------
 
@@ -151,34 +154,55 @@ class WorkerPool:
             raise TetherError("the worker zygote did not start")
         control.settimeout(None)
         self._zygote, self._zygote_control = proc, control
-        self._forked = queue.Queue()
-        threading.Thread(
-            target=self._read_zygote, args=(control, self._forked), daemon=True, name="tether-zygote"
-        ).start()
+        threading.Thread(target=self._read_zygote, args=(control,), daemon=True, name="tether-zygote").start()
         return control
 
-    def _read_zygote(self, control: socket.socket, forked: queue.Queue[int]) -> None:
+    def _read_zygote(self, control: socket.socket) -> None:
+        """Register forked workers (before any exit of theirs can be read) and record exits."""
         buf = b""
+        mine: set[int] = set()
         while True:
             try:
                 data = control.recv(65536)
             except OSError:
                 data = b""
             if not data:
-                forked.put(-1)  # wakes a fork() waiting on a zygote that died
-                return
+                break
             buf += data
             *lines, buf = buf.split(b"\n")
             for line in lines:
                 message = json.loads(line)
                 if "forked" in message:
-                    forked.put(int(message["forked"]))
-                elif "exit" in message:
+                    pid = int(message["forked"])
                     with self._lock:
-                        worker = self._workers.get(int(message["exit"]))
-                    if worker is not None:
-                        worker.code = int(message["code"])
-                        worker.exited.set()
+                        pending = self._pending.pop(int(message.get("id", -1)), None)
+                        if pending is not None:
+                            worker = Worker(pid, pending[0])
+                            self._workers[pid] = worker
+                            mine.add(pid)
+                    if pending is None:  # its request gave up waiting: nobody will use it
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(pid, signal.SIGKILL)
+                    else:
+                        pending[1].put(worker)
+                elif "exit" in message:
+                    pid = int(message["exit"])
+                    mine.discard(pid)
+                    with self._lock:
+                        ended = self._workers.get(pid)
+                    if ended is not None:
+                        ended.code = int(message["code"])
+                        ended.exited.set()
+        # the zygote is gone: wake waiting forks, and watch its orphans some other way
+        with self._lock:
+            pending_now = list(self._pending.values())
+            self._pending.clear()
+            orphans = [self._workers[pid] for pid in mine if pid in self._workers]
+        for parent, waiting in pending_now:
+            parent.close()
+            waiting.put(None)
+        for worker in orphans:
+            threading.Thread(target=_watch_orphan, args=(worker,), daemon=True, name="tether-orphan").start()
 
     def _close_zygote(self) -> None:
         if self._zygote_control is not None:
@@ -216,25 +240,32 @@ class WorkerPool:
     def _fork(self) -> Worker:
         with self._fork_lock:
             control = self._ensure_zygote()
-            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                socket.send_fds(control, [b'{"fork": true}'], [child.fileno()])
-            except OSError as exc:
-                parent.close()
-                raise TetherError(f"the worker zygote is gone: {exc}") from exc
-            finally:
-                child.close()
-            try:
-                pid = self._forked.get(timeout=30)
-            except queue.Empty:
-                pid = -1
-            if pid < 0:
-                parent.close()
-                raise TetherError("the worker zygote did not fork")
-            worker = Worker(pid, parent)
+            self._fork_ids += 1
+            request_id = self._fork_ids
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        reply: queue.Queue[Worker | None] = queue.Queue()
+        with self._lock:
+            self._pending[request_id] = (parent, reply)
+        try:
+            socket.send_fds(control, [json.dumps({"fork": True, "id": request_id}).encode()], [child.fileno()])
+        except OSError as exc:
             with self._lock:
-                self._workers[pid] = worker
-            return worker
+                self._pending.pop(request_id, None)
+            parent.close()
+            raise TetherError(f"the worker zygote is gone: {exc}") from exc
+        finally:
+            child.close()
+        try:
+            worker = reply.get(timeout=30)
+        except queue.Empty:
+            worker = None
+        if worker is None:
+            with self._lock:
+                gave_up = self._pending.pop(request_id, None) is not None
+            if gave_up:
+                parent.close()
+            raise TetherError("the worker zygote did not fork")
+        return worker
 
     def reap(self, worker: Worker) -> int | None:
         """Wait (up to 5 s) for a worker that was killed or has exited; forget it."""
@@ -274,6 +305,33 @@ def _await_ready(worker: Worker) -> None:
             worker.ready.set()
     except (OSError, ValueError):
         pass
+
+
+def _watch_orphan(worker: Worker) -> None:
+    """A forked worker whose zygote died: nobody can collect its status; notice when it is gone."""
+    logger.warning("worker %d lost its zygote; watching it until it exits", worker.pid)
+    pidfd = None
+    with contextlib.suppress(OSError, AttributeError):
+        pidfd = os.pidfd_open(worker.pid)
+    try:
+        while not worker.exited.is_set():
+            if pidfd is not None:
+                import select
+
+                if select.select([pidfd], [], [], 1.0)[0]:
+                    break
+            else:
+                try:
+                    os.kill(worker.pid, 0)
+                except ProcessLookupError:
+                    break
+                worker.exited.wait(0.2)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    if not worker.exited.is_set():
+        worker.code = 0  # its status went with the zygote
+        worker.exited.set()
 
 
 def describe_exit(code: int) -> str | None:

@@ -28,6 +28,9 @@ __all__ = [
 
 _ROLES = ("client", "server")
 
+#: Longest session timeout honoured (about 115 days); larger values mean the same.
+MAX_SESSION_TIMEOUT_S = 1e7
+
 #: A server's UPDATE_INFO key is ``server:<key>``; a proxy registers ``server:proxy[k1,k2]``.
 SERVER_PREFIX = "server:"
 PROXY_PREFIX = "server:proxy["
@@ -68,7 +71,7 @@ class PeerKey:
             raise RemoteProtocolError(f"bad -timeout={text!r} in key {self.raw!r}") from exc
         if not math.isfinite(value) or value < 0:
             raise RemoteProtocolError(f"bad -timeout={text!r} in key {self.raw!r}")
-        return value or None
+        return min(value, MAX_SESSION_TIMEOUT_S) or None
 
     @property
     def is_tether(self) -> bool:
