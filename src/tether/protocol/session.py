@@ -87,7 +87,7 @@ _pack_fixed = FIXED_HEADER.pack
 _unpack_fixed = FIXED_HEADER.unpack
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per frame, and frozen dataclasses construct slowly
 class FrameHeader:
     kind: int  # a FrameKind value (kept a plain int: this is the hot path)
     id: int
@@ -123,6 +123,8 @@ def parse_fixed_header(data: bytes | bytearray | memoryview, max_payload: int = 
 
 def parse_json_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     """The JSON object of a frame header."""
+    if data == b"{}":  # most responses: no need to run the decoder
+        return {}
     try:
         value = _decode_json(bytes(data).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -168,7 +170,9 @@ def tensor_desc(raw: Any) -> TensorDesc:
 def tensor_descs(raw: Any, payload_len: int) -> list[TensorDesc]:
     """Validate a frame's ``"tensors"`` list against its payload length."""
     if raw is None:
-        raw = []
+        if payload_len:
+            raise RemoteProtocolError(f"a frame with no tensors has {payload_len} payload bytes")
+        return []
     if not isinstance(raw, list):
         raise RemoteProtocolError("'tensors' must be a list")
     descs = [tensor_desc(item) for item in raw]
