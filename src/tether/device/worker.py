@@ -402,10 +402,40 @@ def serve_tvm(sock: socket.socket, workspace: Workspace, load_library: list[str]
     del libs
 
 
-def _tvm_timeout_reply(fd: int, timeout: float) -> None:
+def _tvm_deadline_guard(sock: socket.socket, timeout: float, deadline: float) -> None:
+    """Fork a guard that, at the deadline, kills this worker and only then writes TVM's timeout error.
+
+    TVM's session loop may be writing a reply when the deadline comes; an exception packet written
+    beside it would interleave and corrupt the stream (TVM's client then reads a garbage length). TVM's
+    own server kills the session process first and writes from the parent: the guard does the same. It
+    dies with the worker's process group when the session ends in time.
+    """
+    import signal
+
     from tvm.rpc import _ffi_api
 
-    _ffi_api.ReturnException(fd, TIMEOUT_MESSAGE.format(timeout))
+    worker = os.getpid()
+    pidfd = os.pidfd_open(worker) if hasattr(os, "pidfd_open") else None
+    if os.fork():
+        if pidfd is not None:
+            os.close(pidfd)
+        return
+    code = 124
+    try:
+        remaining = deadline - time.monotonic()
+        while remaining > 0:
+            time.sleep(remaining)  # the guard's only job is to wait
+            remaining = deadline - time.monotonic()
+        os.kill(worker, signal.SIGKILL)
+        if pidfd is not None:
+            import select
+
+            select.select([pidfd], [], [], 2.0)  # readable once the worker is gone
+        _ffi_api.ReturnException(sock.fileno(), TIMEOUT_MESSAGE.format(timeout))
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
 
 
 # -- process entry -----------------------------------------------------------------------------
@@ -434,9 +464,7 @@ def run_job(job: dict[str, Any], sock: socket.socket) -> None:
     deadline = job.get("deadline")
     if job["protocol"] == "tvm":
         if timeout:
-            _watchdog(
-                deadline or time.monotonic() + timeout, timeout, lambda: _tvm_timeout_reply(sock.fileno(), timeout)
-            )
+            _tvm_deadline_guard(sock, timeout, deadline or time.monotonic() + timeout)
         serve_tvm(sock, workspace, job.get("load_library") or [])
         return
     channel = Channel(sock, int(job.get("max_payload") or 0) or (16 << 30))
