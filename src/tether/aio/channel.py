@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from typing import IO, Any
 
-from ..errors import ConnectionClosed, RemoteProtocolError
+from ..errors import ConnectionClosed
 from ..protocol.session import (
     FIXED_HEADER,
     MAX_PAYLOAD_BYTES,
@@ -154,16 +154,6 @@ class Channel:
         self.recv_into(memoryview(out))
         return out
 
-    def recv_to_file(self, file: IO[bytes], n: int) -> None:
-        """Copy ``n`` payload bytes into ``file`` in chunks."""
-        chunk = bytearray(min(n, _CHUNK))
-        view = memoryview(chunk)
-        while n:
-            part = view[: min(n, len(chunk))]
-            self.recv_into(part)
-            file.write(part)
-            n -= part.nbytes
-
     def discard(self, n: int) -> None:
         """Skip ``n`` payload bytes (a request that failed before its payload was used)."""
         chunk = memoryview(bytearray(min(max(n, 1), _CHUNK)))
@@ -171,10 +161,6 @@ class Channel:
             part = chunk[: min(n, chunk.nbytes)]
             self.recv_into(part)
             n -= part.nbytes
-
-    def expect_empty(self, head: FrameHeader, what: str) -> None:
-        if head.payload_len:
-            raise RemoteProtocolError(f"{what} carries no payload, got {head.payload_len} bytes")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

@@ -347,7 +347,7 @@ class Session:
                     f"expected the response to request {frame_id}, got {FrameKind(head.kind).name} {head.id}"
                 )
             if op == "download":
-                return reply, [channel.recv_bytes(head.payload_len)] if file is None else []
+                return reply, [channel.recv_bytes(head.payload_len)]
             descs = tensor_descs(reply.get("tensors"), head.payload_len)
             try:
                 dtypes = [numpy_dtype(desc.dtype) for desc in descs]

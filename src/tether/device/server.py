@@ -223,10 +223,6 @@ class DeviceServer:
         with self._lock:
             return sum(1 for s in self._slots if s.session is not None or s.reserved)
 
-    def session_pids(self) -> list[int]:
-        with self._lock:
-            return [s.session.worker.pid for s in self._slots if s.session is not None]
-
     # -- workers -------------------------------------------------------------------------------
 
     def _new_matchkey(self) -> str:

@@ -24,11 +24,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 from ..aio.channel import Channel
 from ..errors import ConnectionClosed, LocalProtocolError, RemoteError, RemoteProtocolError, WorkspaceError
-from ..protocol.session import FrameHeader, FrameKind, TensorDesc, tensor_descs
+from ..protocol.session import MAX_PAYLOAD_BYTES, FrameHeader, FrameKind, TensorDesc, tensor_descs
 from ..runtime import Model, RawTensor, backend_for_path, fill_tensor, get_backend
 from .workspace import Workspace
 
@@ -37,6 +38,14 @@ __all__ = ["NativeSession", "main", "measure"]
 logger = logging.getLogger("tether.worker")
 
 TIMEOUT_MESSAGE = "RPCSessionTimeoutError: the {0:g} s session timeout expired; ask for a longer session_timeout"
+
+
+@dataclass(frozen=True)
+class _FileOut:
+    """A response payload streamed from a file (``sendfile``) instead of buffers."""
+
+    file: BinaryIO
+    size: int
 
 
 class _Payload:
@@ -95,11 +104,11 @@ class NativeSession:
         self.tensors: dict[str, RawTensor] = {}
         self.models: dict[str, Model] = {}
         self._ids = 0
-        self._ops: dict[str, Callable[[dict[str, Any], _Payload], tuple[dict[str, Any], list[Any]]]] = {
+        self._ops: dict[str, Callable[[dict[str, Any], _Payload], tuple[dict[str, Any], list[Any] | _FileOut]]] = {
             "ping": self._ping,
             "info": self._info,
             "upload": self._upload,
-            "download": self._ping,  # served by _download_frame: its payload is a file
+            "download": self._download,
             "remove": self._remove,
             "listdir": self._listdir,
             "load_model": self._load_model,
@@ -126,9 +135,6 @@ class NativeSession:
             if head.kind != FrameKind.REQUEST:
                 raise RemoteProtocolError(f"expected a request frame, got {FrameKind(head.kind).name}")
             op = header.get("op")
-            if op == "download":
-                self._download_frame(head, header)
-                continue
             payload = _Payload(self.channel, head.payload_len)
             try:
                 handler = self._ops.get(op) if isinstance(op, str) else None
@@ -145,7 +151,11 @@ class NativeSession:
                     raise
                 continue
             try:
-                self.channel.send_frame(FrameKind.RESPONSE, head.id, result, out)
+                if isinstance(out, _FileOut):
+                    with out.file:
+                        self.channel.send_file_frame(FrameKind.RESPONSE, head.id, result, out.file, out.size)
+                else:
+                    self.channel.send_frame(FrameKind.RESPONSE, head.id, result, out)
             except LocalProtocolError as exc:  # e.g. a listing too large for one header: an error reply
                 self._send_error(head, exc, op)
             if op == "close":
@@ -181,7 +191,7 @@ class NativeSession:
         size = payload.left
         chunk = memoryview(bytearray(min(max(size, 1), 1 << 20)))
         try:
-            with self.workspace.open_for_write(str(path.relative_to(self.workspace.root))) as file:
+            with self.workspace.open_for_write(path) as file:
                 while payload.left:
                     part = chunk[: min(payload.left, chunk.nbytes)]
                     payload.into(part)  # what a failed write leaves unread is skipped by drain()
@@ -192,20 +202,12 @@ class NativeSession:
             raise
         return {"path": name, "size": size}, []
 
-    def _download_frame(self, head: FrameHeader, header: dict[str, Any]) -> None:
-        try:
-            self.channel.expect_empty(head, "download")
-            name = header.get("path")
-            path = self.workspace.resolve(name if isinstance(name, str) else "", must_exist=True)
-            file = open(path, "rb")  # noqa: SIM115 - closed below, after the frame went out
-        except RemoteProtocolError:
-            raise
-        except Exception as exc:
-            self._send_error(head, exc, "download")
-            return
-        with file:
-            size = os.fstat(file.fileno()).st_size
-            self.channel.send_file_frame(FrameKind.RESPONSE, head.id, {"path": name, "size": size}, file, size)
+    def _download(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], _FileOut]:
+        name = header.get("path")
+        path = self.workspace.resolve(name if isinstance(name, str) else "", must_exist=True)
+        file = open(path, "rb")  # noqa: SIM115 - serve() closes it once the frame is out
+        size = os.fstat(file.fileno()).st_size
+        return {"path": name, "size": size}, _FileOut(file, size)
 
     def _remove(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
         self.workspace.remove(str(header.get("path", "")))
@@ -441,7 +443,7 @@ def _tvm_deadline_guard(sock: socket.socket, timeout: float, deadline: float) ->
 # -- process entry -----------------------------------------------------------------------------
 
 
-def _watchdog(deadline: float, timeout: float, on_expire: Callable[[], None]) -> None:
+def _watchdog(deadline: float, on_expire: Callable[[], None]) -> None:
     def wait() -> None:
         remaining = deadline - time.monotonic()
         while remaining > 0:
@@ -461,13 +463,13 @@ def run_job(job: dict[str, Any], sock: socket.socket) -> None:
     workspace = Workspace(job["workspace"])
     os.chdir(workspace.root)
     timeout = job.get("timeout")
-    deadline = job.get("deadline")
+    deadline = time.monotonic() + timeout if timeout else 0.0
     if job["protocol"] == "tvm":
         if timeout:
-            _tvm_deadline_guard(sock, timeout, deadline or time.monotonic() + timeout)
+            _tvm_deadline_guard(sock, timeout, deadline)
         serve_tvm(sock, workspace, job.get("load_library") or [])
         return
-    channel = Channel(sock, int(job.get("max_payload") or 0) or (16 << 30))
+    channel = Channel(sock, int(job.get("max_payload") or MAX_PAYLOAD_BYTES))
     if timeout:
 
         def expire() -> None:
@@ -475,7 +477,7 @@ def run_job(job: dict[str, Any], sock: socket.socket) -> None:
             channel.send_frame(FrameKind.ERROR, 0, {"type": "SessionTimeout", "message": message, "traceback": ""})
             sock.shutdown(socket.SHUT_RDWR)
 
-        _watchdog(deadline or time.monotonic() + timeout, timeout, expire)
+        _watchdog(deadline, expire)
     try:
         NativeSession(channel, workspace, job.get("info") or {}).serve()
     except RemoteProtocolError as exc:

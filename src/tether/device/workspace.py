@@ -37,10 +37,10 @@ class Workspace:
             raise WorkspaceError(f"no such file in the workspace: {name!r}", "WorkspaceError")
         return path
 
-    def open_for_write(self, name: str) -> Any:
-        path = self.resolve(name)
+    def open_for_write(self, path: Path) -> Any:
+        """Create or truncate ``path``, a result of :meth:`resolve`, and its parent directories."""
         if path == self.root or path.is_dir():
-            raise WorkspaceError(f"{name!r} is a directory", "WorkspaceError")
+            raise WorkspaceError(f"{path.name!r} is a directory", "WorkspaceError")
         path.parent.mkdir(parents=True, exist_ok=True)
         # O_NOFOLLOW: a symlink planted between resolve() and open() is not followed
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
