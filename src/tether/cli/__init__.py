@@ -11,13 +11,14 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, pack, query, run, server, tracker
+from . import demo, pack, proxy, query, run, server, tracker
 
 __all__ = ["main"]
 
 _COMMANDS = {
     "tracker": tracker,
     "server": server,
+    "proxy": proxy,
     "query": query,
     "run": run,
     "pack": pack,

@@ -27,6 +27,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tracker", default=None, help="HOST:PORT of the tracker to register with")
     p.add_argument("--key", default="", help="the key clients request this device by")
     p.add_argument("--through-proxy", action="store_true", help="connect out to the proxy at --host:--port")
+    p.add_argument(
+        "--proxy-url", default=None, help="connect out to a proxy's WebSocket endpoint (ws://HOST:PORT/ws) instead"
+    )
     p.add_argument("--custom-addr", default=None, help="address the tracker hands to clients (NAT, tunnels)")
     p.add_argument("--load-library", default=None, help="colon-separated libraries to load into TVM sessions")
     p.add_argument(
@@ -69,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         tracker=parse_hostport(args.tracker, 9190) if args.tracker else None,
         custom_addr=args.custom_addr,
         through_proxy=args.through_proxy,
+        proxy_url=args.proxy_url,
         load_library=[p for p in (args.load_library or "").split(":") if p],
         work_dir=args.work_dir,
         labels=dict(args.label),
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    if not args.through_proxy:
+    if not args.through_proxy and not args.proxy_url:
         print(f"listening on {format_hostport(args.host, server.port)}", flush=True)
     try:
         while not done.wait(3600):

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import math
 import os
+import socket
 import statistics
 import sys
 from collections.abc import Mapping
@@ -49,9 +50,12 @@ __all__ = ["BenchmarkResult", "RemoteModel", "RemoteTensor", "Session", "connect
 
 
 def connect(
-    host: str, port: int, key: str = "", session_timeout: float | None = None, timeout: float = 10.0
+    host: str, port: int = 0, key: str = "", session_timeout: float | None = None, timeout: float = 10.0
 ) -> Session:
-    """Open a native session with a tether server directly (no tracker): ``key`` is the server's key."""
+    """Open a native session with a tether server directly (no tracker): ``key`` is the server's key.
+
+    Through a proxy in plain mode, ``host:port`` is the proxy's (or ``host`` its ``ws://.../ws`` URL) and
+    ``key`` the key the server gave the proxy."""
     return Session.connect(host, port, key or "tether", session_timeout=session_timeout, timeout=timeout)
 
 
@@ -257,12 +261,19 @@ class Session:
     def connect(
         cls, host: str, port: int, name: str, *, session_timeout: float | None = None, timeout: float = 10.0
     ) -> Session:
-        """Handshake as ``client:<name> -tether=1`` (``name``: the server's key, or a tracker's matchkey)."""
+        """Handshake as ``client:<name> -tether=1`` (``name``: the server's key, or a tracker's matchkey).
+
+        ``host`` may be a proxy's WebSocket URL (``ws://proxy:8888/ws``; ``port`` is then ignored)."""
         options = {"tether": "1"}
         if session_timeout:
             options["timeout"] = f"{session_timeout:g}"
-        address = format_hostport(host, port)
-        sock = connect_tcp(host, port, timeout)  # ConnectFailed names every address tried
+        if host.startswith(("ws://", "wss://")):  # a proxy's WebSocket endpoint: bridged to a local socket
+            from ..aio.ws import ws_open_socket
+
+            address, sock = host, ws_open_socket(host, timeout)
+        else:
+            address = format_hostport(host, port)
+            sock = connect_tcp(host, port, timeout)  # ConnectFailed names every address tried
         try:
             sock.settimeout(timeout)
             sock.sendall(encode_handshake(format_peer_key("client", name, options)))
@@ -284,7 +295,8 @@ class Session:
                     f"{address} is a plain TVM server (it answered {reply.key!r}); it speaks only TVM's session "
                     "protocol: use tvm.rpc.connect for it, or run `tether server` on the device"
                 )
-            sock.setsockopt(6, 1, 1)  # TCP_NODELAY: small requests must not wait for Nagle
+            if sock.family != socket.AF_UNIX:  # a WebSocket bridge is a local socket pair
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests must not wait for Nagle
         except TimeoutError:
             sock.close()
             raise ConnectionClosed(f"{address} did not answer the handshake within {timeout} s") from None

@@ -33,6 +33,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,8 @@ class ServerConfig:
     custom_addr: str | None = None
     #: Connect out to the proxy at host:port instead of listening.
     through_proxy: bool = False
+    #: ``ws://host:port/ws`` (or ``wss://``): reach the proxy over WebSocket instead of ``host:port``
+    proxy_url: str | None = None
     load_library: list[str] = field(default_factory=list)
     work_dir: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
@@ -99,6 +102,10 @@ class ServerConfig:
     max_payload: int = MAX_PAYLOAD_BYTES
 
     def __post_init__(self) -> None:
+        if self.proxy_url:
+            if not self.proxy_url.startswith(("ws://", "wss://")):
+                raise ConfigError(f"--proxy-url must be ws:// or wss://, got {self.proxy_url!r}")
+            self.through_proxy = True
         if not self.key and (self.tracker or self.through_proxy):
             raise ConfigError("--key is required with --tracker or --through-proxy")
         if self.slots < 1:
@@ -180,7 +187,8 @@ class DeviceServer:
         if cfg.prestart:
             for slot in self._slots:
                 self._prestart(slot)
-        where = f"through proxy {format_hostport(cfg.host, cfg.port)}" if cfg.through_proxy else f"on port {self.port}"
+        proxy = cfg.proxy_url or format_hostport(cfg.host, cfg.port)
+        where = f"through proxy {proxy}" if cfg.through_proxy else f"on port {self.port}"
         logger.info(
             "serving key %r %s (protocols %s, %d slot(s), labels %s)",
             cfg.key,
@@ -565,6 +573,22 @@ class DeviceServer:
 
     # -- through a proxy -----------------------------------------------------------------------
 
+    def _connect_proxy(self) -> socket.socket:
+        cfg = self.config
+        if cfg.proxy_url:
+            from ..aio.ws import ws_open_socket
+
+            return ws_open_socket(cfg.proxy_url, timeout=5.0)
+        return connect_tcp(cfg.host, cfg.port, timeout=5.0)
+
+    def _proxy_key(self) -> str:
+        """``server:K -tether=1 -protocols=tether,tvm [-labels=k=v&...]``: a proxy in tracker mode offers the
+        slot with these protocols and labels (TVM's proxy forwards the string and ignores the options)."""
+        options = {"tether": "1", "protocols": ",".join(self.protocols)}
+        if self.config.labels:
+            options["labels"] = urllib.parse.urlencode(sorted(self.config.labels.items()))
+        return format_peer_key("server", self.config.key, options)
+
     def _proxy_loop(self, slot: _Slot) -> None:
         cfg = self.config
         delay = 0.2
@@ -574,17 +598,16 @@ class DeviceServer:
             if busy:
                 self._stop.wait(0.05)
                 continue
+            where = cfg.proxy_url or format_hostport(cfg.host, cfg.port)
             try:
-                conn = connect_tcp(cfg.host, cfg.port, timeout=5.0)
+                conn = self._connect_proxy()
             except (TetherError, OSError) as exc:
-                logger.warning(
-                    "proxy %s: %s; retrying in %.1f s (forever)", format_hostport(cfg.host, cfg.port), exc, delay
-                )
+                logger.warning("proxy %s: %s; retrying in %.1f s (forever)", where, exc, delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, cfg.reconnect_max_s)
                 continue
             try:
-                conn.sendall(encode_handshake(format_peer_key("server", cfg.key, {"tether": "1"})))
+                conn.sendall(encode_handshake(self._proxy_key()))
                 decoder = HandshakeReplyDecoder()
                 reply = None
                 while reply is None:
@@ -595,7 +618,7 @@ class DeviceServer:
             except (OSError, ConnectionError, RemoteProtocolError, ValueError) as exc:
                 conn.close()
                 if not self._stop.is_set():
-                    logger.info("proxy %s: %s; reconnecting", format_hostport(cfg.host, cfg.port), exc)
+                    logger.info("proxy %s: %s; reconnecting", where, exc)
                     self._stop.wait(delay)
                     delay = min(delay * 2, cfg.reconnect_max_s)
                 continue

@@ -49,7 +49,7 @@ class HandshakeCode(enum.IntEnum):
 class TrackerCode(enum.IntEnum):
     """First element of every tracker request; ``SUCCESS``/``FAIL`` are also reply values.
 
-    ``CANCEL`` and ``SESSION`` are tether's own: TVM's tracker would close the connection on them,
+    ``CANCEL``, ``SESSION`` and ``WITHDRAW`` are tether's own: TVM's tracker would close the connection on them,
     so tether peers send them only to a tracker whose SUMMARY said it is tether.
     """
 
@@ -65,3 +65,4 @@ class TrackerCode(enum.IntEnum):
     # tether extensions
     CANCEL = 101
     SESSION = 102
+    WITHDRAW = 103

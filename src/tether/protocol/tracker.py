@@ -9,13 +9,15 @@ request                     wire form                                      reply
 ==========================  =============================================  ===========================
 :class:`Ping`               ``[1]`` (+ ``{"hello": true}``)                 ``0`` (tether hello: ``[0, {...}]``)
 :class:`Stop`               ``[2, stop_key]``                              ``0``, or ``-1`` (wrong key)
-:class:`Put`                ``[3, key, [port, matchkey]]`` (+ addr|null)   ``0``
+:class:`Put`                ``[3, key, [port, matchkey]]`` (+ addr|null,   ``0``
+                            + tether: ``{"protocols", "labels"}``)
 :class:`Request`            ``[4, key, user, priority]`` (+ options dict)  later: ``[0, [host, port, mk]]``
 :class:`UpdateInfo`         ``[5, {"key": "server:K", "addr": [h, p]}]``   ``0``
 :class:`Summary`            ``[6]`` (+ ``{"detail": true}``)               ``[0, {queue_info, server_info}]``
 :class:`GetPendingMatchkeys` ``[7]``                                       ``[mk, ...]``
 :class:`Cancel` (tether)    ``[101, request_id]``                          ``0``, or ``-1`` (unknown id)
 :class:`SessionEvent` (t.)  ``[102, {"event": "start"|"end", "matchkey"}]`` ``0``
+:class:`Withdraw` (tether)  ``[103, matchkey]``                            ``0``, or ``-1`` (not offered)
 ==========================  =============================================  ===========================
 
 tether's REQUEST options (a fifth element TVM's tracker ignores)::
@@ -59,6 +61,7 @@ __all__ = [
     "TrackerMessage",
     "TrackerServerStream",
     "UpdateInfo",
+    "Withdraw",
     "decode_message",
     "decode_value",
     "encode_message",
@@ -93,12 +96,19 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class Put:
-    """Offer one free slot of ``key``, reachable at ``(custom_addr or peer IP, port)`` with ``matchkey``."""
+    """Offer one free slot of ``key``, reachable at ``(custom_addr or peer IP, port)`` with ``matchkey``.
+
+    ``protocols`` and ``labels`` (tether, a fifth element TVM's tracker ignores) describe this slot alone,
+    overriding the connection's UPDATE_INFO: how a proxy offers servers of different kinds on one
+    connection.
+    """
 
     key: str
     port: int
     matchkey: str
     custom_addr: str | None = None
+    protocols: frozenset[str] | None = None
+    labels: Mapping[str, str] | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +179,15 @@ class SessionEvent:
     peer: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Withdraw:
+    """tether: take back the slot of ``matchkey`` offered on this connection (its server went away)."""
+
+    matchkey: str
+
+
 TrackerMessage: TypeAlias = (
-    Ping | Stop | Put | Request | UpdateInfo | Summary | GetPendingMatchkeys | Cancel | SessionEvent
+    Ping | Stop | Put | Request | UpdateInfo | Summary | GetPendingMatchkeys | Cancel | SessionEvent | Withdraw
 )
 
 
@@ -215,12 +232,25 @@ def _labels(value: Any) -> dict[str, str]:
 
 
 def _parse_put(args: list[Any]) -> Put:
-    if len(args) not in (3, 4) or not isinstance(args[2], list) or len(args[2]) != 2:
-        raise RemoteProtocolError("PUT is [3, key, [port, matchkey], addr?]")
-    addr = args[3] if len(args) == 4 else None
+    if len(args) not in (3, 4, 5) or not isinstance(args[2], list) or len(args[2]) != 2:
+        raise RemoteProtocolError("PUT is [3, key, [port, matchkey], addr?, options?]")
+    addr = args[3] if len(args) >= 4 else None
     if addr is not None:
         addr = _str(addr, "PUT address")
-    return Put(_str(args[1], "PUT key"), _port(args[2][0]), _str(args[2][1], "PUT matchkey"), addr)
+    protocols: frozenset[str] | None = None
+    labels: dict[str, str] | None = None
+    if len(args) == 5 and args[4] is not None:
+        opts = args[4]
+        if not isinstance(opts, dict):
+            raise RemoteProtocolError("PUT options must be a JSON object")
+        if "protocols" in opts:
+            raw = opts["protocols"]
+            if not isinstance(raw, list) or not raw or not all(isinstance(p, str) for p in raw):
+                raise RemoteProtocolError(f"PUT protocols must be a non-empty list of strings, got {raw!r:.80}")
+            protocols = frozenset(raw)
+        if "labels" in opts:
+            labels = _labels(opts["labels"])
+    return Put(_str(args[1], "PUT key"), _port(args[2][0]), _str(args[2][1], "PUT matchkey"), addr, protocols, labels)
 
 
 def _parse_options(raw: Any) -> RequestOptions | None:
@@ -299,6 +329,7 @@ _PARSERS: dict[int, Callable[[list[Any]], TrackerMessage]] = {
     TrackerCode.GET_PENDING_MATCHKEYS: lambda args: GetPendingMatchkeys(),
     TrackerCode.CANCEL: _arity(2, lambda args: Cancel(_str(args[1], "CANCEL id"))),
     TrackerCode.SESSION: _parse_session,
+    TrackerCode.WITHDRAW: _arity(2, lambda args: Withdraw(_str(args[1], "WITHDRAW matchkey"))),
 }
 
 
@@ -323,7 +354,15 @@ def _message_to_wire(msg: TrackerMessage) -> list[Any]:
     if isinstance(msg, Stop):
         return [TrackerCode.STOP, msg.key]
     if isinstance(msg, Put):
-        return [TrackerCode.PUT, msg.key, [msg.port, msg.matchkey], msg.custom_addr]
+        put: list[Any] = [TrackerCode.PUT, msg.key, [msg.port, msg.matchkey], msg.custom_addr]
+        if msg.protocols is not None or msg.labels is not None:
+            opts: dict[str, Any] = {}
+            if msg.protocols is not None:
+                opts["protocols"] = sorted(msg.protocols)
+            if msg.labels is not None:
+                opts["labels"] = dict(msg.labels)
+            put.append(opts)
+        return put
     if isinstance(msg, Request):
         wire: list[Any] = [TrackerCode.REQUEST, msg.key, msg.user, msg.priority]
         if msg.options is not None:
@@ -342,6 +381,8 @@ def _message_to_wire(msg: TrackerMessage) -> list[Any]:
         if msg.peer is not None:
             body["peer"] = msg.peer
         return [TrackerCode.SESSION, body]
+    if isinstance(msg, Withdraw):
+        return [TrackerCode.WITHDRAW, msg.matchkey]
     raise LocalProtocolError(f"not a tracker message: {msg!r}")
 
 

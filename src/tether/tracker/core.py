@@ -31,6 +31,7 @@ from ..protocol.tracker import (
     Summary,
     TrackerMessage,
     UpdateInfo,
+    Withdraw,
     encode_value,
 )
 from .config import TrackerConfig
@@ -89,6 +90,7 @@ class TrackerCore:
             GetPendingMatchkeys: self._on_get_pending,
             Cancel: self._on_cancel,
             SessionEvent: self._on_session,
+            Withdraw: self._on_withdraw,
         }
 
     # -- driver interface ----------------------------------------------------------------------
@@ -199,7 +201,8 @@ class TrackerCore:
         old = conn.slots.get(msg.matchkey)
         host = msg.custom_addr if msg.custom_addr is not None else conn.host
         if old is not None:
-            if old.key == msg.key and old.port == msg.port and old.host == host:
+            same_terms = msg.protocols in (None, old.protocols) and msg.labels in (None, old.labels)
+            if old.key == msg.key and old.port == msg.port and old.host == host and same_terms:
                 conn.link.send(_OK)  # the same slot offered again: counts once
                 return
             self.scheduler.remove_slot(old)
@@ -209,7 +212,10 @@ class TrackerCore:
         else:
             conn.held.pop(msg.matchkey, None)
         self._note_key(msg.key)
-        slot = Slot(msg.key, msg.matchkey, host, msg.port, conn, conn.protocols, conn.labels)
+        own = msg.protocols is not None or msg.labels is not None
+        protocols = msg.protocols if msg.protocols is not None else conn.protocols
+        labels = msg.labels if msg.labels is not None else conn.labels
+        slot = Slot(msg.key, msg.matchkey, host, msg.port, conn, protocols, labels, own_terms=own)
         conn.slots[msg.matchkey] = slot
         grant = self.scheduler.put(slot, now)
         if grant is not None:
@@ -286,6 +292,8 @@ class TrackerCore:
         """Protocols or labels changed: re-offer the connection's free slots with the new ones."""
         now = self.clock()
         for slot in list(conn.slots.values()):
+            if slot.own_terms:
+                continue
             self.scheduler.remove_slot(slot)
             slot.protocols, slot.labels = conn.protocols, conn.labels
             grant = self.scheduler.put(slot, now)
@@ -307,6 +315,13 @@ class TrackerCore:
                 conn.link.send(_OK)
                 return
         conn.link.send(_FAIL)
+
+    def _on_withdraw(self, conn: Connection, msg: Withdraw) -> None:
+        slot = conn.slots.pop(msg.matchkey, None)
+        held = conn.held.pop(msg.matchkey, None)
+        if slot is not None:
+            self.scheduler.remove_slot(slot)
+        conn.link.send(_OK if slot is not None or held is not None else _FAIL)
 
     def _on_session(self, conn: Connection, msg: SessionEvent) -> None:
         now = self.clock()

@@ -49,6 +49,7 @@ class Slot:
     protocols: frozenset[str] = _TVM_ONLY
     labels: Mapping[str, str] = field(default_factory=dict)
     free_since: float = 0.0
+    own_terms: bool = False  # protocols/labels came with the PUT, not from the connection's info
     seq: int = 0  # set by the scheduler: order of arrival, oldest first
     queued: bool = False
     # (protocols, labels) as the scheduler grouped the slot when it was queued

@@ -1,0 +1,556 @@
+"""The proxy: listeners, handshakes, pairing, relays, and the tracker link, on one asyncio loop.
+
+Peers reach the proxy over TCP (``port``) or WebSocket (``ws://host:web_port/ws``) and say who they are
+with TVM's handshake (``RPC_MAGIC``, key length, ``server:K``/``client:K ...``); over WebSocket the same
+bytes arrive as binary messages (TVM's web runtime sends magic, length and key as three). The
+:class:`~tether.proxy.matcher.Matcher` decides; a pair gets ``SUCCESS`` and the other side's full key
+(three binary messages for a WebSocket peer, as TVM's proxy sends them) and then a
+:class:`~tether.proxy.relay.Relay` carries its bytes.
+
+Every connection is driven by readiness callbacks on non-blocking sockets: no thread, no coroutine
+per connection, nothing that blocks the loop (the tracker is talked to with non-blocking streams too,
+so relayed sessions never stall while the proxy registers servers). Bad input never hangs a peer: a wrong
+magic or an oversized key closes the connection, a key that names nothing gets MISMATCH, bytes sent
+before pairing close it, a handshake not finished within ``handshake_timeout`` closes it, a waiting
+peer that goes away leaves its pool (and the tracker, where the tracker is tether's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..aio.net import Keepalive, bind_listener, format_hostport, tune_socket
+from ..errors import ConfigError, RemoteProtocolError
+from ..protocol.constants import HandshakeCode
+from ..protocol.framing import HandshakeDecoder, encode_handshake_reply
+from ..protocol.keys import PeerKey
+from ..protocol.websocket import FrameDecoder as WsDecoder
+from ..protocol.websocket import (
+    HttpError,
+    Opcode,
+    WebSocketError,
+    build_http_response,
+    build_upgrade_response,
+    encode_frame,
+    find_head_end,
+    parse_upgrade_request,
+)
+from .matcher import Matcher, Refuse, Wait, lenient_key
+from .registrar import Registrar
+from .relay import SOCKET_BUFFER, Endpoint, Relay
+
+__all__ = ["ProxyConfig", "ProxyServer", "ProxyThread"]
+
+logger = logging.getLogger("tether.proxy")
+
+_ACCEPT_BATCH = 64
+_HTTP_HEAD_LIMIT = 16 * 1024
+
+
+@dataclass(slots=True)
+class ProxyConfig:
+    """What ``tether proxy`` takes. ``web_port=None`` serves no WebSocket; 0 lets the OS choose a port."""
+
+    host: str = "127.0.0.1"
+    port: int = 9090
+    port_end: int = 9199
+    web_port: int | None = 8888
+    tracker: tuple[str, int] | None = None
+    timeout_client: float = 600.0
+    timeout_server: float = 600.0
+    #: tracker mode: a matchkey handed out but not redeemed for this long is renamed and re-offered
+    timeout_alloc: float = 5.0
+    #: seconds a peer has to finish its handshake (TVM waits forever)
+    handshake_timeout: float = 10.0
+    #: tracker mode: the address clients should use to reach this proxy (default: what the tracker sees)
+    custom_addr: str | None = None
+    #: tracker mode: seconds between GET_PENDING_MATCHKEYS rounds (TVM: 2)
+    tracker_period: float = 1.0
+    index_page: Path | None = None
+    backlog: int = 1024
+
+
+class _Peer:
+    """A connection before (and while) it is paired."""
+
+    __slots__ = ("addr", "ep", "hello", "http", "key", "kind", "relay", "state", "timer")
+
+    def __init__(self, sock: socket.socket, addr: str, kind: str) -> None:
+        self.addr = addr
+        self.kind = kind  # "tcp" or "ws"
+        self.ep = Endpoint(sock, f"{kind} {addr}")
+        self.hello = HandshakeDecoder()
+        self.http: bytearray | None = bytearray() if kind == "ws" else None
+        self.key: PeerKey | None = None
+        self.state = "http" if kind == "ws" else "hello"  # then "waiting", "paired", "closed"
+        self.timer: asyncio.TimerHandle | None = None
+        self.relay: Relay | None = None
+
+    @property
+    def raw_key(self) -> str:
+        return self.key.raw if self.key else "?"
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.addr} {self.raw_key!r}" if self.key else f"{self.kind} {self.addr}"
+
+
+class ProxyServer:
+    """``await start()`` binds (:class:`ConfigError` when no port is free); ``serve_until_stopped()``."""
+
+    def __init__(self, config: ProxyConfig | None = None) -> None:
+        self.config = cfg = config or ProxyConfig()
+        self.matcher = Matcher(
+            tracker_mode=cfg.tracker is not None,
+            timeout_client=cfg.timeout_client,
+            timeout_server=cfg.timeout_server,
+            alloc_timeout=cfg.timeout_alloc,
+        )
+        self.host = cfg.host
+        self.port = 0
+        self.web_port: int | None = None
+        self.registrar: Registrar | None = None
+        self.relays: set[Relay] = set()
+        self.stats = {"accepted": 0, "paired": 0, "refused": 0, "dropped": 0, "bytes": 0}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[socket.socket] = []
+        self._peers: set[_Peer] = set()
+        self._stopped: asyncio.Event | None = None
+        self._keepalive = Keepalive(30, 10, 3)
+
+    @property
+    def address(self) -> str:
+        return format_hostport(self.host, self.port)
+
+    @property
+    def ws_url(self) -> str | None:
+        return None if self.web_port is None else f"ws://{format_hostport(self.host, self.web_port)}/ws"
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._loop = loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        sock = bind_listener(cfg.host, cfg.port, cfg.port_end, cfg.backlog)
+        name = sock.getsockname()
+        self.host, self.port = str(name[0]), int(name[1])
+        self._listen(sock, "tcp")
+        if cfg.web_port is not None:
+            web = bind_listener(cfg.host, cfg.web_port, None, cfg.backlog)
+            self.web_port = int(web.getsockname()[1])
+            self._listen(web, "ws")
+        if cfg.tracker is not None:
+            self.registrar = Registrar(self, cfg.tracker, cfg.tracker_period, cfg.custom_addr)
+            self.registrar.start(loop)
+        logger.info(
+            "proxy on %s%s%s",
+            self.address,
+            f", WebSocket on {self.ws_url}" if self.ws_url else "",
+            f", registering with tracker {format_hostport(*cfg.tracker)}" if cfg.tracker else " (plain mode)",
+        )
+
+    def _listen(self, sock: socket.socket, kind: str) -> None:
+        assert self._loop is not None
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        self._loop.add_reader(sock.fileno(), self._on_accept, sock, kind)
+
+    async def serve_until_stopped(self) -> None:
+        assert self._stopped is not None, "start() first"
+        await self._stopped.wait()
+        await self._shutdown()
+
+    def stop(self) -> None:
+        """Ask the proxy to stop (from the loop's thread)."""
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def _shutdown(self) -> None:
+        assert self._loop is not None
+        for sock in self._listeners:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._listeners.clear()
+        if self.registrar is not None:
+            await self.registrar.stop()
+        for peer in list(self._peers):
+            self._drop(peer, "proxy stopping", quiet=True)
+        for relay in list(self.relays):
+            relay.end(relay.a, "proxy stopping")
+        logger.info("proxy on %s stopped", self.address)
+
+    def status(self) -> dict[str, Any]:
+        """What the proxy holds now: waiting peers, relays, counters, the tracker link."""
+        return {
+            "address": self.address,
+            "websocket": self.ws_url,
+            "mode": "tracker" if self.config.tracker else "plain",
+            "waiting": [{"key": key.raw, "matchkey": mk, "role": key.role} for mk, key in self.matcher.servers()]
+            + [
+                {"key": p.raw_key, "role": "client", "addr": p.addr}
+                for p in self._peers
+                if p.state == "waiting" and p.key is not None and p.key.role == "client"
+            ],
+            "relays": [
+                {
+                    "a": r.a.label,
+                    "b": r.b.label,
+                    "bytes": [r.bytes_ab, r.bytes_ba],
+                    "queued": [r.a.out_bytes, r.b.out_bytes],
+                    "since_s": round(time.monotonic() - r.started, 3),
+                }
+                for r in self.relays
+            ],
+            "stats": dict(self.stats),
+            "tracker": self.registrar.status() if self.registrar else None,
+        }
+
+    # -- accepting ---------------------------------------------------------------------------------
+
+    def _on_accept(self, listener: socket.socket, kind: str) -> None:
+        assert self._loop is not None
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: log, keep serving the ones we have
+                logger.warning("accept on %s failed: %s", kind, exc)
+                return
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                tune_socket(sock, self._keepalive)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+            peer = _Peer(sock, format_hostport(str(addr[0]), int(addr[1])), kind)
+            self.stats["accepted"] += 1
+            self._peers.add(peer)
+            peer.timer = self._loop.call_later(self.config.handshake_timeout, self._handshake_timeout, peer)
+            self._loop.add_reader(peer.ep.fd, self._on_readable, peer)
+
+    def _handshake_timeout(self, peer: _Peer) -> None:
+        peer.timer = None
+        if peer.state in ("http", "hello"):
+            logger.info("%s: no handshake within %.0f s; closed", peer.describe(), self.config.handshake_timeout)
+            self._drop(peer, "handshake timeout", ws_code=1002)
+
+    # -- before pairing ----------------------------------------------------------------------------
+
+    def _on_readable(self, peer: _Peer) -> None:
+        try:
+            if peer.kind == "tcp":
+                self._read_tcp(peer)
+            else:
+                self._read_ws(peer)
+        except (RemoteProtocolError, ValueError) as exc:
+            code = exc.code if isinstance(exc, WebSocketError) else 1002
+            logger.info("%s: %s; closed", peer.describe(), exc)
+            self._drop(peer, str(exc), ws_code=code)
+        except OSError as exc:
+            self._drop(peer, f"gone ({exc})", quiet=peer.state != "waiting")
+
+    def _read_tcp(self, peer: _Peer) -> None:
+        sock = peer.ep.sock
+        if peer.state == "hello":
+            try:
+                data = sock.recv(peer.hello.needed())  # exactly the handshake: nothing of the session
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                self._drop(peer, "closed during the handshake", quiet=True)
+                return
+            key = peer.hello.feed(data)
+            if key is not None:
+                self._arrived(peer, key)
+            return
+        # waiting: the peer must stay silent until it is paired
+        try:
+            data = sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            self._drop(peer, "went away while waiting")
+        else:
+            raise RemoteProtocolError(f"{len(data)} byte(s) sent before pairing")
+
+    def _read_ws(self, peer: _Peer) -> None:
+        sock = peer.ep.sock
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            self._drop(peer, "closed" if peer.state != "waiting" else "went away while waiting", quiet=True)
+            return
+        if peer.state == "http":
+            assert peer.http is not None
+            peer.http += data
+            end = find_head_end(peer.http, _HTTP_HEAD_LIMIT)
+            if end < 0:
+                return
+            head, rest = bytes(peer.http[:end]), bytes(peer.http[end:])
+            peer.http = None
+            if not self._http(peer, head):
+                return
+            data = rest
+            if not data:
+                return
+        assert peer.ep.ws is not None
+        for msg in peer.ep.ws.feed(data):
+            if msg.opcode in (Opcode.BINARY, Opcode.TEXT):
+                if peer.state != "hello":
+                    raise RemoteProtocolError(f"{len(msg.data)} byte(s) sent before pairing")
+                key = peer.hello.feed(msg.data)
+                if key is not None:
+                    if peer.hello.unused:
+                        raise RemoteProtocolError(f"{len(peer.hello.unused)} byte(s) sent before pairing")
+                    self._arrived(peer, key)
+                    if peer.state not in ("hello", "waiting"):
+                        return
+            elif msg.opcode == Opcode.PING:
+                self._write(peer, [encode_frame(Opcode.PONG, msg.data, mask=False)])
+            elif msg.opcode == Opcode.CLOSE:
+                self._drop(peer, "WebSocket closed" if peer.state != "waiting" else "went away while waiting")
+                return
+
+    def _http(self, peer: _Peer, head: bytes) -> bool:
+        """Answer the HTTP request on the web port; True when it became a WebSocket on ``/ws``."""
+        path = _request_path(head)
+        if path != "/ws":
+            if path in ("/", "/status"):
+                self._answer_page(peer, path)
+            else:
+                self._write(peer, [build_http_response(404, "Not Found", b"the WebSocket endpoint is /ws\n")])
+                self._drop(peer, "HTTP 404", quiet=True, ws=False)
+            return False
+        try:
+            req = parse_upgrade_request(head)
+        except HttpError as exc:
+            self._write(peer, [exc.response()])
+            logger.info("%s: HTTP %d %s", peer.describe(), exc.status, exc.reason)
+            self._drop(peer, f"HTTP {exc.status}", quiet=True, ws=False)
+            return False
+        self._write(peer, [build_upgrade_response(req)])
+        peer.ep.ws = WsDecoder(expect_masked=True)
+        peer.state = "hello"
+        return True
+
+    def _answer_page(self, peer: _Peer, path: str) -> None:
+        if path == "/status":
+            body = json.dumps(self.status(), indent=1).encode()
+            response = build_http_response(200, "OK", body, "application/json")
+        elif self.config.index_page is not None:
+            try:
+                body = self.config.index_page.read_bytes()
+                response = build_http_response(200, "OK", body, "text/html; charset=utf-8")
+            except OSError as exc:
+                response = build_http_response(500, "Internal Server Error", f"{exc}\n".encode())
+        else:
+            text = f"tether proxy: WebSocket endpoint {self.ws_url}, TCP on {self.address}, status at /status\n"
+            response = build_http_response(200, "OK", text.encode())
+        self._write(peer, [response])
+        self._drop(peer, "HTTP page served", quiet=True, ws=False)
+
+    def _write(self, peer: _Peer, parts: list[bytes | bytearray | memoryview]) -> None:
+        """A small write before pairing; what the socket does not take now waits in the queue."""
+        peer.ep.queue(parts)
+        try:
+            peer.ep.flush()
+        except OSError as exc:
+            logger.debug("%s: write failed: %s", peer.describe(), exc)
+
+    # -- deciding ----------------------------------------------------------------------------------
+
+    def _arrived(self, peer: _Peer, raw_key: str) -> None:
+        assert self._loop is not None
+        if peer.timer is not None:
+            peer.timer.cancel()
+            peer.timer = None
+        decision = self.matcher.arrive(peer, raw_key, self._loop.time())
+        if isinstance(decision, Refuse):
+            peer.key = None
+            self.stats["refused"] += 1
+            logger.info("%s %s: %s", peer.describe(), decision.code.name, decision.reason)
+            self._reply(peer, encode_handshake_reply(decision.code))
+            self._drop(peer, decision.code.name, quiet=True)
+            return
+        key = self.matcher.key_of(peer) if isinstance(decision, Wait) else None
+        if isinstance(decision, Wait):
+            assert key is not None
+            peer.key, peer.state = key, "waiting"
+            logger.info("%s waits as %r", peer.describe(), decision.matchkey)
+            if decision.deadline is not None:
+                peer.timer = self._loop.call_at(decision.deadline, self._wait_timeout, peer)
+            if self.registrar is not None and key.role == "server":
+                self.registrar.offer(decision.matchkey)
+            return
+        other = decision.other
+        assert isinstance(other, _Peer)
+        peer.key = lenient_key(raw_key)
+        self._pair(other, peer, decision.matchkey)
+
+    def _wait_timeout(self, peer: _Peer) -> None:
+        assert self._loop is not None
+        peer.timer = None
+        if self.matcher.expire(peer, self._loop.time()):
+            logger.info("%s: no match within the wait timeout; MISMATCH", peer.describe())
+            self.stats["refused"] += 1
+            self._reply(peer, encode_handshake_reply(HandshakeCode.MISMATCH))
+            self._drop(peer, "wait timeout", quiet=True)
+
+    def _reply(self, peer: _Peer, reply: bytes) -> None:
+        """A handshake reply: raw bytes for TCP, binary messages for a WebSocket (code, length, key)."""
+        if peer.kind == "tcp":
+            self._write(peer, [reply])
+        else:
+            parts = [reply[:4], reply[4:8], reply[8:]] if len(reply) > 4 else [reply]
+            self._write(peer, [encode_frame(Opcode.BINARY, p, mask=False) for p in parts])
+
+    def _pair(self, waiting: _Peer, arriving: _Peer, matchkey: str) -> None:
+        assert self._loop is not None and waiting.key is not None and arriving.key is not None
+        for p in (waiting, arriving):
+            self._peers.discard(p)
+            self._loop.remove_reader(p.ep.fd)
+            if p.timer is not None:
+                p.timer.cancel()
+                p.timer = None
+            p.state = "paired"
+        self._reply(waiting, encode_handshake_reply(HandshakeCode.SUCCESS, arriving.key.raw))
+        self._reply(arriving, encode_handshake_reply(HandshakeCode.SUCCESS, waiting.key.raw))
+        server, client = (waiting, arriving) if waiting.key.role == "server" else (arriving, waiting)
+        server.ep.label, client.ep.label = f"server {server.describe()}", f"client {client.describe()}"
+        relay = Relay(self._loop, client.ep, server.ep, self._relay_done)
+        self.relays.add(relay)
+        self.stats["paired"] += 1
+        logger.info("paired %s with %s", client.describe(), server.describe())
+        if self.registrar is not None and server.key is not None:
+            self.registrar.session(relay, matchkey, server.key, client.addr)
+        relay.start()
+
+    def _relay_done(self, relay: Relay, reason: str) -> None:
+        self.relays.discard(relay)
+        self.stats["bytes"] += relay.bytes_ab + relay.bytes_ba
+        logger.info(
+            "relay ended (%s) after %.1f s: %d bytes to the server, %d back",
+            reason,
+            time.monotonic() - relay.started,
+            relay.bytes_ab,
+            relay.bytes_ba,
+        )
+        if self.registrar is not None:
+            self.registrar.session_over(relay)
+
+    def _drop(self, peer: _Peer, reason: str, *, quiet: bool = False, ws_code: int = 1000, ws: bool = True) -> None:
+        """Close a peer that is not paired; it leaves its pool (and the tracker) if it waited."""
+        if peer.state in ("paired", "closed"):
+            return
+        assert self._loop is not None
+        was_waiting = peer.state == "waiting"
+        peer.state = "closed"
+        self._peers.discard(peer)
+        if peer.timer is not None:
+            peer.timer.cancel()
+            peer.timer = None
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(peer.ep.fd)
+        matchkey = self.matcher.leave(peer)
+        if was_waiting:
+            self.stats["dropped"] += 1
+            if not quiet:
+                logger.info("%s: %s", peer.describe(), reason)
+            if matchkey is not None and self.registrar is not None and peer.key and peer.key.role == "server":
+                self.registrar.withdraw(matchkey)
+        if peer.ep.ws is None or not ws:
+            peer.ep.ws = None
+        if peer.ep.out:  # a reply still queued: give it a moment to leave, then close
+            self._loop.call_later(1.0, peer.ep.close, ws_code, reason)
+            with contextlib.suppress(OSError):
+                peer.ep.sock.shutdown(socket.SHUT_RD)
+        else:
+            peer.ep.close(ws_code, reason)
+
+
+def _request_path(head: bytes) -> str:
+    line = head.split(b"\r\n", 1)[0].decode("latin-1", "replace").split()
+    return line[1].split("?", 1)[0] if len(line) >= 2 else ""
+
+
+class ProxyThread:
+    """A proxy on its own event loop in a background thread: for tests, notebooks and the demo."""
+
+    def __init__(self, config: ProxyConfig | None = None, start_timeout: float = 10.0) -> None:
+        self.server = ProxyServer(config or ProxyConfig(port=0, web_port=0))
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tether-proxy", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(start_timeout):
+            raise ConfigError("proxy thread did not start in time")
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                return
+            self._ready.set()
+            await self.server.serve_until_stopped()
+
+        try:
+            self._loop.run_until_complete(main())
+        finally:
+            self._loop.close()
+
+    @property
+    def host(self) -> str:
+        return self.server.host
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def ws_url(self) -> str | None:
+        return self.server.ws_url
+
+    @property
+    def web_port(self) -> int | None:
+        return self.server.web_port
+
+    def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Run ``fn`` on the proxy's loop and return its result (to read state safely)."""
+
+        async def wrapper() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.call(self.server.status))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self.server.stop)
+            self._thread.join(timeout)
+
+    def __enter__(self) -> ProxyThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
