@@ -31,6 +31,7 @@ from tether.protocol import (
     TrackerClientStream,
     TrackerServerStream,
     UpdateInfo,
+    Withdraw,
     decode_message,
     encode_frame,
     encode_handshake,
@@ -70,6 +71,11 @@ def test_magics_are_tvms() -> None:
         (Summary(), b"[6]"),
         (GetPendingMatchkeys(), b"[7]"),
         (Cancel("r1"), b'[101, "r1"]'),
+        (Withdraw("k:1"), b'[103, "k:1"]'),
+        (
+            Put("k", 9090, "k:1", None, frozenset({"tvm", "tether"}), {"soc": "x"}),
+            b'[3, "k", [9090, "k:1"], null, {"protocols": ["tether", "tvm"], "labels": {"soc": "x"}}]',
+        ),
     ],
 )
 def test_messages_encode_as_tvm_does(msg: object, wire: bytes) -> None:

@@ -30,7 +30,8 @@ from tether.proxy.relay import CHUNK
 from tether.runtime.reference import write_reference_model
 from tether.tracker import TrackerConfig, TrackerThread
 
-from .conftest import wait_until
+from .conftest import RawPeer, wait_until
+from .test_tvm_interop import tvm_tracker  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -474,3 +475,27 @@ def test_tracker_mode_survives_tracker_restart(proxy: Callable[..., ProxyThread]
         assert read_reply(server)[0] == HandshakeCode.SUCCESS
     finally:
         again.stop()
+
+
+@pytest.mark.tvm
+def test_tracker_mode_with_tvms_tracker(proxy: Callable[..., ProxyThread], tvm_tracker: Any) -> None:  # noqa: F811
+    """TVM's tracker takes the proxy's registration as it takes TVM's proxy's: ``server:proxy[k]``, one PUT
+    per waiting server; tether's extensions (per-slot terms, WITHDRAW, SESSION) are never sent to it."""
+    from .test_tvm_interop import free_of
+
+    p = proxy(tracker=("127.0.0.1", tvm_tracker.port), tracker_period=0.2)
+    servers = [connect(p, "server:tv -tether=1") for _ in range(2)]
+    wait_until(lambda: free_of(tvm_tracker.port, "tv") == 2, timeout=15, what="both offered to TVM's tracker")
+    peer = RawPeer("127.0.0.1", tvm_tracker.port)
+    try:
+        summary = peer.call([6])[1]
+        assert [i["key"] for i in summary["server_info"]] == ["server:proxy[tv]"]
+        host, port, matchkey = peer.call([4, "tv", "", 0])[1]
+        assert (host, port) == ("127.0.0.1", p.port)
+    finally:
+        peer.close()
+    client = connect(p, f"client:{matchkey}")
+    assert read_reply(client) == (HandshakeCode.SUCCESS, "server:tv -tether=1")
+    status = p.status()["tracker"]
+    assert status["connected"] and status["tether"] is None and status["connects"] == 1
+    assert len(servers) == 2

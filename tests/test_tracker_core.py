@@ -19,6 +19,7 @@ from tether.protocol import (
     Stop,
     Summary,
     UpdateInfo,
+    Withdraw,
     decode_message,
 )
 from tether.tracker import TrackerConfig, TrackerCore
@@ -161,6 +162,34 @@ def test_tvm_server_put_again_ends_its_grant_but_a_proxy_keeps_others() -> None:
     h.core.receive(proxy, Put("p", 9090, "p:3"))  # another server behind the proxy
     keys = h.summary(detail=True)["tether"]["keys"]
     assert keys["p"]["total"] == 3 and keys["p"]["busy"] == 1 and keys["p"]["free"] == 2
+
+
+def test_proxy_offers_slots_with_their_own_protocols_and_labels_and_withdraws_them() -> None:
+    h = Harness()
+    proxy, plink = h.connect()
+    h.core.receive(proxy, UpdateInfo({"key": "server:proxy[p]", "addr": [None, 9090]}))
+    h.core.receive(proxy, Put("p", 9090, "p:tvm"))  # a TVM server behind the proxy
+    h.core.receive(proxy, Put("p", 9090, "p:t", None, frozenset({"tether"}), {"soc": "a"}))
+    h.core.receive(proxy, Put("p", 9090, "p:gone", None, frozenset({"tether", "tvm"}), {"soc": "b"}))
+    assert plink.replies() == [0, 0, 0, 0]
+    client, clink = h.connect()
+    h.core.receive(client, tether_req("p", "r1", protocol="tether", labels={"soc": "a"}))
+    (grant,) = clink.replies()
+    assert grant[1][2] == "p:t" and grant[2]["server"]["protocols"] == ["tether"]
+    assert grant[2]["server"]["labels"] == {"soc": "a"}
+    # the server behind p:gone went away: withdrawn, nobody gets it; unknown matchkeys answer -1
+    h.core.receive(proxy, Withdraw("p:gone"))
+    h.core.receive(proxy, Withdraw("p:never"))
+    assert plink.replies() == [0, -1]
+    h.core.receive(client, tether_req("p", "r2", protocol="tether", labels={"soc": "b"}, timeout=0))
+    (failed,) = clink.replies()
+    assert failed[0] == -1
+    # a plain TVM request only gets the TVM-capable slot, and a late UPDATE_INFO keeps the PUT's terms
+    h.core.receive(
+        proxy, UpdateInfo({"key": "server:proxy[p]", "addr": [None, 9090], "tether": {"protocols": ["tvm"]}})
+    )
+    h.core.receive(client, Request("p", "", 1))
+    assert clink.replies() == [[0, ["10.0.0.9", 9090, "p:tvm"]]]
 
 
 def test_heartbeat_silence_removes_server() -> None:

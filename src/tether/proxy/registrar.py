@@ -183,7 +183,14 @@ class Registrar:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._stream = TrackerClientStream()
         self._values.clear()
+        # The magic alone, then wait for its echo: TVM's tracker drops a connection whose first read
+        # holds more than the 4 bytes of magic.
         writer.write(self._stream.initial_bytes())
+        while not self._stream.connected:
+            data = await asyncio.wait_for(reader.read(4), _REPLY_TIMEOUT_S)
+            if not data:
+                raise EOFError("the tracker closed the connection")
+            self._values.extend(self._stream.receive_data(data))
         hello = await self._call(Ping(hello=True))
         self.tether_version = None
         if isinstance(hello, list) and len(hello) == 2 and isinstance(hello[1], dict):

@@ -356,7 +356,7 @@ class TrackerCore:
         if waiter.request_id is None and waiter.protocol == PROTOCOL_TVM and not waiter.labels:
             reply: list[Any] = [0, target]  # exactly TVM's reply
         else:
-            reply = [0, target, {"id": waiter.request_id, "server": self._server_facts(server)}]
+            reply = [0, target, {"id": waiter.request_id, "server": self._server_facts(server, slot)}]
         requester.link.send(encode_value(reply))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("granted %s to %s (%s)", slot.matchkey, waiter.user, requester.address)
@@ -388,12 +388,15 @@ class TrackerCore:
                 del self._known_keys[key]
 
     @staticmethod
-    def _server_facts(conn: Connection) -> dict[str, Any]:
+    def _server_facts(conn: Connection, slot: Slot | None = None) -> dict[str, Any]:
         facts: dict[str, Any] = {"key": conn.info_key, "addr": conn.info.get("addr") if conn.info else None}
         if conn.tether is not None:
             facts["protocols"] = sorted(conn.tether.protocols)
             facts["labels"] = dict(conn.tether.labels)
             facts["device"] = dict(conn.tether.device)
+        if slot is not None and slot.own_terms:  # a server behind a proxy: what its PUT said
+            facts["protocols"] = sorted(slot.protocols)
+            facts["labels"] = dict(slot.labels)
         return facts
 
     # -- summary -------------------------------------------------------------------------------
