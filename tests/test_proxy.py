@@ -499,3 +499,19 @@ def test_tracker_mode_with_tvms_tracker(proxy: Callable[..., ProxyThread], tvm_t
     status = p.status()["tracker"]
     assert status["connected"] and status["tether"] is None and status["connects"] == 1
     assert len(servers) == 2
+
+
+def test_tether_server_behind_proxy_outlives_wait_timeouts_and_proxy_restarts(
+    proxy: Callable[..., ProxyThread], device_server: Any, tmp_path: Path
+) -> None:
+    """TVM's server gives up after 5 failed reconnects; tether's waits again after every MISMATCH and
+    comes back when the proxy itself comes back."""
+    first = proxy(timeout_server=0.2)
+    port = first.port
+    device_server(key="stubborn", host=first.host, port=port, through_proxy=True)
+    wait_until(lambda: first.status()["stats"]["refused"] >= 3, timeout=20, what="three wait timeouts")
+    first.stop()
+    second = proxy(port=port, port_end=port + 1)  # the same port, a new proxy
+    wait_until(lambda: waiting_keys(second) != [], timeout=20, what="the server back at the new proxy")
+    with _connect_retrying(second.host, second.port, "stubborn") as sess:
+        _session_round_trip(sess, tmp_path)
