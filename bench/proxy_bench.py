@@ -1,15 +1,21 @@
-"""tether's proxy against TVM 0.27's, with two directly connected sockets as the floor, in one run.
+"""tether's proxy against TVM 0.27's and a minimal asyncio relay, with two directly connected sockets as
+the floor, in one run.
 
     python bench/proxy_bench.py [--quick] [--json out.json] [--tether-flags=...]
+    python bench/proxy_bench.py --serve-asyncio-relay     (the asyncio relay alone; the bench starts it so)
 
 Every proxy, tracker and peer runs in its own process, started in a new session and stopped by pid: its
 process group, then each descendant by pid (TVM's ``rpc_proxy`` and ``rpc_tracker`` run the real thing in a
 PopenWorker child). The proxies: TVM's ``python -m tvm.exec.rpc_proxy`` (it cannot bind port 0: a random
-port range, its port read from its log) and tether's ``python -m tether proxy`` (``listening on``; its
-column reads "n/a" with a note if the command fails). The trackers: ``python -m tvm.exec.rpc_tracker`` and
+port range, its port read from its log), tether's ``python -m tether proxy`` (``listening on``; its
+column reads "n/a" with a note if the command fails) and, as a reference point, "asyncio relay": this file
+run with ``--serve-asyncio-relay`` (``serve_asyncio_relay``), an asyncio.Protocol proxy of about 100 lines,
+plain mode only, that relays with ``transport.write`` to the peer, with back-pressure (a transport over
+1 MiB unsent pauses reading from its peer, under 256 KiB resumes it) and TCP_NODELAY (the issue cites one
+at ~1,760 MiB/s where direct made ~3,577). The trackers: ``python -m tvm.exec.rpc_tracker`` and
 ``python -m tether tracker``. The floor ("direct"): a listening socket and a connected one, no proxy.
 
-The three targets share one harness. Through a proxy, both peers greet it (``<i`` 0xFF271, ``<i`` key
+The four targets share one harness. Through a proxy, both peers greet it (``<i`` 0xFF271, ``<i`` key
 length, ``server:K`` or ``client:K``, a fresh random K per pair) and read its answer (0xFF271, the other's
 key) before any data; then the proxy relays bytes verbatim. This process is the "client" peer; the "server"
 peer's socket is handed to a child process (no GIL between sender and receiver) that, on a 13-byte command,
@@ -20,7 +26,8 @@ Measured:
 
 1. one-way throughput (MiB/s): 256 MiB in 1 MiB ``sendall`` chunks, client peer to server peer, timed
    from the first byte sent to the receiver's one-byte answer; best of 3, every run reported. The targets
-   take turns (shuffled each round) after a 16 MiB warm-up each.
+   take turns (shuffled each round) after a 16 MiB warm-up each. Each proxy's best and median are also
+   given as a fraction of direct's in the same run (``throughput_of_direct`` in the JSON).
 2. small-message round trip (us): a 64-byte message echoed by the server peer; 5000 timed round trips
    after 200 warm-up ones, in 5 shuffled rounds; p50, p99 and the best round's p50. Then the same with
    each target's processes (this one, the peer, the proxy tree) pinned to one CPU for its turns: their
@@ -37,13 +44,16 @@ Measured:
    peer; 8 servers stay idle. Then 64-byte round trips back to back for 10 s, every one timed: p50, max,
    how many took over 5 ms and over 20 ms, the worst stall (max - p50) and the period of the stalls over
    20 ms. TVM's proxy against TVM's tracker and against tether's, tether's proxy against tether's and
-   against TVM's; the floor does the same ping-pong over its direct pair (the machine's own noise). TVM's
-   proxy asks its tracker every 2 s, blocking its event loop; against TVM's tracker each call waits about
-   40 ms on Nagle and delayed ACKs (both sides write length and JSON separately, without TCP_NODELAY).
-5. for information: the time a client waits for the proxy's answer when its server is already there.
+   against TVM's; the floor does the same ping-pong over its direct pair (the machine's own noise); the
+   asyncio relay has no tracker mode ("n/a"). TVM's proxy asks its tracker every 2 s, blocking its event
+   loop; against TVM's tracker each call waits about 40 ms on Nagle and delayed ACKs (both sides write
+   length and JSON separately, without TCP_NODELAY).
+5. for information: the time a client waits for the proxy's answer when its server is already there
+   (TVM's and tether's; "n/a" for the asyncio relay), and each proxy tree's RSS after the plain-mode runs.
 
-Prints a table (metric | direct | TVM 0.27 proxy | tether proxy | tether/TVM | target) and writes every
-number to bench/results/proxy-<timestamp>.json. About 1.5 minutes on 2 cores; ``--quick`` about 1.
+Prints a table (metric | direct | TVM 0.27 proxy | asyncio relay | tether proxy | tether/TVM |
+tether/asyncio | target) and writes every number to bench/results/proxy-<timestamp>.json. About 1.5-2
+minutes on 2 cores; ``--quick`` about 1.
 """
 
 from __future__ import annotations
@@ -84,8 +94,10 @@ TRACKER_MAGIC = 0x2F271
 TRACKER_SUCCESS, TRACKER_REQUEST, TRACKER_SUMMARY = 0, 4, 6
 STALL_MS = 5.0
 BIG_STALL_MS = 20.0
-TARGETS = ("direct", "tvm", "tether")
-LABELS = {"direct": "direct", "tvm": "TVM 0.27 proxy", "tether": "tether proxy"}
+TARGETS = ("direct", "tvm", "asyncio", "tether")
+PROXIES = ("tvm", "asyncio", "tether")  # plain mode; tracker mode (4) and pairing (5): TVM's and tether's
+LABELS = {"direct": "direct", "tvm": "TVM 0.27 proxy", "asyncio": "asyncio relay", "tether": "tether proxy"}
+SERVE_RELAY = "--serve-asyncio-relay"
 COMMAND = struct.Struct("<cQI")  # op, size, pause in ms
 
 #: The server peer, in its own process: argv[1] is the number of the socket it inherited. Commands:
@@ -266,7 +278,13 @@ def start_tether_proxy(tracker: int | None = None) -> Proc:
     return _start("tether proxy", argv)
 
 
+def start_asyncio_relay() -> Proc:
+    return _start("asyncio relay", [sys.executable, str(Path(__file__).resolve()), SERVE_RELAY])
+
+
 def start_proxy(target: str, tracker: int | None = None) -> Proc:
+    if target == "asyncio":
+        return start_asyncio_relay()  # plain mode only
     return start_tvm_proxy(tracker) if target == "tvm" else start_tether_proxy(tracker)
 
 
@@ -294,6 +312,113 @@ def tree_rss(pid: int) -> int:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += child.memory_info().rss
     return int(total)
+
+
+# -- the asyncio relay (a reference point) --------------------------------------------------------
+
+
+def serve_asyncio_relay() -> None:
+    """A minimal asyncio.Protocol proxy, plain mode only: ``python bench/proxy_bench.py --serve-asyncio-relay``.
+
+    TVM's handshake: a peer sends ``<i`` 0xFF271, ``<i`` length, ``server:K``/``client:K``; once both halves
+    of K are there each gets 0xFF271, the length and the other's key, then bytes go verbatim to the peer with
+    ``transport.write``. Back-pressure: when a transport holds over 1 MiB unsent, its protocol's
+    ``pause_writing`` pauses reading from the peer; ``resume_writing`` (under 256 KiB) resumes it."""
+    import asyncio
+
+    waiting: dict[tuple[str, str], list[Relay]] = {}  # (role, K): greeted peers without their other half
+
+    class Relay(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+            self.peer: Relay | None = None
+            self.head = bytearray()  # the greeting, then any bytes that come before the pairing
+            self.slot: tuple[str, str] | None = None
+            self.eof = False
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            self.transport = transport
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            transport.set_write_buffer_limits(high=MIB, low=MIB // 4)
+
+        def data_received(self, data: bytes) -> None:
+            if self.peer is not None:
+                self.peer.transport.write(data)
+                return
+            self.head += data
+            if self.slot is not None:  # greeted, not paired: hold at most ~1 MiB
+                if len(self.head) >= MIB:
+                    self.transport.pause_reading()
+                return
+            if len(self.head) < 8:
+                return
+            magic, size = struct.unpack_from("<ii", self.head)
+            if magic != RPC_MAGIC or not 0 < size <= 4096:
+                self.transport.abort()
+                return
+            if len(self.head) < 8 + size:
+                return
+            role, _, key = bytes(self.head[8 : 8 + size]).decode(errors="replace").partition(":")
+            other_role = {"server": "client", "client": "server"}.get(role)
+            if other_role is None:
+                self.transport.abort()
+                return
+            del self.head[: 8 + size]
+            self.slot = (role, key)
+            others = waiting.get((other_role, key))
+            if others:
+                other = others.pop(0)
+                if not others:
+                    del waiting[(other_role, key)]
+                self.pair(other)
+            else:
+                waiting.setdefault(self.slot, []).append(self)
+
+        def pair(self, other: Relay) -> None:
+            self.peer, other.peer = other, self
+            for a, b in ((self, other), (other, self)):
+                key = f"{b.slot[0]}:{b.slot[1]}".encode()  # type: ignore[index]
+                a.transport.write(struct.pack("<ii", RPC_MAGIC, len(key)) + key)
+            for a, b in ((self, other), (other, self)):
+                a.transport.resume_reading()
+                if a.head:
+                    b.transport.write(bytes(a.head))
+                    a.head.clear()
+
+        def pause_writing(self) -> None:
+            if self.peer is not None:
+                self.peer.transport.pause_reading()
+
+        def resume_writing(self) -> None:
+            if self.peer is not None:
+                self.peer.transport.resume_reading()
+
+        def eof_received(self) -> bool:
+            if self.peer is None:
+                return False  # closes
+            self.eof = True
+            self.peer.transport.write_eof()  # after what it still holds
+            if self.peer.eof:
+                self.transport.close()
+                self.peer.transport.close()
+            return True
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            queue = waiting.get(self.slot, []) if self.slot and self.peer is None else []
+            if self in queue:
+                queue.remove(self)
+                if not queue:
+                    del waiting[self.slot]  # type: ignore[arg-type]
+            if self.peer is not None:
+                self.peer.transport.close()  # after what it still holds
+
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(Relay, HOST, 0, backlog=128)
+        print(f"listening on {HOST}:{server.sockets[0].getsockname()[1]}", flush=True)
+        await server.serve_forever()
+
+    asyncio.run(serve())
 
 
 # -- sockets and peers ---------------------------------------------------------------------------
@@ -738,6 +863,20 @@ def stall_stats(rtts: list[float], starts: list[float]) -> dict[str, Any]:
     }
 
 
+def proxy_status(proxy: Proc) -> dict[str, Any] | None:
+    """tether's proxy's own account (GET /status on its web port), or None for a proxy without one."""
+    for line in proxy.log:
+        match = re.search(r"websocket on ws://[^ ]*:(\d+)/ws", line)
+        if match:
+            with socket.create_connection((HOST, int(match.group(1))), timeout=5) as sock:
+                sock.sendall(b"GET /status HTTP/1.1\r\nHost: bench\r\n\r\n")
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+            return dict(json.loads(data.split(b"\r\n\r\n", 1)[1]))
+    return None
+
+
 def stall_case(name: str, link: Link, seconds: float) -> dict[str, Any]:
     with watchdog(link.sock, seconds + 60, "ping-pong"):
         ping_pong(link.sock, count=200)
@@ -760,7 +899,7 @@ def phase_plain(report: dict[str, Any], args: argparse.Namespace, notes: dict[st
     proxies: dict[str, Proc] = {}
     links: dict[str, Link] = {}
     try:
-        for target in ("tvm", "tether"):
+        for target in PROXIES:
             try:
                 proxies[target] = start_proxy(target)
                 print(
@@ -793,6 +932,8 @@ def phase_plain(report: dict[str, Any], args: argparse.Namespace, notes: dict[st
         print("== 5. pairing", flush=True)
         pairing: dict[str, Any] = {}
         for target, proxy in proxies.items():
+            if target == "asyncio":
+                continue  # a reference for the data path only
             try:
                 pairing[target] = bench_pairing(proxy.port, args.pairs)
                 print(f"  {target}: client's wait p50 {pairing[target]['p50_ms']:.2f} ms", flush=True)
@@ -814,6 +955,22 @@ def phase_plain(report: dict[str, Any], args: argparse.Namespace, notes: dict[st
         for name, r in tp.items():
             runs = ", ".join(f"{x:.0f}" for x in r.get("runs_mib_s", []))
             print(f"  {name}: " + (r["error"] if "error" in r else f"best {r['best_mib_s']:.0f} MiB/s ({runs})"))
+        floor = tp.get("direct", {})
+        if "best_mib_s" in floor:  # each proxy against the floor of this same run
+            for r in tp.values():
+                if "best_mib_s" in r:
+                    r["best_of_direct"] = r["best_mib_s"] / floor["best_mib_s"]
+                    r["median_of_direct"] = r["median_mib_s"] / floor["median_mib_s"]
+            report["throughput_of_direct"] = {n: r.get("best_of_direct") for n, r in tp.items() if n != "direct"}
+            print(
+                "  of direct (best, median): "
+                + ", ".join(
+                    f"{n} {r['best_of_direct']:.2f} {r['median_of_direct']:.2f}"
+                    for n, r in tp.items()
+                    if n != "direct" and "best_of_direct" in r
+                ),
+                flush=True,
+            )
 
         print("== 2. 64 B round trips", flush=True)
         pids = {t: [p.pid] for t, p in proxies.items()}
@@ -867,6 +1024,14 @@ def phase_tracker(report: dict[str, Any], args: argparse.Namespace, notes: dict[
                 link = tracker_link(proxy, trackers[tracker_kind].port, f"benchkey{index}", args.idle_servers)
                 try:
                     out[name] = stall_case(name, link, args.stall_seconds)
+                    status = proxy_status(proxy)
+                    if status is not None:
+                        lag = out[name]["loop_lag"] = status["loop_lag"]
+                        print(
+                            f"    its own event loop (a timer every 50 ms since start): max lateness "
+                            f"{lag['max_ms']:.1f} ms, {lag['over_5ms']} of {lag['probes']} over 5 ms",
+                            flush=True,
+                        )
                 finally:
                     link.close()
             except Exception as exc:
@@ -929,8 +1094,10 @@ class Row:
     metric: str
     direct: Cell
     tvm: Cell
+    asyncio: Cell
     tether: Cell
-    ratio: str = ""
+    ratio: str = ""  # tether/TVM
+    ratio_asyncio: str = ""  # tether/asyncio relay
     target: str = ""
 
 
@@ -965,11 +1132,15 @@ def rows(report: dict[str, Any], args: argparse.Namespace) -> list[Row]:
     def line(
         metric: str, section: dict[str, Any], key: str, target: tuple[Any, str] | None = None, ratio: bool = True
     ) -> None:
-        d, v, t = (_get(section, name, key) for name in TARGETS)
-        out.append(Row(metric, d, v, t, _ratio(t, v) if ratio else "", _target(t, *target) if target else ""))
+        d, v, a, t = (_get(section, name, key) for name in TARGETS)
+        ratios = (_ratio(t, v), _ratio(t, a)) if ratio else ("", "")
+        out.append(Row(metric, d, v, a, t, *ratios, _target(t, *target) if target else ""))
 
     line(f"1. one-way {args.mib} MiB, MiB/s, best of {args.reps}", tp, "best_mib_s", (lambda x: x >= 1700, ">= 1700"))
     line("   median MiB/s", tp, "median_mib_s")
+    line("   best, fraction of direct's best (same run)", tp, "best_of_direct", ratio=False)
+    out[-1].target = "(the issue's asyncio relay: 1760/3577 = 0.49)"
+    line("   median, fraction of direct's median", tp, "median_of_direct", ratio=False)
 
     def runs(name: str) -> Cell:
         r = tp.get(name, {})
@@ -1003,7 +1174,7 @@ def rows(report: dict[str, Any], args: argparse.Namespace) -> list[Row]:
         "direct": st.get("direct"),
         "tvm": st.get("tvm_proxy_tvm_tracker"),
         "tether": st.get("tether_proxy_tether_tracker"),
-    }
+    }  # the asyncio relay has no tracker mode: "n/a"
     other = {"tvm": st.get("tvm_proxy_tether_tracker"), "tether": st.get("tether_proxy_tvm_tracker")}
     own_section = {k: v for k, v in own.items() if v is not None}
     other_section = {k: v for k, v in other.items() if v is not None}
@@ -1014,6 +1185,19 @@ def rows(report: dict[str, Any], args: argparse.Namespace) -> list[Row]:
     line(f"   round trips over {BIG_STALL_MS:g} ms", own_section, "over_20ms", ratio=False)
     line("   max stall = max - p50, ms", own_section, "max_stall_ms", (lambda x: x <= STALL_MS, "<= 5 ms"))
     line(f"   period of the stalls over {BIG_STALL_MS:g} ms, s", own_section, "stall_period_s", ratio=False)
+    lags = {
+        k: {"max_ms": v["loop_lag"]["max_ms"], "over": v["loop_lag"]["over_5ms"]}
+        for k, v in own_section.items()
+        if isinstance(v, dict) and "loop_lag" in v
+    }
+    line(
+        "   the proxy's own loop: max timer lateness ms",
+        lags,
+        "max_ms",
+        (lambda x: x <= STALL_MS, "<= 5 ms"),
+        ratio=False,
+    )
+    line("   the proxy's own loop: timers over 5 ms late", lags, "over", ratio=False)
     line("   with the other's tracker: max ms", other_section, "max_ms")
     line(f"   with the other's tracker: round trips over {STALL_MS:g} ms", other_section, "over_5ms", ratio=False)
     line(f"   with the other's tracker: round trips over {BIG_STALL_MS:g} ms", other_section, "over_20ms", ratio=False)
@@ -1038,13 +1222,13 @@ def print_table(table: list[Row]) -> None:
         return f"{v:.1f}" if abs(v) >= 100 else f"{v:.2f}"
 
     width = max(len(r.metric) for r in table)
-    cols = [max(16, *(len(cell(getattr(r, c))) for r in table)) for c in TARGETS]
+    cols = [max(len(LABELS[c]), *(len(cell(getattr(r, c))) for r in table)) for c in TARGETS]
     head = " ".join(f"{LABELS[c]:>{w}s}" for c, w in zip(TARGETS, cols, strict=True))
     print()
-    print(f"{'metric':{width}s} {head} {'tether/TVM':>10s}  target")
+    print(f"{'metric':{width}s} {head} {'tether/TVM':>10s} {'tether/asyncio':>14s}  target")
     for r in table:
         cells = " ".join(f"{cell(getattr(r, c)):>{w}s}" for c, w in zip(TARGETS, cols, strict=True))
-        print(f"{r.metric:{width}s} {cells} {r.ratio:>10s}  {r.target}")
+        print(f"{r.metric:{width}s} {cells} {r.ratio:>10s} {r.ratio_asyncio:>14s}  {r.target}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1064,7 +1248,11 @@ def main(argv: list[str] | None = None) -> int:
         "--tether-flags", default="", help='extra flags for "tether proxy", in one string: --tether-flags=--no-splice'
     )
     parser.add_argument("--json", type=Path, default=None, help="where to write the results (default bench/results/)")
+    parser.add_argument(SERVE_RELAY, action="store_true", help="run the asyncio relay (a target) and nothing else")
     args = parser.parse_args(argv)
+    if args.serve_asyncio_relay:
+        serve_asyncio_relay()
+        return 0
     TETHER_FLAGS[:] = shlex.split(args.tether_flags)
     if args.quick:
         args.reps, args.round_trips, args.rounds, args.stall_seconds, args.pairs = 2, 2000, 4, 5.0, 10

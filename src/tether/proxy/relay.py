@@ -1,6 +1,7 @@
 """The relay pump: bytes between two paired peers, verbatim, with back-pressure, on the event loop.
 
-Each direction owns one buffer (``CHUNK``, 1 MiB): a readiness event reads what the kernel holds into it
+Each direction owns one buffer (up to ``CHUNK``, 1 MiB; allocated at its first read and grown while
+reads fill it, so idle and chatty pairs stay small): a readiness event reads what the kernel holds into it
 (``recv_into``) and hands that view straight to the other socket (``send``); a WebSocket side gets it as
 one binary message (TVM's proxy does the same), a WebSocket's messages go to the other side as a byte
 stream, and its pings are answered. Nothing is copied in Python and nothing is allocated per chunk on the
@@ -39,6 +40,9 @@ logger = logging.getLogger("tether.proxy")
 
 #: Bytes read per event and direction (one WebSocket message each): the most the proxy holds per direction.
 CHUNK: Final = 1 << 20
+#: A direction's first buffer; it grows (x4, up to ``CHUNK``) while reads fill it.
+FIRST_CHUNK: Final = 64 << 10
+_EMPTY: Final = bytearray()
 #: Socket buffers asked for on relayed sockets (fewer wake-ups per byte; the kernel doubles and caps it).
 SOCKET_BUFFER: Final = 4 << 20
 #: How long a closing pair may take to hand over what it already read.
@@ -137,12 +141,13 @@ class _Direction:
 class _Pump(_Direction):
     """Reads ``src`` into its own buffer and hands the bytes to ``dst``; reads again once ``dst`` took them."""
 
-    __slots__ = ("buf", "reading", "view")
+    __slots__ = ("buf", "full", "reading", "view")
 
     def __init__(self, relay: Relay, src: Endpoint, dst: Endpoint) -> None:
         super().__init__(relay, src, dst)
-        self.buf = bytearray(CHUNK)
+        self.buf = _EMPTY  # allocated at the first read, grown while reads fill it (idle pairs cost nothing)
         self.view = memoryview(self.buf)
+        self.full = True
         self.reading = False
 
     def start(self) -> None:
@@ -160,6 +165,9 @@ class _Pump(_Direction):
 
     def _on_readable(self) -> None:
         src, dst, relay = self.src, self.dst, self.relay
+        if len(self.buf) < CHUNK and self.full:
+            self.buf = bytearray(min(CHUNK, max(FIRST_CHUNK, 4 * len(self.buf))))
+            self.view = memoryview(self.buf)
         try:
             n = src.sock.recv_into(self.buf)
         except (BlockingIOError, InterruptedError):
@@ -172,6 +180,7 @@ class _Pump(_Direction):
             self.read_off()
             relay.end(src, "closed")
             return
+        self.full = n == len(self.buf)
         data = self.view[:n]
         if src.ws is None:
             self.moved += n

@@ -55,6 +55,7 @@ logger = logging.getLogger("tether.proxy")
 
 _ACCEPT_BATCH = 64
 _HTTP_HEAD_LIMIT = 16 * 1024
+_PROBE_S = 0.05
 
 
 @dataclass(slots=True)
@@ -126,6 +127,9 @@ class ProxyServer:
         self._peers: set[_Peer] = set()
         self._stopped: asyncio.Event | None = None
         self._keepalive = Keepalive(30, 10, 3)
+        #: how late the loop ran a timer due every ``_PROBE_S``: a stalled loop stalls every relay
+        self.loop_lag = {"probes": 0, "max_ms": 0.0, "over_5ms": 0}
+        self._probe_handle: asyncio.TimerHandle | None = None
 
     @property
     def address(self) -> str:
@@ -150,6 +154,7 @@ class ProxyServer:
         if cfg.tracker is not None:
             self.registrar = Registrar(self, cfg.tracker, cfg.tracker_period, cfg.custom_addr)
             self.registrar.start(loop)
+        self._probe_handle = loop.call_at(loop.time() + _PROBE_S, self._probe, loop.time() + _PROBE_S)
         logger.info(
             "proxy on %s%s%s",
             self.address,
@@ -163,6 +168,16 @@ class ProxyServer:
         self._listeners.append(sock)
         self._loop.add_reader(sock.fileno(), self._on_accept, sock, kind)
 
+    def _probe(self, due: float) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        lag_ms = (now - due) * 1e3
+        lag = self.loop_lag
+        lag["probes"] += 1
+        lag["max_ms"] = max(lag["max_ms"], round(lag_ms, 3))
+        lag["over_5ms"] += lag_ms > 5.0
+        self._probe_handle = self._loop.call_at(now + _PROBE_S, self._probe, now + _PROBE_S)
+
     async def serve_until_stopped(self) -> None:
         assert self._stopped is not None, "start() first"
         await self._stopped.wait()
@@ -175,6 +190,8 @@ class ProxyServer:
 
     async def _shutdown(self) -> None:
         assert self._loop is not None
+        if self._probe_handle is not None:
+            self._probe_handle.cancel()
         for sock in self._listeners:
             self._loop.remove_reader(sock.fileno())
             sock.close()
@@ -210,6 +227,7 @@ class ProxyServer:
                 for r in self.relays
             ],
             "stats": dict(self.stats),
+            "loop_lag": dict(self.loop_lag),
             "tracker": self.registrar.status() if self.registrar else None,
         }
 
