@@ -515,3 +515,69 @@ def test_tether_server_behind_proxy_outlives_wait_timeouts_and_proxy_restarts(
     wait_until(lambda: waiting_keys(second) != [], timeout=20, what="the server back at the new proxy")
     with _connect_retrying(second.host, second.port, "stubborn") as sess:
         _session_round_trip(sess, tmp_path)
+
+
+def test_websocket_bytes_right_behind_the_key_reach_the_other_side(proxy: Callable[..., ProxyThread]) -> None:
+    """A WebSocket client that sends its first session bytes in the same message as its key, and more
+    messages in the same read, loses none of them (over TCP the exact handshake read keeps them)."""
+    p = proxy()
+    assert p.ws_url is not None
+    server = connect(p, "server:pipe")
+    wait_until(lambda: waiting_keys(p) == ["server:pipe"], what="the server waiting")
+    with ws_connect(p.ws_url, timeout=10) as ws:
+        key = b"client:pipe"
+        ws.send(MAGIC + struct.pack("<i", len(key)) + key + b"first|")
+        ws.send(b"second")
+        assert read_reply(server) == (HandshakeCode.SUCCESS, "client:pipe")
+        assert recv_exact(server, 12) == b"first|second"
+        assert ws.recv() == MAGIC
+
+
+def test_websocket_ping_flood_from_a_peer_that_never_reads_stays_bounded(proxy: Callable[..., ProxyThread]) -> None:
+    p = proxy()
+    assert p.web_port is not None
+    raw = dial(p.host, p.web_port)
+    raw.sendall(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    key = b"server:flood"
+    raw.sendall(
+        b"".join(encode_frame(Opcode.BINARY, part, mask=True) for part in (MAGIC, struct.pack("<i", len(key)), key))
+    )
+    wait_until(lambda: waiting_keys(p) == ["server:flood"], what="the WebSocket server waiting")
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ping = encode_frame(Opcode.PING, b"x" * 125, mask=True)
+    for _ in range(200):  # 200 x 100 pings, never reading a pong
+        raw.sendall(ping * 100)
+    queued = p.call(lambda: max(peer.ep.out_bytes for peer in p.server._peers))
+    assert queued <= (64 << 10) + 256
+    assert waiting_keys(p) == ["server:flood"]
+
+
+def test_tracker_mode_refuses_giant_key_names(proxy: Callable[..., ProxyThread], tracker: TrackerThread) -> None:
+    p = proxy(tracker=(tracker.host, tracker.port), tracker_period=0.1)
+    big = connect(p, "server:" + "k" * 1000)
+    assert read_reply(big) == (HandshakeCode.MISMATCH, None)
+    fine = connect(p, "server:fine")
+    wait_until(lambda: _free(tracker, "fine") == 1, what="a normal server still offered")
+    fine.close()
+
+
+def test_http_answers_are_complete_and_oversized_heads_get_431(
+    proxy: Callable[..., ProxyThread], tmp_path: Path
+) -> None:
+    page = tmp_path / "index.html"
+    page.write_bytes(b"<html>" + b"x" * (8 << 20) + b"</html>")
+    p = proxy(index_page=page)
+    raw = dial(p.host, p.web_port)
+    raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while chunk := raw.recv(1 << 20):
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"x</html>")
+    assert len(data.split(b"\r\n\r\n", 1)[1]) == page.stat().st_size
+    huge = dial(p.host, p.web_port)
+    huge.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 20000 + b"\r\n\r\n")
+    reply = huge.recv(1024)
+    assert reply.startswith(b"HTTP/1.1 431")

@@ -309,6 +309,15 @@ class FrameDecoder:
         """True once a CLOSE frame was decoded (input after it is ignored)."""
         return self._closed
 
+    @property
+    def max_message(self) -> int:
+        """The largest message accepted; may be changed between feeds (a proxy raises it once paired)."""
+        return self._max
+
+    @max_message.setter
+    def max_message(self, value: int) -> None:
+        self._max = value
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         """Consume ``data``; return the messages (and control frames) it completed, in order."""
         if self._closed:

@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from ..protocol.constants import HandshakeCode
 from ..protocol.keys import PeerKey
 
-__all__ = ["Matcher", "Pair", "Refuse", "Wait", "lenient_key", "random_matchkey"]
+__all__ = ["MAX_TRACKED_NAME_BYTES", "Matcher", "Pair", "Refuse", "Wait", "lenient_key", "random_matchkey"]
+
+#: Tracker mode: longest server key offered to the tracker (every PUT and the proxy's listing carry it).
+MAX_TRACKED_NAME_BYTES = 256
 
 
 def lenient_key(raw: str) -> PeerKey | None:
@@ -116,6 +119,8 @@ class Matcher:
 
     def _arrive_tracker(self, peer: Hashable, key: PeerKey, now: float) -> Pair | Wait | Refuse:
         if key.role == "server":
+            if len(key.name.encode()) > MAX_TRACKED_NAME_BYTES:
+                return Refuse(HandshakeCode.MISMATCH, f"key names over {MAX_TRACKED_NAME_BYTES} bytes are not offered")
             matchkey = self.new_matchkey(key.name)
             while matchkey in self._servers:
                 matchkey = self.new_matchkey(key.name)

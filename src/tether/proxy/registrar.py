@@ -54,6 +54,7 @@ logger = logging.getLogger("tether.proxy")
 _REPLY_TIMEOUT_S = 10.0
 _CONNECT_TIMEOUT_S = 5.0
 _BACKOFF_MAX_S = 2.0
+_MAX_INFO_KEYS_BYTES = 64 << 10
 
 
 def server_terms(key: PeerKey) -> tuple[frozenset[str], dict[str, str]]:
@@ -127,6 +128,8 @@ class Registrar:
     # -- queued by the proxy ----------------------------------------------------------------------
 
     def _queue(self, *op: str) -> None:
+        if not self.connected:
+            return  # a new connection re-offers everything anyway
         self._ops.append(op)
         if self._wake is not None:
             self._wake.set()
@@ -269,7 +272,10 @@ class Registrar:
 
     async def _update_info(self) -> None:
         names = {key.name for _, key in self.matcher.servers()} | {name for _, name in self._sessions.values()}
-        info_key = PROXY_PREFIX + ",".join(sorted(names)) + "]"
+        listed = sorted(names)
+        while len(listed) > 1 and sum(len(n) + 1 for n in listed) > _MAX_INFO_KEYS_BYTES:
+            listed.pop()  # the listing is for people; the PUTs are what the tracker counts
+        info_key = PROXY_PREFIX + ",".join(listed) + "]"
         if info_key == self._reported:
             return
         reply = await self._call(UpdateInfo({"key": info_key, "addr": [self.custom_addr, self.proxy.port]}))

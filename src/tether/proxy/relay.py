@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import socket
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from typing import Final
 
 from ..protocol.websocket import FrameDecoder as WsDecoder
-from ..protocol.websocket import Opcode, WebSocketError, encode_close, encode_frame, encode_header
+from ..protocol.websocket import Message, Opcode, WebSocketError, encode_close, encode_frame, encode_header
 
 __all__ = ["CHUNK", "SOCKET_BUFFER", "Endpoint", "Relay"]
 
@@ -43,6 +44,10 @@ CHUNK: Final = 1 << 20
 #: A direction's first buffer; it grows (x4, up to ``CHUNK``) while reads fill it.
 FIRST_CHUNK: Final = 64 << 10
 _EMPTY: Final = bytearray()
+#: Queued bytes above which a WebSocket peer's pings go unanswered (it is not reading).
+MAX_CONTROL_BACKLOG: Final = 64 << 10
+#: Largest WebSocket message relayed (TVM's proxy, on tornado: 10 MiB); before pairing, a handshake's worth.
+MAX_WS_MESSAGE: Final = 16 << 20
 #: Socket buffers asked for on relayed sockets (fewer wake-ups per byte; the kernel doubles and caps it).
 SOCKET_BUFFER: Final = 4 << 20
 #: How long a closing pair may take to hand over what it already read.
@@ -80,6 +85,12 @@ class Endpoint:
             return [data]
         return [encode_header(Opcode.BINARY, len(data)), data]
 
+    def pong(self, payload: bytes) -> list[bytes | bytearray | memoryview]:
+        """The answer to a ping, or nothing when this peer has not been reading what it was sent: RFC 6455
+        lets an endpoint answer only the latest of several pings, and a peer that pings without reading
+        must not grow the queue."""
+        return [] if self.out_bytes > MAX_CONTROL_BACKLOG else [encode_frame(Opcode.PONG, payload, mask=False)]
+
     def queue(self, parts: list[bytes | bytearray | memoryview]) -> None:
         for part in parts:
             if part:
@@ -91,7 +102,7 @@ class Endpoint:
         out = self.out
         while out:
             try:
-                sent = self.sock.sendmsg(list(out)[:64]) if len(out) > 1 else self.sock.send(out[0])
+                sent = self.sock.sendmsg(itertools.islice(out, 64)) if len(out) > 1 else self.sock.send(out[0])
             except (BlockingIOError, InterruptedError):
                 return False
             self.out_bytes -= sent
@@ -191,19 +202,26 @@ class _Pump(_Direction):
             except WebSocketError as exc:
                 relay.end(src, f"WebSocket error: {exc}", ws_code=exc.code)
                 return
-            for msg in messages:
-                if msg.opcode in (Opcode.BINARY, Opcode.TEXT):
-                    self.moved += len(msg.data)
-                    relay.send(dst, dst.frame(msg.data))
-                elif msg.opcode == Opcode.PING:
-                    relay.send(src, [encode_frame(Opcode.PONG, msg.data, mask=False)])
-                elif msg.opcode == Opcode.CLOSE:
-                    self.eof = True
-                    self.read_off()
-                    relay.end(src, "WebSocket closed")
-                    return
+            if not self.deliver(messages):
+                return
         if dst.out:
             self.read_off()  # the buffer is still being sent from: the relay resumes us once dst drained
+
+    def deliver(self, messages: list[Message]) -> bool:
+        """A WebSocket side's messages: data to ``dst``, pings answered; False once it closed."""
+        src, dst, relay = self.src, self.dst, self.relay
+        for msg in messages:
+            if msg.opcode in (Opcode.BINARY, Opcode.TEXT):
+                self.moved += len(msg.data)
+                relay.send(dst, dst.frame(msg.data))
+            elif msg.opcode == Opcode.PING:
+                relay.send(src, src.pong(msg.data))
+            elif msg.opcode == Opcode.CLOSE:
+                self.eof = True
+                self.read_off()
+                relay.end(src, "WebSocket closed")
+                return False
+        return True
 
     def pending(self) -> bool:
         return self.dst.out_bytes > 0
@@ -246,7 +264,18 @@ class Relay:
     def bytes_ba(self) -> int:
         return self.ba.moved
 
-    # -- the copying path's writes ---------------------------------------------------------------
+    def inject(self, src: Endpoint, data: bytes, messages: list[Message]) -> None:
+        """What ``src`` sent right behind its handshake, read before the relay existed: deliver it first."""
+        pump = self.ab if src is self.a else self.ba
+        if data:
+            pump.moved += len(data)
+            self.send(pump.dst, pump.dst.frame(data))
+        if messages:
+            pump.deliver(messages)
+        if pump.dst.out:
+            pump.read_off()
+
+    # -- writes ---------------------------------------------------------------------------------------
 
     def send(self, ep: Endpoint, parts: list[bytes | bytearray | memoryview]) -> None:
         if ep.closed:

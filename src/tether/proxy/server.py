@@ -31,7 +31,7 @@ from typing import Any
 
 from ..aio.net import Keepalive, bind_listener, format_hostport, tune_socket
 from ..errors import ConfigError, RemoteProtocolError
-from ..protocol.constants import HandshakeCode
+from ..protocol.constants import MAX_HANDSHAKE_KEY_BYTES, HandshakeCode
 from ..protocol.framing import HandshakeDecoder, encode_handshake_reply
 from ..protocol.keys import PeerKey
 from ..protocol.websocket import FrameDecoder as WsDecoder
@@ -47,7 +47,7 @@ from ..protocol.websocket import (
 )
 from .matcher import Matcher, Refuse, Wait, lenient_key
 from .registrar import Registrar
-from .relay import SOCKET_BUFFER, Endpoint, Relay
+from .relay import MAX_WS_MESSAGE, SOCKET_BUFFER, Endpoint, Relay
 
 __all__ = ["ProxyConfig", "ProxyServer", "ProxyThread"]
 
@@ -56,6 +56,8 @@ logger = logging.getLogger("tether.proxy")
 _ACCEPT_BATCH = 64
 _HTTP_HEAD_LIMIT = 16 * 1024
 _PROBE_S = 0.05
+_LINGER_S = 5.0
+_ACCEPT_PAUSE_S = 0.5
 
 
 @dataclass(slots=True)
@@ -79,6 +81,16 @@ class ProxyConfig:
     tracker_period: float = 1.0
     index_page: Path | None = None
     backlog: int = 1024
+
+
+def _sysctl(name: str) -> int:
+    try:
+        return int(Path(f"/proc/sys/net/core/{name}").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+_BIG_BUFFERS = min(_sysctl("rmem_max"), _sysctl("wmem_max")) >= SOCKET_BUFFER
 
 
 class _Peer:
@@ -125,6 +137,7 @@ class ProxyServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[socket.socket] = []
         self._peers: set[_Peer] = set()
+        self._lingering: set[Endpoint] = set()  # unpaired sockets finishing a last answer
         self._stopped: asyncio.Event | None = None
         self._keepalive = Keepalive(30, 10, 3)
         #: how late the loop ran a timer due every ``_PROBE_S``: a stalled loop stalls every relay
@@ -148,7 +161,13 @@ class ProxyServer:
         self.host, self.port = str(name[0]), int(name[1])
         self._listen(sock, "tcp")
         if cfg.web_port is not None:
-            web = bind_listener(cfg.host, cfg.web_port, None, cfg.backlog)
+            try:
+                web = bind_listener(cfg.host, cfg.web_port, None, cfg.backlog)
+            except ConfigError:
+                loop.remove_reader(sock.fileno())
+                self._listeners.remove(sock)
+                sock.close()
+                raise
             self.web_port = int(web.getsockname()[1])
             self._listen(web, "ws")
         if cfg.tracker is not None:
@@ -202,6 +221,8 @@ class ProxyServer:
             self._drop(peer, "proxy stopping", quiet=True)
         for relay in list(self.relays):
             relay.end(relay.a, "proxy stopping")
+        for ep in list(self._lingering):
+            self._linger_over(ep)
         logger.info("proxy on %s stopped", self.address)
 
     def status(self) -> dict[str, Any]:
@@ -240,19 +261,27 @@ class ProxyServer:
                 sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and the like: log, keep serving the ones we have
-                logger.warning("accept on %s failed: %s", kind, exc)
+            except OSError as exc:  # EMFILE and the like: serve the connections we have, try again later
+                logger.warning("accept on %s failed: %s; pausing accepts for %.1f s", kind, exc, _ACCEPT_PAUSE_S)
+                self._loop.remove_reader(listener.fileno())
+                self._loop.call_later(_ACCEPT_PAUSE_S, self._resume_accepts, listener, kind)
                 return
             sock.setblocking(False)
             with contextlib.suppress(OSError):
                 tune_socket(sock, self._keepalive)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+                if _BIG_BUFFERS:  # only where the system allows them; else the kernel's autotuning does better
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             peer = _Peer(sock, format_hostport(str(addr[0]), int(addr[1])), kind)
             self.stats["accepted"] += 1
             self._peers.add(peer)
             peer.timer = self._loop.call_later(self.config.handshake_timeout, self._handshake_timeout, peer)
             self._loop.add_reader(peer.ep.fd, self._on_readable, peer)
+
+    def _resume_accepts(self, listener: socket.socket, kind: str) -> None:
+        assert self._loop is not None
+        if listener in self._listeners:
+            self._loop.add_reader(listener.fileno(), self._on_accept, listener, kind)
 
     def _handshake_timeout(self, peer: _Peer) -> None:
         peer.timer = None
@@ -311,7 +340,12 @@ class ProxyServer:
         if peer.state == "http":
             assert peer.http is not None
             peer.http += data
-            end = find_head_end(peer.http, _HTTP_HEAD_LIMIT)
+            try:
+                end = find_head_end(peer.http, _HTTP_HEAD_LIMIT)
+            except HttpError as exc:
+                self._write(peer, [exc.response()])
+                self._drop(peer, f"HTTP {exc.status}", quiet=True, ws=False)
+                return
             if end < 0:
                 return
             head, rest = bytes(peer.http[:end]), bytes(peer.http[end:])
@@ -322,19 +356,25 @@ class ProxyServer:
             if not data:
                 return
         assert peer.ep.ws is not None
-        for msg in peer.ep.ws.feed(data):
+        messages = peer.ep.ws.feed(data)
+        for i, msg in enumerate(messages):
             if msg.opcode in (Opcode.BINARY, Opcode.TEXT):
                 if peer.state != "hello":
                     raise RemoteProtocolError(f"{len(msg.data)} byte(s) sent before pairing")
                 key = peer.hello.feed(msg.data)
-                if key is not None:
-                    if peer.hello.unused:
-                        raise RemoteProtocolError(f"{len(peer.hello.unused)} byte(s) sent before pairing")
-                    self._arrived(peer, key)
-                    if peer.state not in ("hello", "waiting"):
-                        return
+                if key is None:
+                    continue
+                unused, after = peer.hello.unused, messages[i + 1 :]
+                self._arrived(peer, key)
+                if peer.relay is not None:  # paired at once: what followed the key belongs to the session
+                    peer.relay.inject(peer.ep, unused, after)
+                    return
+                if peer.state == "waiting" and (unused or any(m.opcode != Opcode.PING for m in after)):
+                    raise RemoteProtocolError("bytes sent before pairing")
+                if peer.state != "waiting":
+                    return
             elif msg.opcode == Opcode.PING:
-                self._write(peer, [encode_frame(Opcode.PONG, msg.data, mask=False)])
+                self._write(peer, peer.ep.pong(msg.data))
             elif msg.opcode == Opcode.CLOSE:
                 self._drop(peer, "WebSocket closed" if peer.state != "waiting" else "went away while waiting")
                 return
@@ -357,7 +397,7 @@ class ProxyServer:
             self._drop(peer, f"HTTP {exc.status}", quiet=True, ws=False)
             return False
         self._write(peer, [build_upgrade_response(req)])
-        peer.ep.ws = WsDecoder(expect_masked=True)
+        peer.ep.ws = WsDecoder(expect_masked=True, max_message=MAX_HANDSHAKE_KEY_BYTES + 64)
         peer.state = "hello"
         return True
 
@@ -378,12 +418,28 @@ class ProxyServer:
         self._drop(peer, "HTTP page served", quiet=True, ws=False)
 
     def _write(self, peer: _Peer, parts: list[bytes | bytearray | memoryview]) -> None:
-        """A small write before pairing; what the socket does not take now waits in the queue."""
+        """A write before pairing (replies, HTTP answers); what the socket does not take now is sent when
+        it can take more (the relay takes over the queue once paired)."""
         peer.ep.queue(parts)
+        self._flush_unpaired(peer.ep)
+
+    def _flush_unpaired(self, ep: Endpoint, closing: bool = False) -> None:
+        assert self._loop is not None
         try:
-            peer.ep.flush()
+            done = ep.flush()
         except OSError as exc:
-            logger.debug("%s: write failed: %s", peer.describe(), exc)
+            logger.debug("%s: write failed: %s", ep.label, exc)
+            ep.out.clear()
+            ep.out_bytes = 0
+            done = True
+        if done and ep.writing:
+            ep.writing = False
+            self._loop.remove_writer(ep.fd)
+        elif not done and not ep.writing:
+            ep.writing = True
+            self._loop.add_writer(ep.fd, self._flush_unpaired, ep, closing)
+        if done and closing:
+            ep.close()
 
     # -- deciding ----------------------------------------------------------------------------------
 
@@ -418,7 +474,10 @@ class ProxyServer:
     def _wait_timeout(self, peer: _Peer) -> None:
         assert self._loop is not None
         peer.timer = None
-        if self.matcher.expire(peer, self._loop.time()):
+        if peer.state == "waiting" and self.matcher.waiting(peer) and not self.matcher.expire(peer, self._loop.time()):
+            peer.timer = self._loop.call_later(0.01, self._wait_timeout, peer)  # fired a tick early
+            return
+        if peer.state == "waiting":
             logger.info("%s: no match within the wait timeout; MISMATCH", peer.describe())
             self.stats["refused"] += 1
             self._reply(peer, encode_handshake_reply(HandshakeCode.MISMATCH))
@@ -437,6 +496,9 @@ class ProxyServer:
         for p in (waiting, arriving):
             self._peers.discard(p)
             self._loop.remove_reader(p.ep.fd)
+            if p.ep.writing:  # the relay's own writer takes over what is still queued
+                p.ep.writing = False
+                self._loop.remove_writer(p.ep.fd)
             if p.timer is not None:
                 p.timer.cancel()
                 p.timer = None
@@ -446,6 +508,10 @@ class ProxyServer:
         server, client = (waiting, arriving) if waiting.key.role == "server" else (arriving, waiting)
         server.ep.label, client.ep.label = f"server {server.describe()}", f"client {client.describe()}"
         relay = Relay(self._loop, client.ep, server.ep, self._relay_done)
+        waiting.relay = arriving.relay = relay
+        for p in (waiting, arriving):
+            if p.ep.ws is not None:
+                p.ep.ws.max_message = MAX_WS_MESSAGE
         self.relays.add(relay)
         self.stats["paired"] += 1
         logger.info("paired %s with %s", client.describe(), server.describe())
@@ -488,12 +554,26 @@ class ProxyServer:
                 self.registrar.withdraw(matchkey)
         if peer.ep.ws is None or not ws:
             peer.ep.ws = None
-        if peer.ep.out:  # a reply still queued: give it a moment to leave, then close
-            self._loop.call_later(1.0, peer.ep.close, ws_code, reason)
-            with contextlib.suppress(OSError):
-                peer.ep.sock.shutdown(socket.SHUT_RD)
+        if peer.ep.out:  # a reply still queued: close once it left (or after _LINGER_S)
+            ep = peer.ep
+            if ep.writing:
+                self._loop.remove_writer(ep.fd)
+                ep.writing = False
+            self._flush_unpaired(ep, closing=True)
+            if not ep.closed:
+                self._lingering.add(ep)
+                self._loop.call_later(_LINGER_S, self._linger_over, ep)
         else:
             peer.ep.close(ws_code, reason)
+
+    def _linger_over(self, ep: Endpoint) -> None:
+        assert self._loop is not None
+        self._lingering.discard(ep)
+        if not ep.closed:
+            if ep.writing:
+                ep.writing = False
+                self._loop.remove_writer(ep.fd)
+            ep.close()
 
 
 def _request_path(head: bytes) -> str:
