@@ -582,7 +582,12 @@ def _request_path(head: bytes) -> str:
 
 
 class ProxyThread:
-    """A proxy on its own event loop in a background thread: for tests, notebooks and the demo."""
+    """A proxy on its own event loop in a background thread: for tests, notebooks and the demo.
+
+    Not in a process that also runs TVM's client on sessions through it: TVM's client keeps the GIL during
+    some blocking socket calls (freeing a remote object, for one), so the proxy's thread never gets to
+    relay what that call waits for. Run ``tether proxy`` as its own process there.
+    """
 
     def __init__(self, config: ProxyConfig | None = None, start_timeout: float = 10.0) -> None:
         self.server = ProxyServer(config or ProxyConfig(port=0, web_port=0))
