@@ -193,6 +193,20 @@ class _Pump(_Direction):
             return
         self.full = n == len(self.buf)
         data = self.view[:n]
+        if src.ws is None and dst.ws is None and not dst.out:  # TCP to TCP, nothing queued: send it now
+            self.moved += n
+            try:
+                sent = dst.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                relay.end(dst, _why(exc))
+                return
+            if sent < n:  # the rest leaves when dst can take it; until then this buffer is not reused
+                relay.send(dst, [data[sent:]])
+                if dst.out:
+                    self.read_off()
+            return
         if src.ws is None:
             self.moved += n
             relay.send(dst, dst.frame(data))
