@@ -22,13 +22,12 @@ import contextlib
 import json
 import logging
 import socket
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..aio.loop_thread import LoopThread
 from ..aio.net import Keepalive, bind_listener, format_hostport, tune_socket
 from ..errors import ConfigError, RemoteProtocolError
 from ..protocol.constants import MAX_HANDSHAKE_KEY_BYTES, HandshakeCode
@@ -581,7 +580,7 @@ def _request_path(head: bytes) -> str:
     return line[1].split("?", 1)[0] if len(line) >= 2 else ""
 
 
-class ProxyThread:
+class ProxyThread(LoopThread[ProxyServer]):
     """A proxy on its own event loop in a background thread: for tests, notebooks and the demo.
 
     Not in a process that also runs TVM's client on sessions through it: TVM's client keeps the GIL during
@@ -590,34 +589,7 @@ class ProxyThread:
     """
 
     def __init__(self, config: ProxyConfig | None = None, start_timeout: float = 10.0) -> None:
-        self.server = ProxyServer(config or ProxyConfig(port=0, web_port=0))
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="tether-proxy", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(start_timeout):
-            raise ConfigError("proxy thread did not start in time")
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-
-        async def main() -> None:
-            try:
-                await self.server.start()
-            except BaseException as exc:
-                self._error = exc
-                self._ready.set()
-                return
-            self._ready.set()
-            await self.server.serve_until_stopped()
-
-        try:
-            self._loop.run_until_complete(main())
-        finally:
-            self._loop.close()
+        super().__init__(ProxyServer(config or ProxyConfig(port=0, web_port=0)), "tether-proxy", start_timeout)
 
     @property
     def host(self) -> str:
@@ -635,25 +607,5 @@ class ProxyThread:
     def web_port(self) -> int | None:
         return self.server.web_port
 
-    def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-        """Run ``fn`` on the proxy's loop and return its result (to read state safely)."""
-
-        async def wrapper() -> Any:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
-
     def status(self) -> dict[str, Any]:
         return dict(self.call(self.server.status))
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._thread.is_alive():
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self.server.stop)
-            self._thread.join(timeout)
-
-    def __enter__(self) -> ProxyThread:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -13,12 +13,12 @@ import contextlib
 import logging
 import socket
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any, cast
 
+from ..aio.loop_thread import LoopThread
 from ..aio.net import Keepalive, bind_listener, format_hostport, quickack, tune_socket
-from ..errors import ConfigError, RemoteProtocolError
+from ..errors import RemoteProtocolError
 from ..protocol.tracker import TrackerServerStream
 from .config import TrackerConfig
 from .core import TrackerCore
@@ -221,7 +221,7 @@ async def run_tracker(config: TrackerConfig, ready: Callable[[TrackerServer], No
     await server.serve_until_stopped()
 
 
-class TrackerThread:
+class TrackerThread(LoopThread[TrackerServer]):
     """A tracker on its own event loop in a background thread: for tests, notebooks and the demo.
 
     ``with TrackerThread(TrackerConfig(port=0)) as t: ...`` then ``t.host``, ``t.port``. Raises
@@ -229,34 +229,7 @@ class TrackerThread:
     """
 
     def __init__(self, config: TrackerConfig | None = None, start_timeout: float = 10.0) -> None:
-        self.server = TrackerServer(config or TrackerConfig(port=0))
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="tether-tracker", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(start_timeout):
-            raise ConfigError("tracker thread did not start in time")
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-
-        async def main() -> None:
-            try:
-                await self.server.start()
-            except BaseException as exc:
-                self._error = exc
-                self._ready.set()
-                return
-            self._ready.set()
-            await self.server.serve_until_stopped()
-
-        try:
-            self._loop.run_until_complete(main())
-        finally:
-            self._loop.close()
+        super().__init__(TrackerServer(config or TrackerConfig(port=0)), "tether-tracker", start_timeout)
 
     @property
     def host(self) -> str:
@@ -269,28 +242,3 @@ class TrackerThread:
     @property
     def core(self) -> TrackerCore:
         return self.server.core
-
-    def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
-        """Run ``fn`` on the tracker's loop and return its result (to read state safely)."""
-
-        async def wrapper() -> Any:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the tracker has stopped (STOP message or :meth:`stop`); False on timeout."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._thread.is_alive():
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                self._loop.call_soon_threadsafe(self.server.stop)
-            self._thread.join(timeout)
-
-    def __enter__(self) -> TrackerThread:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
