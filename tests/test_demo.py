@@ -24,6 +24,7 @@ def test_demo_runs_a_real_model_through_tracker_and_server() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "remote onnxruntime vs local onnxruntime" in out and "remote TVM library vs local onnxruntime" in out
+    assert "through the proxy, onnxruntime vs local" in out
     assert "-> OK" in out
     assert "Server List" in out and "server:demo-cpu" in out  # the query table, read while the session was held
     assert "top-5 classes" in out

@@ -187,7 +187,6 @@ def test_cancel_a_waiting_request(tracker: TrackerThread) -> None:
 def test_interrupted_request_is_withdrawn(tracker: TrackerThread) -> None:
     """Ctrl-C while waiting: the request is cancelled on the tracker, then the interrupt propagates."""
     with TrackerClient.connect(tracker.host, tracker.port) as client:
-
         interrupted = threading.Event()
 
         def interrupt_once_queued() -> None:

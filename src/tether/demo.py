@@ -8,7 +8,9 @@
 4. request the server through the tracker with tether's client, upload both, run the ONNX model with the
    onnxruntime backend and the TVM library with the tvm backend, time both on the device;
 5. check both outputs against a local onnxruntime run, read the tracker's state while the session is held;
-6. shut everything down, by pid.
+6. the same ONNX model on a second server that nothing can reach: it connects out to tether's proxy, which
+   offers it to the tracker (tracker mode); the client requests it like any other and is relayed;
+7. shut everything down, by pid.
 
 Needs the ``tvm`` and ``onnx`` extras (apache-tvm, onnx, onnxruntime, numpy); imported here only.
 """
@@ -32,6 +34,7 @@ from .client.query import TrackerStatus, query_tracker
 from .client.tracker import TrackerClient
 from .errors import TetherError
 from .models import light_model
+from .proxy import ProxyConfig, ProxyThread
 from .tracker import TrackerConfig, TrackerThread
 
 __all__ = ["DemoResult", "run_demo"]
@@ -39,6 +42,7 @@ __all__ = ["DemoResult", "run_demo"]
 logger = logging.getLogger(__name__)
 
 DEMO_KEY = "demo-cpu"
+DEMO_NAT_KEY = "demo-behind-nat"
 
 
 @dataclass
@@ -51,18 +55,21 @@ class DemoResult:
     output_shape: list[int]
     max_abs_diff: float
     max_abs_diff_tvm: float
+    max_abs_diff_proxy: float
     top5: list[tuple[int, float]]
     timings: dict[str, float] = field(default_factory=dict)
     status: TrackerStatus | None = None
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= 1e-4 and self.max_abs_diff_tvm <= 1e-4
+        return max(self.max_abs_diff, self.max_abs_diff_tvm, self.max_abs_diff_proxy) <= 1e-4
 
 
 @contextlib.contextmanager
-def _device_server(tracker_port: int, key: str) -> Iterator[subprocess.Popen[bytes]]:
-    """``tether server`` registered with the tracker, in its own process group (stopped by pid)."""
+def _device_server(tracker_port: int, key: str, proxy_port: int | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``tether server`` registered with the tracker (or reaching out to the proxy on ``proxy_port``), in its
+    own process group (stopped by pid)."""
+    where = ["--port", str(proxy_port), "--through-proxy"] if proxy_port else ["--port", "0", "--tracker"]
     cmd = [
         sys.executable,
         "-m",
@@ -72,10 +79,8 @@ def _device_server(tracker_port: int, key: str) -> Iterator[subprocess.Popen[byt
         "server",
         "--host",
         "127.0.0.1",
-        "--port",
-        "0",
-        "--tracker",
-        f"127.0.0.1:{tracker_port}",
+        *where,
+        *([] if proxy_port else [f"127.0.0.1:{tracker_port}"]),
         "--key",
         key,
         "--label",
@@ -115,9 +120,16 @@ def run_demo(model_path: Path | None = None, progress: Callable[[str], None] = p
     from tvm.relax.frontend.onnx import from_onnx
 
     timings: dict[str, float] = {}
-    with TrackerThread(TrackerConfig(host="127.0.0.1", port=0)) as tracker:
-        progress(f"tracker: tether {tracker.host}:{tracker.port}")
-        with _device_server(tracker.port, DEMO_KEY) as server_proc, tempfile.TemporaryDirectory() as tmp:
+    with (
+        TrackerThread(TrackerConfig(host="127.0.0.1", port=0)) as tracker,
+        ProxyThread(ProxyConfig(port=0, web_port=None, tracker=(tracker.host, tracker.port))) as proxy,
+    ):
+        progress(f"tracker: tether {tracker.host}:{tracker.port}; proxy: tether {proxy.host}:{proxy.port}")
+        with (
+            _device_server(tracker.port, DEMO_KEY) as server_proc,
+            _device_server(tracker.port, DEMO_NAT_KEY, proxy.port) as hidden_proc,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
             t0 = time.perf_counter()
             if model_path is None:
                 path = Path(tmp) / "squeezenet.onnx"
@@ -155,6 +167,16 @@ def run_demo(model_path: Path | None = None, progress: Callable[[str], None] = p
                     timings["remote_tvm_run_ms"] = tvm_model.benchmark(number=repeat, repeat=3).median * 1e3
                     status = query_tracker("127.0.0.1", tracker.port)  # while the session is held
 
+                _wait_for_free(tracker.port, DEMO_NAT_KEY, 60.0, hidden_proc)
+                progress(f"server: a second one, {DEMO_NAT_KEY!r}, reachable only through the proxy")
+                t0 = time.perf_counter()
+                with pool.request(DEMO_NAT_KEY, priority=1, session_timeout=300, timeout=60) as sess:
+                    timings["proxy_request_ms"] = (time.perf_counter() - t0) * 1e3
+                    sess.upload(path, "model.onnx")
+                    relayed = sess.load_model("model.onnx")
+                    y_proxy = next(iter(relayed.run({spec.name: x}).values()))
+                    timings["proxy_run_ms"] = relayed.benchmark(number=repeat, repeat=3).median * 1e3
+
             ref = local.run(None, {spec.name: x})[0]
             samples = []
             for _ in range(repeat):
@@ -172,6 +194,7 @@ def run_demo(model_path: Path | None = None, progress: Callable[[str], None] = p
         output_shape=list(y.shape),
         max_abs_diff=float(np.max(np.abs(y.astype("float64") - ref.astype("float64")))),
         max_abs_diff_tvm=float(np.max(np.abs(y_tvm.astype("float64") - ref.astype("float64")))),
+        max_abs_diff_proxy=float(np.max(np.abs(y_proxy.astype("float64") - ref.astype("float64")))),
         top5=[(int(i), float(flat[i])) for i in top],
         timings=timings,
         status=status,

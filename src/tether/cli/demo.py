@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"output: {result.output_shape}, top-5 classes {[(i, round(p, 4)) for i, p in result.top5]}")
     print(f"remote onnxruntime vs local onnxruntime: max |diff| = {result.max_abs_diff:.3g}")
     print(f"remote TVM library vs local onnxruntime: max |diff| = {result.max_abs_diff_tvm:.3g}")
+    print(f"through the proxy, onnxruntime vs local: max |diff| = {result.max_abs_diff_proxy:.3g}")
     print(f"-> {'OK' if result.ok else 'MISMATCH'}")
     t = result.timings
     print(
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         f"compile {t['compile_s']:.2f} s, request {t['request_ms']:.1f} ms, upload {t['upload_ms']:.1f} ms, "
         f"first remote run {t['first_run_ms']:.1f} ms (round trip); on the device (median): "
         f"onnxruntime {t['remote_run_ms']:.2f} ms, TVM {t['remote_tvm_run_ms']:.2f} ms; "
-        f"local onnxruntime {t['local_ort_run_ms']:.2f} ms"
+        f"local onnxruntime {t['local_ort_run_ms']:.2f} ms; through the proxy: request "
+        f"{t['proxy_request_ms']:.1f} ms, onnxruntime on the device {t['proxy_run_ms']:.2f} ms"
     )
     return 0 if result.ok else 1
