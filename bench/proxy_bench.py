@@ -59,18 +59,15 @@ minutes on 2 cores; ``--quick`` about 1.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import itertools
 import json
 import os
-import platform
 import random
 import re
 import secrets
 import select
 import shlex
-import signal
 import socket
 import statistics
 import struct
@@ -84,8 +81,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+import benchlib
+from benchlib import Proc, pct, pinned, retry, start_server, stop_group, timed_run, write_report
+
 HOST = "127.0.0.1"
 MIB = 1 << 20
 MB = 1e6
@@ -149,100 +147,12 @@ except (EOFError, OSError):
     pass
 """
 
-_LISTENING = re.compile(r"(?:listening on|bind to) \S*:(\d+)")
-
-
 # -- processes -----------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Proc:
-    """One server process (a proxy or a tracker); ``log`` keeps its last lines of output."""
-
-    name: str
-    proc: subprocess.Popen[str]
-    port: int
-    log: collections.deque[str]
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
-def _drain(proc: subprocess.Popen[str], log: collections.deque[str], port: list[int], found: threading.Event) -> None:
-    """Read a server's output for as long as it runs (a full pipe would block it); note its port."""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        log.append(line.rstrip())
-        match = _LISTENING.search(line)
-        if match and not found.is_set():
-            port.append(int(match.group(1)))
-            found.set()
-    found.set()  # it exited
-
-
-def _start(name: str, argv: list[str], timeout: float = 60) -> Proc:
-    """Start a server in a new session; its port is read from its first ``listening on``/``bind to`` line."""
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        cwd=tempfile.gettempdir(),
-        start_new_session=True,
-    )
-    log: collections.deque[str] = collections.deque(maxlen=50)
-    port: list[int] = []
-    found = threading.Event()
-    threading.Thread(target=_drain, args=(proc, log, port, found), daemon=True).start()
-    if not found.wait(timeout) or not port:
-        _stop(proc)
-        raise RuntimeError(f"{name} did not start within {timeout} s (exit code {proc.poll()}): " + " | ".join(log))
-    return Proc(name, proc, port[0], log)
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    """Stop a process, its process group and every descendant, by pid (TVM's PopenWorker too)."""
-    import psutil
-
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)  # its own session: the group id is its pid
-        for child in descendants:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.send_signal(sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(wait_s)
-        _, descendants = psutil.wait_procs(descendants, timeout=3)
-        if proc.poll() is not None and not descendants:
-            return
-
-
-@contextlib.contextmanager
-def running(name: str, argv: list[str]) -> Iterator[Proc]:
-    server = _start(name, argv)
-    try:
-        yield server
-    finally:
-        _stop(server.proc)
 
 
 def wait_port(port: int, timeout: float = 30) -> None:
     """Until something accepts connections on ``port`` (TVM's servers log their port before they listen)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((HOST, port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    retry(lambda: socket.create_connection((HOST, port), timeout=1).close(), timeout, OSError)
 
 
 def free_port() -> int:
@@ -257,12 +167,12 @@ def start_tvm_proxy(tracker: int | None = None) -> Proc:
     argv += ["--port-end", str(base + 100), "--web-port", str(free_port())]
     if tracker is not None:
         argv += ["--tracker", f"{HOST}:{tracker}"]
-    proxy = _start("TVM proxy", argv)
+    proxy = start_server("TVM proxy", argv)
     try:
         wait_port(proxy.port)
         time.sleep(0.2)  # its event loop thread starts after it listens (with a backlog of 1)
     except OSError:
-        _stop(proxy.proc)
+        stop_group(proxy.proc)
         raise
     return proxy
 
@@ -275,11 +185,11 @@ def start_tether_proxy(tracker: int | None = None) -> Proc:
     argv = [sys.executable, "-m", "tether", "proxy", "--host", HOST, "--port", "0", "--web-port", "0", *TETHER_FLAGS]
     if tracker is not None:
         argv += ["--tracker", f"{HOST}:{tracker}"]
-    return _start("tether proxy", argv)
+    return start_server("tether proxy", argv)
 
 
 def start_asyncio_relay() -> Proc:
-    return _start("asyncio relay", [sys.executable, str(Path(__file__).resolve()), SERVE_RELAY])
+    return start_server("asyncio relay", [sys.executable, str(Path(__file__).resolve()), SERVE_RELAY])
 
 
 def start_proxy(target: str, tracker: int | None = None) -> Proc:
@@ -290,14 +200,16 @@ def start_proxy(target: str, tracker: int | None = None) -> Proc:
 
 def start_tracker(kind: str) -> Proc:
     if kind == "tether":
-        return _start("tether tracker", [sys.executable, "-m", "tether", "tracker", "--host", HOST, "--port", "0"])
+        return start_server(
+            "tether tracker", [sys.executable, "-m", "tether", "tracker", "--host", HOST, "--port", "0"]
+        )
     base = random.randint(20000, 30000)
     argv = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", HOST, "--port", str(base)]
-    tracker = _start("TVM tracker", [*argv, "--port-end", str(base + 100)])
+    tracker = start_server("TVM tracker", [*argv, "--port-end", str(base + 100)])
     try:
         wait_port(tracker.port)
     except OSError:
-        _stop(tracker.proc)
+        stop_group(tracker.proc)
         raise
     return tracker
 
@@ -518,7 +430,7 @@ class Link:
         try:
             self.peer.wait(5)
         except subprocess.TimeoutExpired:
-            _stop(self.peer)
+            stop_group(self.peer)
 
 
 def open_link(port: int | None) -> Link:
@@ -603,14 +515,6 @@ def ping_pong(
     return rtts, starts
 
 
-def pct(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    rank = (len(ordered) - 1) * p / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
 def bench_throughput(links: dict[str, Link], args: argparse.Namespace) -> dict[str, Any]:
     """The targets in turn, shuffled each round, after one untimed 16 MiB transfer each."""
     chunk = memoryview(os.urandom(MIB))
@@ -638,34 +542,6 @@ def bench_throughput(links: dict[str, Link], args: argparse.Namespace) -> dict[s
         if name not in errors and mib_s:
             out[name] = {"best_mib_s": max(mib_s), "median_mib_s": statistics.median(mib_s), "runs_mib_s": mib_s}
     return out
-
-
-@contextlib.contextmanager
-def pinned(pids: list[int], cpu: int | None) -> Iterator[None]:
-    """Every thread of these processes and their descendants on one CPU for the block (None: as they are).
-
-    The client, the proxy and the echoing peer on one CPU: a round trip is their CPU work plus the context
-    switches. Apart, it also pays waking idle CPUs, which in a VM can cost tens of microseconds, or not,
-    depending on where the scheduler put them: bimodal, and noisy on a shared machine."""
-    import psutil
-
-    saved: list[tuple[int, set[int]]] = []
-    if cpu is not None:
-        for pid in pids:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc = psutil.Process(pid)
-                for p in (proc, *proc.children(recursive=True)):
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        for thread in p.threads():
-                            with contextlib.suppress(OSError):
-                                saved.append((thread.id, os.sched_getaffinity(thread.id)))
-                                os.sched_setaffinity(thread.id, {cpu})
-    try:
-        yield
-    finally:
-        for tid, cpus in saved:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, cpus)
 
 
 def bench_round_trips(
@@ -988,7 +864,7 @@ def phase_plain(report: dict[str, Any], args: argparse.Namespace, notes: dict[st
         for link in links.values():
             link.close()
         for proxy in proxies.values():
-            _stop(proxy.proc)
+            stop_group(proxy.proc)
 
 
 def phase_tracker(report: dict[str, Any], args: argparse.Namespace, notes: dict[str, str]) -> None:
@@ -1042,31 +918,20 @@ def phase_tracker(report: dict[str, Any], args: argparse.Namespace, notes: dict[
                 }
                 print(f"  {name}: {out[name]['error']}", flush=True)
             finally:
-                _stop(proxy.proc)
+                stop_group(proxy.proc)
     finally:
         for tracker in trackers.values():
-            _stop(tracker.proc)
+            stop_group(tracker.proc)
     report["stalls"] = out
 
 
 def machine_info() -> dict[str, Any]:
-    import psutil
     import tornado
     import tvm
 
     import tether
 
-    return {
-        "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "load_average": os.getloadavg(),
-        "memory_gib": psutil.virtual_memory().total / (1 << 30),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "tvm": tvm.__version__,
-        "tornado": tornado.version,
-        "tether": tether.__version__,
-    }
+    return benchlib.machine_info(tvm=tvm.__version__, tornado=tornado.version, tether=tether.__version__)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -1257,18 +1122,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.reps, args.round_trips, args.rounds, args.stall_seconds, args.pairs = 2, 2000, 4, 5.0, 10
         args.settle = 0.5
-    started = time.perf_counter()
-    report = run(args)
-    report["total_s"] = time.perf_counter() - started
+    report = timed_run(run, args)
     table = rows(report, args)
     report["table"] = [vars(r) for r in table]
     print_table(table)
     for note in report["notes"].values():
         print(f"note: {note}")
-    path = args.json or RESULTS / f"proxy-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {path} ({report['total_s']:.0f} s)")
+    write_report(report, args.json, "proxy")
     return 0
 
 

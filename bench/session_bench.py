@@ -40,25 +40,22 @@ import argparse
 import collections
 import contextlib
 import gc
-import json
 import os
-import platform
 import random
-import re
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+import benchlib
+from benchlib import Proc, pct, pinned, retry, timed_run, write_report
+
 HOST = "127.0.0.1"
 MIB = 1 << 20
 
@@ -132,56 +129,7 @@ TVM_TRACKER = (
     "sys.stdin.readline(); t.terminate()\n"
 )
 
-_LISTENING = re.compile(r"(?:listening on|bind to) \S*:(\d+)")
-
-
 # -- processes -----------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Proc:
-    """One server process; ``log`` keeps its last lines of output (for errors)."""
-
-    name: str
-    proc: subprocess.Popen[str]
-    port: int
-    log: collections.deque[str]
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
-def _drain(proc: subprocess.Popen[str], log: collections.deque[str], port: list[int], found: threading.Event) -> None:
-    """Read a server's output for as long as it runs (a full pipe would block it); note its port."""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        log.append(line.rstrip())
-        match = _LISTENING.search(line)
-        if match and not found.is_set():
-            port.append(int(match.group(1)))
-            found.set()
-    found.set()  # it exited
-
-
-def _start(name: str, argv: list[str], timeout: float = 60) -> Proc:
-    """Start a server; its port is read from its first ``listening on``/``bind to`` line."""
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.PIPE,
-        text=True,
-        cwd=tempfile.gettempdir(),
-    )
-    log: collections.deque[str] = collections.deque(maxlen=50)
-    port: list[int] = []
-    found = threading.Event()
-    threading.Thread(target=_drain, args=(proc, log, port, found), daemon=True).start()
-    if not found.wait(timeout) or not port:
-        _stop(proc)
-        raise RuntimeError(f"{name} did not start within {timeout} s (exit code {proc.poll()}): " + "\n".join(log))
-    return Proc(name, proc, port[0], log)
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
@@ -210,13 +158,10 @@ def _stop(proc: subprocess.Popen[str]) -> None:
     psutil.wait_procs(alive, timeout=3)
 
 
-@contextlib.contextmanager
-def running(name: str, argv: list[str]) -> Iterator[Proc]:
-    server = _start(name, argv)
-    try:
-        yield server
-    finally:
-        _stop(server.proc)
+def running(name: str, argv: list[str]) -> contextlib.AbstractContextManager[Proc]:
+    """A server for the block, in this session with stdin a pipe (for ``_stop``'s line); its port read from
+    its first ``listening on``/``bind to`` line."""
+    return benchlib.running(name, argv, stop=_stop, new_session=False, stdin=subprocess.PIPE, log_sep="\n")
 
 
 def floor_server(file: Path) -> contextlib.AbstractContextManager[Proc]:
@@ -308,25 +253,10 @@ def tvm_connect(port: int, key: str, timeout: float = 30) -> Any:
     """``rpc.connect``, retried: TVM's server logs its port before it listens."""
     from tvm import rpc
 
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return rpc.connect(HOST, port, key=key)
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    return retry(lambda: rpc.connect(HOST, port, key=key), timeout, Exception)
 
 
 # -- statistics ----------------------------------------------------------------------------------
-
-
-def pct(samples: list[float], p: float) -> float:
-    ordered = sorted(samples)
-    rank = (len(ordered) - 1) * p / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def latency(samples_s: list[float], unit: float) -> dict[str, float]:
@@ -458,35 +388,6 @@ def bench_empty_calls(calls: dict[str, Callable[[], Any]], total: int, rounds: i
         name: {**latency(samples[name], 1e6), "best_round_p50": min(round_p50[name]), "round_p50": round_p50[name]}
         for name in calls
     }
-
-
-@contextlib.contextmanager
-def pinned(pids: list[int], cpu: int) -> Iterator[None]:
-    """Every thread of these processes and their descendants on one CPU, for the block; then as before.
-
-    Client and server on one CPU: a round trip is the CPU work of both plus two context switches. Apart,
-    it also pays waking an idle CPU, which in a VM can be a hypervisor exit of tens of microseconds, or
-    not, depending on where the scheduler put them: bimodal. Both are reported."""
-    import psutil
-
-    saved: list[tuple[int, set[int]]] = []
-    procs = []
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc = psutil.Process(pid)
-            procs += [proc, *proc.children(recursive=True)]
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for thread in proc.threads():
-                with contextlib.suppress(OSError):
-                    saved.append((thread.id, os.sched_getaffinity(thread.id)))
-                    os.sched_setaffinity(thread.id, {cpu})
-    try:
-        yield
-    finally:
-        for tid, cpus in saved:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, cpus)
 
 
 # -- 3, 4: bulk ----------------------------------------------------------------------------------
@@ -743,23 +644,13 @@ def bench_model_tvm(
 def machine_info() -> dict[str, Any]:
     import numpy as np
     import onnxruntime
-    import psutil
     import tvm
 
     import tether
 
-    return {
-        "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "load_average": os.getloadavg(),
-        "memory_gib": psutil.virtual_memory().total / (1 << 30),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "tvm": tvm.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-        "tether": tether.__version__,
-    }
+    return benchlib.machine_info(
+        tvm=tvm.__version__, onnxruntime=onnxruntime.__version__, numpy=np.__version__, tether=tether.__version__
+    )
 
 
 def phase_direct(report: dict[str, Any], args: argparse.Namespace, workdir: Path, key: str) -> None:
@@ -1111,16 +1002,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.calls, args.rounds, args.runs, args.reps, args.tvm_reps = 4000, 4, 4, 2, 1
         args.model_runs, args.tvm_model_runs = 30, 1
-    started = time.perf_counter()
-    report = run(args)
-    report["total_s"] = time.perf_counter() - started
+    report = timed_run(run, args)
     table = rows(report, args)
     report["table"] = [vars(r) for r in table]
     print_table(table)
-    path = args.json or RESULTS / f"session-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {path} ({report['total_s']:.0f} s)")
+    write_report(report, args.json, "session")
     return 0
 
 
