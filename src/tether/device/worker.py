@@ -409,9 +409,14 @@ def _tvm_deadline_guard(sock: socket.socket, timeout: float, deadline: float) ->
 
     TVM's session loop may be writing a reply when the deadline comes; an exception packet written
     beside it would interleave and corrupt the stream (TVM's client then reads a garbage length). TVM's
-    own server kills the session process first and writes from the parent: the guard does the same. It
-    dies with the worker's process group when the session ends in time.
+    own server kills the session process first and writes from the parent: the guard does the same.
+
+    The guard watches the worker through a pidfd and leaves its process group: the server kills that
+    group as soon as it sees the worker die, which could otherwise take the guard before it has written
+    (the client then got "channel closed" instead of RPCSessionTimeoutError, under load). A worker that
+    ends before the deadline ends the guard too. Without pidfds the guard stays in the group and sleeps.
     """
+    import select
     import signal
 
     from tvm.rpc import _ffi_api
@@ -424,14 +429,18 @@ def _tvm_deadline_guard(sock: socket.socket, timeout: float, deadline: float) ->
         return
     code = 124
     try:
+        if pidfd is not None:
+            os.setpgid(0, 0)
         remaining = deadline - time.monotonic()
         while remaining > 0:
-            time.sleep(remaining)  # the guard's only job is to wait
+            if pidfd is None:
+                time.sleep(remaining)  # the guard's only job is to wait
+            elif select.select([pidfd], [], [], min(remaining, 3600.0))[0]:
+                code = 0  # the worker ended first: the session ended in time
+                return
             remaining = deadline - time.monotonic()
         os.kill(worker, signal.SIGKILL)
         if pidfd is not None:
-            import select
-
             select.select([pidfd], [], [], 2.0)  # readable once the worker is gone
         _ffi_api.ReturnException(sock.fileno(), TIMEOUT_MESSAGE.format(timeout))
     except BaseException:
