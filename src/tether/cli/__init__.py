@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import demo, pack, proxy, query, run, server, tracker
+from . import bench, demo, pack, proxy, query, run, server, tracker
 
 __all__ = ["main"]
 
@@ -21,6 +21,7 @@ _COMMANDS = {
     "proxy": proxy,
     "query": query,
     "run": run,
+    "bench": bench,
     "pack": pack,
     "demo": demo,
 }

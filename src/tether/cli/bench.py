@@ -1,0 +1,141 @@
+"""``tether bench``: models timed on the pool's devices, one table to compare them (JSON/CSV for more)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from typing import Any
+
+from ..aio.net import parse_hostport
+from ..errors import TetherError
+from ._args import label
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="time models on one, N or every device of a key, and compare them")
+    p.add_argument("models", nargs="+", help="model files (.onnx, a TVM library, a reference .json)")
+    p.add_argument("--tracker", required=True, help="HOST:PORT of the tracker")
+    p.add_argument("--key", required=True, help="the device key")
+    p.add_argument("--label", action="append", type=label, default=[], metavar="K=V", help="only servers with it")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--all-devices", action="store_true", help="every server of the key, at once")
+    group.add_argument("--parallel", type=int, default=1, metavar="N", help="N servers at once (default 1)")
+    p.add_argument("--number", type=int, default=10, help="runs per sample (default 10)")
+    p.add_argument("--repeat", type=int, default=5, help="samples (default 5)")
+    p.add_argument("--min-repeat-ms", type=float, default=0.0, help="grow --number until a sample lasts this long")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--cooldown-ms", type=float, default=0.0, help="pause between samples")
+    p.add_argument("--fill", default="random", help="inputs generated on the device: random, zeros, ones")
+    p.add_argument("--backend", default=None, help="onnxruntime, tvm or reference (default: by file type)")
+    p.add_argument("--provider", action="append", default=[], help="onnxruntime execution provider (repeatable)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait in the queue (default 300)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write every record, raw samples included")
+    p.add_argument("--csv", default=None, metavar="FILE", help="write one row per model and device")
+    p.set_defaults(run=run)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1e3:.3f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..client.bench import BenchSettings, bench
+
+    options: dict[str, Any] = {"providers": args.provider} if args.provider else {}
+    settings = BenchSettings(
+        number=args.number,
+        repeat=args.repeat,
+        min_repeat_ms=args.min_repeat_ms,
+        warmup=args.warmup,
+        cooldown_ms=args.cooldown_ms,
+        fill=args.fill,
+        backend=args.backend,
+        options=options,
+    )
+    host, port = parse_hostport(args.tracker, 9190)
+    try:
+        records = bench(
+            host,
+            port,
+            args.key,
+            args.models,
+            settings,
+            labels=dict(args.label) or None,
+            devices=None if args.all_devices else args.parallel,
+            timeout=args.timeout,
+            on_event=lambda text: print(f"  {text}", file=sys.stderr, flush=True),
+        )
+    except (TetherError, FileNotFoundError) as exc:
+        print(f"tether bench: {exc}", file=sys.stderr)
+        return 2
+    header = ["model", "device", "load ms", "median ms", "95% CI", "mean", "std", "min", "p90", "p99", "n"]
+    rows = []
+    for r in records:
+        s = r.stats
+        if s is None:
+            err = r.error or {}
+            rows.append(
+                [r.model, r.device, _ms(r.load_s), f"{err.get('type', 'error')}: {err.get('message', '')[:60]}"]
+            )
+            continue
+        ci = f"{_ms(s.median_ci[0])}..{_ms(s.median_ci[1])}"
+        rows.append(
+            [
+                r.model,
+                r.device,
+                _ms(r.load_s),
+                _ms(s.median),
+                ci,
+                _ms(s.mean),
+                _ms(s.std),
+                _ms(s.min),
+                _ms(s.p90),
+                _ms(s.p99),
+                str(s.n),
+            ]
+        )
+    widths = [max(len(str(row[i])) for row in [header, *rows] if i < len(row)) for i in range(len(header))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump([r.to_dict() for r in records], f, indent=1)
+    if args.csv:
+        with open(args.csv, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(
+                [
+                    "model",
+                    "device",
+                    "labels",
+                    "backend",
+                    "load_s",
+                    "median_s",
+                    "ci_low_s",
+                    "ci_high_s",
+                    "mean_s",
+                    "std_s",
+                    "min_s",
+                    "max_s",
+                    "p90_s",
+                    "p99_s",
+                    "n",
+                    "error",
+                ]
+            )
+            for r in records:
+                s = r.stats
+                stats = (
+                    [s.median, s.median_ci[0], s.median_ci[1], s.mean, s.std, s.min, s.max, s.p90, s.p99, s.n]
+                    if s
+                    else [""] * 10
+                )
+                labels = ",".join(f"{k}={v}" for k, v in sorted(r.labels.items()))
+                error = f"{r.error['type']}: {r.error['message']}" if r.error else ""
+                writer.writerow([r.model, r.device, labels, r.backend or "", r.load_s or "", *stats, error])
+    return 0 if all(r.error is None for r in records) else 1
