@@ -82,3 +82,32 @@ def test_all_devices_fan_out_over_three_labelled_servers(
     assert record["labels"] == {"soc": "b"} and len(record["samples"]) == 3
     rows = list(csv.DictReader(out_csv.read_text().splitlines()))
     assert len(rows) == 1 and rows[0]["labels"] == "soc=b" and float(rows[0]["median_s"]) > 0
+
+
+def test_reference_checks_report_wrong_answers(tracker: TrackerThread, device_server: Any, tmp_path: Path) -> None:
+    """A tiny ONNX model checked against a local onnxruntime run, and a reference model against an .npz."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    device_server(key="check", tracker=(tracker.host, tracker.port))
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["y"])],
+        "double",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    onnx_path = tmp_path / "double.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=9), str(onnx_path))
+    (ok,) = bench(
+        tracker.host, tracker.port, "check", [onnx_path], BenchSettings(number=1, repeat=2, reference="onnxruntime")
+    )
+    assert ok.error is None and ok.stats is not None
+    model = _model(tmp_path / "affine.json", 2.0)  # y = 2x, checked against y = 3x
+    x = np.ones((4, 4), "float32")
+    wrong = BenchSettings(number=1, repeat=2, inputs={"x": x}, reference={"y": 3 * x})
+    (bad,) = bench(tracker.host, tracker.port, "check", [model], wrong)
+    assert bad.error is not None and bad.error["type"] == "WrongAnswer" and "max |diff| 1" in bad.error["message"]
+    right = BenchSettings(number=1, repeat=2, inputs={"x": x}, reference={"y": 2 * x})
+    (good,) = bench(tracker.host, tracker.port, "check", [model], right)
+    assert good.error is None and good.stats is not None and good.stats.n == 2

@@ -32,6 +32,17 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--fill", default="random", help="inputs generated on the device: random, zeros, ones")
     p.add_argument("--backend", default=None, help="onnxruntime, tvm or reference (default: by file type)")
     p.add_argument("--provider", action="append", default=[], help="onnxruntime execution provider (repeatable)")
+    p.add_argument("--input", default=None, metavar="X.NPZ", help="inputs by name, sent once and kept on the device")
+    p.add_argument(
+        "--reference",
+        nargs="?",
+        const="onnxruntime",
+        default=None,
+        metavar="Y.NPZ",
+        help="check outputs: against a local onnxruntime run (bare flag) or expected outputs by name (.npz)",
+    )
+    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance for --reference")
+    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance for --reference")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait in the queue (default 300)")
     p.add_argument("--json", default=None, metavar="FILE", help="write every record, raw samples included")
     p.add_argument("--csv", default=None, metavar="FILE", help="write one row per model and device")
@@ -46,6 +57,17 @@ def run(args: argparse.Namespace) -> int:
     from ..client.bench import BenchSettings, bench
 
     options: dict[str, Any] = {"providers": args.provider} if args.provider else {}
+    reference: str | dict[str, Any] | None = args.reference
+    inputs = None
+    if args.input or (reference and reference != "onnxruntime"):
+        import numpy as np
+
+        if args.input:
+            with np.load(args.input) as data:
+                inputs = {k: data[k] for k in data.files}
+        if args.reference and args.reference != "onnxruntime":
+            with np.load(args.reference) as data:
+                reference = {k: data[k] for k in data.files}
     settings = BenchSettings(
         number=args.number,
         repeat=args.repeat,
@@ -55,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         fill=args.fill,
         backend=args.backend,
         options=options,
+        inputs=inputs,
+        reference=reference,
+        rtol=args.rtol,
+        atol=args.atol,
     )
     host, port = parse_hostport(args.tracker, 9190)
     try:

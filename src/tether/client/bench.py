@@ -38,6 +38,58 @@ class BenchSettings:
     backend: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     confidence: float = 0.95
+    #: inputs by name (arrays), sent once and kept on the device; else generated there with ``fill``
+    inputs: dict[str, Any] | None = None
+    #: check the outputs: "onnxruntime" (run the same inputs locally) or expected outputs by name
+    reference: str | dict[str, Any] | None = None
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    seed: int = 0
+
+
+def _host_inputs(specs: list[dict[str, Any]], settings: BenchSettings) -> dict[str, Any]:
+    """The inputs to check answers with: the given ones, or seeded random ones (symbolic dims: 1)."""
+    import numpy as np
+
+    if settings.inputs is not None:
+        return {k: np.asarray(v) for k, v in settings.inputs.items()}
+    rng = np.random.default_rng(settings.seed)
+    out = {}
+    for spec in specs:
+        shape = [d if isinstance(d, int) and d >= 0 else 1 for d in spec["shape"]]
+        dtype = np.dtype(spec["dtype"])
+        if dtype.kind == "f":
+            out[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            out[spec["name"]] = rng.integers(0, 10, shape).astype(dtype)
+        else:
+            out[spec["name"]] = np.zeros(shape, dtype)
+    return out
+
+
+def _wrong_answer(path: Path, inputs: dict[str, Any], outputs: dict[str, Any], settings: BenchSettings) -> str | None:
+    """Why the device's outputs are wrong, or None when they match the reference within tolerances."""
+    import numpy as np
+
+    if settings.reference == "onnxruntime":
+        import onnxruntime as ort
+
+        local = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [o.name for o in local.get_outputs()]
+        expected = dict(zip(names, local.run(names, inputs), strict=True))
+    else:
+        assert isinstance(settings.reference, dict)
+        expected = settings.reference
+    for name, value in expected.items():
+        if name not in outputs:
+            return f"output {name!r} missing (device gave {sorted(outputs)})"
+        got, want = np.asarray(outputs[name]), np.asarray(value)
+        if got.shape != want.shape:
+            return f"output {name!r}: shape {got.shape}, expected {want.shape}"
+        if not np.allclose(got, want, rtol=settings.rtol, atol=settings.atol):
+            diff = float(np.max(np.abs(got.astype("float64") - want.astype("float64"))))
+            return f"output {name!r}: max |diff| {diff:.3g} beyond rtol {settings.rtol:g}, atol {settings.atol:g}"
+    return None
 
 
 @dataclass(slots=True)
@@ -108,7 +160,19 @@ def _measure_device(
                 remote = sess.upload(path, path.name)
                 model = sess.load_model(remote, settings.backend, **settings.options)
                 record.backend, record.load_s = model.backend, model.load_s
+                kept: dict[str, Any] | None = None
+                if settings.inputs is not None or settings.reference is not None:
+                    host_inputs = _host_inputs(model.inputs, settings)
+                    kept = {name: sess.tensor(value) for name, value in host_inputs.items()}
+                    if settings.reference is not None:
+                        why = _wrong_answer(path, host_inputs, model.run(kept), settings)
+                        if why is not None:
+                            record.error = {"type": "WrongAnswer", "message": why}
+                            on_event(f"{device}: {path.name} WRONG ANSWER: {why}")
+                            records.append(record)
+                            continue
                 result = model.benchmark(
+                    kept,
                     number=settings.number,
                     repeat=settings.repeat,
                     min_repeat_ms=settings.min_repeat_ms,
