@@ -368,7 +368,17 @@ def serve_tvm(sock: socket.socket, workspace: Workspace, load_library: list[str]
     libs = [ctypes.CDLL(path, ctypes.RTLD_GLOBAL) for path in load_library]
 
     def workpath(path: str) -> str:
-        return str(workspace.resolve(path))
+        return str(workspace.root if path in ("", ".") else workspace.resolve(path))  # "": TVM's temp dir
+
+    def remove(path: str) -> None:
+        # TVM's semantics, which meta_schedule's RPCRunner relies on in its cleanup (remove(p), remove(p +
+        # ".so"), remove("")): "" is the whole workspace, a file that is not there is no error.
+        if path in ("", "."):
+            workspace.clear()
+            return
+        target = workspace.resolve(path)  # paths that leave the workspace are still refused
+        if target.exists() or target.is_symlink():
+            workspace.remove(path)
 
     def listdir(path: str) -> str:
         return ",".join(entry["name"] for entry in workspace.listdir(path or "."))
@@ -395,6 +405,7 @@ def serve_tvm(sock: socket.socket, workspace: Workspace, load_library: list[str]
 
     for name, func in (
         ("workpath", workpath),
+        ("remove", remove),
         ("listdir", listdir),
         ("load_module", load),
         ("download_linked_module", download_linked_module),

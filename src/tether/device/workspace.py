@@ -55,6 +55,15 @@ class Workspace:
         else:
             path.unlink()
 
+    def clear(self) -> None:
+        """Remove everything inside the workspace (the workspace itself stays)."""
+        for entry in os.scandir(self.root):
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
     def listdir(self, name: str = ".") -> list[dict[str, Any]]:
         path = self.resolve(name, must_exist=True)
         if not path.is_dir():
