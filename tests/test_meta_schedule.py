@@ -195,3 +195,42 @@ def test_rpc_runner_results_equal_in_kind_to_tvms_tracker(
     wait_until(lambda: free_of(tracker.port, "ms-mixed") == 2, timeout=20, what="servers at tether's tracker")
     through_tether = measure(runner_for(tracker.port, "ms-mixed"), candidates)
     assert kind(through_tether) == kind(reference) == [(False, EVALUATOR.repeat)] * len(candidates)
+
+
+@pytest.mark.timeout(90)
+def test_tether_runner_is_a_drop_in_for_rpc_runner(
+    tracker: TrackerThread,
+    device_server: Callable[..., Any],
+    runner_for: Callable[[int, str], RPCRunner],
+    candidates: list[RunnerInput],
+    tmp_path: Any,
+) -> None:
+    """tether's runner on tether servers: the same candidates, results equal in kind to RPCRunner's; two
+    input sets with ``alloc_repeat``; a broken library and a wrong signature end as errors, not hangs."""
+    from tvm.s_tir.meta_schedule.runner import Runner
+
+    from tether.tuning import TetherRunner
+
+    servers = [device_server(key="ms-own", tracker=(tracker.host, tracker.port), preload=["tvm"]) for _ in "ab"]
+    wait_until(lambda: free_of(tracker.port, "ms-own") == 2, timeout=20, what="two tether servers registered")
+    config = RPCConfig(
+        tracker_host="127.0.0.1", tracker_port=tracker.port, tracker_key="ms-own", session_timeout_sec=60
+    )
+    runner = TetherRunner(config, EVALUATOR, max_workers=2)
+    assert isinstance(runner, Runner)
+    ours = measure(runner, candidates)
+    assert_measured(ours, len(candidates))
+    reference = measure(runner_for(tracker.port, "ms-own"), candidates)
+    assert kind(ours) == kind(reference)
+
+    broken = tmp_path / "broken.so"
+    broken.write_bytes(b"\x7fELF not really a library")
+    wrong_args = RunnerInput(candidates[1].artifact_path, "cpu", [TensorInfo("float32", [N, N])] * 2)
+    twice = TetherRunner(config, EVALUATOR, alloc_repeat=2, max_workers=2)
+    mixed = measure(twice, [candidates[0], RunnerInput(str(broken), "cpu", candidates[0].args_info), wrong_args])
+    assert mixed[0].error_msg is None and len(mixed[0].run_secs) == 2 * EVALUATOR.repeat
+    assert mixed[1].error_msg is not None and "load" in mixed[1].error_msg
+    assert mixed[2].error_msg is not None and "run" in mixed[2].error_msg
+    wait_until(lambda: all(s.busy_slots() == 0 for s in servers), timeout=10, what="sessions over")
+    with pytest.raises(ValueError, match="f_\\* hooks"):
+        TetherRunner(config, EVALUATOR, f_cleanup=lambda *a: None)

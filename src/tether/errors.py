@@ -20,6 +20,7 @@
     │   └── NotTetherTracker          a tether-only operation sent to a plain TVM tracker
     ├── RemoteError                   a session request failed on the device (type, message, traceback)
     │   ├── SessionTimeout            the session outlived its ``session_timeout`` (also TimeoutError)
+    │   ├── RunTimeout                one request (load, run, benchmark) outlived its own time limit
     │   ├── WorkspaceError            a path outside the session's workspace, a missing file
     │   ├── ModelLoadError            a backend could not load the model
     │   └── ModelRunError             the model raised while running
@@ -47,6 +48,7 @@ __all__ = [
     "RequestCancelled",
     "RequestRejected",
     "RequestTimeout",
+    "RunTimeout",
     "SessionLost",
     "SessionRefused",
     "SessionTimeout",
@@ -151,6 +153,11 @@ class SessionTimeout(RemoteError, TimeoutError):
     """The session outlived its ``session_timeout``; the device ended it (queue time never counts)."""
 
 
+class RunTimeout(RemoteError, TimeoutError):
+    """One request (``load_model``, ``run``, ``benchmark``) outlived the time limit it was sent with. The
+    device cannot interrupt a model mid-run, so it ended the session's worker: the session is closed."""
+
+
 class WorkspaceError(RemoteError):
     """A path that escapes the session's workspace, or a file that is not there."""
 
@@ -165,6 +172,7 @@ class ModelRunError(RemoteError):
 
 _REMOTE_TYPES: dict[str, type[RemoteError]] = {
     "SessionTimeout": SessionTimeout,
+    "RunTimeout": RunTimeout,
     "WorkspaceError": WorkspaceError,
     "ModelLoadError": ModelLoadError,
     "ModelRunError": ModelRunError,

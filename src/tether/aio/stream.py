@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -64,6 +65,13 @@ class BlockingStream:
         if not data:
             raise ConnectionClosed("peer closed the connection")
         return data
+
+    def interrupt(self) -> None:
+        """Shut the socket down (both ways) so that a receive blocked in another thread returns now."""
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -40,6 +40,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
     p.add_argument("--work-dir", default=None, help="where session workspaces live (default: a temporary directory)")
     p.add_argument(
+        "--cache-mb",
+        type=float,
+        default=1024,
+        help="keep uploads sent with a sha256 for later sessions, up to this many MiB (0: off; default 1024)",
+    )
+    p.add_argument(
         "--label",
         action="append",
         type=label,
@@ -75,6 +81,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         proxy_url=args.proxy_url,
         load_library=[p for p in (args.load_library or "").split(":") if p],
         work_dir=args.work_dir,
+        cache_bytes=int(args.cache_mb * (1 << 20)),
         labels=dict(args.label),
         slots=args.slots,
         preload=preload,

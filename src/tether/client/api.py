@@ -37,10 +37,12 @@ class Tracker:
         labels: Mapping[str, str] | None = None,
         user: str = "",
         connect_timeout: float = 10.0,
+        request_id: str | None = None,
     ) -> Session:
         """Wait (``timeout`` seconds of queue time, None: forever) for a server of ``key`` with every
         label in ``labels``, then open a native session on it. ``session_timeout`` (seconds, 0: none)
-        bounds the session itself, from the handshake on."""
+        bounds the session itself, from the handshake on. ``request_id``: see
+        :meth:`TrackerClient.request_grant`."""
         tether = self.client.tether_version is not None
         if not tether and labels:
             raise NotTetherTracker(f"{self.host}:{self.port} is TVM's tracker: it cannot match labels")
@@ -51,6 +53,7 @@ class Tracker:
             timeout=timeout,
             protocol="tether" if tether else "tvm",
             labels=labels,
+            request_id=request_id,
         )
         return Session.connect(
             grant.host, grant.port, grant.matchkey, session_timeout=session_timeout or None, timeout=connect_timeout

@@ -16,6 +16,7 @@ Everything closes explicitly (``close()``, ``with``); nothing waits for garbage 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import math
 import os
@@ -34,6 +35,7 @@ from ..errors import (
     NotTetherServer,
     RemoteError,
     RemoteProtocolError,
+    RunTimeout,
     SessionLost,
     SessionRefused,
     SessionTimeout,
@@ -46,7 +48,10 @@ from ..protocol.keys import format_peer_key, parse_peer_key
 from ..protocol.session import DTYPE_SIZES, FrameKind, tensor_descs
 from ..runtime.base import BackendError, numpy_dtype
 
-__all__ = ["BenchmarkResult", "RemoteModel", "RemoteTensor", "Session", "connect"]
+__all__ = ["BenchmarkResult", "RemoteModel", "RemoteTensor", "Session", "connect", "file_digest"]
+
+#: How long past a request's own time limit the client waits for the device to say it timed out.
+TIMEOUT_GRACE_S = 10.0
 
 
 def connect(
@@ -57,6 +62,17 @@ def connect(
     Through a proxy in plain mode, ``host:port`` is the proxy's (or ``host`` its ``ws://.../ws`` URL) and
     ``key`` the key the server gave the proxy."""
     return Session.connect(host, port, key or "tether", session_timeout=session_timeout, timeout=timeout)
+
+
+def file_digest(data: str | os.PathLike[str] | bytes) -> str:
+    """The sha256 (hex) of bytes or of a file's content."""
+    if isinstance(data, bytes):
+        return hashlib.sha256(data).hexdigest()
+    h = hashlib.sha256()
+    with open(data, "rb") as file:
+        while chunk := file.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _np() -> Any:
@@ -190,15 +206,17 @@ class RemoteModel:
         fill: str | None = None,
         seed: int | None = None,
         keep: bool = False,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
         """Run once; numpy arrays (or :class:`RemoteTensor` with ``keep=True``) by output name.
 
         ``inputs`` maps names to arrays or :class:`RemoteTensor`; inputs left out are generated on the
-        device when ``fill`` is "random", "zeros" or "ones".
+        device when ``fill`` is "random", "zeros" or "ones". Past ``timeout`` seconds the device ends the
+        session and this raises :class:`RunTimeout`.
         """
         refs, inline = self._split(inputs)
         header = {"model": self.handle, "inputs": refs, "fill": fill, "seed": seed, "keep": keep}
-        result, arrays = self.session._call("run", header, inline)
+        result, arrays = self.session._call("run", header, inline, timeout=timeout)
         self.last_run_s = float(result.get("run_s", 0.0))
         if keep:
             return {
@@ -219,8 +237,13 @@ class RemoteModel:
         warmup: int = 1,
         fill: str | None = "random",
         seed: int | None = None,
+        flush_cache: bool = False,
+        timeout: float | None = None,
     ) -> BenchmarkResult:
-        """Time runs on the device with inputs kept there (sent once, or generated with ``fill``)."""
+        """Time runs on the device with inputs kept there (sent once, or generated with ``fill``).
+
+        ``flush_cache``: evict the CPU caches before each repeat (TVM's ``enable_cpu_cache_flush``).
+        ``timeout``: seconds for the whole measurement; past it :class:`RunTimeout`, the session ends."""
         refs, inline = self._split(inputs)
         header = {
             "model": self.handle,
@@ -233,7 +256,9 @@ class RemoteModel:
             "cooldown_ms": cooldown_ms,
             "warmup": warmup,
         }
-        result, _ = self.session._call("benchmark", header, inline)
+        if flush_cache:
+            header["flush_cache"] = True
+        result, _ = self.session._call("benchmark", header, inline, timeout=timeout)
         return BenchmarkResult([float(s) for s in result["samples"]], int(result["number"]))
 
     def close(self) -> None:
@@ -323,14 +348,23 @@ class Session:
         payload: list[Any] | None = None,
         file: Any = None,
         size: int = 0,
+        timeout: float | None = None,
     ) -> tuple[dict[str, Any], list[Any]]:
         """One request and its response: tensors (numpy arrays by name), raw ``payload`` buffers or the
-        next ``size`` bytes of ``file`` go out; the response's header and its tensors come back."""
+        next ``size`` bytes of ``file`` go out; the response's header and its tensors come back.
+
+        ``timeout``: the device ends the request (and the session) past it with :class:`RunTimeout`; this
+        side gives up :data:`TIMEOUT_GRACE_S` later if the device does not even say so."""
         channel = self._channel
         if channel is None:
             raise ConnectionClosed("the session is closed")
         frame_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
         request = {"op": op, **header}
+        if timeout is not None:
+            if not timeout > 0:
+                raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
+            request["timeout"] = timeout
+            channel.sock.settimeout(timeout + TIMEOUT_GRACE_S)
         try:
             if file is not None:
                 channel.send_file_frame(FrameKind.REQUEST, frame_id, request, file, size)
@@ -350,7 +384,7 @@ class Session:
                 )
                 if head.id == 0:  # the session itself ended: timeout, worker died
                     self._drop()
-                    if isinstance(error, SessionTimeout):
+                    if isinstance(error, SessionTimeout | RunTimeout):
                         raise error
                     raise SessionLost(f"{self.address}: {error.remote_type}: {error.remote_message}")
                 raise error
@@ -375,12 +409,21 @@ class Session:
             return reply, arrays
         except ConnectionClosed as exc:
             self._drop()
+            if timeout is not None and isinstance(exc.__cause__, TimeoutError):
+                raise RunTimeout(
+                    f"{op} got no answer within its {timeout:g} s time limit (+{TIMEOUT_GRACE_S:g} s); "
+                    "the session was dropped",
+                    "RunTimeout",
+                ) from None
             raise SessionLost(f"{self.address}: the session ended during {op!r}: {exc}") from None
         except (RemoteError, TypeError):
             raise  # answered in full: the session goes on
         except BaseException:
             self._drop()  # Ctrl-C or a protocol error mid-frame: the stream cannot be trusted any more
             raise
+        finally:
+            if timeout is not None and self._channel is not None:
+                self._channel.sock.settimeout(None)
 
     def _drop(self) -> None:
         if self._channel is not None:
@@ -414,6 +457,30 @@ class Session:
             self._call("upload", {"path": target}, file=file, size=size)
         return target
 
+    def upload_cached(self, data: str | os.PathLike[str] | bytes, target: str, digest: str | None = None) -> bool:
+        """Put a file (a path, or bytes) in the workspace as ``target``, sending it only when the server's
+        content-addressed cache does not hold it yet; returns True when the bytes were sent.
+
+        ``digest``: its sha256 when already known. The server checks what it receives against it. A
+        server without the cache (``--cache-mb 0``) or older than it simply gets the upload."""
+        if digest is None:
+            digest = file_digest(data)
+        try:
+            found = self._call("fetch", {"files": [{"path": target, "sha256": digest}]})[0].get("found", [])
+        except RemoteError as exc:
+            if exc.remote_type != "UnknownOp":
+                raise
+            found = []
+        if target in found:
+            return False
+        if isinstance(data, bytes):
+            self._call("upload", {"path": target, "sha256": digest}, payload=[data])
+        else:
+            with open(data, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                self._call("upload", {"path": target, "sha256": digest}, file=file, size=size)
+        return True
+
     def download(self, path: str) -> bytes:
         """A workspace file's content."""
         return bytes(self._call("download", {"path": path})[1][0])
@@ -426,10 +493,14 @@ class Session:
         entries = self._call("listdir", {"path": path})[0]["entries"]
         return entries if detail else [e["name"] for e in entries]
 
-    def load_model(self, path: str, backend: str | None = None, **options: Any) -> RemoteModel:
+    def load_model(
+        self, path: str, backend: str | None = None, *, timeout: float | None = None, **options: Any
+    ) -> RemoteModel:
         """Load an uploaded model; the backend follows the file type unless given. ``options`` go to the
-        backend (onnxruntime: ``providers``, ``intra_op_num_threads``; tvm: ``device``, ``function``)."""
-        reply = self._call("load_model", {"path": path, "backend": backend, "options": options})[0]
+        backend (onnxruntime: ``providers``, ``intra_op_num_threads``; tvm: ``device``, ``function``).
+        Past ``timeout`` seconds the device ends the session and this raises :class:`RunTimeout`."""
+        header = {"path": path, "backend": backend, "options": options}
+        reply = self._call("load_model", header, timeout=timeout)[0]
         return RemoteModel(self, reply["model"], reply["backend"], reply["inputs"], reply["outputs"], reply["load_s"])
 
     def tensor(self, array: Any) -> RemoteTensor:

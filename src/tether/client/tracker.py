@@ -131,6 +131,14 @@ class TrackerClient:
     def close(self) -> None:
         self._stream.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
+
+    def interrupt(self) -> None:
+        """Wake a call blocked on this connection from another thread (it raises ConnectionClosed)."""
+        self._stream.interrupt()
+
     def __enter__(self) -> TrackerClient:
         return self
 
@@ -184,17 +192,20 @@ class TrackerClient:
         timeout: float | None = None,
         protocol: str = "tvm",
         labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
     ) -> Grant:
         """Wait for a free server of ``key`` and return where to connect.
 
         ``timeout`` is queue time in seconds (None waits forever). Raises :class:`RequestTimeout`,
         :class:`RequestRejected`, :class:`RequestCancelled` (KeyboardInterrupt cancels the request on
-        the tracker, then propagates), :class:`ConnectionClosed`.
+        the tracker, then propagates), :class:`ConnectionClosed`. ``request_id`` names the request on
+        tether's tracker (its waiters list it; unique per connection); by default ``"<pid>-<n>"``.
         """
         tether = self.tether_version is not None
         if not tether and (labels or protocol != "tvm"):
             raise NotTetherTracker(f"{self.host}:{self.port} is not a tether tracker: labels and protocols need one")
-        request_id = f"{os.getpid()}-{next(_ids)}"
+        if request_id is None:
+            request_id = f"{os.getpid()}-{next(_ids)}"
         options = RequestOptions(request_id, protocol, dict(labels or {}), timeout, user or None) if tether else None
         self.send(Request(key, user, priority, options))
         # The tracker enforces a tether request's timeout; this side only guards against a silent tracker.

@@ -100,6 +100,8 @@ class ServerConfig:
     #: Connections allowed to be in their handshake at once; more are closed at accept.
     max_handshakes: int = 64
     max_payload: int = MAX_PAYLOAD_BYTES
+    #: The content-addressed cache of uploads shared by sessions (``<work_dir>/cache``); 0 turns it off.
+    cache_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         if self.proxy_url:
@@ -387,6 +389,9 @@ class DeviceServer:
                 "timeout": timeout,
                 "load_library": self.config.load_library,
                 "max_payload": self.config.max_payload,
+                "cache": {"dir": os.path.join(self.work_dir, "cache"), "max_bytes": self.config.cache_bytes}
+                if self.config.cache_bytes > 0
+                else None,
                 "info": {
                     "key": self.config.key,
                     "labels": self.config.labels,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib
 import json
 import logging
@@ -25,12 +26,14 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..aio.channel import Channel
 from ..errors import ConnectionClosed, LocalProtocolError, RemoteError, RemoteProtocolError, WorkspaceError
 from ..protocol.session import MAX_PAYLOAD_BYTES, FrameHeader, FrameKind, TensorDesc, tensor_descs
 from ..runtime import Model, RawTensor, backend_for_path, fill_tensor, get_backend
+from .cache import ContentCache, is_sha256
 from .workspace import Workspace
 
 __all__ = ["NativeSession", "main", "measure"]
@@ -69,10 +72,18 @@ def _clip(text: str, limit: int) -> str:
 
 
 def measure(
-    run: Callable[[], None], *, number: int, repeat: int, min_repeat_ms: float, cooldown_ms: float, warmup: int
+    run: Callable[[], None],
+    *,
+    number: int,
+    repeat: int,
+    min_repeat_ms: float,
+    cooldown_ms: float,
+    warmup: int,
+    before_repeat: Callable[[], None] | None = None,
 ) -> tuple[list[float], int]:
     """TVM's ``time_evaluator``: per repeat, ``number`` runs timed together, ``number`` grown until a
-    repeat lasts ``min_repeat_ms``; returns seconds per run for each repeat, and the final ``number``."""
+    repeat lasts ``min_repeat_ms``; returns seconds per run for each repeat, and the final ``number``.
+    ``before_repeat`` runs untimed before each repeat (a cache flush)."""
     if number < 1 or repeat < 1 or warmup < 0 or min_repeat_ms < 0 or cooldown_ms < 0:
         raise ValueError("number and repeat must be >= 1; warmup, min_repeat_ms, cooldown_ms >= 0")
     for _ in range(warmup):
@@ -80,6 +91,8 @@ def measure(
     samples = []
     for index in range(repeat):
         while True:
+            if before_repeat is not None:
+                before_repeat()
             start = time.perf_counter()
             for _ in range(number):
                 run()
@@ -94,13 +107,89 @@ def measure(
     return samples, number
 
 
+def _cache_size() -> int:
+    """Twice the last-level CPU cache (64 MiB when the system does not say)."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        with contextlib.suppress(OSError, ValueError):
+            text = (index / "size").read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KMG")) * scale)
+    return 2 * best if best else 64 << 20
+
+
+class _Flusher:
+    """Evicts the CPU caches by reading a buffer twice their size (TVM's ``enable_cpu_cache_flush``)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(b"\x01") * _cache_size()
+
+    def __call__(self) -> None:
+        self.buffer.count(b"\x00")  # reads every byte
+
+
+class _RequestTimer:
+    """Ends the worker when one request outlives its time limit: the model cannot be interrupted
+    mid-run, so the timer tells the client (``RunTimeout``, frame id 0: the session is over) and exits."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._cond = threading.Condition()
+        self._armed: tuple[float, float, str] | None = None  # (deadline, limit, op)
+        self._thread: threading.Thread | None = None
+
+    def arm(self, limit: float, op: str) -> None:
+        with self._cond:
+            self._armed = (time.monotonic() + limit, limit, op)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._wait, name="tether-request-timer", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        """Called before the answer goes out: from here on the request cannot time out."""
+        with self._cond:
+            self._armed = None
+            self._cond.notify()
+
+    def _wait(self) -> None:
+        with self._cond:
+            while True:
+                if self._armed is None:
+                    self._cond.wait()
+                    continue
+                deadline, limit, op = self._armed
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                break  # keep the lock: the request's answer can no longer go out
+        message = f"{op} outlived its {limit:g} s time limit; the device ended the session's worker"
+        try:
+            self.channel.send_frame(FrameKind.ERROR, 0, {"type": "RunTimeout", "message": message, "traceback": ""})
+            self.channel.sock.shutdown(socket.SHUT_RDWR)
+        except (ConnectionClosed, OSError):
+            pass
+        finally:
+            logging.shutdown()
+            os._exit(124)
+
+
 class NativeSession:
     """Serves tether's native requests on one channel until the client closes or says ``close``."""
 
-    def __init__(self, channel: Channel, workspace: Workspace, info: dict[str, Any]) -> None:
+    #: requests that may carry ``"timeout"``: seconds before the worker gives up on them and ends
+    TIMED_OPS = frozenset({"load_model", "run", "benchmark"})
+
+    def __init__(
+        self, channel: Channel, workspace: Workspace, info: dict[str, Any], cache: ContentCache | None = None
+    ) -> None:
         self.channel = channel
         self.workspace = workspace
         self.info = info
+        self.cache = cache
+        self._timer = _RequestTimer(channel)
+        self._flusher: _Flusher | None = None
         self.tensors: dict[str, RawTensor] = {}
         self.models: dict[str, Model] = {}
         self._ids = 0
@@ -119,6 +208,7 @@ class NativeSession:
             "free": self._free,
             "run": self._run,
             "benchmark": self._benchmark,
+            "fetch": self._fetch,
             "close": self._ping,
         }
 
@@ -140,7 +230,15 @@ class NativeSession:
                 handler = self._ops.get(op) if isinstance(op, str) else None
                 if handler is None:
                     raise RemoteError(f"unknown operation {op!r}; this server knows {sorted(self._ops)}", "UnknownOp")
-                result, out = handler(header, payload)
+                limit = header.get("timeout")
+                timed = op in self.TIMED_OPS and isinstance(limit, int | float) and limit > 0
+                if timed:
+                    self._timer.arm(float(limit or 0), str(op))
+                try:
+                    result, out = handler(header, payload)
+                finally:
+                    if timed:
+                        self._timer.disarm()
                 payload.drain()
             except (ConnectionClosed, RemoteProtocolError):
                 raise
@@ -189,6 +287,10 @@ class NativeSession:
         name = header.get("path")
         path = self.workspace.resolve(name if isinstance(name, str) else "")
         size = payload.left
+        digest = header.get("sha256")
+        if digest is not None and not is_sha256(digest):
+            raise RemoteError(f"sha256 must be 64 lowercase hex digits, not {digest!r:.80}", "ValueError")
+        hasher = hashlib.sha256() if digest else None
         chunk = memoryview(bytearray(min(max(size, 1), 1 << 20)))
         try:
             with self.workspace.open_for_write(path) as file:
@@ -196,11 +298,40 @@ class NativeSession:
                     part = chunk[: min(payload.left, chunk.nbytes)]
                     payload.into(part)  # what a failed write leaves unread is skipped by drain()
                     file.write(part)
-        except OSError:
+                    if hasher is not None:
+                        hasher.update(part)
+            if hasher is not None and hasher.hexdigest() != digest:
+                raise RemoteError(
+                    f"{name!r}: content hashes to {hasher.hexdigest()}, not the sha256 it was sent with",
+                    "WorkspaceError",
+                )
+        except (OSError, RemoteError):
             with contextlib.suppress(OSError):
                 path.unlink()
             raise
+        if digest and self.cache is not None:
+            try:
+                self.cache.store(str(digest), path)
+            except OSError as exc:  # a full disk must not fail the upload itself
+                logger.warning("could not cache %s: %s", digest, exc)
         return {"path": name, "size": size}, []
+
+    def _fetch(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
+        """Files the server's cache holds, placed in the workspace by sha256 (``{"files": [{"path",
+        "sha256"}]}``); answers ``{"found": [paths]}``: the client uploads the rest."""
+        files = header.get("files")
+        if not isinstance(files, list):
+            raise RemoteError("files must be a list of {path, sha256} objects", "ValueError")
+        found = []
+        for item in files:
+            digest = item.get("sha256") if isinstance(item, dict) else None
+            name = item.get("path") if isinstance(item, dict) else None
+            if not is_sha256(digest) or not isinstance(name, str):
+                raise RemoteError(f"bad fetch entry {item!r:.120}: needs a path and a sha256", "ValueError")
+            target = self.workspace.resolve(name)
+            if self.cache is not None and self.cache.materialize(str(digest), target):
+                found.append(name)
+        return {"found": found}, []
 
     def _download(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], _FileOut]:
         name = header.get("path")
@@ -343,6 +474,9 @@ class NativeSession:
             model.run(prepared)
             model.sync()
 
+        flush = None
+        if header.get("flush_cache"):
+            self._flusher = flush = self._flusher or _Flusher()
         samples, number = measure(
             once,
             number=int(header.get("number", 1)),
@@ -350,6 +484,7 @@ class NativeSession:
             min_repeat_ms=float(header.get("min_repeat_ms", 0)),
             cooldown_ms=float(header.get("cooldown_ms", 0)),
             warmup=int(header.get("warmup", 1)),
+            before_repeat=flush,
         )
         return {"samples": samples, "number": number}, []
 
@@ -499,7 +634,9 @@ def run_job(job: dict[str, Any], sock: socket.socket) -> None:
 
         _watchdog(deadline, expire)
     try:
-        NativeSession(channel, workspace, job.get("info") or {}).serve()
+        cache = job.get("cache") or {}
+        store = ContentCache(cache["dir"], int(cache.get("max_bytes", 0))) if cache.get("dir") else None
+        NativeSession(channel, workspace, job.get("info") or {}, store).serve()
     except RemoteProtocolError as exc:
         logger.warning("session %s ended: %s", job.get("session"), exc)
         with contextlib.suppress(ConnectionClosed):

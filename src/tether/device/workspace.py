@@ -7,6 +7,7 @@ onto its temp dir and lets ``../`` through).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path, PurePosixPath
@@ -42,6 +43,8 @@ class Workspace:
         if path == self.root or path.is_dir():
             raise WorkspaceError(f"{path.name!r} is a directory", "WorkspaceError")
         path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # replaced, never truncated in place: it may be a hard link into the server's cache
         # O_NOFOLLOW: a symlink planted between resolve() and open() is not followed
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
         return os.fdopen(fd, "wb")

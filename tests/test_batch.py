@@ -1,0 +1,164 @@
+"""The batch measurement API for tuners (``tether.client.batch``): leases, content-addressed uploads,
+typed outcomes for every candidate, retries of transport failures only. Real tracker, real servers,
+real worker processes, over loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tether.client.batch import Candidate, Measurement, MeasureSettings, measure_candidates
+from tether.client.session import file_digest
+from tether.runtime.reference import write_reference_model
+from tether.tracker import TrackerThread
+
+from .conftest import CliProcess, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+SPEC = {"name": "x", "dtype": "float32", "shape": [2, 2]}
+
+
+def _ref(path: Path, *ops: dict[str, Any]) -> Path:
+    """A reference-backend model: y = 2x + 1, after ``ops`` (sleep, raise)."""
+    affine = {"op": "affine", "input": "x", "output": "y", "scale": 2.0, "bias": 1.0}
+    write_reference_model(path, [SPEC], [{**SPEC, "name": "y"}], [*ops, affine])
+    return path
+
+
+def _onnx_add(path: Path) -> Path:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "add", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return path
+
+
+def test_error_taxonomy_every_candidate_ends_typed(tracker: TrackerThread, device_server: Any, tmp_path: Path) -> None:
+    for soc in ("a", "b"):
+        device_server(key="tune", tracker=(tracker.host, tracker.port), labels={"soc": soc})
+    x = np.arange(4, dtype="float32").reshape(2, 2)
+    good = _ref(tmp_path / "good.json")
+    candidates = [
+        Candidate(good, "good", inputs={"x": x}, expected={"y": 2 * x + 1}),
+        Candidate(tmp_path / "broken.json", "broken"),  # written below: not a model
+        Candidate(_ref(tmp_path / "raises.json", {"op": "raise", "message": "boom"}), "raises"),
+        Candidate(_ref(tmp_path / "slow.json", {"op": "sleep", "seconds": 30}), "slow"),
+        Candidate(good, "wrong", inputs={"x": x}, expected={"y": 2 * x}),
+        Candidate(good.read_bytes(), "same-bytes", suffix=".json"),
+        Candidate(_onnx_add(tmp_path / "add.onnx"), "onnx", expected=None),
+    ]
+    (tmp_path / "broken.json").write_text('{"format": "tether-reference/1", "inputs": [')
+    seen: list[Measurement] = []
+    results = measure_candidates(
+        (tracker.host, tracker.port),
+        "tune",
+        candidates,
+        MeasureSettings(number=2, repeat=3, timeout=3, queue_timeout=20),
+        devices=2,
+        on_result=seen.append,
+    )
+    by_name = {r.name: r for r in results}
+    assert [r.name for r in results] == [c.name for c in candidates]
+    assert sorted(r.index for r in seen) == list(range(len(candidates)))  # each ended exactly once
+    for name in ("good", "same-bytes", "onnx"):
+        r = by_name[name]
+        assert r.ok, r.error
+        assert len(r.samples) == 3 and all(s > 0 for s in r.samples) and r.number == 2 and r.load_s is not None
+    assert by_name["broken"].error is not None and by_name["broken"].error.kind == "load"
+    assert by_name["broken"].error.type == "ModelLoadError"
+    assert by_name["raises"].error is not None and by_name["raises"].error.kind == "run"
+    assert "boom" in by_name["raises"].error.message
+    slow = by_name["slow"].error
+    assert slow is not None and slow.kind == "timeout" and slow.type == "RunTimeout", slow
+    wrong = by_name["wrong"].error
+    assert wrong is not None and wrong.kind == "wrong_answer" and "max |diff|" in wrong.message
+    # none of these were retried: only transport failures are
+    assert all(r.attempts == 1 for r in results)
+    # the same bytes are sent once per device at most: "good", "wrong" and "same-bytes" share a file
+    sent = [r.sent_bytes for r in results if r.name in ("good", "wrong", "same-bytes")]
+    assert sent.count(0) >= 1 and all(b in (0, good.stat().st_size) for b in sent)
+
+
+def test_no_device_and_cache_across_sessions(tracker: TrackerThread, device_server: Any, tmp_path: Path) -> None:
+    models = [_ref(tmp_path / f"m{i}.json", {"op": "sleep", "seconds": 0.001 * i}) for i in range(4)]
+    cands = [Candidate(m) for m in models]
+    # nobody serves the key: every candidate ends no_device once the queue timeout passes
+    results = measure_candidates(
+        (tracker.host, tracker.port), "nobody", cands, MeasureSettings(queue_timeout=0.5), devices=2
+    )
+    assert [r.error.kind if r.error else None for r in results] == ["no_device"] * 4
+    assert all(r.error is not None and r.error.type == "RequestTimeout" for r in results)
+    # a server: the first batch sends every file, the second (new sessions) finds them in its cache
+    server = device_server(key="cached", tracker=(tracker.host, tracker.port))
+    settings = MeasureSettings(number=1, repeat=1, queue_timeout=20)
+    first = measure_candidates((tracker.host, tracker.port), "cached", cands, settings)
+    assert all(r.ok for r in first) and all(r.sent_bytes > 0 for r in first)
+    cache = Path(server.work_dir) / "cache"
+    assert sorted(p.name for p in cache.iterdir()) == sorted(file_digest(m) for m in models)
+    second = measure_candidates((tracker.host, tracker.port), "cached", cands, settings)
+    assert all(r.ok for r in second) and [r.sent_bytes for r in second] == [0, 0, 0, 0]
+
+
+def test_a_server_dying_midway_loses_no_candidate(cli: Any, tracker: TrackerThread, tmp_path: Path) -> None:
+    psutil = pytest.importorskip("psutil")
+    servers: dict[int, CliProcess] = {}
+    for soc in ("a", "b"):
+        proc: CliProcess = cli(
+            "server", "--host", "127.0.0.1", "--port", "0", "--tracker", f"127.0.0.1:{tracker.port}",
+            "--key", "flaky", "--label", f"soc={soc}", "--preload", "none",
+        )  # fmt: skip
+        _, port = proc.listening()
+        servers[port] = proc
+    wait_until(
+        lambda: tracker.call(lambda: tracker.core.summary()["queue_info"].get("flaky", {}).get("free")) == 2,
+        timeout=15,
+        what="two free servers",
+    )
+    models = [_ref(tmp_path / f"c{i}.json", {"op": "sleep", "seconds": 0.02 + 0.001 * i}) for i in range(12)]
+    killed: list[int] = []
+    lock = threading.Lock()
+
+    def kill_after_first(result: Measurement) -> None:
+        """The first result's server dies with everything it started, before its thread takes the next."""
+        with lock:
+            if killed or not result.ok:
+                return
+            port = int(result.device.split(" ")[0].rpartition(":")[2])
+            victim = servers[port].proc
+            killed.append(port)
+        family = [victim.pid] + [c.pid for c in psutil.Process(victim.pid).children(recursive=True)]
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    results = measure_candidates(
+        (tracker.host, tracker.port),
+        "flaky",
+        [Candidate(m) for m in models],
+        MeasureSettings(number=2, repeat=2, timeout=20, queue_timeout=10, retries=2),
+        devices=2,
+        on_result=kill_after_first,
+    )
+    assert killed
+    assert len(results) == 12
+    for r in results:
+        assert r.ok or (r.error is not None and r.error.kind in ("lost", "no_device")), r
+    assert all(r.ok for r in results), [str(r.error) for r in results if not r.ok]
+    # the candidate the dead server's thread took next was retried on the other server
+    retried = [r for r in results if r.attempts > 1]
+    assert retried and all(str(killed[0]) not in r.device for r in retried)
+    survivors = {r.device for r in results[1:] if r.ok}
+    assert any(str(killed[0]) not in d for d in survivors)
