@@ -83,6 +83,7 @@ def test_error_taxonomy_every_candidate_ends_typed(tracker: TrackerThread, devic
     assert "boom" in by_name["raises"].error.message
     slow = by_name["slow"].error
     assert slow is not None and slow.kind == "timeout" and slow.type == "RunTimeout", slow
+    assert "outlived its 3 s time limit" in slow.message  # said by the device, not guessed by the client
     wrong = by_name["wrong"].error
     assert wrong is not None and wrong.kind == "wrong_answer" and "max |diff|" in wrong.message
     # none of these were retried: only transport failures are
@@ -162,3 +163,55 @@ def test_a_server_dying_midway_loses_no_candidate(cli: Any, tracker: TrackerThre
     assert retried and all(str(killed[0]) not in r.device for r in retried)
     survivors = {r.device for r in results[1:] if r.ok}
     assert any(str(killed[0]) not in d for d in survivors)
+
+
+def test_request_time_limit_checked_uploads_and_cache_flush(device_server: Any, tmp_path: Path) -> None:
+    """The session-level pieces under the batch: ``timeout=`` on a request, uploads checked against their
+    sha256 and kept for the next session, a benchmark that flushes the CPU caches between repeats."""
+    import tether
+    from tether.errors import RunTimeout, WorkspaceError
+
+    server = device_server(key="direct")
+    slow = _ref(tmp_path / "slow.json", {"op": "sleep", "seconds": 30})
+    with tether.connect("127.0.0.1", server.port, key="direct") as sess:
+        model = sess.load_model(sess.upload(slow))
+        with pytest.raises(RunTimeout, match=r"outlived its 0\.5 s"):
+            model.run(fill="zeros", timeout=0.5)
+        assert sess.closed  # the worker could not be interrupted: it ended, and the session with it
+    wait_until(lambda: server.busy_slots() == 0, timeout=10, what="the slot freed")
+    good = _ref(tmp_path / "good.json")
+    with tether.connect("127.0.0.1", server.port, key="direct") as sess:
+        with pytest.raises(WorkspaceError, match="hashes to"):
+            sess._call("upload", {"path": "x.json", "sha256": "0" * 64}, payload=[good.read_bytes()])
+        assert "x.json" not in sess.listdir()  # a mismatch keeps nothing
+        assert sess.upload_cached(good, "a.json") is True
+        model = sess.load_model("a.json")
+        result = model.benchmark(number=1, repeat=2, flush_cache=True, timeout=30)
+        assert len(result.samples) == 2
+    wait_until(lambda: server.busy_slots() == 0, timeout=10, what="the slot freed")
+    with tether.connect("127.0.0.1", server.port, key="direct") as sess:  # a new session, a new workspace
+        assert sess.upload_cached(good, "b/again.json") is False  # from the server's cache
+        assert sess.download("b/again.json") == good.read_bytes()
+
+
+def test_content_cache_keeps_the_most_recently_used(tmp_path: Path) -> None:
+    import hashlib
+    import time as clock
+
+    from tether.device.cache import ContentCache
+
+    cache = ContentCache(tmp_path / "cache", max_bytes=250)
+    files = []
+    for i in range(3):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(bytes([i]) * 100)
+        files.append((hashlib.sha256(path.read_bytes()).hexdigest(), path))
+    for n, (digest, path) in enumerate(files[:2]):
+        cache.store(digest, path)
+        os.utime(cache.root / digest, (clock.time() - 100 + n, clock.time() - 100 + n))
+    assert cache.materialize(files[0][0], tmp_path / "ws" / "used")  # f0 used: f1 is now the oldest
+    cache.store(*files[2])  # 300 bytes > 250: the least recently used goes
+    assert cache.has(files[0][0]) and cache.has(files[2][0]) and not cache.has(files[1][0])
+    assert (tmp_path / "ws" / "used").read_bytes() == bytes([0]) * 100
+    with pytest.raises(ValueError):
+        cache.has("../../etc/passwd")

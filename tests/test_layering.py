@@ -33,12 +33,28 @@ def test_protocol_is_sans_io() -> None:
 
 
 def test_core_uses_the_standard_library_only() -> None:
+    """At module level, only ``tether.integrations`` (subclasses of other frameworks' classes) may import
+    a third-party package; and nothing outside it imports it."""
     stdlib = set(sys.stdlib_module_names)
+    integrations = SRC / "integrations"
     for path in sorted(SRC.rglob("*.py")):
+        if integrations in path.parents:
+            continue
         third_party = {
             name for name in imports_of(path, top_level_only=True) if name not in stdlib and name != "tether"
         }
         assert not third_party, f"{path.relative_to(SRC)} imports {third_party} at module level"
+        assert not _imports_integrations(path), f"{path.relative_to(SRC)} imports tether.integrations"
+
+
+def _imports_integrations(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if "integrations" in (node.module or "").split(".") or any(a.name == "integrations" for a in node.names):
+                return True
+        elif isinstance(node, ast.Import) and any("integrations" in a.name.split(".") for a in node.names):
+            return True
+    return False
 
 
 def test_tracker_and_query_run_with_no_site_packages(tmp_path: Path) -> None:

@@ -209,7 +209,7 @@ def test_tether_runner_is_a_drop_in_for_rpc_runner(
     input sets with ``alloc_repeat``; a broken library and a wrong signature end as errors, not hangs."""
     from tvm.s_tir.meta_schedule.runner import Runner
 
-    from tether.tuning import TetherRunner
+    from tether.integrations.meta_schedule import TetherRunner
 
     servers = [device_server(key="ms-own", tracker=(tracker.host, tracker.port), preload=["tvm"]) for _ in "ab"]
     wait_until(lambda: free_of(tracker.port, "ms-own") == 2, timeout=20, what="two tether servers registered")

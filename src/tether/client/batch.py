@@ -402,6 +402,10 @@ class _Batch:
             digest = self.digests[index] = file_digest(self.candidates[index].artifact)
         return digest
 
+    def _timed_out(self, exc: RunTimeout) -> _Failed:
+        message = f"the candidate outlived its {self.settings.timeout:g} s time limit: {exc.remote_message}"
+        return _Failed("timeout", message, "RunTimeout")
+
     def _measure(self, lease: _Lease, index: int) -> Measurement:
         c, s, sess = self.candidates[index], self.settings, lease.session
         result = Measurement(index, c.label(index), device=lease.device)
@@ -425,7 +429,7 @@ class _Batch:
         except ModelLoadError as exc:
             raise _Failed("load", exc) from None
         except RunTimeout as exc:
-            raise _Failed("timeout", exc) from None
+            raise self._timed_out(exc) from None
         except RemoteError as exc:
             raise _Failed("load", exc) from None
         result.load_s = model.load_s
@@ -453,7 +457,7 @@ class _Batch:
                 result.samples.extend(timing.samples)
                 result.number = timing.number
         except RunTimeout as exc:
-            raise _Failed("timeout", exc) from None
+            raise self._timed_out(exc) from None
         except (TypeError, ValueError) as exc:  # inputs that cannot travel
             raise _Failed("run", exc) from None
         except RemoteError as exc:

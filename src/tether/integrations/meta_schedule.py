@@ -3,7 +3,7 @@
 ::
 
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, RPCConfig
-    from tether.tuning import TetherRunner
+    from tether.integrations.meta_schedule import TetherRunner
 
     runner = TetherRunner(RPCConfig(tracker_host="127.0.0.1", tracker_port=9190, tracker_key="rasp4"),
                           EvaluatorConfig(number=3, repeat=1, min_repeat_ms=100), max_workers=4)
@@ -38,7 +38,7 @@ from tvm.s_tir.meta_schedule.runner import (
     RunnerResult,
 )
 
-from .client.batch import Candidate, Measurement, MeasureSettings, submit_candidates
+from ..client.batch import Candidate, Measurement, MeasureSettings, submit_candidates
 
 __all__ = ["TetherRunner", "TetherRunnerFuture", "candidate_of"]
 
