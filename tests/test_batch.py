@@ -59,6 +59,7 @@ def test_error_taxonomy_every_candidate_ends_typed(tracker: TrackerThread, devic
         Candidate(good, "wrong", inputs={"x": x}, expected={"y": 2 * x}),
         Candidate(good.read_bytes(), "same-bytes", suffix=".json"),
         Candidate(_onnx_add(tmp_path / "add.onnx"), "onnx", expected=None),
+        Candidate(_ref(tmp_path / "crashes.json", {"op": "exit", "code": 3}), "crashes"),
     ]
     (tmp_path / "broken.json").write_text('{"format": "tether-reference/1", "inputs": [')
     seen: list[Measurement] = []
@@ -66,7 +67,7 @@ def test_error_taxonomy_every_candidate_ends_typed(tracker: TrackerThread, devic
         (tracker.host, tracker.port),
         "tune",
         candidates,
-        MeasureSettings(number=2, repeat=3, timeout=3, queue_timeout=20),
+        MeasureSettings(number=2, repeat=3, timeout=3, queue_timeout=20, retries=1),
         devices=2,
         on_result=seen.append,
     )
@@ -86,8 +87,12 @@ def test_error_taxonomy_every_candidate_ends_typed(tracker: TrackerThread, devic
     assert "outlived its 3 s time limit" in slow.message  # said by the device, not guessed by the client
     wrong = by_name["wrong"].error
     assert wrong is not None and wrong.kind == "wrong_answer" and "max |diff|" in wrong.message
-    # none of these were retried: only transport failures are
-    assert all(r.attempts == 1 for r in results)
+    # a worker that dies under its candidate is a lost session: retried once (retries=1), then "lost"
+    crashed = by_name["crashes"]
+    assert crashed.error is not None and crashed.error.kind == "lost" and crashed.attempts == 2, crashed
+    assert "exit" in crashed.error.message or "code 3" in crashed.error.message, crashed.error
+    # none of the others was retried: only transport failures are
+    assert all(r.attempts == 1 for r in results if r.name != "crashes")
     # the same bytes are sent once per device at most: "good", "wrong" and "same-bytes" share a file
     sent = [r.sent_bytes for r in results if r.name in ("good", "wrong", "same-bytes")]
     assert sent.count(0) >= 1 and all(b in (0, good.stat().st_size) for b in sent)

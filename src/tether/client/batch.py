@@ -270,8 +270,8 @@ class _Batch:
         with self.lock:
             return self.queue.popleft() if self.queue else None
 
-    def _finish(self, index: int, result: Measurement) -> None:
-        result.attempts = self.attempts[index] + 1
+    def _finish(self, index: int, result: Measurement, attempts: int | None = None) -> None:
+        result.attempts = self.attempts[index] + 1 if attempts is None else attempts
         with self.lock:
             self.left -= 1
             everything_done = self.left == 0
@@ -288,10 +288,11 @@ class _Batch:
     def _retry_or_lose(self, index: int, exc: BaseException, device: str) -> None:
         """A transport failure under ``index``: back to the front of the queue, or ``lost``."""
         self.attempts[index] += 1
-        if self.attempts[index] > self.settings.retries:
-            error = CandidateError("lost", type(exc).__name__, f"{exc} ({self.attempts[index]} sessions lost)")
-            self._finish(index, Measurement(index, self.candidates[index].label(index), device=device, error=error))
-            self.attempts[index] -= 1  # _finish counts the last attempt itself
+        failures = self.attempts[index]
+        if failures > self.settings.retries:
+            error = CandidateError("lost", type(exc).__name__, f"{exc} ({failures} sessions lost under it)")
+            result = Measurement(index, self.candidates[index].label(index), device=device, error=error)
+            self._finish(index, result, attempts=failures)
             return
         logger.info("candidate %d: %s on %s; retrying", index, exc, device)
         with self.lock:
@@ -421,8 +422,14 @@ class _Batch:
         remote = lease.files.get(digest)
         if remote is None:
             remote = f"cas/{digest}{c.remote_suffix()}"
-            if sess.upload_cached(c.artifact, remote, digest):
-                result.sent_bytes = len(c.artifact) if isinstance(c.artifact, bytes) else os.path.getsize(c.artifact)
+            try:
+                if sess.upload_cached(c.artifact, remote, digest):
+                    size = len(c.artifact) if isinstance(c.artifact, bytes) else os.path.getsize(c.artifact)
+                    result.sent_bytes = size
+            except SessionTimeout:
+                raise
+            except (RemoteError, OSError) as exc:  # a full disk on the device, a file gone here
+                raise _Failed("load", exc) from None
             lease.files[digest] = remote
         try:
             model = sess.load_model(remote, c.backend, timeout=left(), **dict(c.options))
