@@ -5,14 +5,82 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ..aio.net import parse_hostport
 from ..errors import TetherError
 from ._args import label
 
-__all__ = ["add_parser", "run"]
+if TYPE_CHECKING:
+    from ..client.bench import BenchEvent
+
+__all__ = ["Progress", "add_parser", "run"]
+
+_CLEAR_LINE = "\r\x1b[K"  # carriage return, then erase to the end of the line
+
+
+class Progress:
+    """Bench events on a text stream.
+
+    On a terminal (``tty``): one status line redrawn in place, the passing states of every device (and
+    the queue) side by side, cut to the terminal's width; finished steps printed as lines above it. Else
+    one plain line per event, except queue updates: printed when the positions change, or every
+    ``queue_every_s`` seconds.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        tty: bool,
+        queue_every_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        width: Callable[[], int] = lambda: shutil.get_terminal_size((100, 24)).columns,
+    ) -> None:
+        self._stream, self._tty, self._every, self._clock, self._width = stream, tty, queue_every_s, clock, width
+        self._status: dict[str | None, str] = {}  # device (None: the queue) -> its passing state
+        self._shown = ""
+        self._last_queue: tuple[tuple[int, ...], int | None] | None = None
+        self._last_queue_at = 0.0
+
+    def __call__(self, event: BenchEvent) -> None:
+        if self._tty:
+            self._terminal(event)
+        elif event.kind != "queued" or self._queue_news(event):
+            self._stream.write(f"  {event.text}\n")
+        self._stream.flush()
+
+    def _queue_news(self, event: BenchEvent) -> bool:
+        now, where = self._clock(), (event.positions, event.ahead)
+        if where == self._last_queue and now - self._last_queue_at < self._every:
+            return False
+        self._last_queue, self._last_queue_at = where, now
+        return True
+
+    def _terminal(self, event: BenchEvent) -> None:
+        if event.passing:
+            self._status[event.device] = event.text
+        else:
+            self._status.pop(event.device, None)
+            if event.kind == "session":
+                self._status.pop(None, None)  # a grant: the queue's line is stale (the next poll redraws it)
+            self._stream.write(f"{_CLEAR_LINE}  {event.text}\n")
+            self._shown = ""
+        line = " | ".join(self._status.values())[: max(self._width() - 1, 10)]
+        if line != self._shown:
+            self._stream.write(f"{_CLEAR_LINE}{line}")
+            self._shown = line
+
+    def close(self) -> None:
+        """Erase the status line (terminal), so that what follows starts on a clean line."""
+        if self._tty and self._shown:
+            self._stream.write(_CLEAR_LINE)
+            self._stream.flush()
+            self._shown = ""
 
 
 def add_parser(sub: Any) -> None:
@@ -46,6 +114,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait in the queue (default 300)")
     p.add_argument("--json", default=None, metavar="FILE", help="write every record, raw samples included")
     p.add_argument("--csv", default=None, metavar="FILE", help="write one row per model and device")
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="FILE",
+        help="draw the latency distributions: .svg (no dependency), .png and others with matplotlib",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (queue position, models measured)")
     p.set_defaults(run=run)
 
 
@@ -55,6 +130,14 @@ def _ms(value: float | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..client.bench import BenchSettings, bench
+    from ..client.plot import check_plot_path, write_plot
+
+    if args.plot:
+        try:
+            check_plot_path(args.plot)  # before the queue, not after the measurements
+        except TetherError as exc:
+            print(f"tether bench: {exc}", file=sys.stderr)
+            return 2
 
     options: dict[str, Any] = {"providers": args.provider} if args.provider else {}
     reference: str | dict[str, Any] | None = args.reference
@@ -83,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         atol=args.atol,
     )
     host, port = parse_hostport(args.tracker, 9190)
+    progress = None if args.quiet else Progress(sys.stderr, tty=sys.stderr.isatty())
     try:
         records = bench(
             host,
@@ -93,11 +177,14 @@ def run(args: argparse.Namespace) -> int:
             labels=dict(args.label) or None,
             devices=None if args.all_devices else args.parallel,
             timeout=args.timeout,
-            on_event=lambda text: print(f"  {text}", file=sys.stderr, flush=True),
+            on_event=progress,
         )
     except (TetherError, FileNotFoundError) as exc:
         print(f"tether bench: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if progress is not None:
+            progress.close()
     header = ["model", "device", "load ms", "median ms", "95% CI", "mean", "std", "min", "p90", "p99", "n"]
     rows = []
     for r in records:
@@ -164,4 +251,11 @@ def run(args: argparse.Namespace) -> int:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(r.labels.items()))
                 error = f"{r.error['type']}: {r.error['message']}" if r.error else ""
                 writer.writerow([r.model, r.device, labels, r.backend or "", r.load_s or "", *stats, error])
+    if args.plot:
+        title = f"tether bench: key {args.key}, {args.number} runs x {args.repeat} samples per model and device"
+        try:
+            write_plot(records, args.plot, title=title)
+        except (TetherError, OSError) as exc:
+            print(f"tether bench: {exc}", file=sys.stderr)
+            return 2
     return 0 if all(r.error is None for r in records) else 1

@@ -4,25 +4,38 @@
 each model, loads it (the first, cold load is timed on the device), runs TVM-style timing on the device
 with inputs kept there, and returns one :class:`BenchRecord` per model and device: statistics from the raw
 samples (:mod:`tether.client.stats`), the device's facts and labels, or the typed error that ended it.
+
+Progress comes as :class:`BenchEvent` values: while a device's request waits for a grant, a watcher
+polls the tracker's detailed summary on its own connection (every ``poll_s``) and reports the requests'
+positions in the key's queue (tether's tracker; TVM's tells only that they wait); then which model is
+measured on which device, and each result. Events come from several threads, one at a time.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ..errors import TetherError
+from ..errors import RemoteError, TetherError
 from .api import connect_tracker
-from .query import query_tracker
+from .query import query_tracker, status_from_summary
+from .session import Session
 from .stats import SampleStats, summarize
+from .tracker import TrackerClient
 
-__all__ = ["BenchRecord", "BenchSettings", "bench", "devices_of"]
+__all__ = ["BenchEvent", "BenchRecord", "BenchSettings", "EventKind", "bench", "devices_of"]
+
+logger = logging.getLogger(__name__)
+
+_request_ids = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +105,14 @@ def _wrong_answer(path: Path, inputs: dict[str, Any], outputs: dict[str, Any], s
     return None
 
 
+def _error_of(exc: TetherError) -> dict[str, str]:
+    """A failure as ``{"type", "message"}``: the device's own message for remote errors (no type prefix,
+    no traceback: ``--json`` has room for neither twice)."""
+    if isinstance(exc, RemoteError):
+        return {"type": exc.remote_type, "message": exc.remote_message}
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
 @dataclass(slots=True)
 class BenchRecord:
     """One model on one device. ``error``: ``{"type", "message"}`` when it could not be measured."""
@@ -133,6 +154,137 @@ def devices_of(host: str, port: int, key: str, labels: dict[str, str] | None = N
     return next((row.total for row in status.keys if row.key == key), 0)
 
 
+EventKind = Literal["queued", "session", "measuring", "result", "failed", "done"]
+
+
+@dataclass(frozen=True, slots=True)
+class BenchEvent:
+    """One step of a bench run; ``text`` is the line to print.
+
+    Kinds: ``queued`` (requests waiting for a grant: ``positions`` in the key's queue, 1-based, with
+    ``ahead`` requests before the first of them and ``queue_length`` waiting in all, ``waited_s``; positions
+    are empty on TVM's tracker), ``session`` (a device granted), ``measuring`` (``model`` on ``device``,
+    number ``index`` of ``count``), ``result`` and ``failed`` (its ``record``), ``done`` (``waited_s``: the
+    whole run). ``queued`` and ``measuring`` are passing states; the others are finished steps.
+    """
+
+    kind: EventKind
+    text: str
+    device: str | None = None
+    model: str | None = None
+    index: int | None = None
+    count: int | None = None
+    positions: tuple[int, ...] = ()
+    ahead: int | None = None
+    queue_length: int | None = None
+    waited_s: float | None = None
+    record: BenchRecord | None = None
+
+    @property
+    def passing(self) -> bool:
+        """True for a state that the next event replaces (a status line), False for a finished step."""
+        return self.kind in ("queued", "measuring")
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class _QueueWatch:
+    """The bench's requests that still wait for a grant, and a thread that reports them until none does.
+
+    The thread polls the tracker's detailed summary every ``poll_s`` seconds on its own connection (a
+    connection's replies come in its own order) and finds the requests by their ids in the key's waiters.
+    Against TVM's tracker, or once the summary fails, it reports waited time only. Best effort: a failed
+    poll never fails the bench.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        key: str,
+        emit: Callable[[BenchEvent], None],
+        *,
+        poll_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._host, self._port, self._key = host, port, key
+        self._emit, self._poll_s, self._clock = emit, poll_s, clock
+        self._cond = threading.Condition()
+        self._waiting: dict[str, float] = {}  # request id -> when it started waiting (clock)
+        self._thread = threading.Thread(target=self._run, name="tether-bench-queue", daemon=True)
+
+    def start(self, request_ids: Sequence[str]) -> None:
+        now = self._clock()
+        with self._cond:
+            self._waiting.update(dict.fromkeys(request_ids, now))
+        self._thread.start()
+
+    def done(self, request_id: str) -> None:
+        """The request was granted or failed (idempotent)."""
+        with self._cond:
+            self._waiting.pop(request_id, None)
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._waiting.clear()
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _wait(self) -> dict[str, float]:
+        """Wait ``poll_s`` or until nothing waits; what still waits then."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._waiting, self._poll_s)
+            return dict(self._waiting)
+
+    def _run(self) -> None:
+        client: TrackerClient | None = None
+        try:
+            client = TrackerClient.connect(self._host, self._port)
+            if client.tether_version is None:
+                client.close()
+                client = None
+        except (TetherError, OSError, TimeoutError) as exc:
+            logger.debug("queue watch: no tracker connection (%s); reporting waited time only", exc)
+        try:
+            while waiting := self._wait():
+                event = None
+                if client is not None:
+                    try:
+                        event = self._positions(client, waiting)
+                    except (TetherError, OSError, TimeoutError) as exc:
+                        logger.debug("queue watch: summary failed (%s); reporting waited time only", exc)
+                        client.close()
+                        client = None
+                self._emit(event or self._waited_only(waiting, tether=client is not None))
+        finally:
+            if client is not None:
+                client.close()
+
+    def _positions(self, client: TrackerClient, waiting: dict[str, float]) -> BenchEvent | None:
+        status = status_from_summary(client.summary(detail=True, timeout=5.0), f"{self._host}:{self._port}")
+        rows = [w for w in status.waiters if w.key == self._key]
+        ours = [w for w in rows if w.id in waiting]
+        if not ours:
+            return None  # not queued yet, or granted a moment ago
+        positions = tuple(w.position for w in ours)
+        waited = max(w.waited_s for w in ours)
+        ahead = positions[0] - 1
+        where = f"position {positions[0]}" if len(ours) == 1 else f"{len(ours)} requests at positions "
+        if len(ours) > 1:
+            where += ", ".join(map(str, positions))
+        text = f"queued for key {self._key!r}: {where} of {len(rows)} ({ahead} ahead), waited {waited:.1f} s"
+        return BenchEvent("queued", text, positions=positions, ahead=ahead, queue_length=len(rows), waited_s=waited)
+
+    def _waited_only(self, waiting: dict[str, float], *, tether: bool) -> BenchEvent:
+        waited = self._clock() - min(waiting.values())
+        many = f"{len(waiting)} requests " if len(waiting) > 1 else ""
+        why = "" if tether else " (position unknown: not tether's tracker)"
+        text = f"waiting for key {self._key!r}: {many}waited {waited:.1f} s{why}"
+        return BenchEvent("queued", text, waited_s=waited)
+
+
 def _measure_device(
     host: str,
     port: int,
@@ -142,56 +294,81 @@ def _measure_device(
     settings: BenchSettings,
     labels: dict[str, str] | None,
     timeout: float | None,
-    on_event: Callable[[str], None],
+    request_id: str,
+    granted: Callable[[str], None],
+    on_event: Callable[[BenchEvent], None],
 ) -> list[BenchRecord]:
     # one tracker connection per device: a connection's replies come in its own order, not per thread
-    with connect_tracker(host, port) as tracker, tracker.request(key, timeout=timeout, labels=labels) as sess:
-        info = sess.info()
-        facts = dict(info.get("device") or {})
-        dev_labels = dict(info.get("labels") or {})
-        device = sess.address + (
-            " [" + ",".join(f"{k}={v}" for k, v in sorted(dev_labels.items())) + "]" if dev_labels else ""
-        )
-        on_event(f"{device}: session open")
-        records = []
-        for path in models:
-            record = BenchRecord(path.name, device, dev_labels, facts)
-            try:
-                remote = sess.upload(path, path.name)
-                model = sess.load_model(remote, settings.backend, **settings.options)
-                record.backend, record.load_s = model.backend, model.load_s
-                kept: dict[str, Any] | None = None
-                if settings.inputs is not None or settings.reference is not None:
-                    host_inputs = _host_inputs(model.inputs, settings)
-                    kept = {name: sess.tensor(value) for name, value in host_inputs.items()}
-                    if settings.reference is not None:
-                        why = _wrong_answer(path, host_inputs, model.run(kept), settings)
-                        if why is not None:
-                            record.error = {"type": "WrongAnswer", "message": why}
-                            on_event(f"{device}: {path.name} WRONG ANSWER: {why}")
-                            records.append(record)
-                            continue
-                result = model.benchmark(
-                    kept,
-                    number=settings.number,
-                    repeat=settings.repeat,
-                    min_repeat_ms=settings.min_repeat_ms,
-                    cooldown_ms=settings.cooldown_ms,
-                    warmup=settings.warmup,
-                    fill=settings.fill,
-                )
-                record.samples = list(result.samples)
-                record.stats = summarize(record.samples, settings.confidence)
-                model.close()
-                on_event(f"{device}: {path.name} median {record.stats.median * 1e3:.3f} ms")
-            except TetherError as exc:
-                record.error = {"type": type(exc).__name__, "message": str(exc)}
-                on_event(f"{device}: {path.name} failed: {type(exc).__name__}")
-                if sess.closed:
-                    records.append(record)
-                    break
-            records.append(record)
-        return records
+    try:
+        tracker = connect_tracker(host, port)
+        try:
+            sess = tracker.request(key, timeout=timeout, labels=labels, request_id=request_id)
+        except BaseException:
+            tracker.close()
+            raise
+    finally:
+        granted(request_id)
+    with tracker, sess:
+        return _measure_models(sess, models, settings, on_event)
+
+
+def _measure_models(
+    sess: Session, models: Sequence[Path], settings: BenchSettings, on_event: Callable[[BenchEvent], None]
+) -> list[BenchRecord]:
+    info = sess.info()
+    facts = dict(info.get("device") or {})
+    dev_labels = dict(info.get("labels") or {})
+    device = sess.address + (
+        " [" + ",".join(f"{k}={v}" for k, v in sorted(dev_labels.items())) + "]" if dev_labels else ""
+    )
+    on_event(BenchEvent("session", f"{device}: session open", device=device))
+    records = []
+    for index, path in enumerate(models, 1):
+        record = BenchRecord(path.name, device, dev_labels, facts)
+        where = (device, path.name, index, len(models))
+        on_event(BenchEvent("measuring", f"{device}: {path.name} ({index}/{len(models)}) measuring", *where))
+        try:
+            remote = sess.upload(path, path.name)
+            model = sess.load_model(remote, settings.backend, **settings.options)
+            record.backend, record.load_s = model.backend, model.load_s
+            kept: dict[str, Any] | None = None
+            if settings.inputs is not None or settings.reference is not None:
+                host_inputs = _host_inputs(model.inputs, settings)
+                kept = {name: sess.tensor(value) for name, value in host_inputs.items()}
+                if settings.reference is not None:
+                    why = _wrong_answer(path, host_inputs, model.run(kept), settings)
+                    if why is not None:
+                        record.error = {"type": "WrongAnswer", "message": why}
+                        text = f"{device}: {path.name} WRONG ANSWER: {why}"
+                        on_event(BenchEvent("failed", text, *where, record=record))
+                        records.append(record)
+                        continue
+            result = model.benchmark(
+                kept,
+                number=settings.number,
+                repeat=settings.repeat,
+                min_repeat_ms=settings.min_repeat_ms,
+                cooldown_ms=settings.cooldown_ms,
+                warmup=settings.warmup,
+                fill=settings.fill,
+            )
+            record.samples = list(result.samples)
+            record.stats = s = summarize(record.samples, settings.confidence)
+            model.close()
+            text = (
+                f"{device}: {path.name} median {s.median * 1e3:.3f} ms "
+                f"(95% CI {s.median_ci[0] * 1e3:.3f}..{s.median_ci[1] * 1e3:.3f}, n={s.n})"
+            )
+            on_event(BenchEvent("result", text, *where, record=record))
+        except TetherError as exc:
+            record.error = _error_of(exc)
+            text = f"{device}: {path.name} failed: {type(exc).__name__}"
+            on_event(BenchEvent("failed", text, *where, record=record))
+            if sess.closed:
+                records.append(record)
+                break
+        records.append(record)
+    return records
 
 
 def bench(
@@ -204,10 +381,17 @@ def bench(
     labels: dict[str, str] | None = None,
     devices: int | None = 1,
     timeout: float | None = 300.0,
-    on_event: Callable[[str], None] | None = None,
+    on_event: Callable[[BenchEvent], None] | None = None,
+    poll_s: float = 0.5,
 ) -> list[BenchRecord]:
     """Measure every model on ``devices`` servers of ``key`` at once (None: every server the tracker
-    lists). Each device gets its own session, held for all the models; ``timeout`` is queue time."""
+    lists). Each device gets its own session, held for all the models; ``timeout`` is queue time.
+
+    ``on_event`` gets every :class:`BenchEvent`, one at a time; while requests wait, ``queued`` events
+    come every ``poll_s`` seconds. Raises FileNotFoundError for a missing model file and
+    :class:`~tether.errors.TetherError` when the tracker lists no server of the key; errors of a device
+    or a model are in the records.
+    """
     settings = settings or BenchSettings()
     paths = [Path(m) for m in models]
     for path in paths:
@@ -218,32 +402,44 @@ def bench(
         raise TetherError(f"the tracker at {host}:{port} lists no server of key {key!r}")
     lock = threading.Lock()
 
-    def event(text: str) -> None:
+    def event(ev: BenchEvent) -> None:
         if on_event is not None:
             with lock:
-                on_event(text)
+                on_event(ev)
 
     started = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(count) as pool:
-        futures = [
-            pool.submit(
-                _measure_device,
-                host,
-                port,
-                key,
-                models=paths,
-                settings=settings,
-                labels=labels,
-                timeout=timeout,
-                on_event=event,
-            )
-            for _ in range(count)
-        ]
-        records: list[BenchRecord] = []
-        for future in futures:
-            try:
-                records.extend(future.result())
-            except TetherError as exc:
-                records.append(BenchRecord("*", "?", error={"type": type(exc).__name__, "message": str(exc)}))
-    event(f"done in {time.monotonic() - started:.1f} s")
+    request_ids = [f"bench-{os.getpid()}-{next(_request_ids)}" for _ in range(count)]
+    watch = _QueueWatch(host, port, key, event, poll_s=poll_s)
+    if on_event is not None:
+        watch.start(request_ids)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            futures = [
+                pool.submit(
+                    _measure_device,
+                    host,
+                    port,
+                    key,
+                    models=paths,
+                    settings=settings,
+                    labels=labels,
+                    timeout=timeout,
+                    request_id=rid,
+                    granted=watch.done,
+                    on_event=event,
+                )
+                for rid in request_ids
+            ]
+            records: list[BenchRecord] = []
+            for future in futures:
+                try:
+                    records.extend(future.result())
+                except TetherError as exc:
+                    error = _error_of(exc)
+                    records.append(BenchRecord("*", "?", error=error))
+    finally:
+        if on_event is not None:
+            watch.stop()
+    elapsed = time.monotonic() - started
+    event(BenchEvent("done", f"done in {elapsed:.1f} s", waited_s=elapsed))
     return records

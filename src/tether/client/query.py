@@ -36,12 +36,17 @@ class ServerRow:
 
 @dataclass(frozen=True, slots=True)
 class WaiterRow:
+    """One waiting request. ``position``: 1-based, in the order its key's queue would serve it (tether's
+    tracker only); ``id``: the request id it was sent with (None for TVM's plain requests)."""
+
     key: str
     user: str
     priority: float
     waited_s: float
     protocol: str = "tvm"
     labels: dict[str, str] = field(default_factory=dict)
+    id: str | None = None
+    position: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,9 +151,18 @@ def _from_tether(detail: dict[str, Any], address: str) -> TrackerStatus:
     keys, waiters = [], []
     for key, row in sorted(detail.get("keys", {}).items()):
         keys.append(KeyRow(key, row["total"], row["free"], row["pending"], row.get("busy")))
-        for w in row.get("waiters", []):
+        for position, w in enumerate(row.get("waiters", []), 1):
             waiters.append(
-                WaiterRow(key, w["user"], w["priority"], w["waited_s"], w.get("protocol", "tvm"), w.get("labels", {}))
+                WaiterRow(
+                    key,
+                    w["user"],
+                    w["priority"],
+                    w["waited_s"],
+                    w.get("protocol", "tvm"),
+                    w.get("labels", {}),
+                    w.get("id"),
+                    position,
+                )
             )
     servers.sort(key=lambda s: (s.key, s.address))
     return TrackerStatus(address, str(detail.get("version")), servers, _notes(keys), waiters, detail.get("uptime_s"))
