@@ -192,7 +192,7 @@ def compare_outputs(outputs: Mapping[str, Any], expected: Mapping[str, Any], rto
 
     for name, value in expected.items():
         if name not in outputs:
-            return f"output {name!r} missing (got {sorted(outputs)})"
+            return f"output {name!r} missing (device gave {sorted(outputs)})"
         got, want = np.asarray(outputs[name]), np.asarray(value)
         if got.shape != want.shape:
             return f"output {name!r}: shape {got.shape}, expected {want.shape}"

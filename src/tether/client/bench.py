@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from ..errors import RemoteError, TetherError
 from .api import connect_tracker
+from .batch import compare_outputs
 from .query import query_tracker, status_from_summary
 from .session import Session
 from .stats import SampleStats, summarize
@@ -82,8 +83,6 @@ def _host_inputs(specs: list[dict[str, Any]], settings: BenchSettings) -> dict[s
 
 def _wrong_answer(path: Path, inputs: dict[str, Any], outputs: dict[str, Any], settings: BenchSettings) -> str | None:
     """Why the device's outputs are wrong, or None when they match the reference within tolerances."""
-    import numpy as np
-
     if settings.reference == "onnxruntime":
         import onnxruntime as ort
 
@@ -93,16 +92,7 @@ def _wrong_answer(path: Path, inputs: dict[str, Any], outputs: dict[str, Any], s
     else:
         assert isinstance(settings.reference, dict)
         expected = settings.reference
-    for name, value in expected.items():
-        if name not in outputs:
-            return f"output {name!r} missing (device gave {sorted(outputs)})"
-        got, want = np.asarray(outputs[name]), np.asarray(value)
-        if got.shape != want.shape:
-            return f"output {name!r}: shape {got.shape}, expected {want.shape}"
-        if not np.allclose(got, want, rtol=settings.rtol, atol=settings.atol):
-            diff = float(np.max(np.abs(got.astype("float64") - want.astype("float64"))))
-            return f"output {name!r}: max |diff| {diff:.3g} beyond rtol {settings.rtol:g}, atol {settings.atol:g}"
-    return None
+    return compare_outputs(outputs, expected, settings.rtol, settings.atol)
 
 
 def _error_of(exc: TetherError) -> dict[str, str]:
