@@ -118,7 +118,11 @@ def test_no_device_and_cache_across_sessions(tracker: TrackerThread, device_serv
     assert all(r.ok for r in second) and [r.sent_bytes for r in second] == [0, 0, 0, 0]
 
 
-def test_a_server_dying_midway_loses_no_candidate(cli: Any, tracker: TrackerThread, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_a_server_dying_midway_loses_no_candidate(cli: Any, tracker: TrackerThread, tmp_path: Path, fault: str) -> None:
+    """``killed``: the server and everything it started get SIGKILL (a device that loses power). ``frozen``:
+    its session workers get SIGSTOP (a device that hangs: the server still heartbeats, the session never
+    answers again); ``io_timeout`` turns that into a lost session."""
     psutil = pytest.importorskip("psutil")
     servers: dict[int, CliProcess] = {}
     for soc in ("a", "b"):
@@ -135,6 +139,7 @@ def test_a_server_dying_midway_loses_no_candidate(cli: Any, tracker: TrackerThre
     )
     models = [_ref(tmp_path / f"c{i}.json", {"op": "sleep", "seconds": 0.02 + 0.001 * i}) for i in range(12)]
     killed: list[int] = []
+    stopped: list[int] = []
     lock = threading.Lock()
 
     def kill_after_first(result: Measurement) -> None:
@@ -145,19 +150,25 @@ def test_a_server_dying_midway_loses_no_candidate(cli: Any, tracker: TrackerThre
             port = int(result.device.split(" ")[0].rpartition(":")[2])
             victim = servers[port].proc
             killed.append(port)
-        family = [victim.pid] + [c.pid for c in psutil.Process(victim.pid).children(recursive=True)]
+        family = [c.pid for c in psutil.Process(victim.pid).children(recursive=True)]
+        if fault == "killed":
+            family.append(victim.pid)
+        stopped.extend(family)
         for pid in family:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
 
     results = measure_candidates(
         (tracker.host, tracker.port),
         "flaky",
         [Candidate(m) for m in models],
-        MeasureSettings(number=2, repeat=2, timeout=20, queue_timeout=10, retries=2),
+        MeasureSettings(number=2, repeat=2, timeout=20, queue_timeout=10, retries=2, io_timeout=2),
         devices=2,
         on_result=kill_after_first,
     )
+    for pid in stopped:  # what the frozen server started dies here; the server itself by the fixture
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     assert killed
     assert len(results) == 12
     for r in results:
@@ -220,3 +231,22 @@ def test_content_cache_keeps_the_most_recently_used(tmp_path: Path) -> None:
     assert (tmp_path / "ws" / "used").read_bytes() == bytes([0]) * 100
     with pytest.raises(ValueError):
         cache.has("../../etc/passwd")
+
+
+def test_an_artifact_over_the_servers_payload_limit_is_a_load_error(
+    tracker: TrackerThread, device_server: Any, tmp_path: Path
+) -> None:
+    """A deterministic refusal, not a transport failure: not retried, and no worker is killed for it."""
+    device_server(key="small", tracker=(tracker.host, tracker.port), max_payload=16 << 10)
+    big = tmp_path / "big.json"
+    _ref(big)
+    big.write_text(big.read_text() + " " * (64 << 10))  # valid JSON, 64 KiB of trailing whitespace
+    results = measure_candidates(
+        (tracker.host, tracker.port),
+        "small",
+        [Candidate(big), Candidate(_ref(tmp_path / "ok.json"))],
+        MeasureSettings(number=1, repeat=1, timeout=None, queue_timeout=20),
+    )
+    assert results[0].error is not None and results[0].error.kind == "load", results[0]
+    assert results[0].error.type == "PayloadTooLarge" and results[0].attempts == 1
+    assert results[1].ok and results[1].device == results[0].device  # the same lease went on

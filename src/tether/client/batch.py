@@ -18,7 +18,7 @@ named by its sha256 in the session, and the server's content-addressed cache kee
 =============== ==========================================================================================
 ``load``        the backend could not load it (:class:`ModelLoadError`)
 ``run``         it raised while running (:class:`ModelRunError`, bad inputs)
-``timeout``     loading, checking and measuring it took longer than ``MeasureSettings.timeout``: the device
+``timeout``     uploading, loading, checking and measuring it took longer than ``MeasureSettings.timeout``: the device
                 ended that session's worker (:class:`RunTimeout`); the thread leases a device again
 ``wrong_answer`` its outputs differ from the candidate's ``expected`` ones beyond ``rtol``/``atol``
 ``no_device``   no device of the key (and labels) was granted within ``queue_timeout``
@@ -45,9 +45,11 @@ from typing import Any
 from ..errors import (
     ConnectionClosed,
     ModelLoadError,
+    ProtocolError,
     RemoteError,
     RunTimeout,
     SessionTimeout,
+    TetherError,
     TrackerError,
     TransportError,
 )
@@ -115,8 +117,12 @@ class MeasureSettings:
     input_sets: int = 1
     rtol: float = 1e-4
     atol: float = 1e-5
-    #: one candidate's load, check and measurement together, on the device
-    timeout: float = 60.0
+    #: one candidate's upload, load, check and measurement together (None or 0: no limit); past it the
+    #: device ends the running request and its worker (:class:`RunTimeout`)
+    timeout: float | None = 60.0
+    #: seconds any one send or receive may go without progress before the session counts as lost (a
+    #: device that froze); requests with a time limit wait that limit plus a grace instead
+    io_timeout: float | None = 60.0
     #: how long a thread waits for a device; past it the thread ends (the last one: ``no_device``)
     queue_timeout: float | None = 60.0
     #: transport failures a candidate may meet before it ends ``lost``
@@ -219,6 +225,7 @@ class _Lease:
         self.tracker = tracker
         self.session = session
         info = session.info()
+        self.max_payload: int | None = info.get("max_payload")
         labels = info.get("labels") or {}
         self.device = session.address + (
             " [" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "]" if labels else ""
@@ -338,6 +345,7 @@ class _Batch:
         finally:
             with self.lock:
                 self.waiting.discard(tracker)
+        session.io_timeout = s.io_timeout
         try:
             return _Lease(tracker, session)
         except BaseException:
@@ -404,16 +412,16 @@ class _Batch:
         return digest
 
     def _timed_out(self, exc: RunTimeout) -> _Failed:
-        message = f"the candidate outlived its {self.settings.timeout:g} s time limit: {exc.remote_message}"
+        message = f"the candidate outlived its {self.settings.timeout or 0:g} s time limit: {exc.remote_message}"
         return _Failed("timeout", message, "RunTimeout")
 
     def _measure(self, lease: _Lease, index: int) -> Measurement:
         c, s, sess = self.candidates[index], self.settings, lease.session
         result = Measurement(index, c.label(index), device=lease.device)
-        deadline = time.monotonic() + s.timeout
+        deadline = time.monotonic() + s.timeout if s.timeout else None
 
-        def left() -> float:
-            return max(deadline - time.monotonic(), 0.001)
+        def left() -> float | None:
+            return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
         try:
             digest = self._digest(index)
@@ -423,12 +431,15 @@ class _Batch:
         if remote is None:
             remote = f"cas/{digest}{c.remote_suffix()}"
             try:
+                size = len(c.artifact) if isinstance(c.artifact, bytes) else os.path.getsize(c.artifact)
+                if lease.max_payload is not None and size + 4096 > lease.max_payload:
+                    why = f"the artifact's {size} bytes exceed the server's payload limit ({lease.max_payload})"
+                    raise _Failed("load", why, "PayloadTooLarge")
                 if sess.upload_cached(c.artifact, remote, digest):
-                    size = len(c.artifact) if isinstance(c.artifact, bytes) else os.path.getsize(c.artifact)
                     result.sent_bytes = size
             except SessionTimeout:
                 raise
-            except (RemoteError, OSError) as exc:  # a full disk on the device, a file gone here
+            except (RemoteError, ProtocolError, OSError) as exc:  # a full disk there, a file gone here
                 raise _Failed("load", exc) from None
             lease.files[digest] = remote
         try:
@@ -437,6 +448,8 @@ class _Batch:
             raise _Failed("load", exc) from None
         except RunTimeout as exc:
             raise self._timed_out(exc) from None
+        except SessionTimeout:
+            raise  # the lease's own time ran out: not the candidate's doing
         except RemoteError as exc:
             raise _Failed("load", exc) from None
         result.load_s = model.load_s
@@ -445,9 +458,9 @@ class _Batch:
             kept = {name: sess.tensor(value) for name, value in (c.inputs or {}).items()}
             if c.expected is not None:
                 outputs = model.run(kept, fill=s.fill, seed=s.seed, timeout=left())
-                why = compare_outputs(outputs, c.expected, s.rtol, s.atol)
-                if why is not None:
-                    raise _Failed("wrong_answer", why, "WrongAnswer")
+                wrong = compare_outputs(outputs, c.expected, s.rtol, s.atol)
+                if wrong is not None:
+                    raise _Failed("wrong_answer", wrong, "WrongAnswer")
             for round_ in range(max(s.input_sets, 1)):
                 timing = model.benchmark(
                     kept,
@@ -477,7 +490,7 @@ class _Batch:
                     for tensor in kept.values():
                         tensor.free()
                     model.close()
-                except RemoteError:
+                except TetherError:  # cleanup never changes the outcome; a broken session is re-leased
                     pass
         return result
 

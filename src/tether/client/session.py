@@ -281,6 +281,10 @@ class Session:
         self.address = address
         self._ids = itertools.count(1)
         self._on_close: list[Any] = []
+        #: Seconds any one send or receive may wait without progress (None: forever). Past it the session
+        #: is dropped with :class:`SessionLost`: a device that froze, a cable pulled. Requests sent with
+        #: their own ``timeout`` wait that long plus :data:`TIMEOUT_GRACE_S` instead.
+        self.io_timeout: float | None = None
 
     @classmethod
     def connect(
@@ -365,6 +369,8 @@ class Session:
                 raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
             request["timeout"] = timeout
             channel.sock.settimeout(timeout + TIMEOUT_GRACE_S)
+        else:
+            channel.sock.settimeout(self.io_timeout)
         try:
             if file is not None:
                 channel.send_file_frame(FrameKind.REQUEST, frame_id, request, file, size)
@@ -386,6 +392,8 @@ class Session:
                     self._drop()
                     if isinstance(error, SessionTimeout | RunTimeout):
                         raise error
+                    if error.remote_type == "ProtocolError":  # e.g. a frame over the server's size limit
+                        raise RemoteProtocolError(f"{self.address} ended the session: {error.remote_message}")
                     raise SessionLost(f"{self.address}: {error.remote_type}: {error.remote_message}")
                 raise error
             if head.kind != FrameKind.RESPONSE or head.id != frame_id:
@@ -415,6 +423,10 @@ class Session:
                     "the session was dropped",
                     "RunTimeout",
                 ) from None
+            if isinstance(exc.__cause__, TimeoutError):
+                raise SessionLost(
+                    f"{self.address}: no progress during {op!r} for {self.io_timeout:g} s (io_timeout): dropped"
+                ) from None
             raise SessionLost(f"{self.address}: the session ended during {op!r}: {exc}") from None
         except (RemoteError, TypeError):
             raise  # answered in full: the session goes on
@@ -423,7 +435,7 @@ class Session:
             raise
         finally:
             if timeout is not None and self._channel is not None:
-                self._channel.sock.settimeout(None)
+                self._channel.sock.settimeout(self.io_timeout)
 
     def _drop(self) -> None:
         if self._channel is not None:

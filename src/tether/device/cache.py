@@ -7,21 +7,27 @@ A later session (the same client after a timeout, another tuner) asks for files 
 
 Entries are hard links where the file system allows (a copy otherwise); the workspace side of a link
 is only ever replaced, never written in place (:meth:`Workspace.open_for_write` unlinks first). The
-cache keeps at most ``max_bytes``: the least recently used entries go first.
+cache keeps at most ``max_bytes``: the least recently used entries go first. An entry is hashed again
+each time it is handed out (what a session's code may have done to it as the server's user is caught).
+A session can fetch any cached file whose sha256 it knows: sessions on one server trust each other that far.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 __all__ = ["ContentCache", "is_sha256"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: Temporary files older than this (seconds) were left by a worker that died while storing.
+STALE_TEMP_S = 3600
 
 
 def is_sha256(text: object) -> bool:
@@ -68,8 +74,22 @@ class ContentCache:
         self.trim()
 
     def materialize(self, digest: str, target: Path) -> bool:
-        """Put the cached file at ``target`` (a path inside a workspace); False when it is not cached."""
+        """Put the cached file at ``target`` (a path inside a workspace); False when it is not cached.
+
+        The entry is hashed again first: code run by an earlier session (as the server's user) could have
+        rewritten it, and a changed entry is dropped rather than handed to another session."""
         entry = self._entry(digest)
+        try:
+            with open(entry, "rb") as file:
+                hasher = hashlib.sha256()
+                while chunk := file.read(1 << 20):
+                    hasher.update(chunk)
+        except FileNotFoundError:
+            return False
+        if hasher.hexdigest() != digest:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+            return False
         with contextlib.suppress(FileNotFoundError):
             target.unlink()
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -90,8 +110,12 @@ class ContentCache:
         """Remove the least recently used entries until the cache holds at most ``max_bytes``."""
         entries = []
         total = 0
+        stale = time.time() - STALE_TEMP_S
         for item in os.scandir(self.root):
             if not is_sha256(item.name):
+                with contextlib.suppress(OSError):  # a worker that died between mkstemp and the rename
+                    if item.name.startswith(".in-") and item.stat(follow_symlinks=False).st_mtime < stale:
+                        os.unlink(item.path)
                 continue
             with contextlib.suppress(FileNotFoundError):
                 st = item.stat(follow_symlinks=False)

@@ -163,16 +163,18 @@ class _RequestTimer:
                 if remaining > 0:
                     self._cond.wait(remaining)
                     continue
-                break  # keep the lock: the request's answer can no longer go out
-        message = f"{op} outlived its {limit:g} s time limit; the device ended the session's worker"
-        try:
-            self.channel.send_frame(FrameKind.ERROR, 0, {"type": "RunTimeout", "message": message, "traceback": ""})
-            self.channel.sock.shutdown(socket.SHUT_RDWR)
-        except (ConnectionClosed, OSError):
-            pass
-        finally:
-            logging.shutdown()
-            os._exit(124)
+                # Still holding the lock: a disarm() racing with this waits until the process is gone,
+                # so the request's answer can no longer go out after the timeout was sent.
+                message = f"{op} outlived its {limit:g} s time limit; the device ended the session's worker"
+                try:
+                    frame = {"type": "RunTimeout", "message": message, "traceback": ""}
+                    self.channel.send_frame(FrameKind.ERROR, 0, frame)
+                    self.channel.sock.shutdown(socket.SHUT_RDWR)
+                except (ConnectionClosed, OSError):
+                    pass
+                finally:
+                    logging.shutdown()
+                    os._exit(124)
 
 
 class NativeSession:
@@ -281,7 +283,8 @@ class NativeSession:
         return {}, []
 
     def _info(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
-        return {**self.info, "pid": os.getpid(), "workspace": str(self.workspace.root)}, []
+        limits = {"max_payload": self.channel.max_payload, "cache": self.cache is not None}
+        return {**self.info, "pid": os.getpid(), "workspace": str(self.workspace.root), **limits}, []
 
     def _upload(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
         name = header.get("path")

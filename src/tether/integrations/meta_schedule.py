@@ -135,7 +135,7 @@ class TetherRunner(PyRunner):  # type: ignore[misc]
             fill="random",
             seed=None,
             input_sets=self.alloc_repeat,
-            timeout=float(rc.session_timeout_sec),
+            timeout=float(rc.session_timeout_sec) or None,  # RPCRunner's per-candidate session time; 0: none
             queue_timeout=self.queue_timeout_sec,
             retries=self.retries,
             priority=rc.session_priority,
