@@ -349,3 +349,46 @@ def test_raster_plots_without_matplotlib_fail_early_naming_the_fix(
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "pip install 'tether[plot]'" in done.stderr, done.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_error_taxonomy_in_bench(tracker: TrackerThread, device_server: Any, tmp_path: Path) -> None:
+    """Each failure is reported as what it is, the models after a timeout included: a model that fails to
+    load, one that raises at run time, one with a wrong answer, one that outlives its time limit (which
+    ends the session: the model after it is reported not measured, not dropped)."""
+    import numpy as np
+
+    device_server(key="errs", tracker=(tracker.host, tracker.port))
+    spec = {"name": "x", "dtype": "float32", "shape": [4, 4]}
+
+    def ref(name: str, *ops: dict[str, Any]) -> Path:
+        path = tmp_path / name
+        affine = {"op": "affine", "input": "x", "output": "y", "scale": 2.0}
+        write_reference_model(path, [spec], [{**spec, "name": "y"}], [*ops, affine])
+        return path
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    models = [
+        broken,
+        ref("raises.json", {"op": "raise", "message": "boom"}),
+        ref("good.json"),
+        ref("slow.json", {"op": "sleep", "seconds": 30}),
+        ref("after.json"),
+    ]
+    x = np.ones((4, 4), dtype="float32")
+    settings = BenchSettings(number=1, repeat=2, inputs={"x": x}, reference={"y": 2 * x}, run_timeout=1.0)
+    records = {r.model: r for r in bench(tracker.host, tracker.port, "errs", models, settings, timeout=30)}
+    assert records["good.json"].error is None and records["good.json"].stats is not None
+    kinds = {name: (r.error or {}).get("type") for name, r in records.items()}
+    assert kinds == {
+        "broken.json": "ModelLoadError",
+        "raises.json": "ModelRunError",
+        "good.json": None,
+        "slow.json": "RunTimeout",
+        "after.json": "NotMeasured",
+    }
+    assert "boom" in str(records["raises.json"].error)
+    wrong = bench(
+        tracker.host, tracker.port, "errs", [ref("good2.json")], BenchSettings(inputs={"x": x}, reference={"y": x})
+    )
+    assert wrong[0].error is not None and wrong[0].error["type"] == "WrongAnswer"

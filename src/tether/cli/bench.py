@@ -95,6 +95,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--number", type=int, default=10, help="runs per sample (default 10)")
     p.add_argument("--repeat", type=int, default=5, help="samples (default 5)")
     p.add_argument("--min-repeat-ms", type=float, default=0.0, help="grow --number until a sample lasts this long")
+    p.add_argument(
+        "--run-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds for a model's load, and for its measurement; past it the device ends the session (RunTimeout)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--cooldown-ms", type=float, default=0.0, help="pause between samples")
     p.add_argument("--fill", default="random", help="inputs generated on the device: random, zeros, ones")
@@ -157,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         min_repeat_ms=args.min_repeat_ms,
         warmup=args.warmup,
         cooldown_ms=args.cooldown_ms,
+        run_timeout=args.run_timeout,
         fill=args.fill,
         backend=args.backend,
         options=options,

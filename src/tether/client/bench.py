@@ -59,6 +59,9 @@ class BenchSettings:
     rtol: float = 1e-4
     atol: float = 1e-5
     seed: int = 0
+    #: seconds for one model's load and for its measurement (each; None: no limit). Past it the device ends
+    #: the session's worker (``RunTimeout``): the models after it on that device are reported not measured.
+    run_timeout: float | None = None
 
 
 def _host_inputs(specs: list[dict[str, Any]], settings: BenchSettings) -> dict[str, Any]:
@@ -319,14 +322,15 @@ def _measure_models(
         on_event(BenchEvent("measuring", f"{device}: {path.name} ({index}/{len(models)}) measuring", *where))
         try:
             remote = sess.upload(path, path.name)
-            model = sess.load_model(remote, settings.backend, **settings.options)
+            model = sess.load_model(remote, settings.backend, timeout=settings.run_timeout, **settings.options)
             record.backend, record.load_s = model.backend, model.load_s
             kept: dict[str, Any] | None = None
             if settings.inputs is not None or settings.reference is not None:
                 host_inputs = _host_inputs(model.inputs, settings)
                 kept = {name: sess.tensor(value) for name, value in host_inputs.items()}
                 if settings.reference is not None:
-                    why = _wrong_answer(path, host_inputs, model.run(kept), settings)
+                    outputs = model.run(kept, timeout=settings.run_timeout)
+                    why = _wrong_answer(path, host_inputs, outputs, settings)
                     if why is not None:
                         record.error = {"type": "WrongAnswer", "message": why}
                         text = f"{device}: {path.name} WRONG ANSWER: {why}"
@@ -341,6 +345,7 @@ def _measure_models(
                 cooldown_ms=settings.cooldown_ms,
                 warmup=settings.warmup,
                 fill=settings.fill,
+                timeout=settings.run_timeout,
             )
             record.samples = list(result.samples)
             record.stats = s = summarize(record.samples, settings.confidence)
@@ -354,8 +359,13 @@ def _measure_models(
             record.error = _error_of(exc)
             text = f"{device}: {path.name} failed: {type(exc).__name__}"
             on_event(BenchEvent("failed", text, *where, record=record))
-            if sess.closed:
+            if sess.closed:  # the rest cannot run in this session: say so rather than drop them
                 records.append(record)
+                why = f"the session ended at {path.name} ({record.error['type']})"
+                for rest in models[index:]:
+                    records.append(
+                        BenchRecord(rest.name, device, dev_labels, facts, error={"type": "NotMeasured", "message": why})
+                    )
                 break
         records.append(record)
     return records
