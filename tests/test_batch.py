@@ -198,7 +198,7 @@ def test_request_time_limit_checked_uploads_and_cache_flush(device_server: Any, 
     good = _ref(tmp_path / "good.json")
     with tether.connect("127.0.0.1", server.port, key="direct") as sess:
         with pytest.raises(WorkspaceError, match="hashes to"):
-            sess._call("upload", {"path": "x.json", "sha256": "0" * 64}, payload=[good.read_bytes()])
+            sess.upload(good.read_bytes(), "x.json", sha256="0" * 64)
         assert "x.json" not in sess.listdir()  # a mismatch keeps nothing
         assert sess.upload_cached(good, "a.json") is True
         model = sess.load_model("a.json")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import statistics
 import threading
 import time
 from collections import deque
@@ -63,6 +64,7 @@ __all__ = [
     "MeasureSettings",
     "Measurement",
     "compare_outputs",
+    "device_name",
     "measure_candidates",
     "submit_candidates",
 ]
@@ -96,7 +98,7 @@ class Candidate:
     def remote_suffix(self) -> str:
         if self.suffix or isinstance(self.artifact, bytes):
             return self.suffix
-        return "".join(Path(self.artifact).suffixes[-1:])
+        return Path(self.artifact).suffix
 
 
 @dataclass(frozen=True)
@@ -166,13 +168,11 @@ class Measurement:
 
     @property
     def mean(self) -> float:
-        return sum(self.samples) / len(self.samples)
+        return statistics.fmean(self.samples)
 
     @property
     def median(self) -> float:
-        ordered = sorted(self.samples)
-        mid = len(ordered) // 2
-        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        return statistics.median(self.samples)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -190,6 +190,13 @@ class Measurement:
 
 def _error_fields(error: CandidateError) -> dict[str, str]:
     return {"type": error.type, "message": error.message}
+
+
+def device_name(address: str, labels: Mapping[str, str]) -> str:
+    """How results name a device: its address, and its labels when it has any (``host:port [soc=a]``)."""
+    if not labels:
+        return address
+    return f"{address} [" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "]"
 
 
 def compare_outputs(outputs: Mapping[str, Any], expected: Mapping[str, Any], rtol: float, atol: float) -> str | None:
@@ -226,10 +233,7 @@ class _Lease:
         self.session = session
         info = session.info()
         self.max_payload: int | None = info.get("max_payload")
-        labels = info.get("labels") or {}
-        self.device = session.address + (
-            " [" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "]" if labels else ""
-        )
+        self.device = device_name(session.address, info.get("labels") or {})
         self.files: dict[str, str] = {}  # sha256 -> name in the workspace
 
 
@@ -266,8 +270,6 @@ class _Batch:
         ]
 
     def start(self) -> None:
-        if not self.threads:
-            return
         for thread in self.threads:
             thread.start()
 
@@ -313,9 +315,9 @@ class _Batch:
             if orphans:
                 self.queue.clear()
         for index in orphans:
-            kind, name = ("no_device", type(why).__name__) if why is not None else ("no_device", "RequestTimeout")
+            name = type(why).__name__ if why is not None else "RequestTimeout"
             message = str(why) if why is not None else "no device left to measure it"
-            error = CandidateError(kind, name, message)
+            error = CandidateError("no_device", name, message)
             self._finish(index, Measurement(index, self.candidates[index].label(index), error=error))
 
     # -- one thread ----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from ..errors import RemoteError, TetherError
 from .api import connect_tracker
-from .batch import compare_outputs
+from .batch import compare_outputs, device_name
 from .query import query_tracker, status_from_summary
 from .session import Session
 from .stats import SampleStats, summarize
@@ -311,9 +311,7 @@ def _measure_models(
     info = sess.info()
     facts = dict(info.get("device") or {})
     dev_labels = dict(info.get("labels") or {})
-    device = sess.address + (
-        " [" + ",".join(f"{k}={v}" for k, v in sorted(dev_labels.items())) + "]" if dev_labels else ""
-    )
+    device = device_name(sess.address, dev_labels)
     on_event(BenchEvent("session", f"{device}: session open", device=device))
     records = []
     for index, path in enumerate(models, 1):

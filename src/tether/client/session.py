@@ -455,18 +455,26 @@ class Session:
         """The device's facts, the worker's pid and workspace."""
         return self._call("info", {})[0]
 
-    def upload(self, data: str | os.PathLike[str] | bytes | bytearray | memoryview, target: str | None = None) -> str:
-        """Send a file (a path) or bytes into the workspace; returns its remote name."""
+    def upload(
+        self,
+        data: str | os.PathLike[str] | bytes | bytearray | memoryview,
+        target: str | None = None,
+        *,
+        sha256: str | None = None,
+    ) -> str:
+        """Send a file (a path) or bytes into the workspace; returns its remote name. With ``sha256`` the
+        server checks the content against it and keeps it in its cache for later sessions."""
+        header: dict[str, Any] = {"sha256": sha256} if sha256 else {}
         if isinstance(data, bytes | bytearray | memoryview):
             if not target:
                 raise ValueError("target is required when uploading bytes")
-            self._call("upload", {"path": target}, payload=[data])
+            self._call("upload", {"path": target, **header}, payload=[data])
             return target
         path = Path(data)
         target = target or path.name
         with open(path, "rb") as file:
             size = os.fstat(file.fileno()).st_size
-            self._call("upload", {"path": target}, file=file, size=size)
+            self._call("upload", {"path": target, **header}, file=file, size=size)
         return target
 
     def upload_cached(self, data: str | os.PathLike[str] | bytes, target: str, digest: str | None = None) -> bool:
@@ -485,12 +493,7 @@ class Session:
             found = []
         if target in found:
             return False
-        if isinstance(data, bytes):
-            self._call("upload", {"path": target, "sha256": digest}, payload=[data])
-        else:
-            with open(data, "rb") as file:
-                size = os.fstat(file.fileno()).st_size
-                self._call("upload", {"path": target, "sha256": digest}, file=file, size=size)
+        self.upload(data, target, sha256=digest)
         return True
 
     def download(self, path: str) -> bytes:
