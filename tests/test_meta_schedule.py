@@ -2,8 +2,9 @@
 prebuilt candidates through tether's tracker, against TVM's ``rpc_server``s and against tether's servers,
 with TVM's own tracker as the reference.
 
-``tune_tir`` itself is not exercised: in the 0.27 wheel it can crash at TuneContext initialisation, while
-the runner's standalone ``run([RunnerInput(...)])`` is what talks to the tracker and the servers. The
+The runner's standalone ``run([RunnerInput(...)])`` is what talks to the tracker and the servers; one test
+constructs a ``TuneContext`` (what every ``tune_tir``/``tune_relax`` does first), which segfaults when
+apache-tvm-ffi 0.1.15 is installed beside the 0.27 wheel (the ``tvm`` extra pins it below). The
 candidates are a 128x128 float32 matmul prim func named ``main``, tiled a few ways with
 ``tvm.s_tir.Schedule``, compiled for llvm and exported once per module.
 
@@ -14,7 +15,10 @@ key, uploads the artifact, fills the arguments with ``tvm.contrib.random.random_
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from importlib.metadata import version
 from typing import Any
 
 import pytest
@@ -129,6 +133,57 @@ def remove_workspace_root(tracker_port: int, key: str) -> None:
 def kind(results: list[RunnerResult]) -> list[tuple[bool, int]]:
     """What "equal in kind" compares: per candidate, whether it failed and how many times it has."""
     return [(r.error_msg is not None, len(r.run_secs or [])) for r in results]
+
+
+#: Runs in its own interpreter: the failure it guards against is a segfault. ``TuneContext`` imports
+#: ``tvm.s_tir.tensor_intrin``, whose TVMScript parser calls ``inspect.stack()`` about 500 times; each call
+#: scans ``sys.modules`` once per frame whose file is ``<frozen ...>`` (40 s here). Those frames have no
+#: module, so answering None for them at once gives the same result in a fraction of the time.
+_TUNE_CONTEXT_SCRIPT = """
+import inspect
+_getmodule = inspect.getmodule
+def _getmodule_fast(obj, _filename=None):
+    name = _filename or getattr(getattr(obj, "f_code", obj), "co_filename", None)
+    if isinstance(name, str) and name.startswith("<") and name.endswith(">"):
+        return None
+    return _getmodule(obj, _filename)
+inspect.getmodule = _getmodule_fast
+
+import tvm
+from tvm import te
+from tvm.s_tir import meta_schedule as ms
+
+n = 64
+a = te.placeholder((n, n), name="A")
+b = te.placeholder((n, n), name="B")
+k = te.reduce_axis((0, n), name="k")
+func = te.create_prim_func([a, b, te.compute((n, n), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")])
+ctx = ms.TuneContext(
+    mod=tvm.IRModule({"main": func}),
+    target=tvm.target.Target({"kind": "llvm", "num-cores": 2}),
+    space_generator="post-order-apply",
+    search_strategy="replay-trace",
+    task_name="matmul",
+    num_threads=1,
+)
+print("spaces", len(ctx.generate_design_space()))
+print("json", len(tvm.ir.save_json(func)))
+"""
+
+
+@pytest.mark.timeout(240)
+def test_tune_context_builds_for_a_matmul() -> None:
+    """meta_schedule's first step works with the installed apache-tvm-ffi (0.1.15.x: SIGSEGV in ToJSONGraph)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _TUNE_CONTEXT_SCRIPT], capture_output=True, text=True, timeout=220
+    )
+    assert proc.returncode == 0, (
+        f"TuneContext for a 64x64 matmul failed (exit {proc.returncode}) with apache-tvm-ffi "
+        f"{version('apache-tvm-ffi')}; the tvm extra pins apache-tvm-ffi<0.1.15\n{proc.stderr[-3000:]}"
+    )
+    lines = dict(line.split() for line in proc.stdout.splitlines() if line.startswith(("spaces", "json")))
+    assert int(lines["spaces"]) >= 1
+    assert int(lines["json"]) > 100
 
 
 @pytest.mark.timeout(60)
