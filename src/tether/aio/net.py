@@ -11,7 +11,9 @@ import contextlib
 import errno
 import logging
 import socket
+import struct
 import sys
+import time
 from dataclasses import dataclass
 
 from ..errors import ConfigError, ConnectFailed
@@ -20,6 +22,7 @@ __all__ = [
     "Keepalive",
     "bind_listener",
     "connect_tcp",
+    "finish_sending",
     "format_hostport",
     "parse_hostport",
     "quickack",
@@ -166,3 +169,34 @@ def connect_tcp(
         tune_socket(sock, keepalive)
         return sock
     raise ConnectFailed(f"cannot connect to {format_hostport(host, port)} ({'; '.join(errors)})")
+
+
+_SIOCOUTQ = 0x5411  # Linux: bytes written and not yet acknowledged by the peer (TIOCOUTQ's value)
+
+
+def finish_sending(sock: socket.socket, limit_s: float = 2.0) -> None:
+    """Half-close ``sock`` and wait (at most ``limit_s`` seconds) until the peer's kernel has acknowledged
+    everything written to it; the caller closes it afterwards.
+
+    For a last word (a timeout error) followed by the end of the process: closing a socket that still
+    holds unread input (a request that came in meanwhile) makes the kernel reset the connection and drop
+    whatever it had not sent yet, so the peer got "connection reset" instead of the error. Bytes the peer
+    acknowledged stay readable there whatever follows. Without ``SIOCOUTQ`` (not Linux) it waits
+    ``min(limit_s, 0.2)`` seconds instead.
+    """
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)  # a FIN after the data: the peer sees the end once it has read it
+    deadline = time.monotonic() + limit_s
+    if not sys.platform.startswith("linux"):
+        time.sleep(min(limit_s, 0.2))
+        return
+    import fcntl
+
+    while True:
+        try:
+            left = struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            return
+        if left <= 0 or time.monotonic() >= deadline:
+            return
+        time.sleep(0.002)  # a kernel counter has no readiness event: poll it, bounded by the deadline

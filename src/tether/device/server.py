@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
-from ..aio.net import bind_listener, connect_tcp, format_hostport
+from ..aio.net import bind_listener, connect_tcp, finish_sending, format_hostport
 from ..client.tracker import TrackerClient
 from ..errors import ConfigError, RemoteProtocolError, TetherError
 from ..protocol.constants import DEFAULT_HEARTBEAT_S, HandshakeCode
@@ -464,6 +464,7 @@ class DeviceServer:
                 if reason:
                     detail = {"type": reason[0], "message": reason[1], "traceback": ""}
                     session.conn.sendall(encode_frame_head(FrameKind.ERROR, 0, detail))
+                    finish_sending(session.conn)  # a reset must not drop the reason
                 session.conn.shutdown(socket.SHUT_RDWR)
             session.conn.close()
         self.pool.reap(session.worker)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..aio.channel import Channel
+from ..aio.net import finish_sending
 from ..errors import ConnectionClosed, LocalProtocolError, RemoteError, RemoteProtocolError, WorkspaceError
 from ..protocol.session import MAX_PAYLOAD_BYTES, FrameHeader, FrameKind, TensorDesc, tensor_descs
 from ..runtime import Model, RawTensor, backend_for_path, fill_tensor, get_backend
@@ -169,7 +170,7 @@ class _RequestTimer:
                 try:
                     frame = {"type": "RunTimeout", "message": message, "traceback": ""}
                     self.channel.send_frame(FrameKind.ERROR, 0, frame)
-                    self.channel.sock.shutdown(socket.SHUT_RDWR)
+                    finish_sending(self.channel.sock)
                 except (ConnectionClosed, OSError):
                     pass
                 finally:
@@ -558,12 +559,16 @@ def _tvm_deadline_guard(sock: socket.socket, timeout: float, deadline: float) ->
 
     TVM's session loop may be writing a reply when the deadline comes; an exception packet written
     beside it would interleave and corrupt the stream (TVM's client then reads a garbage length). TVM's
-    own server kills the session process first and writes from the parent: the guard does the same.
+    own server kills the session process first and writes from the parent: the guard does the same,
+    then waits until the client's kernel has acknowledged the error before it exits (a request that
+    arrived meanwhile would otherwise make the close a reset that drops the unsent error: the client
+    then got "Connection reset by peer", 4 runs in 21).
 
     The guard watches the worker through a pidfd and leaves its process group: the server kills that
-    group as soon as it sees the worker die, which could otherwise take the guard before it has written
-    (the client then got "channel closed" instead of RPCSessionTimeoutError, under load). A worker that
-    ends before the deadline ends the guard too. Without pidfds the guard stays in the group and sleeps.
+    group as soon as it sees the worker die, which could otherwise take the guard before it has written.
+    A worker that ends before the deadline ends the guard quietly; one that ends after it (the server's
+    own kill, a grace period later, when the guard ran late) still gets its error written. Without
+    pidfds the guard stays in the group and sleeps.
     """
     import select
     import signal
@@ -585,13 +590,16 @@ def _tvm_deadline_guard(sock: socket.socket, timeout: float, deadline: float) ->
             if pidfd is None:
                 time.sleep(remaining)  # the guard's only job is to wait
             elif select.select([pidfd], [], [], min(remaining, 3600.0))[0]:
-                code = 0  # the worker ended first: the session ended in time
-                return
+                break
             remaining = deadline - time.monotonic()
+        if remaining > 0:
+            code = 0  # the worker ended by itself, in time
+            return
         os.kill(worker, signal.SIGKILL)
         if pidfd is not None:
             select.select([pidfd], [], [], 2.0)  # readable once the worker is gone
         _ffi_api.ReturnException(sock.fileno(), TIMEOUT_MESSAGE.format(timeout))
+        finish_sending(sock)
     except BaseException:
         code = 1
     finally:
@@ -633,7 +641,7 @@ def run_job(job: dict[str, Any], sock: socket.socket) -> None:
         def expire() -> None:
             message = TIMEOUT_MESSAGE.format(timeout)
             channel.send_frame(FrameKind.ERROR, 0, {"type": "SessionTimeout", "message": message, "traceback": ""})
-            sock.shutdown(socket.SHUT_RDWR)
+            finish_sending(sock)
 
         _watchdog(deadline, expire)
     try:
