@@ -21,6 +21,7 @@ from tether.protocol import (
     HandshakeCode,
     HandshakeDecoder,
     HandshakeReplyDecoder,
+    PeerKey,
     Ping,
     Put,
     Request,
@@ -290,7 +291,18 @@ def test_keys_with_colons_and_options() -> None:
     assert format_peer_key("client", "a:b", {"timeout": "10"}) == "client:a:b -timeout=10"
 
 
-@pytest.mark.parametrize("raw", ["", "client:", "client:   ", "foo:bar", "nokey", "client:k junk"])
+def test_empty_names_are_read_as_tvms_server_reads_them() -> None:
+    """``tvm.rpc.connect(host, port)`` sends ``client:`` (``tvm.rpc.Server()``'s key is ""), with a session
+    timeout ``client: -timeout=10``: the name is empty and the timeout an option, not the name."""
+    assert parse_peer_key("client:") == PeerKey("client", "", {}, "client:")
+    key = parse_peer_key("client: -timeout=10")
+    assert (key.name, key.session_timeout) == ("", 10.0)
+    assert parse_peer_key("client:   -timeout=2.5 -tether=1").is_tether
+    assert format_peer_key("server", "") == "server:"
+    assert format_peer_key("client", "", {"timeout": "10"}) == "client: -timeout=10"
+
+
+@pytest.mark.parametrize("raw", ["", "   ", "foo:bar", "nokey", "client:k junk", ":k", "client -timeout=1"])
 def test_bad_keys(raw: str) -> None:
     with pytest.raises(RemoteProtocolError):
         parse_peer_key(raw)

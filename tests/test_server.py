@@ -344,3 +344,96 @@ def test_a_handshake_has_a_deadline(device_server: Any) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(struct.pack("<i", RPC_MAGIC))  # and nothing more
         assert sock.recv(16) == b""  # closed after the deadline (the 10 s socket timeout would fail the test)
+
+
+# -- direct mode: empty keys and clients that find every slot busy (TVM's server parity) ------------
+
+
+def _handshake(port: int, key: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    data = key.encode()
+    sock.sendall(struct.pack("<ii", RPC_MAGIC, len(data)) + data)
+    return sock
+
+
+def _reply(sock: socket.socket) -> tuple[int, str | None]:
+    """The handshake reply: the code, and the server's key after SUCCESS."""
+    head = b""
+    while len(head) < 4:
+        chunk = sock.recv(4 - len(head))
+        if not chunk:
+            raise ConnectionError("closed before the reply")
+        head += chunk
+    (code,) = struct.unpack("<i", head)
+    if code != HandshakeCode.SUCCESS:
+        return code, None
+    (n,) = struct.unpack("<i", sock.recv(4))
+    return code, sock.recv(n).decode()
+
+
+def test_a_server_without_key_accepts_an_empty_key_as_tvms_does(device_server: Any) -> None:
+    """``tvm.rpc.Server()`` has the key "": ``tvm.rpc.connect(host, port)`` sends ``client:`` and gets
+    ``server:`` back; with a session timeout it sends ``client: -timeout=N``."""
+    server = device_server(key="")
+    with _handshake(server.port, "client: -tether=1") as sock:
+        assert _reply(sock) == (HandshakeCode.SUCCESS, "server: -tether=1")
+    wait_until(lambda: server.busy_slots() == 0, what="slot free")
+    with tether.connect("127.0.0.1", server.port, key="", session_timeout=30) as sess:
+        sess.ping()
+    keyed = device_server(key="dev")  # a server with a key refuses the empty one, as TVM's does
+    with _handshake(keyed.port, "client: -tether=1") as sock:
+        assert _reply(sock) == (HandshakeCode.MISMATCH, None)
+
+
+def test_an_empty_name_with_a_timeout_gets_its_time_limit(device_server: Any) -> None:
+    """``client: -timeout=1`` is an empty name and a 1 s limit, not a name "-timeout=1" and no limit."""
+    server = device_server(key="")
+    with tether.connect("127.0.0.1", server.port, key="", session_timeout=1) as sess:
+        sess.ping()
+        with pytest.raises(tether.SessionTimeout):
+            wait_until(lambda: sess.ping() is None and False, timeout=20, interval=0.05, what="the 1 s limit")
+
+
+def test_a_client_that_finds_every_slot_busy_waits_for_one(device_server: Any) -> None:
+    """TVM's server leaves such a client in its listen backlog and serves it when the session ends;
+    tether's queues it (first come, first served) instead of answering MISMATCH."""
+    server = device_server(key="dev")
+    served: list[str] = []
+    done = threading.Event()
+
+    def second() -> None:
+        with tether.connect("127.0.0.1", server.port, key="dev", timeout=30) as sess:
+            sess.ping()
+            served.append("second")
+        done.set()
+
+    with tether.connect("127.0.0.1", server.port, key="dev") as first:
+        thread = threading.Thread(target=second, daemon=True)
+        thread.start()
+        wait_until(lambda: server.waiting_clients() == 1, what="the second client in line")
+        first.ping()
+        assert not served  # still waiting while the first session runs
+    assert done.wait(20), "the waiting client was not served after the first session ended"
+    assert served == ["second"]
+    for _ in range(5):  # back to back: each reconnect finds the slot still being freed, and waits for it
+        with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+            sess.ping()
+
+
+def test_the_line_is_bounded_in_length_and_wait(device_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    server = device_server(key="dev", max_queued=1, queue_wait_s=1.0)
+    with tether.connect("127.0.0.1", server.port, key="dev") as holder:
+        waiting = _handshake(server.port, "client:dev -tether=1")
+        wait_until(lambda: server.waiting_clients() == 1, what="one client in line")
+        with _handshake(server.port, "client:dev -tether=1") as extra:  # the line is full
+            assert _reply(extra) == (HandshakeCode.MISMATCH, None)
+        with waiting:  # past --queue-wait
+            assert _reply(waiting) == (HandshakeCode.MISMATCH, None)
+        assert any("no slot came free within 1 s" in r.getMessage() for r in caplog.records)
+        hung_up = _handshake(server.port, "client:dev -tether=1")
+        wait_until(lambda: server.waiting_clients() == 1, what="another client in line")
+        hung_up.close()  # it leaves the line by itself
+        wait_until(lambda: server.waiting_clients() == 0, what="the client that hung up left the line")
+        holder.ping()
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        sess.ping()

@@ -167,3 +167,43 @@ def test_tether_server_with_tvms_tracker(device_server: Any, tvm_tracker: Any, a
     del tvm_sess
     gc.collect()
     client.close()
+
+
+def test_tvm_connect_without_key_and_its_session_timeout(device_server: Any) -> None:
+    """``tvm.rpc.connect(host, port)`` sends ``client:`` (TVM's default server key is ""); with
+    ``session_timeout`` it sends ``client: -timeout=N``, and that limit is enforced."""
+    server = device_server(key="", preload=["tvm"])
+    sess = rpc.connect("127.0.0.1", server.port)
+    assert sess.get_function("rpc.test.addone")(41) == 42
+    del sess
+    gc.collect()
+    held = [rpc.connect("127.0.0.1", server.port, session_timeout=2)]
+    funcs: list[Any] = []
+
+    def expired() -> bool:
+        try:
+            if not funcs:
+                funcs.append(held[0].get_function("rpc.test.addone"))
+            assert funcs[0](1) == 2
+        except tvm.error.RPCSessionTimeoutError:
+            return True
+        return False
+
+    wait_until(expired, timeout=20, interval=0.05, what="RPCSessionTimeoutError after the 2 s limit")
+    funcs.clear()
+    held.clear()
+    gc.collect()
+    wait_until(lambda: server.busy_slots() == 0, timeout=5, what="slot free after the timeout")
+
+
+def test_back_to_back_tvm_connects_wait_for_the_slot(device_server: Any) -> None:
+    """Each ``tvm.rpc.connect`` right after the previous session closed finds the slot still being freed
+    (its worker reaped): it waits for it, as in TVM's listen backlog, instead of MISMATCH (5 of 5 before)."""
+    server = device_server(key="dev", preload=["tvm"])
+    for i in range(5):
+        sess = rpc.connect("127.0.0.1", server.port, key="dev")
+        assert sess.get_function("rpc.test.addone")(i) == i + 1
+        del sess
+        gc.collect()  # closes the session; the next connect follows at once
+    wait_until(lambda: server.busy_slots() == 0, timeout=5, what="slot free")
+    assert server.sessions_served == 5

@@ -55,6 +55,18 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--slots", type=int, default=1, help="concurrent sessions (default 1)")
     p.add_argument(
+        "--max-queued",
+        type=int,
+        default=16,
+        help="without --tracker: clients that may wait at once for a busy slot, like TVM's backlog (default 16)",
+    )
+    p.add_argument(
+        "--queue-wait",
+        type=float,
+        default=300.0,
+        help="without --tracker: seconds such a client may wait before MISMATCH (default 300)",
+    )
+    p.add_argument(
         "--preload",
         default="auto",
         help="modules a waiting worker imports ahead of a session: comma list, 'auto' (installed runtimes) or 'none'",
@@ -84,6 +96,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         cache_bytes=int(args.cache_mb * (1 << 20)),
         labels=dict(args.label),
         slots=args.slots,
+        max_queued=args.max_queued,
+        queue_wait_s=args.queue_wait,
         preload=preload,
         prestart=not args.no_prestart,
         fork=not args.no_fork,

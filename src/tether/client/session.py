@@ -328,7 +328,10 @@ class Session:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests must not wait for Nagle
         except TimeoutError:
             sock.close()
-            raise ConnectionClosed(f"{address} did not answer the handshake within {timeout} s") from None
+            raise ConnectionClosed(
+                f"{address} did not answer the handshake within {timeout} s (a server whose slots are all busy "
+                "keeps a direct client waiting for one; pass a longer timeout to wait longer)"
+            ) from None
         except OSError as exc:
             sock.close()
             raise ConnectionClosed(f"{address} failed during the handshake: {exc}") from None

@@ -21,6 +21,7 @@ With ``through_proxy`` there is no listener and no tracker link: each slot conne
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import json
@@ -99,6 +100,11 @@ class ServerConfig:
     handshake_timeout_s: float = 10.0
     #: Connections allowed to be in their handshake at once; more are closed at accept.
     max_handshakes: int = 64
+    #: Without a tracker, a client that arrives while every slot is busy waits for one (TVM's server leaves
+    #: it in the listen backlog until the running session ends): at most this many wait at once...
+    max_queued: int = 16
+    #: ...each at most this many seconds; then MISMATCH and a log line.
+    queue_wait_s: float = 300.0
     max_payload: int = MAX_PAYLOAD_BYTES
     #: The content-addressed cache of uploads shared by sessions (``<work_dir>/cache``); 0 turns it off.
     cache_bytes: int = 1 << 30
@@ -112,6 +118,8 @@ class ServerConfig:
             raise ConfigError("--key is required with --tracker or --through-proxy")
         if self.slots < 1:
             raise ConfigError("--slots must be at least 1")
+        if self.max_queued < 0 or self.queue_wait_s < 0:
+            raise ConfigError("--max-queued and --queue-wait must not be negative")
         for name in self.labels:
             if not name or any(c in name for c in "=, "):
                 raise ConfigError(f"bad label name {name!r}")
@@ -158,6 +166,10 @@ class DeviceServer:
             self.preload.remove("tvm")
         self.facts = device_facts()
         self._lock = threading.Lock()
+        #: Notified (under ``_lock``) whenever a slot may have come free, or the server stops.
+        self._slot_freed = threading.Condition(self._lock)
+        #: Direct mode: the connections waiting for a slot, first come first served.
+        self._queued: collections.deque[object] = collections.deque()
         self._stop = threading.Event()
         self._events: queue.Queue[tuple[str, str, str]] = queue.Queue()
         self._slots = [_Slot(i, self._new_matchkey()) for i in range(config.slots)]
@@ -206,6 +218,8 @@ class DeviceServer:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._slot_freed:
+            self._slot_freed.notify_all()
         if self._listener is not None:
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)
@@ -232,6 +246,11 @@ class DeviceServer:
     def busy_slots(self) -> int:
         with self._lock:
             return sum(1 for s in self._slots if s.session is not None or s.reserved)
+
+    def waiting_clients(self) -> int:
+        """Direct mode: connections waiting for a slot to come free."""
+        with self._lock:
+            return len(self._queued)
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -325,6 +344,8 @@ class DeviceServer:
     def _admit(self, conn: socket.socket, client: PeerKey, peer: str) -> None:
         """Check a client's key against the free slots; reply, and start its session or close."""
         reason, slot = self._claim(client)
+        if reason == _BUSY:
+            reason, slot = self._wait_for_slot(conn, peer)
         if slot is None:
             logger.warning("refused %s (%s): %s", peer, client.raw, reason)
             with contextlib.suppress(OSError):
@@ -334,9 +355,7 @@ class DeviceServer:
         options = {"tether": "1"} if client.is_tether else None
         try:
             conn.sendall(
-                encode_handshake_reply(
-                    HandshakeCode.SUCCESS, format_peer_key("server", self.config.key or "tether", options)
-                )
+                encode_handshake_reply(HandshakeCode.SUCCESS, format_peer_key("server", self.config.key, options))
             )
             self._start_session(slot, conn, client, peer)
         except Exception as exc:
@@ -344,6 +363,7 @@ class DeviceServer:
             conn.close()
             with self._lock:
                 slot.reserved = False
+                self._slot_freed.notify_all()
             self._post("rotate", slot.matchkey, "")
 
     def _claim(self, client: PeerKey) -> tuple[str, _Slot | None]:
@@ -366,11 +386,49 @@ class DeviceServer:
                 return f"key {client.name!r} is not a current matchkey of this server", None
             if self.config.key and client.name != self.config.key and not self.config.through_proxy:
                 return f"key {client.name!r} is not this server's key {self.config.key!r}", None
-            for slot in self._slots:
-                if not slot.session and not slot.reserved:
-                    slot.reserved = True
-                    return "", slot
-        return f"all {self.config.slots} slot(s) are busy", None
+            free = None if self._queued else self._free_slot()  # no overtaking the line
+            if free is not None:
+                free.reserved = True
+                return "", free
+        return _BUSY, None
+
+    def _free_slot(self) -> _Slot | None:
+        """A slot with no session and no reservation (call with ``_lock`` held)."""
+        return next((s for s in self._slots if not s.session and not s.reserved), None)
+
+    def _wait_for_slot(self, conn: socket.socket, peer: str) -> tuple[str, _Slot | None]:
+        """Direct mode with every slot busy: wait in line (FIFO, ``max_queued`` at once, ``queue_wait_s``
+        each) for a slot, as TVM's server lets a client wait in its listen backlog; a client that hangs
+        up meanwhile leaves the line."""
+        cfg = self.config
+        ticket = object()
+        conn.settimeout(None)  # blocking: _hung_up's MSG_DONTWAIT peek must not wait out a timeout first
+        with self._lock:
+            if len(self._queued) >= cfg.max_queued:
+                return f"every slot is busy and {len(self._queued)} connection(s) already wait (--max-queued)", None
+            self._queued.append(ticket)
+            ahead = len(self._queued) - 1
+        logger.info("%s waits for a free slot (%d ahead of it)", peer, ahead)
+        deadline = time.monotonic() + cfg.queue_wait_s
+        try:
+            with self._lock:
+                while True:
+                    free = self._free_slot() if self._queued[0] is ticket else None
+                    if free is not None:
+                        free.reserved = True
+                        return "", free
+                    remaining = deadline - time.monotonic()
+                    if self._stop.is_set():
+                        return "the server is stopping", None
+                    if remaining <= 0:
+                        return f"no slot came free within {cfg.queue_wait_s:g} s (--queue-wait)", None
+                    if _hung_up(conn):
+                        return "the client hung up while waiting for a slot", None
+                    self._slot_freed.wait(min(remaining, 0.5))  # woken when a slot frees; 0.5 s: hang-ups
+        finally:
+            with self._lock:
+                self._queued.remove(ticket)
+                self._slot_freed.notify_all()  # the next in line may go
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -444,6 +502,7 @@ class DeviceServer:
                 slot.session = None
                 self.sessions_served += 1
                 old, slot.matchkey = slot.matchkey, self._new_matchkey()
+                self._slot_freed.notify_all()
             self._post("end", old, "")
 
     def _end_session(self, session: _Session) -> None:
@@ -645,6 +704,19 @@ class DeviceServer:
                 conn.close()
                 with self._lock:
                     slot.reserved = False
+
+
+_BUSY = "every slot is busy"
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """True when a client waiting for its handshake reply has closed its end (it sends nothing before)."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:

@@ -2,10 +2,12 @@
 
 TVM's forms: a client sends ``client:<matchkey>`` (``client:<key>`` without a tracker), optionally followed
 by `` -timeout=N`` (int or float seconds); a server or proxy answers ``server:<key>``. Names may contain
-``:`` (``127.0.0.1:5555``); the role is everything before the *first* colon, the name runs to the first
-whitespace, and every later whitespace-separated token is an option. TVM's proxy matches peers on exactly
-that name (``key[7:].split()[0]``) and forwards the whole string, options included: :attr:`PeerKey.raw`
-keeps it verbatim.
+``:`` (``127.0.0.1:5555``) and may be empty: ``tvm.rpc.Server()``'s key is ``""``, so ``tvm.rpc.connect``
+sends ``client:`` or ``client: -timeout=10`` and TVM's server answers ``server:``. The string is read as
+TVM's server reads it (``arr = key.split()``): the first whitespace-separated token is ``role:name`` (role
+before its *first* colon, the name is the rest of it, possibly empty), every later token an option. TVM's
+proxy matches peers on ``key[7:].split()[0]`` instead and forwards the whole string, options included:
+:attr:`PeerKey.raw` keeps it verbatim.
 """
 
 from __future__ import annotations
@@ -80,28 +82,27 @@ class PeerKey:
 
 
 def parse_peer_key(raw: str) -> PeerKey:
-    """Parse ``role:name [-k=v ...]``; raise :class:`RemoteProtocolError` when it is not one."""
-    head, sep, _ = raw.partition(":")
+    """Parse ``role:name [-k=v ...]`` (``name`` may be empty: ``client: -timeout=10``); raise
+    :class:`RemoteProtocolError` when it is not one."""
+    tokens = raw.split()
+    head, sep, name = tokens[0].partition(":") if tokens else ("", "", "")
     if not sep or head not in _ROLES:
-        raise RemoteProtocolError(f"key {raw!r} does not start with 'client:' or 'server:'")
-    tokens = raw[len(head) + 1 :].split()
-    if not tokens:
-        raise RemoteProtocolError(f"key {raw!r} has an empty name")
+        raise RemoteProtocolError(f"key {raw!r:.200} does not start with 'client:' or 'server:'")
     options: dict[str, str] = {}
     for token in tokens[1:]:
         if not token.startswith("-") or len(token) < 2:
-            raise RemoteProtocolError(f"bad option {token!r} in key {raw!r}")
-        name, _, value = token[1:].partition("=")
-        options[name] = value
-    return PeerKey(head, tokens[0], options, raw)
+            raise RemoteProtocolError(f"bad option {token!r:.80} in key {raw!r:.200}")
+        opt, _, value = token[1:].partition("=")
+        options[opt] = value
+    return PeerKey(head, name, options, raw)
 
 
 def format_peer_key(role: str, name: str, options: dict[str, str] | None = None) -> str:
     """Build a key string; the inverse of :func:`parse_peer_key` for well-formed input."""
     if role not in _ROLES:
         raise LocalProtocolError(f"role must be one of {_ROLES}, not {role!r}")
-    if not name or name.split() != [name]:
-        raise LocalProtocolError(f"key name {name!r} must be non-empty and contain no whitespace")
+    if name and name.split() != [name]:
+        raise LocalProtocolError(f"key name {name!r} must contain no whitespace")
     parts = [f"{role}:{name}"]
     for opt, value in (options or {}).items():
         if not opt or opt.split() != [opt] or "=" in opt or (value and value.split() != [value]):
