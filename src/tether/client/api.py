@@ -1,31 +1,92 @@
-"""``tether.connect_tracker``: the entry point of the host-side API (blocking, like TVM's)."""
+"""``tether.connect_tracker``: the entry point of the host-side API (blocking, like TVM's).
+
+A :class:`Tracker` rides out a tracker restart: a connection that cannot be made is retried with backoff
+(``connect_tracker``'s ``timeout``), and a request whose tracker connection breaks while it waits is sent
+again, the same request (key, priority, user, labels, id), once the tracker answers, all within the
+request's own timeout. Sessions already granted are separate connections and do not notice.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from ..errors import NotTetherTracker
+from ..errors import (
+    ConnectFailed,
+    NotTetherTracker,
+    RemoteProtocolError,
+    RequestTimeout,
+    SessionRefused,
+    TransportError,
+)
+from ..protocol.tracker import Grant
 from .query import TrackerStatus, status_from_summary
 from .session import Session
 from .tracker import TrackerClient, tracker_address_from_env
 
 __all__ = ["Tracker", "connect_tracker"]
 
+logger = logging.getLogger(__name__)
+
+#: Backoff between attempts to reach the tracker: first wait and cap, in seconds.
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_MAX_S = 1.0
+#: A granted server that refuses the session (gone, or its matchkey replaced) costs one new request;
+#: after this many in a row the error is the caller's (TVM's client: ``max_retry=5``).
+_MAX_REFUSED_GRANTS = 3
+
+_ids = itertools.count(1)
+_T = TypeVar("_T")
+
 
 def connect_tracker(host: str | None = None, port: int | None = None, timeout: float = 5.0) -> Tracker:
-    """Connect to a tracker (``TVM_TRACKER_HOST``/``TVM_TRACKER_PORT`` when not given)."""
+    """Connect to a tracker (``TVM_TRACKER_HOST``/``TVM_TRACKER_PORT`` when not given).
+
+    A refused or broken connection is tried again with backoff for up to ``timeout`` seconds (a tracker
+    that is restarting), then :class:`~tether.errors.ConnectFailed` names the last error.
+    """
     host, port = tracker_address_from_env(host, port)
-    return Tracker(TrackerClient.connect(host, port, timeout=timeout))
+    stop = threading.Event()
+    return Tracker(_connect(host, port, time.monotonic() + timeout, stop), stop=stop)
+
+
+def _connect(host: str, port: int, deadline: float | None, stop: threading.Event) -> TrackerClient:
+    """A tracker connection, retried with backoff until ``deadline`` (None: forever) or ``stop``."""
+    delay = _BACKOFF_FIRST_S
+    first_failure: float | None = None
+    while True:
+        attempt = 5.0 if deadline is None else max(0.1, min(5.0, deadline - time.monotonic()))
+        try:
+            client = TrackerClient.connect(host, port, timeout=attempt)
+        except (TransportError, RemoteProtocolError) as exc:
+            now = time.monotonic()
+            if first_failure is None:
+                first_failure = now
+            if stop.is_set() or (deadline is not None and now + delay > deadline):
+                down = now - first_failure
+                raise ConnectFailed(f"tracker {host}:{port} unreachable for {down:.1f} s: {exc}") from exc
+            logger.debug("tracker %s:%d: %s; again in %.2f s", host, port, exc, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, _BACKOFF_MAX_S)
+            continue
+        if first_failure is not None:
+            logger.info("tracker %s:%d answers again after %.1f s", host, port, time.monotonic() - first_failure)
+        return client
 
 
 class Tracker:
-    """Requests sessions on servers by key; also a context manager."""
+    """Requests sessions on servers by key; also a context manager. One request at a time."""
 
-    def __init__(self, client: TrackerClient) -> None:
+    def __init__(self, client: TrackerClient, *, stop: threading.Event | None = None) -> None:
         self.client = client
         self.host, self.port = client.host, client.port
+        self._stop = stop or threading.Event()
 
     def request(
         self,
@@ -42,22 +103,82 @@ class Tracker:
         """Wait (``timeout`` seconds of queue time, None: forever) for a server of ``key`` with every
         label in ``labels``, then open a native session on it. ``session_timeout`` (seconds, 0: none)
         bounds the session itself, from the handshake on. ``request_id``: see
-        :meth:`TrackerClient.request_grant`."""
+        :meth:`TrackerClient.request_grant`.
+
+        A tracker that goes away meanwhile (a restart) is reconnected with backoff and the request sent
+        again, within ``timeout``; past it, :class:`RequestTimeout` says the tracker was unreachable. A
+        granted server that refuses the session (gone since the grant) is also worth a new request, up to
+        3 times in a row.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request_id = request_id or f"{os.getpid()}-t{next(_ids)}"
+        refused = asked = 0
+        while True:
+            try:
+                asked += 1
+                grant = self._grant(key, priority, user, labels, request_id=request_id, deadline=deadline)
+            except RequestTimeout as exc:
+                if asked > 1 and timeout is not None:  # asked again after a restart: say the whole wait
+                    raise RequestTimeout(f"no free server of key {key!r} within {timeout:g} s ({exc})") from None
+                raise
+            except TransportError as exc:  # the tracker connection broke: a restart, or the network
+                self._reconnect_or_raise(exc, key, timeout, deadline)
+                continue
+            try:
+                return Session.connect(
+                    grant.host,
+                    grant.port,
+                    grant.matchkey,
+                    session_timeout=session_timeout or None,
+                    timeout=connect_timeout,
+                )
+            except (SessionRefused, ConnectFailed) as exc:
+                refused += 1
+                if refused >= _MAX_REFUSED_GRANTS or self._past(deadline):
+                    raise
+                logger.warning(
+                    "granted server %s:%d refused the session (%s); asking again", grant.host, grant.port, exc
+                )
+
+    def _grant(
+        self,
+        key: str,
+        priority: float,
+        user: str,
+        labels: Mapping[str, str] | None,
+        *,
+        request_id: str,
+        deadline: float | None,
+    ) -> Grant:
         tether = self.client.tether_version is not None
         if not tether and labels:
             raise NotTetherTracker(f"{self.host}:{self.port} is TVM's tracker: it cannot match labels")
-        grant = self.client.request_grant(
+        return self.client.request_grant(
             key,
             priority=priority,
             user=user,
-            timeout=timeout,
+            timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
             protocol="tether" if tether else "tvm",
             labels=labels,
             request_id=request_id,
         )
-        return Session.connect(
-            grant.host, grant.port, grant.matchkey, session_timeout=session_timeout or None, timeout=connect_timeout
-        )
+
+    def _reconnect_or_raise(self, exc: TransportError, key: str, timeout: float | None, deadline: float | None) -> None:
+        """After the tracker link broke: a new connection within ``deadline``, or the right error."""
+        self.client.close()
+        if self._stop.is_set():
+            raise exc
+        logger.warning("tracker %s:%d: %s; reconnecting to ask again for %r", self.host, self.port, exc, key)
+        try:
+            self.client = _connect(self.host, self.port, deadline, self._stop)
+        except ConnectFailed as failed:
+            if self._stop.is_set():
+                raise exc from None
+            raise RequestTimeout(f"no server of key {key!r} within {timeout:g} s: {failed}") from failed
+
+    @staticmethod
+    def _past(deadline: float | None) -> bool:
+        return deadline is not None and time.monotonic() >= deadline
 
     def request_and_run(
         self,
@@ -79,14 +200,34 @@ class Tracker:
             return sess.load_model(remote, backend, **dict(options or {})).run(inputs, fill=fill)
 
     def summary(self) -> dict[str, Any]:
-        return self.client.summary()
+        return self._call(lambda client: client.summary())
 
     def status(self) -> TrackerStatus:
         """The tracker's queues and servers as rows (what ``tether query`` prints)."""
-        detail = self.client.tether_version is not None
-        return status_from_summary(self.client.summary(detail=detail), f"{self.host}:{self.port}")
+        return self._call(
+            lambda client: status_from_summary(
+                client.summary(detail=client.tether_version is not None), f"{self.host}:{self.port}"
+            )
+        )
+
+    def _call(self, op: Callable[[TrackerClient], _T]) -> _T:
+        """``op(client)``, once more on a fresh connection if the old one broke (a tracker restart)."""
+        try:
+            return op(self.client)
+        except TransportError:
+            if self._stop.is_set():
+                raise
+            self.client.close()
+            self.client = _connect(self.host, self.port, time.monotonic() + 5.0, self._stop)
+            return op(self.client)
+
+    def interrupt(self) -> None:
+        """Make a request blocked in another thread end now (ConnectionClosed), without reconnecting."""
+        self._stop.set()
+        self.client.interrupt()
 
     def close(self) -> None:
+        self._stop.set()
         self.client.close()
 
     def __enter__(self) -> Tracker:

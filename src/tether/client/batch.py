@@ -286,7 +286,7 @@ class _Batch:
             everything_done = self.left == 0
             waiting = list(self.waiting) if everything_done else []
         for tracker in waiting:  # threads still waiting for a device: nothing is left for them
-            tracker.client.interrupt()
+            tracker.interrupt()
         if self.on_result is not None:
             try:
                 self.on_result(result)
