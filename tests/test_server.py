@@ -437,3 +437,47 @@ def test_the_line_is_bounded_in_length_and_wait(device_server: Any, caplog: pyte
         holder.ping()
     with tether.connect("127.0.0.1", server.port, key="dev") as sess:
         sess.ping()
+
+
+def _frame(frame_id: int, header: bytes, payload: bytes = b"") -> bytes:
+    return struct.pack("<2sBBIIQ", b"TQ", 1, 1, frame_id, len(header), len(payload)) + header + payload
+
+
+def _read_frame(sock: socket.socket) -> tuple[int, int, dict[str, Any]]:
+    """(kind, id, JSON header) of the next frame; its payload is read and dropped."""
+
+    def exact(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, "the server closed the session"
+            data += chunk
+        return data
+
+    _, _, kind, frame_id, header_len, payload_len = struct.unpack("<2sBBIIQ", exact(20))
+    header = json.loads(exact(header_len))
+    exact(payload_len)
+    return kind, frame_id, header
+
+
+def test_unusable_request_headers_are_answered_and_the_session_goes_on(device_server: Any) -> None:
+    """A huge integer (past Python's 4,300-digit limit), nesting deeper than the recursion limit, a header
+    that is not an object, an infinite time limit: each gets an error for its own id; the worker lives."""
+    server = device_server(key="dev")
+    with _handshake(server.port, "client:dev -tether=1") as sock:
+        assert _reply(sock)[0] == HandshakeCode.SUCCESS
+        bad = [
+            (b'{"op":"ping","n":' + b"9" * 5000 + b"}", b""),
+            (b'{"op":"ping","x":' + b"[" * 50000 + b"]" * 50000 + b"}", b""),
+            (b"[1,2,3]", b"payload to skip"),
+            (b'{"op":"run","model":"m","timeout":1e400}', b""),
+            (b'{"op":"put","tensors":[{"name":"x","dtype":"float32","shape":[' + b"9" * 4000 + b"]}]}", b"xx"),
+        ]
+        for frame_id, (header, payload) in enumerate(bad, 1):
+            sock.sendall(_frame(frame_id, header, payload))
+            kind, got_id, detail = _read_frame(sock)
+            assert (kind, got_id) == (3, frame_id), detail  # ERROR for this request alone
+            assert detail["type"] in ("ProtocolError", "ValueError"), detail
+        sock.sendall(_frame(99, b'{"op":"ping"}'))
+        assert _read_frame(sock)[:2] == (2, 99)  # RESPONSE: the same worker still serves
+    wait_until(lambda: server.busy_slots() == 0, what="slot free")

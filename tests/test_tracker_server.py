@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import struct
@@ -15,6 +16,7 @@ from tether.client.tracker import TrackerClient
 from tether.errors import ConnectFailed, RemoteProtocolError, RequestTimeout
 from tether.protocol import RPC_MAGIC, RPC_TRACKER_MAGIC, Request, RequestOptions
 from tether.tracker import TrackerConfig, TrackerThread
+from tether.tracker.server import PeerLogLimit
 
 from .conftest import RawPeer, wait_until
 
@@ -57,6 +59,12 @@ BAD_INPUTS = {
     "bad PUT": MAGIC + struct.pack("<i", 8) + b'[3, "k"]',
 }
 
+#: Frames sent after the magic exchange (big enough to arrive in several reads).
+BAD_FRAMES = {
+    "huge integer": struct.pack("<i", 5003) + b"[1, " + b"9" * 4998 + b"]",
+    "deep nesting": struct.pack("<i", 200000) + b"[" * 100000 + b"]" * 100000,
+}
+
 
 @pytest.mark.parametrize("name", sorted(BAD_INPUTS))
 def test_bad_input_closes_that_connection_only(tracker: TrackerThread, peer: Callable[..., RawPeer], name: str) -> None:
@@ -68,6 +76,44 @@ def test_bad_input_closes_that_connection_only(tracker: TrackerThread, peer: Cal
     assert bystander.call([1]) == 0  # the tracker is unharmed, other connections too
     assert peer().call([1]) == 0  # and it serves the next client
     assert queue(tracker, "k") == {"free": 1, "pending": 0}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FRAMES))
+def test_frames_past_pythons_json_limits_close_that_connection_only(
+    tracker: TrackerThread, peer: Callable[..., RawPeer], name: str
+) -> None:
+    bad = peer()
+    bad.sock.sendall(BAD_FRAMES[name])
+    assert bad.closed_by_peer()
+    assert peer().call([1]) == 0
+
+
+def test_bad_frames_cost_one_line_each_then_a_few_per_window(
+    tracker: TrackerThread, peer: Callable[..., RawPeer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fuzzer's frames: one log line per bad frame, never a traceback, at most 5 per peer per 10 s."""
+    caplog.set_level(logging.INFO, logger="tether.tracker")
+    for _ in range(40):
+        bad = peer()
+        bad.sock.sendall(BAD_FRAMES["deep nesting"])
+        assert bad.closed_by_peer()
+        bad.close()
+    assert peer().call([1]) == 0
+    lines = [r for r in caplog.records if r.name == "tether.tracker" and "closing" in r.getMessage()]
+    assert len(lines) == 5, [r.getMessage() for r in lines]
+    assert not any(r.exc_info for r in caplog.records), "a traceback was logged for a peer's bad frame"
+    assert all("not usable JSON" in r.getMessage() and len(r.getMessage()) < 400 for r in lines)
+
+
+def test_peer_log_limit_windows() -> None:
+    now = [0.0]
+    limit = PeerLogLimit(lines=2, window_s=10.0, max_hosts=2, clock=lambda: now[0])
+    assert [limit.allow("a") for _ in range(4)] == [True, True, False, False]
+    assert limit.allow("b")
+    now[0] = 10.0
+    assert limit.allow("a")  # a new window (and a line saying 2 were left out)
+    limit.allow("c")  # a third host: the oldest is forgotten
+    assert limit.allow("b") and limit.allow("b")
 
 
 def test_half_a_frame_then_close(tracker: TrackerThread, peer: Callable[..., RawPeer]) -> None:

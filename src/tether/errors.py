@@ -6,7 +6,8 @@
     ├── ProtocolError                 bytes that break the wire protocol
     │   ├── LocalProtocolError        we were asked to send something invalid (a bug on this side)
     │   ├── RemoteProtocolError       the peer sent something invalid (wrong magic, bad frame, bad JSON)
-    │   │   └── FrameTooLarge         a length header above the limit, rejected before the payload
+    │   │   ├── FrameTooLarge         a length header above the limit, rejected before the payload
+    │   │   └── BadHeader             a well-framed session frame whose JSON header is unusable
     │   └── NotTetherServer           a tether client reached a server that speaks only TVM's protocol
     ├── TransportError                the connection failed: retrying may help
     │   ├── ConnectFailed             could not connect to any address of a host
@@ -33,6 +34,7 @@ will say again.
 from __future__ import annotations
 
 __all__ = [
+    "BadHeader",
     "ConfigError",
     "ConnectFailed",
     "ConnectionClosed",
@@ -83,6 +85,17 @@ class FrameTooLarge(RemoteProtocolError):
         super().__init__(f"frame length {length} outside 1..{limit} bytes")
         self.length = length
         self.limit = limit
+
+
+class BadHeader(RemoteProtocolError):
+    """A session frame whose fixed header was valid and whose JSON header is not usable (not JSON, an
+    integer past Python's digit limit, nesting too deep, not an object). The frame was consumed whole
+    but its payload: the connection can go on, so a server answers this frame alone with an error."""
+
+    def __init__(self, message: str, frame_id: int = 0, payload_len: int = 0) -> None:
+        super().__init__(message)
+        self.frame_id = frame_id
+        self.payload_len = payload_len
 
 
 class TransportError(TetherError):

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from typing import IO, Any
 
-from ..errors import ConnectionClosed
+from ..errors import BadHeader, ConnectionClosed
 from ..protocol.session import (
     FIXED_HEADER,
     MAX_PAYLOAD_BYTES,
@@ -132,11 +132,15 @@ class Channel:
         head = parse_fixed_header(self._view[start : start + _FIXED], self.max_payload)
         start += _FIXED
         end = start + head.header_len
-        if end <= self._end:  # the usual case: the whole head arrived in one read
-            self._start = end
-            return head, parse_json_header(self._view[start:end])
-        self._start = start
-        return head, parse_json_header(self._take(head.header_len))
+        try:
+            if end <= self._end:  # the usual case: the whole head arrived in one read
+                self._start = end
+                return head, parse_json_header(self._view[start:end])
+            self._start = start
+            return head, parse_json_header(self._take(head.header_len))
+        except BadHeader as exc:  # the frame's head is consumed: its payload is still to be read or skipped
+            exc.frame_id, exc.payload_len = head.id, head.payload_len
+            raise
 
     def recv_into(self, view: memoryview) -> None:
         """Fill ``view`` completely with payload bytes."""

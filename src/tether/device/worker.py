@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 from ..aio.channel import Channel
 from ..aio.net import finish_sending
-from ..errors import ConnectionClosed, LocalProtocolError, RemoteError, RemoteProtocolError, WorkspaceError
+from ..errors import BadHeader, ConnectionClosed, LocalProtocolError, RemoteError, RemoteProtocolError, WorkspaceError
 from ..protocol.session import MAX_PAYLOAD_BYTES, FrameHeader, FrameKind, TensorDesc, tensor_descs
 from ..runtime import Model, RawTensor, backend_for_path, fill_tensor, get_backend
 from .cache import ContentCache, is_sha256
@@ -66,6 +66,15 @@ class _Payload:
         if self.left:
             left, self.left = self.left, 0
             self.channel.discard(left)
+
+
+def _positive_seconds(value: Any, name: str) -> bool:
+    """True for a usable time limit (a positive finite number), False for none (absent, 0); else an error."""
+    if value is None or value == 0:
+        return False
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e9:
+        raise RemoteProtocolError(f"{name} must be a positive number of seconds below 1e9, not {value!r:.40}")
+    return True
 
 
 def _clip(text: str, limit: int) -> str:
@@ -225,6 +234,11 @@ class NativeSession:
                 head, header = self.channel.recv_head()
             except ConnectionClosed:
                 return
+            except BadHeader as exc:  # framed fine, unusable JSON: answer this request alone
+                self.channel.discard(exc.payload_len)
+                detail = {"type": "ProtocolError", "message": str(exc), "traceback": ""}
+                self.channel.send_frame(FrameKind.ERROR, exc.frame_id, detail)
+                continue
             if head.kind != FrameKind.REQUEST:
                 raise RemoteProtocolError(f"expected a request frame, got {FrameKind(head.kind).name}")
             op = header.get("op")
@@ -234,7 +248,7 @@ class NativeSession:
                 if handler is None:
                     raise RemoteError(f"unknown operation {op!r}; this server knows {sorted(self._ops)}", "UnknownOp")
                 limit = header.get("timeout")
-                timed = op in self.TIMED_OPS and isinstance(limit, int | float) and limit > 0
+                timed = op in self.TIMED_OPS and _positive_seconds(limit, "timeout")
                 if timed:
                     self._timer.arm(float(limit or 0), str(op))
                 try:
@@ -243,7 +257,7 @@ class NativeSession:
                     if timed:
                         self._timer.disarm()
                 payload.drain()
-            except (ConnectionClosed, RemoteProtocolError):
+            except ConnectionClosed:
                 raise
             except BaseException as exc:  # a failed request is an answer, not the end of the session
                 payload.drain()
@@ -263,7 +277,9 @@ class NativeSession:
                 return
 
     def _send_error(self, head: FrameHeader, exc: BaseException, op: Any) -> None:
-        if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
+        if isinstance(exc, RemoteProtocolError):  # a malformed request (tensor descriptions, sizes)
+            kind = "ProtocolError"
+        elif isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
             kind = "WorkspaceError"
         elif isinstance(exc, RemoteError) and exc.remote_type == "WorkspaceError":
             kind = exc.remote_type

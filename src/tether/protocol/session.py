@@ -29,7 +29,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ..errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
+from ..errors import BadHeader, FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "DTYPE_SIZES",
@@ -122,15 +122,19 @@ def parse_fixed_header(data: bytes | bytearray | memoryview, max_payload: int = 
 
 
 def parse_json_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """The JSON object of a frame header."""
+    """The JSON object of a frame header; :class:`BadHeader` when it is not one.
+
+    Python's own limits stand for malice here: an integer of more than 4,300 digits raises ValueError,
+    nesting deeper than the interpreter's recursion limit RecursionError; both are the peer's error.
+    """
     if data == b"{}":  # most responses: no need to run the decoder
         return {}
     try:
         value = _decode_json(bytes(data).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RemoteProtocolError(f"frame header is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError, int digit limit
+        raise BadHeader(f"frame header is not usable JSON: {str(exc)[:200]}") from None
     if not isinstance(value, dict):
-        raise RemoteProtocolError("frame header must be a JSON object")
+        raise BadHeader("frame header must be a JSON object")
     return value
 
 

@@ -200,8 +200,8 @@ def decode_value(payload: bytes) -> Any:
     """Parse one frame's JSON payload; :class:`RemoteProtocolError` when it is not JSON."""
     try:
         return _decode(payload.decode("utf-8"))
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
-        raise RemoteProtocolError(f"frame is not JSON: {payload[:64]!r}") from exc
+    except (ValueError, RecursionError) as exc:  # not UTF-8 or JSON, an int past 4,300 digits, deep nesting
+        raise RemoteProtocolError(f"frame is not usable JSON ({str(exc)[:80]}): {payload[:64]!r}") from None
 
 
 def _str(value: Any, what: str) -> str:

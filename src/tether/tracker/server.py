@@ -13,7 +13,9 @@ import contextlib
 import logging
 import socket
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from ..aio.loop_thread import LoopThread
@@ -76,11 +78,13 @@ class _TrackerProtocol(asyncio.Protocol):
                 if conn.is_closed():  # a STOP, or a liveness drop
                     return
         except RemoteProtocolError as exc:
-            logger.warning("closing %s: %s", conn.address, exc)
+            if self._server.log_limit.allow(conn.host):
+                logger.warning("closing %s: %s", conn.address, exc)
             self._drop()
             return
         except Exception:
-            logger.exception("closing %s: internal error while handling its message", conn.address)
+            if self._server.log_limit.allow(conn.host):
+                logger.exception("closing %s: internal error while handling its message", conn.address)
             self._drop()
             return
         if self._sock is not None and self._stream.incomplete:
@@ -119,6 +123,49 @@ class _TrackerProtocol(asyncio.Protocol):
             self._transport.abort()
 
 
+@dataclass(slots=True)
+class _Window:
+    start: float
+    logged: int = 0
+    left_out: int = 0
+
+
+class PeerLogLimit:
+    """At most ``lines`` log lines per ``window_s`` seconds for each peer host; a line past the limit is
+    counted, and the first line of the next window says how many were left out. A fuzzer or a broken
+    peer that sends bad frames on connection after connection costs one line per frame at first, then a
+    few per window. At most ``max_hosts`` hosts are remembered (the oldest window is forgotten first)."""
+
+    def __init__(
+        self,
+        lines: int = 5,
+        window_s: float = 10.0,
+        *,
+        max_hosts: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.lines, self.window_s, self.max_hosts, self._clock = lines, window_s, max_hosts, clock
+        self._hosts: dict[str, _Window] = {}
+
+    def allow(self, host: str) -> bool:
+        """True when a line about ``host`` may be logged now."""
+        now = self._clock()
+        window = self._hosts.get(host)
+        if window is None or now - window.start >= self.window_s:
+            if window is not None:
+                del self._hosts[host]
+                if window.left_out:
+                    logger.warning("%d more line(s) about bad input from %s were left out", window.left_out, host)
+            if len(self._hosts) >= self.max_hosts:
+                del self._hosts[next(iter(self._hosts))]
+            self._hosts[host] = window = _Window(now)
+        if window.logged < self.lines:
+            window.logged += 1
+            return True
+        window.left_out += 1
+        return False
+
+
 class TrackerServer:
     """A tracker bound to a socket, served on the running event loop.
 
@@ -142,6 +189,7 @@ class TrackerServer:
         self.port = 0
         cfg = self.config
         self.keepalive = Keepalive(cfg.keepalive_idle_s, cfg.keepalive_interval_s, cfg.keepalive_probes)
+        self.log_limit = PeerLogLimit()
 
     @property
     def stop_key(self) -> str:
