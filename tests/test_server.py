@@ -481,3 +481,19 @@ def test_unusable_request_headers_are_answered_and_the_session_goes_on(device_se
         sock.sendall(_frame(99, b'{"op":"ping"}'))
         assert _read_frame(sock)[:2] == (2, 99)  # RESPONSE: the same worker still serves
     wait_until(lambda: server.busy_slots() == 0, what="slot free")
+
+
+def test_an_unredeemed_grant_does_not_stay_granted(device_server: Any, tracker: TrackerThread) -> None:
+    """A grant nobody redeems: the server offers the slot again under a new matchkey and withdraws the
+    old one, so the tracker shows 2 free slots, not "2 free, 1 granted" until the server disconnects."""
+    device_server(key="dev", tracker=(tracker.host, tracker.port), slots=2, grant_timeout_s=0.3, poll_s=0.05)
+
+    def slot_states() -> list[str]:
+        detail = tracker.call(lambda: tracker.core.summary(detail=True))["tether"]
+        return sorted(s["state"] for server in detail["servers"] for s in server["slots"])
+
+    wait_until(lambda: slot_states() == ["free", "free"], what="two free slots")
+    with tether.TrackerClient.connect(tracker.host, tracker.port) as client:
+        client.request_grant("dev", protocol="tether", timeout=5)  # never connects
+    assert slot_states() == ["free", "granted"]
+    wait_until(lambda: slot_states() == ["free", "free"], timeout=10, what="the phantom grant gone")

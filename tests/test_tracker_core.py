@@ -297,6 +297,32 @@ def test_session_events_show_holder_and_since() -> None:
     assert [s["state"] for s in h.summary(detail=True)["tether"]["servers"][0]["slots"]] == ["free"]
 
 
+def test_a_replaced_unredeemed_grant_is_not_a_phantom_slot() -> None:
+    """A 2-slot tether server whose grant was never redeemed offers the slot again under a new matchkey:
+    the old grant leaves at once (WITHDRAW), or when the slot count says it must be over (no WITHDRAW)."""
+    h = Harness()
+    server, slink = h.server("k", n=2, tether={"protocols": ["tvm", "tether"], "slots": 2})
+    client, _ = h.connect("10.0.0.2")
+    h.core.receive(client, tether_req("k", rid="a", protocol="tether"))
+    h.core.receive(client, tether_req("k", rid="b", protocol="tether"))
+    states = [s["state"] for s in h.summary(detail=True)["tether"]["servers"][0]["slots"]]
+    assert states == ["granted", "granted"]
+    h.core.receive(server, Withdraw("k:9090:0"))
+    h.core.receive(server, Put("k", 9090, "k:9090:2"))
+    h.core.receive(server, Put("k", 9090, "k:9090:3"))  # no WITHDRAW for k:9090:1
+    assert slink.replies() == [0, 0, 0]
+    detail = h.summary(detail=True)["tether"]
+    assert [s["state"] for s in detail["servers"][0]["slots"]] == ["free", "free"]
+    assert detail["keys"]["k"] | {"waiters": []} == {"total": 2, "free": 2, "busy": 0, "pending": 0, "waiters": []}
+    h.core.receive(server, SessionEvent("start", "k:9090:2", "10.0.0.2:1"))
+    h.core.receive(server, Put("k", 9090, "k:9090:4"))  # busy sessions are never dropped
+    assert sorted(s["state"] for s in h.summary(detail=True)["tether"]["servers"][0]["slots"]) == [
+        "busy",
+        "free",
+        "free",
+    ]
+
+
 def test_held_records_are_bounded_per_connection() -> None:
     h = Harness(max_held_per_connection=4)
     proxy, _ = h.connect()

@@ -45,6 +45,7 @@ from ..protocol.tracker import (
     TrackerClientStream,
     TrackerMessage,
     UpdateInfo,
+    Withdraw,
     encode_message,
     parse_request_reply,
 )
@@ -254,6 +255,11 @@ class TrackerClient:
         if not isinstance(reply, list):
             raise RemoteProtocolError(f"unexpected GET_PENDING_MATCHKEYS reply {reply!r:.80}")
         return [str(k) for k in reply]
+
+    def withdraw(self, matchkey: str) -> bool:
+        """tether's tracker only: take back ``matchkey``, free or granted-and-unredeemed, offered on this
+        connection; False when the tracker did not know it."""
+        return bool(self.call(Withdraw(matchkey)) == TrackerCode.SUCCESS)
 
     def session_event(self, event: str, matchkey: str, peer: str | None = None) -> None:
         self._expect_ok(self.call(SessionEvent(event, matchkey, peer)), "SESSION")

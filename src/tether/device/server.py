@@ -611,6 +611,8 @@ class DeviceServer:
                         for slot in self._slots:
                             if slot.matchkey == matchkey and not slot.session and not slot.reserved:
                                 slot.matchkey = self._new_matchkey()
+                    if is_tether:
+                        tracker.withdraw(matchkey)  # its grant went nowhere: not "granted" forever
                 for slot in self._slots:
                     self._put(tracker, slot)
             if time.monotonic() < next_poll:
@@ -631,10 +633,13 @@ class DeviceServer:
                             slot.matchkey,
                             self.config.grant_timeout_s,
                         )
+                        stale.append(slot.matchkey)
                         slot.matchkey = self._new_matchkey()
-                        stale.append(slot)
-            for slot in stale:
-                self._put(tracker, slot)  # a new matchkey: PUT once
+            for old in stale:
+                if is_tether:  # the old grant was never redeemed: the tracker forgets it, so the query
+                    tracker.withdraw(old)  # does not show a phantom "granted" slot beside the new free one
+            for slot in self._slots:
+                self._put(tracker, slot)  # a new matchkey: PUT once (_put skips the unchanged)
 
     # -- through a proxy -----------------------------------------------------------------------
 

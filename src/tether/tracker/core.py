@@ -211,6 +211,7 @@ class TrackerCore:
             conn.held.clear()  # a plain TVM server offers itself again: its session is over
         else:
             conn.held.pop(msg.matchkey, None)
+            self._forget_phantom_grants(conn)
         self._note_key(msg.key)
         own = msg.protocols is not None or msg.labels is not None
         protocols = msg.protocols if msg.protocols is not None else conn.protocols
@@ -221,6 +222,19 @@ class TrackerCore:
         if grant is not None:
             self._deliver(grant, now)
         conn.link.send(_OK)
+
+    @staticmethod
+    def _forget_phantom_grants(conn: Connection) -> None:
+        """A tether server declares its slot count; when it offers one more free slot than that count leaves
+        room for, a grant it was never asked to serve (unredeemed; its matchkey replaced) is over: forget
+        the oldest such ``granted`` record. Sessions reported ``busy`` are never dropped. (Servers that
+        withdraw their replaced matchkeys never get here; this covers those that do not.)"""
+        if conn.tether is None or conn.server_key is None:
+            return  # TVM servers (handled by single_session) and proxies (no slot count)
+        excess = len(conn.slots) + 1 + len(conn.held) - conn.tether.slots  # +1: the slot being PUT
+        for matchkey in [m for m, h in conn.held.items() if h.state == "granted"][: max(0, excess)]:
+            logger.debug("connection %s: grant of %s replaced by a new slot", conn.address, matchkey)
+            del conn.held[matchkey]
 
     def _on_request(self, conn: Connection, msg: Request) -> None:
         now = self.clock()
