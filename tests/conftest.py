@@ -135,6 +135,23 @@ class CliProcess:
             if needle in line:
                 return line
 
+    def wait_eof(self, timeout: float = 15.0) -> list[str]:
+        """Wait until every process holding the output pipe (the child and whatever it started) is gone;
+        returns (and keeps in ``seen``) every line not read yet."""
+        import queue
+
+        self._reader.join(timeout)
+        if self._reader.is_alive():
+            pytest.fail(f"the output stayed open for {timeout} s: something the process started still runs")
+        rest = []
+        while True:
+            try:
+                rest.append(self.lines.get_nowait())
+            except queue.Empty:
+                break
+        self.seen.extend(rest)
+        return rest
+
     def listening(self, timeout: float = 15.0) -> tuple[str, int]:
         line = self.wait_line("listening on ", timeout)
         host, _, port = line.split("listening on ", 1)[1].rpartition(":")

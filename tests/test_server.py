@@ -6,6 +6,7 @@ workspace, timeouts, tracker registration) without onnxruntime or tvm; test_mode
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -497,3 +498,49 @@ def test_an_unredeemed_grant_does_not_stay_granted(device_server: Any, tracker: 
         client.request_grant("dev", protocol="tether", timeout=5)  # never connects
     assert slot_states() == ["free", "granted"]
     wait_until(lambda: slot_states() == ["free", "free"], timeout=10, what="the phantom grant gone")
+
+
+def test_a_server_killed_with_sigkill_is_cleaned_up_after(cli: Any, tmp_path: Path) -> None:
+    """SIGKILL leaves the server's run directory behind, and its zygote alone: the zygote exits quietly
+    (no BrokenPipe traceback), the session that was running goes on to its end, and the next server on the
+    same work dir removes the dead one's directory once nothing of it runs; the upload cache stays."""
+    work = tmp_path / "work"
+    first = cli(
+        "server", "--host", "127.0.0.1", "--port", "0", "--key", "dev", "--work-dir", str(work), "--preload", "none"
+    )
+    _, port = first.listening()
+    (dead,) = work.glob("run-*")
+    sess = tether.connect("127.0.0.1", port, key="dev")
+    sess.upload(b"kept in the cache", "f.bin", sha256=hashlib.sha256(b"kept in the cache").hexdigest())
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    sess.ping()  # the running session outlives its server
+
+    second = cli(
+        "server", "--host", "127.0.0.1", "--port", "0", "--key", "dev", "--work-dir", str(work), "--preload", "none"
+    )
+    _, port2 = second.listening()
+    assert dead.exists(), "removed while a session of the dead server still ran"
+    sess.close()
+    first.wait_eof(30)  # every process of the first server is gone (the zygote, the worker)
+    assert not any("Traceback" in line or "BrokenPipe" in line for line in first.seen), first.seen
+    with tether.connect("127.0.0.1", port2, key="dev") as again:  # its end triggers another check
+        again.ping()
+    wait_until(lambda: not dead.exists(), timeout=10, what="the dead server's directory removed")
+    assert len(list(work.glob("run-*"))) == 1
+    assert len(list((work / "cache").iterdir())) == 1  # the upload cache is shared and kept
+
+
+def test_a_default_work_dir_of_a_killed_server_is_removed_by_the_next(cli: Any, tmp_path: Path) -> None:
+    env = {"TMPDIR": str(tmp_path)}
+    first = cli("server", "--host", "127.0.0.1", "--port", "0", "--key", "dev", "--preload", "none", env=env)
+    first.listening()
+    (dead,) = tmp_path.glob("tether-server-*")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(10)
+    first.wait_eof(30)
+    second = cli("server", "--host", "127.0.0.1", "--port", "0", "--key", "dev", "--preload", "none", env=env)
+    second.listening()
+    assert not dead.exists()
+    assert len(list(tmp_path.glob("tether-server-*"))) == 1
+    assert not any("Traceback" in line for line in first.seen), first.seen

@@ -26,7 +26,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import os
 import queue
 import secrets
 import shutil
@@ -47,6 +46,7 @@ from ..protocol.framing import HandshakeDecoder, HandshakeReplyDecoder, encode_h
 from ..protocol.keys import PeerKey, format_peer_key, parse_peer_key
 from ..protocol.session import MAX_PAYLOAD_BYTES, FrameKind, encode_frame_head
 from .facts import device_facts
+from .rundir import RunDir
 from .workers import Worker, WorkerPool, describe_exit
 
 __all__ = ["DeviceServer", "ServerConfig", "default_preload"]
@@ -77,6 +77,8 @@ class ServerConfig:
     #: ``ws://host:port/ws`` (or ``wss://``): reach the proxy over WebSocket instead of ``host:port``
     proxy_url: str | None = None
     load_library: list[str] = field(default_factory=list)
+    #: Upload cache (``cache/``) and one ``run-*`` directory per server instance; None: a temporary
+    #: directory of its own. Directories of instances that are gone are removed (:mod:`.rundir`).
     work_dir: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     #: Concurrent sessions (one tracker slot each).
@@ -176,10 +178,11 @@ class DeviceServer:
         self._threads: list[threading.Thread] = []
         self._handshakes = threading.BoundedSemaphore(config.max_handshakes)
         self._listener: socket.socket | None = None
-        self._own_work_dir = config.work_dir is None
-        self.work_dir = tempfile.mkdtemp(prefix="tether-server-") if config.work_dir is None else config.work_dir
-        os.makedirs(self.work_dir, exist_ok=True)
-        self.pool = WorkerPool(self.preload, self.work_dir, fork=config.fork)
+        self.run_dir = RunDir(config.work_dir)
+        self.run_dir.remove_dead_siblings()
+        self.work_dir = str(self.run_dir.path)  # this instance's sessions live here
+        lock = self.run_dir.lock_fd
+        self.pool = WorkerPool(self.preload, self.work_dir, fork=config.fork, keep_fds=() if lock is None else (lock,))
         self.port = config.port
         self.sessions_served = 0
         #: Set when the tracker has this server's slots (a test waits on it; re-set after each reconnect).
@@ -228,8 +231,7 @@ class DeviceServer:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=5)
-        if self._own_work_dir:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+        self.run_dir.close()
 
     def __enter__(self) -> DeviceServer:
         self.start()
@@ -447,7 +449,7 @@ class DeviceServer:
                 "timeout": timeout,
                 "load_library": self.config.load_library,
                 "max_payload": self.config.max_payload,
-                "cache": {"dir": os.path.join(self.work_dir, "cache"), "max_bytes": self.config.cache_bytes}
+                "cache": {"dir": self.run_dir.cache_dir, "max_bytes": self.config.cache_bytes}
                 if self.config.cache_bytes > 0
                 else None,
                 "info": {
@@ -498,6 +500,7 @@ class DeviceServer:
                 with contextlib.suppress(OSError):
                     session.conn.close()
             shutil.rmtree(session.workspace, ignore_errors=True)
+            self.run_dir.remove_dead_siblings()  # a predecessor's last orphaned session may be over now
             with self._lock:
                 slot.session = None
                 self.sessions_served += 1

@@ -684,10 +684,10 @@ def preload(modules: list[str]) -> list[str]:
 
 def serve_one(control: socket.socket) -> int:
     """Say ready, take one job (a JSON message and the session's socket), serve it."""
-    control.sendall(json.dumps({"ready": True, "pid": os.getpid()}).encode() + b"\n")
     try:
+        control.sendall(json.dumps({"ready": True, "pid": os.getpid()}).encode() + b"\n")
         message, fds, _, _ = socket.recv_fds(control, 1 << 20, 1)
-    except OSError:
+    except OSError:  # the server is gone: nothing to serve
         return 0
     if not message or not fds:
         return 0  # the server let this worker go unused
@@ -709,9 +709,18 @@ def zygote(control: socket.socket) -> int:
 
     Requests: ``{"fork": true}`` with one descriptor, the new worker's control socket; replies
     ``{"forked": pid}``. Each child starts its own session (process group) and serves one job. Exits
-    are reported as ``{"exit": pid, "code": n}`` as soon as SIGCHLD arrives. EOF on the control socket
-    (the server is gone) ends the zygote.
+    are reported as ``{"exit": pid, "code": n}`` as soon as SIGCHLD arrives. EOF on the control socket,
+    or a broken one (the server is gone, even killed), ends the zygote quietly; its workers' sessions
+    go on to their own end.
     """
+    try:
+        return _zygote_loop(control)
+    except OSError as exc:  # BrokenPipe, ConnectionReset: reporting to a server that was killed
+        logger.debug("zygote: the server is gone (%s); exiting", exc)
+        return 0
+
+
+def _zygote_loop(control: socket.socket) -> int:
     import select
     import signal
 

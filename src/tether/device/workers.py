@@ -72,9 +72,11 @@ class Worker:
 class WorkerPool:
     """Starts workers for one server and keeps track of every one until it is reaped."""
 
-    def __init__(self, preload: list[str], cwd: str, fork: bool = True) -> None:
+    def __init__(self, preload: list[str], cwd: str, fork: bool = True, keep_fds: tuple[int, ...] = ()) -> None:
         self.preload = preload
         self.cwd = cwd
+        #: Descriptors every worker process inherits (the server's run-directory lock).
+        self.keep_fds = keep_fds
         self.fork = fork and hasattr(os, "fork") and hasattr(socket, "send_fds")
         self._lock = threading.Lock()
         self._fork_lock = threading.Lock()
@@ -122,7 +124,7 @@ class WorkerPool:
         try:
             proc = subprocess.Popen(
                 self._command(child.fileno(), zygote),
-                pass_fds=(child.fileno(),),
+                pass_fds=(child.fileno(), *self.keep_fds),
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
                 cwd=self.cwd,
