@@ -280,6 +280,29 @@ def register(host: str, port: int, key: str, nservers: int, in_flight: int = 32)
     print(json.dumps({"close_s": time.perf_counter() - start}), flush=True)
 
 
+def waiters(host: str, port: int, key: str, nwaiters: int, nconns: int) -> None:
+    """``nwaiters`` plain REQUESTs for ``key`` (which nobody serves), spread over ``nconns`` connections
+    (both trackers serve several requests per connection); report; close them all when stdin says so."""
+    start = time.perf_counter()
+    socks = []
+    for c in range(nconns):
+        sock = socket.create_connection((host, port), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        handshake(sock)
+        count = nwaiters // nconns + (1 if c < nwaiters % nconns else 0)
+        frames = []
+        for i in range(count):
+            body = json.dumps([4, key, f"user{(c + i) % 50}", 1]).encode()
+            frames.append(_len.pack(len(body)) + body)
+        sock.sendall(b"".join(frames))
+        socks.append(sock)
+    print(json.dumps({"waiters": nwaiters, "send_s": time.perf_counter() - start}), flush=True)
+    sys.stdin.readline()
+    for sock in socks:
+        sock.close()
+    print(json.dumps({"closed": len(socks)}), flush=True)
+
+
 def main(argv: list[str]) -> None:
     global SPLIT  # noqa: PLW0603 - a process-wide mode, set once from the command line
     if argv[0] == "--one-send":
@@ -293,6 +316,9 @@ def main(argv: list[str]) -> None:
         result = burst(host, port, int(argv[3]), int(argv[4]))
     elif mode == "register":
         register(host, port, argv[3], int(argv[4]), int(argv[5]) if len(argv) > 5 else 32)
+        return
+    elif mode == "waiters":
+        waiters(host, port, argv[3], int(argv[4]), int(argv[5]))
         return
     else:
         raise SystemExit(f"unknown mode {mode}")

@@ -11,8 +11,9 @@ Measured: grants/s and grant latency (p50/p99) at 1 client x 1 server, 16x16, 64
 servers; tracker CPU per grant; a stock TVM client's request-to-first-call through each tracker (and a
 direct session as the floor); 1,000 connects with 100 in flight; 5,000 registered servers (time to
 register, tracker RSS, SUMMARY latency, teardown: one registration at a time for both, since TVM's
-listen backlog of 1 turns concurrent connects into SYN retries; and 32 at a time for tether); tracker RSS
-before and after all the grants.
+listen backlog of 1 turns concurrent connects into SYN retries; and 32 at a time for tether); a large
+pool of 10,000 servers and 10,000 waiting requests (SUMMARY latency and size; tether's detailed one too);
+tracker RSS before and after all the grants.
 """
 
 from __future__ import annotations
@@ -235,11 +236,65 @@ def bench_servers(tracker: TrackerProc, nservers: int, in_flight: int) -> dict[s
     }
 
 
+def bench_large_pool(tracker: TrackerProc, nservers: int, nwaiters: int) -> dict[str, float]:
+    """``nservers`` registered servers and ``nwaiters`` waiting requests at once; SUMMARY's latency (plain,
+    and tether's detailed one) and reply size, as a client sees them (median of 5)."""
+    from tether.client.tracker import TrackerClient
+
+    key = f"pool{random.randint(0, 10**6)}"
+    cmd = [sys.executable, str(LOADGEN)]
+    in_flight = "32" if tracker.name == "tether" else "1"  # TVM's listen backlog of 1: one at a time
+    servers = subprocess.Popen(
+        [*cmd, "register", "127.0.0.1", str(tracker.port), key, str(nservers), in_flight],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    waiting = subprocess.Popen(
+        [*cmd, "waiters", "127.0.0.1", str(tracker.port), key + "-nobody", str(nwaiters), "100"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    out: dict[str, float] = {}
+    try:
+        for proc in (servers, waiting):
+            assert proc.stdout is not None
+            json.loads(proc.stdout.readline())
+        with TrackerClient.connect("127.0.0.1", tracker.port, timeout=60) as client:
+            deadline = time.monotonic() + 120
+            while client.summary(timeout=60)["queue_info"].get(key + "-nobody", {}).get("pending", 0) < nwaiters:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the waiting requests did not all arrive")
+                time.sleep(0.05)
+            for detail in (False, True) if tracker.name == "tether" else (False,):
+                times, size = [], 0
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    reply = client.summary(detail=detail, timeout=60)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                    if not size:
+                        size = len(json.dumps(reply))
+                    time.sleep(0.3)  # past tether's reuse window: every SUMMARY is computed afresh
+                name = "detail" if detail else "plain"
+                out[f"summary_{name}_ms"] = statistics.median(times)
+                out[f"summary_{name}_mb"] = size / 1e6
+    finally:
+        for proc in (servers, waiting):
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.write("close\n")
+                    proc.stdin.flush()
+            proc.wait(60)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per grant scenario")
     parser.add_argument("--servers", type=int, default=5000, help="servers registered at once")
     parser.add_argument("--runs", type=int, default=10, help="request-to-first-call repetitions")
+    parser.add_argument("--pool", type=int, default=10_000, help="servers and waiting requests of the large pool")
     parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
     args = parser.parse_args(argv)
 
@@ -260,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "tether":  # TVM's listen backlog of 1 turns concurrent connects into SYN retries
                 r["servers_concurrent"] = bench_servers(tracker, args.servers, 32)
                 print(f"  {name:6s} {args.servers} servers, 32 at a time: {r['servers_concurrent']}", flush=True)
+            r["pool"] = bench_large_pool(tracker, args.pool, args.pool)
+            print(f"  {name:6s} {args.pool} servers + {args.pool} waiters: {r['pool']}", flush=True)
             report[name] = r
     report["direct"] = {"session_ms": bench_direct_session(args.runs)}
 
@@ -292,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             (f"{args.servers} servers (1 at a time): {field}", tvm["servers"][field], tether["servers"][field], better)
         )
+    for field in ("summary_plain_ms", "summary_plain_mb"):
+        rows.append(
+            (f"{args.pool} servers + {args.pool} waiters: {field}", tvm["pool"][field], tether["pool"][field], "lower")
+        )
     rows.append(("RSS MB before grants", tvm["rss_start_mb"], tether["rss_start_mb"], "lower"))
     rows.append(("RSS MB after all grants", tvm["rss_after_grants_mb"], tether["rss_after_grants_mb"], "lower"))
 
@@ -308,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"tether, {args.servers} servers 32 at a time: registered in {conc['register_s']:.2f} s, RSS {conc['rss_mb']:.1f} MB, "
         f"SUMMARY {conc['summary_ms']:.1f} ms, teardown {conc['teardown_s']:.2f} s"
+    )
+    pool = tether["pool"]
+    print(
+        f"tether, {args.pool} servers + {args.pool} waiters: detailed SUMMARY (what tether query reads) "
+        f"{pool['summary_detail_ms']:.1f} ms, {pool['summary_detail_mb']:.1f} MB"
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -13,6 +13,7 @@ from typing import Final
 __all__ = [
     "DEFAULT_HEARTBEAT_S",
     "MAX_HANDSHAKE_KEY_BYTES",
+    "MAX_TRACKER_REPLY_BYTES",
     "MAX_TRACKER_FRAME_BYTES",
     "RPC_MAGIC",
     "RPC_TRACKER_MAGIC",
@@ -28,6 +29,9 @@ RPC_TRACKER_MAGIC: Final = 0x2F271
 
 #: TVM's tracker closes a connection whose frame length is <= 0 or above this (1 MiB).
 MAX_TRACKER_FRAME_BYTES: Final = 1 << 20
+#: Largest tracker reply a client accepts: a detailed SUMMARY of 10,000 servers and 10,000 waiters is
+#: about 7 MiB (TVM's clients read replies without any limit).
+MAX_TRACKER_REPLY_BYTES: Final = 256 << 20
 #: Upper bound on a handshake key string, in bytes. TVM sets none; keys are short identifiers.
 MAX_HANDSHAKE_KEY_BYTES: Final = 64 * 1024
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
 from ..errors import LocalProtocolError, RemoteProtocolError
-from .constants import MAX_TRACKER_FRAME_BYTES, RPC_TRACKER_MAGIC, TrackerCode
+from .constants import MAX_TRACKER_FRAME_BYTES, MAX_TRACKER_REPLY_BYTES, RPC_TRACKER_MAGIC, TrackerCode
 from .framing import FrameDecoder, encode_frame, pack_i32
 
 __all__ = [
@@ -489,7 +489,7 @@ class TrackerClientStream(_MagicThenFrames):
     __slots__ = ()
     _wrong_magic = "peer is not an RPC tracker (answered {})"
 
-    def __init__(self, limit: int = MAX_TRACKER_FRAME_BYTES) -> None:
+    def __init__(self, limit: int = MAX_TRACKER_REPLY_BYTES) -> None:
         super().__init__(limit)
 
     @staticmethod

@@ -40,3 +40,6 @@ class TrackerConfig:
     keepalive_probes: int = 3
     #: listen() backlog; TVM uses 1, which drops connects in a burst.
     backlog: int = 4096
+    #: A SUMMARY asked again within this many seconds, with nothing changed since, gets the same answer
+    #: (its ages then lag by as much): a query storm at 10,000 servers costs one summary, not one each.
+    summary_reuse_s: float = 0.25

@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,9 +23,25 @@ from ..errors import RemoteProtocolError
 from ..protocol.keys import PROXY_PREFIX, server_key_name
 from .scheduler import PROTOCOL_TVM, Slot, Waiter
 
-__all__ = ["Connection", "Held", "Link", "TetherInfo", "parse_tether_info"]
+__all__ = ["Connection", "Held", "Link", "TetherInfo", "parse_tether_info", "waiter_wire"]
 
 logger = logging.getLogger(__name__)
+
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def waiter_wire(waiter: Waiter) -> str:
+    """The parts of a waiter's SUMMARY row that never change, as JSON text without its closing brace."""
+    timeout = None if waiter.deadline is None else round(waiter.deadline - waiter.since, 3)
+    row = {
+        "user": waiter.user,
+        "priority": waiter.priority,
+        "protocol": waiter.protocol,
+        "labels": dict(waiter.labels),
+        "id": waiter.request_id,
+        "timeout_s": timeout,
+    }
+    return _dumps(row)[:-1]
 
 
 class Link(Protocol):
@@ -106,10 +123,19 @@ class Connection:
     tether: TetherInfo | None = None
     slots: dict[str, Slot] = field(default_factory=dict)  # free slots by matchkey
     held: dict[str, Held] = field(default_factory=dict)  # handed-out slots by matchkey, oldest first
-    waiters: dict[Waiter, None] = field(default_factory=dict)
+    #: waiting requests -> their static part of a SUMMARY waiter row, as JSON text (see :func:`waiter_wire`)
+    waiters: dict[Waiter, str] = field(default_factory=dict)
     silence_limit: float | None = None
     liveness_scheduled: bool = False
     closed: bool = False
+    #: SUMMARY's pieces that change only with UPDATE_INFO, as JSON text (:meth:`refresh_wire`): the
+    #: ``server_info`` entry, and the opening of this connection's ``tether.servers`` entry.
+    wire_info: str = ""
+    wire_entry: str = ""
+    #: ``info["key"]`` ("" without one), and ``K`` for a server that registered as ``server:K`` (None for
+    #: clients and proxies); both set by :meth:`refresh_wire`.
+    info_key: str = ""
+    server_key: str | None = None
 
     def is_closed(self) -> bool:
         """``closed`` read afresh: the driver checks it after calls that may close the connection."""
@@ -118,16 +144,6 @@ class Connection:
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def info_key(self) -> str:
-        key = self.info.get("key") if self.info else None
-        return key if isinstance(key, str) else ""
-
-    @property
-    def server_key(self) -> str | None:
-        """``K`` for a server that registered as ``server:K`` (None for clients and proxies)."""
-        return server_key_name(self.info_key)
 
     @property
     def protocols(self) -> frozenset[str]:
@@ -142,6 +158,29 @@ class Connection:
         """A plain TVM server: serves one session at a time and reports nothing, so its next PUT
         means its last session is over. Proxies (``server:proxy[...]``) and tether servers are not."""
         return self.tether is None and not self.info_key.startswith(PROXY_PREFIX)
+
+    def refresh_wire(self) -> None:
+        """Call after every change of ``info`` or ``tether``. Encodes the static parts of this connection's
+        SUMMARY rows once: a summary of 10,000 servers then joins strings instead of encoding 10,000 device
+        descriptions."""
+        info = self.info or {}
+        key = info.get("key")
+        self.info_key = key if isinstance(key, str) else ""
+        self.server_key = server_key_name(self.info_key)
+        # TVM's server_info entry: the info as sent, less tether's extension (its own detail carries that)
+        self.wire_info = _dumps({k: v for k, v in info.items() if k != "tether"}) if self.info else ""
+        entry: dict[str, Any] = {"key": self.info_key or None, "addr": info.get("addr"), "peer": self.address}
+        if self.tether is not None:
+            entry.update(
+                protocols=sorted(self.tether.protocols),
+                labels=dict(self.tether.labels),
+                device=dict(self.tether.device),
+                heartbeat_s=self.tether.heartbeat_s,
+                version=self.tether.version,
+            )
+        else:
+            entry["protocols"] = [PROTOCOL_TVM]
+        self.wire_entry = _dumps(entry)[:-1]  # open: the summary appends the fields that move with time
 
     def remember(self, held: Held, limit: int) -> None:
         self.held[held.matchkey] = held

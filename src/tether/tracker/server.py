@@ -105,7 +105,9 @@ class _TrackerProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         transport.write(data)
-        if transport.get_write_buffer_size() > MAX_UNREAD_REPLY_BYTES:
+        # what was still unread before this reply: one big reply (a SUMMARY of a large pool) is fine,
+        # replies piling up unread are not
+        if transport.get_write_buffer_size() - len(data) > MAX_UNREAD_REPLY_BYTES:
             assert self._conn is not None
             logger.warning(
                 "closing %s: %d reply bytes left unread", self._conn.address, transport.get_write_buffer_size()
