@@ -395,6 +395,27 @@ def test_idle_keys_are_forgotten_beyond_the_cap() -> None:
     assert len(queue_info) <= 8 and "kept" in queue_info
 
 
+def test_a_key_with_nothing_left_leaves_the_summary_after_a_while() -> None:
+    """A misspelt key (a waiter that timed out) or a key whose servers left is listed for idle_key_s more,
+    then no longer (TVM's tracker lists it forever); a key that is served stays, however old."""
+    h = Harness(idle_key_s=300)
+    served, _ = h.server("served")
+    gone, _ = h.server("gone")
+    client, _ = h.connect()
+    h.core.receive(client, tether_req("andriod", timeout=1))
+    h.advance(2)  # the request times out
+    h.core.disconnect(gone)
+    h.advance(298)
+    assert set(h.summary()["queue_info"]) == {"served", "gone", "andriod"}
+    h.advance(5)
+    assert set(h.summary()["queue_info"]) == {"served"}
+    assert set(h.summary(detail=True)["tether"]["keys"]) == {"served"}
+    h.core.receive(client, tether_req("andriod", rid="r2"))  # asked for again: listed again
+    h.advance(1000)
+    assert h.summary()["queue_info"]["andriod"] == {"free": 0, "pending": 1}
+    assert served is not None
+
+
 def test_bad_tether_info_is_a_protocol_error() -> None:
     h = Harness()
     conn, _ = h.connect()

@@ -31,8 +31,10 @@ class TrackerConfig:
     #: Granted-but-unfinished records kept per connection (oldest forgotten first): bounds memory
     #: for peers such as TVM's proxy that never report a session's end.
     max_held_per_connection: int = 1024
-    #: Keys with nothing free, pending or registered are still listed in SUMMARY (as TVM does)
-    #: until more than this many accumulate; the oldest idle ones are then forgotten.
+    #: A key with no server, grant or waiter leaves SUMMARY (and ``tether query``) after this many seconds
+    #: (TVM's tracker lists it forever: a misspelt key stays in the table)...
+    idle_key_s: float = 300.0
+    #: ...or sooner, when more than this many idle keys accumulate (the oldest go first).
     max_idle_keys: int = 4096
     #: TCP keepalive on every accepted connection: idle time, probe interval, probes.
     keepalive_idle_s: int = 30

@@ -83,7 +83,8 @@ class TrackerCore:
         self._started = clock()
         self._next_cid = 0
         self._conns: dict[int, Connection] = {}
-        self._known_keys: dict[str, None] = {}
+        #: every key SUMMARY lists -> when it last had a server, a grant or a waiter (clock)
+        self._known_keys: dict[str, float] = {}
         self._liveness: list[tuple[float, int]] = []
         #: Bumped by every message or event that may change what SUMMARY says (not by queries).
         self._epoch = 0
@@ -131,6 +132,9 @@ class TrackerCore:
         conn.closed = True
         self._epoch += 1
         self._conns.pop(conn.cid, None)
+        for key in {conn.server_key, *(s.key for s in conn.slots.values()), *(h.key for h in conn.held.values())}:
+            if key is not None:
+                self._note_key(key)  # active until now: its idle time starts here
         for slot in conn.slots.values():
             self.scheduler.remove_slot(slot)
         for waiter in conn.waiters:
@@ -157,6 +161,7 @@ class TrackerCore:
             owner = waiter.owner
             assert isinstance(owner, Connection)
             owner.waiters.pop(waiter, None)
+            self._note_key(waiter.key)
             logger.info(
                 "request %s for %r by %s timed out after %.3g s",
                 waiter.request_id,
@@ -342,6 +347,7 @@ class TrackerCore:
             if waiter.request_id == msg.request_id:
                 self.scheduler.remove_waiter(waiter)
                 del conn.waiters[waiter]
+                self._note_key(waiter.key)
                 self._fail(conn, waiter, "cancelled", "cancelled by the client")
                 conn.link.send(_OK)
                 return
@@ -398,19 +404,42 @@ class TrackerCore:
         )
 
     def _note_key(self, key: str) -> None:
+        """``key`` is active now (a server, a grant, a waiter): SUMMARY lists it for ``idle_key_s`` more."""
         known = self._known_keys
-        if key in known:
-            return
-        known[key] = None
-        if len(known) > self.config.max_idle_keys:
+        fresh = key not in known
+        known[key] = self.clock()
+        if fresh and len(known) > self.config.max_idle_keys:
             self._forget_idle_keys()
 
-    def _forget_idle_keys(self) -> None:
-        active: set[str] = set(self.scheduler.keys())
+    def _registered_keys(self) -> set[str]:
+        """Keys some connection serves now: registered as ``server:K``, or holding a grant of it."""
+        keys: set[str] = set()
         for conn in self._conns.values():
-            active.update(h.key for h in conn.held.values())
             if conn.server_key is not None:
-                active.add(conn.server_key)
+                keys.add(conn.server_key)
+            if conn.held:
+                keys.update(h.key for h in conn.held.values())
+        return keys
+
+    def _listed_queues(self) -> dict[str, dict[str, int]]:
+        """SUMMARY's ``queue_info``: every known key but those idle (no server, grant or waiter) for longer
+        than ``idle_key_s``, which are forgotten (TVM's tracker lists a misspelt key forever)."""
+        now, idle_s = self.clock(), self.config.idle_key_s
+        registered = self._registered_keys()
+        queue_info = {}
+        for key, last in list(self._known_keys.items()):
+            free, pending = self.scheduler.counts(key)
+            if free or pending or key in registered:
+                self._known_keys[key] = now
+            elif now - last > idle_s:
+                del self._known_keys[key]
+                continue
+            queue_info[key] = {"free": free, "pending": pending}
+        return queue_info
+
+    def _forget_idle_keys(self) -> None:
+        active = self._registered_keys()
+        active.update(k for k in self._known_keys if any(self.scheduler.counts(k)))
         target = self.config.max_idle_keys * 3 // 4
         for key in list(self._known_keys):
             if len(self._known_keys) <= target:
@@ -446,10 +475,7 @@ class TrackerCore:
         last = self._last_summary
         if last is not None and last[:2] == (detail, self._epoch) and now - last[2] < self.config.summary_reuse_s:
             return last[3]
-        queue_info = {}
-        for key in self._known_keys:
-            free, pending = self.scheduler.counts(key)
-            queue_info[key] = {"free": free, "pending": pending}
+        queue_info = self._listed_queues()
         infos = ", ".join(c.wire_info for c in self._conns.values() if c.wire_info and c.info_key.startswith("server"))
         text = f'{{"queue_info": {_dumps(queue_info)}, "server_info": [{infos}]'
         if detail:
