@@ -416,6 +416,62 @@ def test_a_key_with_nothing_left_leaves_the_summary_after_a_while() -> None:
     assert served is not None
 
 
+def _outcome(link: FakeLink) -> dict[str, Any]:
+    (reply,) = link.replies()
+    assert reply[0] == -1, reply
+    return reply[1]  # type: ignore[no-any-return]
+
+
+def test_a_request_no_server_could_serve_fails_with_the_reason() -> None:
+    h = Harness(registration_grace_s=0)
+    h.server("android", tether={"protocols": ["tvm", "tether"], "labels": {"soc": "sd8"}})
+    h.server("boards", port=9090)  # TVM servers: TVM's protocol only
+    h.server("boards", port=9091)
+    client, link = h.connect("10.0.0.2")
+    h.core.receive(client, tether_req("andriod", rid="typo", protocol="tether", unservable_after=5))
+    h.core.receive(client, tether_req("boards", rid="tvm-only", protocol="tether", unservable_after=5))
+    h.core.receive(
+        client, tether_req("android", rid="labels", protocol="tether", labels={"soc": "sd7"}, unservable_after=5)
+    )
+    h.advance(4.9)
+    assert link.replies() == []  # the grace: servers may still be registering
+    h.advance(0.2)
+    replies = [r[1] for r in link.replies()]
+    outcomes = {o["id"]: (o["error"], o["message"]) for o in replies}
+    assert outcomes["typo"] == ("unservable", "no server is registered with key 'andriod' (did you mean 'android'?)")
+    assert outcomes["tvm-only"][0] == "unservable"
+    assert "2 server(s) of key 'boards' speak only tvm, not tether: use TVM's client" in outcomes["tvm-only"][1]
+    assert outcomes["labels"] == ("unservable", "no server of key 'android' has labels soc=sd7 (theirs: soc=sd8)")
+    assert h.summary()["queue_info"]["andriod"]["pending"] == 0
+
+
+def test_a_servable_request_waits_and_its_timeout_says_why() -> None:
+    h = Harness(registration_grace_s=0)
+    h.server("k", tether={"protocols": ["tvm", "tether"]})
+    client, link = h.connect("10.0.0.2")
+    h.core.receive(client, tether_req("k", rid="first", user="alice", protocol="tether"))
+    assert link.replies()[0][0] == 0  # alice holds the only server
+    h.core.receive(client, tether_req("k", rid="second", user="bob", protocol="tether", timeout=10, unservable_after=1))
+    h.advance(5)
+    assert link.replies() == []  # a busy server is a server: keep waiting
+    h.advance(6)
+    outcome = _outcome(link)
+    assert outcome["error"] == "timeout"
+    assert (
+        outcome["message"] == "no free server of key 'k' within 11 s: its 1 matching server(s) are busy (held by alice)"
+    )
+
+
+def test_unservable_is_not_judged_while_servers_may_be_re_registering() -> None:
+    h = Harness(registration_grace_s=10)
+    client, link = h.connect("10.0.0.2")
+    h.core.receive(client, tether_req("k", protocol="tether", unservable_after=1))
+    h.advance(5)
+    assert link.replies() == []  # the tracker started 5 s ago: its servers may not be back yet
+    h.server("k", tether={"protocols": ["tvm", "tether"]})
+    assert link.replies()[0][0] == 0  # and this one came back in time
+
+
 def test_bad_tether_info_is_a_protocol_error() -> None:
     h = Harness()
     conn, _ = h.connect()

@@ -32,6 +32,7 @@ from .errors import (
     TetherError,
     TrackerError,
     TransportError,
+    Unservable,
     WorkspaceError,
 )
 
@@ -66,6 +67,7 @@ __all__ = [
     "TrackerError",
     "TrackerStatus",
     "TransportError",
+    "Unservable",
     "__version__",
     "query_tracker",
 ]

@@ -18,6 +18,7 @@
     │   ├── RequestTimeout            no server was granted within the request's timeout (also TimeoutError)
     │   ├── RequestCancelled          the request was cancelled before a grant
     │   ├── RequestRejected           the tracker refused the request (bad options, unknown protocol)
+    │   │   └── Unservable            no registered server could serve it (key, protocol, labels)
     │   └── NotTetherTracker          a tether-only operation sent to a plain TVM tracker
     ├── RemoteError                   a session request failed on the device (type, message, traceback)
     │   ├── SessionTimeout            the session outlived its ``session_timeout`` (also TimeoutError)
@@ -57,6 +58,7 @@ __all__ = [
     "TetherError",
     "TrackerError",
     "TransportError",
+    "Unservable",
     "WorkspaceError",
     "remote_error",
 ]
@@ -124,6 +126,12 @@ class RequestCancelled(TrackerError):
 
 class RequestRejected(TrackerError):
     """The tracker refused the request as malformed or unservable."""
+
+
+class Unservable(RequestRejected):
+    """No server registered with the tracker could serve the request: none of its key (a misspelling?),
+    none speaking its protocol, none with its labels. Sent after the request's ``unservable_after`` grace;
+    the message says which."""
 
 
 class NotTetherTracker(TrackerError):

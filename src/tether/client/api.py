@@ -99,10 +99,12 @@ class Tracker:
         user: str = "",
         connect_timeout: float = 10.0,
         request_id: str | None = None,
+        unservable_after: float | None = None,
     ) -> Session:
         """Wait (``timeout`` seconds of queue time, None: forever) for a server of ``key`` with every
         label in ``labels``, then open a native session on it. ``session_timeout`` (seconds, 0: none)
-        bounds the session itself, from the handshake on. ``request_id``: see
+        bounds the session itself, from the handshake on. ``request_id``, ``unservable_after`` (fail fast
+        with :class:`~tether.errors.Unservable` when no registered server could serve it): see
         :meth:`TrackerClient.request_grant`.
 
         A tracker that goes away meanwhile (a restart) is reconnected with backoff and the request sent
@@ -116,7 +118,9 @@ class Tracker:
         while True:
             try:
                 asked += 1
-                grant = self._grant(key, priority, user, labels, request_id=request_id, deadline=deadline)
+                grant = self._grant(
+                    key, priority, user, labels, request_id=request_id, deadline=deadline, unservable=unservable_after
+                )
             except RequestTimeout as exc:
                 if asked > 1 and timeout is not None:  # asked again after a restart: say the whole wait
                     raise RequestTimeout(f"no free server of key {key!r} within {timeout:g} s ({exc})") from None
@@ -149,6 +153,7 @@ class Tracker:
         *,
         request_id: str,
         deadline: float | None,
+        unservable: float | None,
     ) -> Grant:
         tether = self.client.tether_version is not None
         if not tether and labels:
@@ -161,6 +166,7 @@ class Tracker:
             protocol="tether" if tether else "tvm",
             labels=labels,
             request_id=request_id,
+            unservable_after=unservable,
         )
 
     def _reconnect_or_raise(self, exc: TransportError, key: str, timeout: float | None, deadline: float | None) -> None:

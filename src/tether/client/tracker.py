@@ -29,6 +29,7 @@ from ..errors import (
     RequestCancelled,
     RequestRejected,
     RequestTimeout,
+    Unservable,
 )
 from ..protocol.constants import TrackerCode
 from ..protocol.tracker import (
@@ -194,6 +195,7 @@ class TrackerClient:
         protocol: str = "tvm",
         labels: Mapping[str, str] | None = None,
         request_id: str | None = None,
+        unservable_after: float | None = None,
     ) -> Grant:
         """Wait for a free server of ``key`` and return where to connect.
 
@@ -201,13 +203,19 @@ class TrackerClient:
         :class:`RequestRejected`, :class:`RequestCancelled` (KeyboardInterrupt cancels the request on
         the tracker, then propagates), :class:`ConnectionClosed`. ``request_id`` names the request on
         tether's tracker (its waiters list it; unique per connection); by default ``"<pid>-<n>"``.
+        ``unservable_after`` (tether's tracker; seconds): fail with :class:`Unservable` and the reason when,
+        that long after the request, no registered server could serve it (None: wait for one to appear).
         """
         tether = self.tether_version is not None
         if not tether and (labels or protocol != "tvm"):
             raise NotTetherTracker(f"{self.host}:{self.port} is not a tether tracker: labels and protocols need one")
         if request_id is None:
             request_id = f"{os.getpid()}-{next(_ids)}"
-        options = RequestOptions(request_id, protocol, dict(labels or {}), timeout, user or None) if tether else None
+        options = (
+            RequestOptions(request_id, protocol, dict(labels or {}), timeout, user or None, unservable_after)
+            if tether
+            else None
+        )
         self.send(Request(key, user, priority, options))
         # The tracker enforces a tether request's timeout; this side only guards against a silent tracker.
         deadline = None if timeout is None else time.monotonic() + timeout + (2.0 if tether else 0.0)
@@ -278,4 +286,6 @@ def _grant_or_raise(outcome: Grant | dict[str, Any], key: str) -> Grant:
         raise RequestTimeout(message or f"no free server of key {key!r} in time")
     if error == "cancelled":
         raise RequestCancelled(message or "request cancelled")
+    if error == "unservable":
+        raise Unservable(message or f"no registered server can serve a request for {key!r}")
     raise RequestRejected(message or f"request for {key!r} rejected ({error})")

@@ -22,10 +22,15 @@ request                     wire form                                      reply
 
 tether's REQUEST options (a fifth element TVM's tracker ignores)::
 
-    {"id": "r1", "protocol": "tether", "labels": {"gpu": "a100"}, "timeout": 30.0, "user": "alice"}
+    {"id": "r1", "protocol": "tether", "labels": {"gpu": "a100"}, "timeout": 30.0, "user": "alice",
+     "unservable_after": 5.0}
+
+``unservable_after``: seconds after which a request that no registered server could ever serve (no
+server of the key, none speaking the protocol, none with the labels) fails with the reason instead of
+waiting for servers to appear.
 
 A tether REQUEST is answered ``[0, [host, port, matchkey], {"id": ..., "server": {...}}]`` on a grant,
-``[-1, {"id": ..., "error": "timeout"|"cancelled"|"rejected", "message": ...}]`` otherwise. Replies to
+``[-1, {"id": ..., "error": "timeout"|"cancelled"|"rejected"|"unservable", "message": ...}]`` otherwise. Replies to
 one connection come in the order the tracker produced them, which is not the order of the requests: a
 waiting REQUEST does not hold back the replies to later messages (TVM behaves the same).
 
@@ -120,6 +125,8 @@ class RequestOptions:
     labels: Mapping[str, str] = field(default_factory=dict)
     timeout: float | None = None
     user: str | None = None
+    #: Seconds after which the tracker fails the request if no registered server could serve it.
+    unservable_after: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"protocol": self.protocol}
@@ -131,6 +138,8 @@ class RequestOptions:
             out["timeout"] = self.timeout
         if self.user is not None:
             out["user"] = self.user
+        if self.unservable_after is not None:
+            out["unservable_after"] = self.unservable_after
         return out
 
 
@@ -259,19 +268,24 @@ def _parse_options(raw: Any) -> RequestOptions | None:
     if not isinstance(raw, dict):
         raise RemoteProtocolError("REQUEST options must be a JSON object")
     rid = raw.get("id")
-    timeout = raw.get("timeout")
-    if timeout is not None:
-        timeout = _number(timeout, "REQUEST timeout")
-        if timeout < 0:
-            raise RemoteProtocolError("REQUEST timeout must not be negative")
     user = raw.get("user")
     return RequestOptions(
         request_id=None if rid is None else _str(rid, "REQUEST id"),
         protocol=_str(raw.get("protocol", "tvm"), "REQUEST protocol"),
         labels=_labels(raw.get("labels", {})),
-        timeout=timeout,
+        timeout=_seconds(raw.get("timeout"), "REQUEST timeout"),
         user=None if user is None else _str(user, "REQUEST user"),
+        unservable_after=_seconds(raw.get("unservable_after"), "REQUEST unservable_after"),
     )
+
+
+def _seconds(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    seconds = _number(value, what)
+    if seconds < 0:
+        raise RemoteProtocolError(f"{what} must not be negative")
+    return seconds
 
 
 def _parse_request(args: list[Any]) -> Request:

@@ -40,6 +40,9 @@ class TrackerConfig:
     keepalive_idle_s: int = 30
     keepalive_interval_s: int = 10
     keepalive_probes: int = 3
+    #: A request that asked to fail when no registered server could serve it (``unservable_after``) is
+    #: not judged before the tracker has run this long: its servers may be re-registering after a restart.
+    registration_grace_s: float = 10.0
     #: listen() backlog; TVM uses 1, which drops connects in a burst.
     backlog: int = 4096
     #: A SUMMARY asked again within this many seconds, with nothing changed since, gets the same answer

@@ -11,11 +11,14 @@ Replies follow TVM byte for byte for TVM's messages (``0``, ``-1``, ``[0, [host,
 
 from __future__ import annotations
 
+import difflib
+import heapq
+import itertools
 import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from heapq import heappop as _heappop
 from heapq import heappush as _heappush
 from typing import Any
@@ -86,6 +89,10 @@ class TrackerCore:
         #: every key SUMMARY lists -> when it last had a server, a grant or a waiter (clock)
         self._known_keys: dict[str, float] = {}
         self._liveness: list[tuple[float, int]] = []
+        #: (when, seq, waiter): requests to check for a server that could serve them (``unservable_after``)
+        self._grace: list[tuple[float, int, Waiter]] = []
+        self._grace_seq = itertools.count()
+        self._grace_kept = 0  # entries after the last sweep
         #: Bumped by every message or event that may change what SUMMARY says (not by queries).
         self._epoch = 0
         #: (detail, epoch, when, text) of the last summary: served again while nothing changed and it is
@@ -169,9 +176,17 @@ class TrackerCore:
                 waiter.user,
                 now - waiter.since,
             )
+            why = self._diagnose(waiter)[1]
             self._fail(
-                owner, waiter, "timeout", f"no free server of key {waiter.key!r} within {now - waiter.since:.3g} s"
+                owner,
+                waiter,
+                "timeout",
+                f"no free server of key {waiter.key!r} within {now - waiter.since:.3g} s: {why}",
             )
+        while self._grace and self._grace[0][0] <= now:
+            _, _, waiter = _heappop(self._grace)
+            if waiter.waiting:
+                self._fail_if_unservable(waiter, now)
         heap = self._liveness
         while heap and heap[0][0] <= now:
             _, cid = _heappop(heap)
@@ -191,10 +206,9 @@ class TrackerCore:
         return self.next_deadline()
 
     def next_deadline(self) -> float | None:
-        when = self.scheduler.next_deadline()
-        if self._liveness and (when is None or self._liveness[0][0] < when):
-            when = self._liveness[0][0]
-        return when
+        candidates = [self.scheduler.next_deadline()]
+        candidates += [heap[0][0] for heap in (self._liveness, self._grace) if heap]
+        return min((c for c in candidates if c is not None), default=None)
 
     @property
     def connections(self) -> list[Connection]:
@@ -280,8 +294,66 @@ class TrackerCore:
             conn.waiters[waiter] = waiter_wire(waiter)
             if waiter.deadline is not None:
                 self._wakeup(waiter.deadline)
+            if opts is not None and opts.unservable_after is not None:
+                # servers re-register after a tracker restart: give them that long before judging
+                when = max(now + opts.unservable_after, self._started + self.config.registration_grace_s)
+                _heappush(self._grace, (when, next(self._grace_seq), waiter))
+                self._wakeup(when)
+                if len(self._grace) > 2 * self._grace_kept + 64:  # entries of requests long gone: drop them
+                    self._grace = [e for e in self._grace if e[2].waiting]
+                    heapq.heapify(self._grace)
+                    self._grace_kept = len(self._grace)
         else:  # a zero timeout with nothing free
             self._fail(conn, waiter, "timeout", f"no free server of key {msg.key!r} (timeout 0)")
+
+    def _fail_if_unservable(self, waiter: Waiter, now: float) -> None:
+        unservable, why = self._diagnose(waiter)
+        if not unservable:
+            return
+        owner = waiter.owner
+        assert isinstance(owner, Connection)
+        self.scheduler.remove_waiter(waiter)
+        owner.waiters.pop(waiter, None)
+        self._note_key(waiter.key)
+        logger.info("request %s for %r by %s: %s", waiter.request_id, waiter.key, waiter.user, why)
+        self._fail(owner, waiter, "unservable", why)
+
+    def _diagnose(self, waiter: Waiter) -> tuple[bool, str]:
+        """(whether no registered server could ever serve ``waiter``, why it waits) in words a user can act
+        on: no server of the key (and the keys it may have meant), none speaking its protocol, none with
+        its labels, or every matching server busy (and who holds them)."""
+        key = waiter.key
+        terms: list[tuple[frozenset[str], Mapping[str, str]]] = []  # one per server (or proxied slot) of key
+        unknown = 0  # grants of the key held through a proxy: terms not known here, so maybe a match
+        holders: list[str] = []
+        for conn in self._conns.values():
+            if conn.server_key == key:
+                terms.append((conn.protocols, conn.labels))
+            else:
+                terms += [(s.protocols, s.labels) for s in conn.slots.values() if s.key == key]
+                unknown += sum(1 for h in conn.held.values() if h.key == key)
+            holders += [h.user for h in conn.held.values() if h.key == key]
+        if not terms and not unknown:
+            why = f"no server is registered with key {key!r}"
+            near = difflib.get_close_matches(key, sorted(self._registered_keys() - {key}), n=3)
+            return True, why + (f" (did you mean {', '.join(map(repr, near))}?)" if near else "")
+        speaking = [t for t in terms if waiter.protocol in t[0]]
+        if not speaking and not unknown:
+            spoken = " or ".join(sorted({p for t in terms for p in t[0]}))
+            why = f"{len(terms)} server(s) of key {key!r} speak only {spoken}, not {waiter.protocol}"
+            if waiter.protocol == "tether" and spoken == PROTOCOL_TVM:
+                why += ": use TVM's client (tvm.rpc.connect_tracker) for them, or run `tether server` there"
+            return True, why
+        fitting = [t for t in speaking if all(t[1].get(k) == v for k, v in waiter.labels.items())]
+        if not fitting and not unknown:
+            wanted = ",".join(f"{k}={v}" for k, v in sorted(waiter.labels.items()))
+            theirs = sorted({",".join(f"{k}={v}" for k, v in sorted(t[1].items())) or "(none)" for t in speaking})
+            return True, f"no server of key {key!r} has labels {wanted} (theirs: {'; '.join(theirs[:5])})"
+        others = self.scheduler.counts(key)[1] - (1 if waiter.waiting else 0)
+        why = f"its {len(fitting) + unknown} matching server(s) are busy"
+        if holders:
+            why += f" (held by {', '.join(sorted(set(holders))[:5])})"
+        return False, why + (f"; {others} other request(s) waiting" if others > 0 else "")
 
     def _reject_reason(self, conn: Connection, waiter: Waiter) -> str | None:
         if waiter.protocol not in KNOWN_PROTOCOLS:
