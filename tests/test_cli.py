@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -47,14 +48,19 @@ def test_port_range_skips_busy_ports(cli: Callable[..., CliProcess]) -> None:
         assert base < port < base + 50
 
 
-def test_no_free_port_is_a_clear_error() -> None:
-    with socket.socket() as probe:
+def test_no_free_port_is_a_clear_error_naming_the_range() -> None:
+    with socket.socket() as probe, socket.socket() as next_one:
         probe.bind(("127.0.0.1", 0))
         probe.listen()
         port = probe.getsockname()[1]
-        done = run_cli("tracker", "--port", str(port), "--port-end", str(port + 1))
-    assert done.returncode == 2
-    assert "no free port" in done.stderr
+        with contextlib.suppress(OSError):  # taken already: in use either way
+            next_one.bind(("127.0.0.1", port + 1))
+            next_one.listen()
+        done = run_cli("tracker", "--port", str(port), "--port-end", str(port + 2))
+        single = run_cli("proxy", "--port", str(port), "--port-end", str(port), "--no-web")
+    assert done.returncode == 2 and single.returncode == 2
+    assert done.stderr == f"tether tracker: ports {port}..{port + 1} (2 of them) on 127.0.0.1 are all in use\n"
+    assert single.stderr == f"tether proxy: port {port} on 127.0.0.1 is in use\n"
 
 
 def test_query_table_and_json(cli: Callable[..., CliProcess]) -> None:
