@@ -174,9 +174,7 @@ print("json", len(tvm.ir.save_json(func)))
 @pytest.mark.timeout(240)
 def test_tune_context_builds_for_a_matmul() -> None:
     """meta_schedule's first step works with the installed apache-tvm-ffi (0.1.15.x: SIGSEGV in ToJSONGraph)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _TUNE_CONTEXT_SCRIPT], capture_output=True, text=True, timeout=220
-    )
+    proc = subprocess.run([sys.executable, "-c", _TUNE_CONTEXT_SCRIPT], capture_output=True, text=True, timeout=220)
     assert proc.returncode == 0, (
         f"TuneContext for a 64x64 matmul failed (exit {proc.returncode}) with apache-tvm-ffi "
         f"{version('apache-tvm-ffi')}; the tvm extra pins apache-tvm-ffi<0.1.15\n{proc.stderr[-3000:]}"

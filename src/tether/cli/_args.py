@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ..errors import ConfigError
 __all__ = [
     "add_model_flags",
     "count",
+    "non_negative",
     "existing_file",
     "hostport",
     "label",
@@ -26,6 +28,7 @@ __all__ = [
     "model_options",
     "output_file",
     "port",
+    "positive",
     "seconds",
     "shape",
     "tracker_address",
@@ -71,6 +74,10 @@ def count(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+positive = count(1)
+non_negative = count(0)
 
 
 def seconds(text: str) -> float:
@@ -131,12 +138,12 @@ def load_npz(path: Path | None, flag: str) -> dict[str, Any] | None:
         return None
     import numpy as np
 
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"{flag} {path}: not an .npz of arrays by name (numpy.savez writes one)")
     try:
         with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise ValueError("a single array, not named arrays (write it with numpy.savez)")
             return {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"{flag} {path}: not a readable .npz ({exc})") from None
 
 
@@ -202,12 +209,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         help="the shape to generate input NAME in, for inputs with dynamic dims or an unknown rank (repeatable)",
     )
     timing = p.add_argument_group("timing on the device (TVM's time_evaluator)")
-    timing.add_argument("--number", type=count(1), default=10, metavar="N", help="runs per sample")
-    timing.add_argument("--repeat", type=count(0), default=5, metavar="N", help="samples")
+    timing.add_argument("--number", type=positive, default=10, metavar="N", help="runs per sample")
+    timing.add_argument("--repeat", type=non_negative, default=5, metavar="N", help="samples")
     timing.add_argument(
         "--min-repeat-ms", type=seconds, default=0.0, metavar="MS", help="grow --number until a sample lasts this long"
     )
-    timing.add_argument("--warmup", type=count(0), default=1, metavar="N", help="untimed runs first")
+    timing.add_argument("--warmup", type=non_negative, default=1, metavar="N", help="untimed runs first")
     timing.add_argument("--cooldown-ms", type=seconds, default=0.0, metavar="MS", help="pause between samples")
     p.add_argument(
         "-v", "--verbose", action="store_true", help="a device's error in full, with its traceback (default: one line)"

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..errors import ConfigError
-from ._args import add_model_flags, count, existing_file, load_npz, model_options, output_file, seconds, tracker_address
+from ._args import (
+    add_model_flags,
+    existing_file,
+    load_npz,
+    model_options,
+    output_file,
+    positive,
+    seconds,
+    tracker_address,
+)
 
 if TYPE_CHECKING:
     from ..client.bench import BenchEvent, BenchRecord, BenchSettings
@@ -95,7 +104,7 @@ def add_parser(sub: Any) -> None:
     add_model_flags(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--all-devices", action="store_true", help="every server of the key, at once")
-    group.add_argument("--parallel", type=count(1), default=1, metavar="N", help="N servers at once")
+    group.add_argument("--parallel", type=positive, default=1, metavar="N", help="N servers at once")
     p.add_argument(
         "--reference",
         nargs="?",

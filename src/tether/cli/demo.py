@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from ..errors import TetherError
-from ._args import count, existing_file
+from ._args import existing_file, positive
 from ._report import fail
 from .query import render
 
@@ -19,7 +19,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--model", type=existing_file, default=None, help="ONNX model (default: SqueezeNet from the onnx package)"
     )
-    p.add_argument("--repeat", type=count(1), default=10, help="timed runs per measurement (default 10)")
+    p.add_argument("--repeat", type=positive, default=10, help="timed runs per measurement (default 10)")
     p.add_argument("-v", "--verbose", action="store_true", help="a device's error in full, with its traceback")
     p.set_defaults(run=run)
 

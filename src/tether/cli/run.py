@@ -13,7 +13,16 @@ import time
 from typing import Any
 
 from ..errors import ConfigError, TetherError
-from ._args import add_model_flags, count, existing_file, load_npz, model_options, output_file, seconds, tracker_address
+from ._args import (
+    add_model_flags,
+    existing_file,
+    load_npz,
+    model_options,
+    output_file,
+    positive,
+    seconds,
+    tracker_address,
+)
 from ._report import fail
 
 __all__ = ["add_parser", "describe_array", "run"]
@@ -28,7 +37,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--session-timeout", type=seconds, default=0, metavar="S", help="seconds the session may last (0: no limit)"
     )
-    p.add_argument("--top", type=count(1), default=5, metavar="K", help="classes shown for a classifier's output")
+    p.add_argument("--top", type=positive, default=5, metavar="K", help="classes shown for a classifier's output")
     p.set_defaults(run=run)
 
 

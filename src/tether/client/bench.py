@@ -449,7 +449,8 @@ def bench(
     ``on_event`` gets every :class:`BenchEvent`, one at a time; while requests wait, ``queued`` events
     come every ``poll_s`` seconds. Raises FileNotFoundError for a missing model file,
     :class:`~tether.errors.ConfigError` for a model that the reference cannot check,
-    :class:`~tether.errors.TetherError` when the tracker lists no server of the key, and
+    :class:`~tether.errors.ConnectFailed` when the tracker cannot be reached,
+    :class:`~tether.errors.TetherError` when it lists no server of the key, and
     :class:`BenchInterrupted` on Ctrl-C; errors of a device or a model are in the records.
     """
     settings = settings or BenchSettings()
@@ -459,6 +460,7 @@ def bench(
             raise FileNotFoundError(f"no model file {path}")
         if settings.reference == "onnxruntime" and path.suffix.lower() != ".onnx":
             raise ConfigError(f"{path.name}: only .onnx models can be checked against a local onnxruntime run")
+    TrackerClient.connect(host, port).close()  # an unreachable tracker: ConnectFailed now, not per device
     count = devices if devices is not None else devices_of(host, port, key, labels)
     if count < 1:
         raise TetherError(f"the tracker at {host}:{port} lists no server of key {key!r}")

@@ -39,9 +39,12 @@ def local_input_specs(path: str | os.PathLike[str], backend: str | None = None) 
     except ImportError:
         return None
     try:
-        graph = onnx.load(path, load_external_data=False).graph
+        proto = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and kin: not an ONNX file
         raise ConfigError(f"{name} is not an ONNX model: {exc}") from None
+    if not proto.HasField("graph"):  # e.g. an empty file: a valid, empty message
+        raise ConfigError(f"{name} is not an ONNX model: it has no graph")
+    graph = proto.graph
     weights = {t.name for t in graph.initializer}
     specs = []
     for value in graph.input:
