@@ -9,16 +9,21 @@ from __future__ import annotations
 import argparse
 import os
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..aio.net import parse_hostport
 from ..client.tracker import tracker_address_from_env
 from ..errors import ConfigError
 
+if TYPE_CHECKING:
+    from ..runtime import TensorSpec
+
 __all__ = [
     "add_model_flags",
+    "check_inputs",
+    "check_locally",
     "count",
     "non_negative",
     "existing_file",
@@ -219,6 +224,44 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-v", "--verbose", action="store_true", help="a device's error in full, with its traceback (default: one line)"
     )
+
+
+def check_inputs(
+    models: Sequence[tuple[str, Sequence[TensorSpec] | None]],
+    inputs: Mapping[str, Any] | None,
+    args: argparse.Namespace,
+) -> None:
+    """Whether inputs can be made for each model (its name, and its input specs when known): the arrays
+    of ``--input``, the ``--shape`` entries for its inputs that are not fixed (each must name some model's
+    input), generated ones for the rest. Raises :class:`ConfigError` saying why not."""
+    from ..client.inputs import input_problem, shapes_for
+
+    shapes = dict(args.shape)
+    named: set[str] = set()
+    for name, specs in models:
+        if specs is None:  # only the device can tell this model's inputs
+            named.update(shapes)
+            continue
+        named.update(s.name for s in specs)
+        sources = (f"--input {args.input}", "--shape")
+        problem = input_problem(specs, inputs or {}, shapes_for(specs, shapes), sources)
+        if problem:
+            raise ConfigError(f"{name}: {problem}" if len(models) > 1 else problem)
+    unknown = sorted(set(shapes) - named)
+    if unknown:
+        raise ConfigError(f"--shape {unknown}: not among the inputs of {', '.join(n for n, _ in models)}")
+
+
+def check_locally(args: argparse.Namespace, models: Sequence[Path]) -> tuple[str, int, dict[str, Any] | None]:
+    """What ``run`` and ``bench`` check before a device is taken, beyond the flags' types: the tracker's
+    address, the ``--input`` arrays, and each model's inputs where its file can be read here. Returns the
+    tracker's host and port, and the ``--input`` arrays; raises :class:`ConfigError`."""
+    from ..client.inputs import local_input_specs
+
+    host, port = tracker_address(*(args.tracker or ()))
+    inputs = load_npz(args.input, "--input")
+    check_inputs([(path.name, local_input_specs(path, args.backend)) for path in models], inputs, args)
+    return host, port, inputs
 
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:

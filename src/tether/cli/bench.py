@@ -15,17 +15,17 @@ from typing import TYPE_CHECKING, Any, TextIO
 from ..errors import ConfigError
 from ._args import (
     add_model_flags,
+    check_locally,
     existing_file,
     load_npz,
     model_options,
     output_file,
     positive,
     seconds,
-    tracker_address,
 )
 
 if TYPE_CHECKING:
-    from ..client.bench import BenchEvent, BenchRecord, BenchSettings
+    from ..client.bench import BenchEvent, BenchRecord
 
 __all__ = ["Progress", "add_parser", "run"]
 
@@ -152,27 +152,6 @@ def _words(text: str, width: int = 160) -> str:
     return line[: cut if cut > 0 else width - 2] + " …"
 
 
-def _check_local(args: argparse.Namespace, settings: BenchSettings) -> None:
-    """What can be checked before a device is taken: each model's inputs, when its file can be read
-    here; that each --shape names some model's input. Raises ConfigError."""
-    from ..client.inputs import input_problem, local_input_specs, shapes_for
-
-    names: set[str] = set()
-    for path in args.models:
-        specs = local_input_specs(path, args.backend)
-        if specs is None:
-            names.update(settings.shapes)  # only the device can tell this model's inputs
-            continue
-        names.update(s.name for s in specs)
-        shapes = shapes_for(specs, settings.shapes)
-        problem = input_problem(specs, settings.inputs or {}, shapes, (f"--input {args.input}", "--shape"))
-        if problem:
-            raise ConfigError(f"{path.name}: {problem}")
-    unknown = sorted(set(settings.shapes) - names)
-    if unknown:
-        raise ConfigError(f"--shape {unknown}: no model takes such an input")
-
-
 def run(args: argparse.Namespace) -> int:
     from ..client.bench import BenchInterrupted, BenchSettings, bench
     from ..client.plot import check_plot_path
@@ -181,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("tether bench needs --repeat 1 or more (samples per model and device)")
     if args.plot:
         check_plot_path(args.plot)  # before the queue, not after the measurements
-    host, port = tracker_address(*(args.tracker or ()))
+    host, port, inputs = check_locally(args, args.models)
     reference: str | dict[str, Any] | None = args.reference
     if isinstance(args.reference, Path):
         reference = load_npz(args.reference, "--reference")
@@ -195,13 +174,12 @@ def run(args: argparse.Namespace) -> int:
         fill=args.fill,
         backend=args.backend,
         options=model_options(args),
-        inputs=load_npz(args.input, "--input"),
+        inputs=inputs,
         shapes=dict(args.shape),
         reference=reference,
         rtol=args.rtol,
         atol=args.atol,
     )
-    _check_local(args, settings)
     progress = None if args.quiet else Progress(sys.stderr, tty=sys.stderr.isatty())
     code = None
     try:

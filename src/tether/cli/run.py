@@ -12,16 +12,16 @@ import sys
 import time
 from typing import Any
 
-from ..errors import ConfigError, TetherError
+from ..errors import TetherError
 from ._args import (
     add_model_flags,
+    check_inputs,
+    check_locally,
     existing_file,
-    load_npz,
     model_options,
     output_file,
     positive,
     seconds,
-    tracker_address,
 )
 from ._report import fail
 
@@ -62,20 +62,14 @@ def run(args: argparse.Namespace) -> int:
         print("tether run needs numpy on the host: pip install 'tether[onnx]'", file=sys.stderr)
         return 2
     from ..client.api import connect_tracker
-    from ..client.inputs import input_problem, local_input_specs
+    from ..client.inputs import shapes_for
     from ..runtime import TensorSpec
 
-    host, port = tracker_address(*(args.tracker or ()))
-    inputs = load_npz(args.input, "--input") or {}
-    shapes = dict(args.shape)
-    sources = (f"--input {args.input.name}" if args.input else "--input", "--shape")
-    specs = local_input_specs(args.model, args.backend)
-    problem = input_problem(specs, inputs, shapes, sources) if specs is not None else None
-    if problem:
-        raise ConfigError(problem)
+    host, port, given = check_locally(args, [args.model])
+    inputs = given or {}
     device = None
     timed = {"number": args.number, "min_repeat_ms": args.min_repeat_ms, "cooldown_ms": args.cooldown_ms}
-    feed = {"fill": args.fill, "seed": 0, "shapes": shapes, "timeout": args.run_timeout or None}
+    feed: dict[str, Any] = {"fill": args.fill, "seed": 0, "timeout": args.run_timeout or None}
     try:
         with connect_tracker(host, port) as tracker:
             t0 = time.perf_counter()
@@ -88,9 +82,8 @@ def run(args: argparse.Namespace) -> int:
                 t2 = time.perf_counter()
                 model = sess.load_model(remote, args.backend, timeout=feed["timeout"], **model_options(args))
                 specs = [TensorSpec.from_wire(s) for s in model.inputs]
-                problem = input_problem(specs, inputs, shapes, sources)
-                if problem:
-                    raise ConfigError(problem)
+                check_inputs([(args.model.name, specs)], inputs, args)  # what only the device could tell
+                feed["shapes"] = shapes = shapes_for(specs, dict(args.shape))
                 kept = {name: sess.tensor(arr) for name, arr in inputs.items()}  # sent once
                 print(f"device {sess.address} ({model.backend}), model {args.model.name}")
                 print("inputs:")
