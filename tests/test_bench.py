@@ -8,6 +8,7 @@ import json
 import queue
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -392,3 +393,120 @@ def test_error_taxonomy_in_bench(tracker: TrackerThread, device_server: Any, tmp
         tracker.host, tracker.port, "errs", [ref("good2.json")], BenchSettings(inputs={"x": x}, reference={"y": x})
     )
     assert wrong[0].error is not None and wrong[0].error["type"] == "WrongAnswer"
+
+
+# -- a first hour without friction ---------------------------------------------------------------------
+
+
+def test_cli_errors_have_their_own_column_and_reference_checks_are_reported(
+    capsys: pytest.CaptureFixture[str], tracker: TrackerThread, device_server: Any, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from tether.cli import main
+
+    server = device_server(key="cols", tracker=(tracker.host, tracker.port))
+    words = " ".join(f"word{i:02d}" for i in range(60))  # 419 characters
+    good = _model(tmp_path / "good.json", 2.0)
+    spec = {"name": "x", "dtype": "float32", "shape": [4, 4]}
+    raising = tmp_path / "raises.json"
+    affine = {"op": "affine", "input": "x", "output": "y", "scale": 2.0}
+    write_reference_model(raising, [spec], [{**spec, "name": "y"}], [{"op": "raise", "message": words}, affine])
+    x = np.ones((4, 4), "float32")
+    np.savez(tmp_path / "x.npz", x=x)
+    np.savez(tmp_path / "y.npz", y=2 * x)
+    out_json = tmp_path / "out.json"
+    code = main(
+        ["bench", str(good), str(raising), "--tracker", f"{tracker.host}:{tracker.port}", "--key", "cols",
+         "--number", "1", "--repeat", "2", "--input", str(tmp_path / "x.npz"), "--reference", str(tmp_path / "y.npz"),
+         "--json", str(out_json), "--quiet"]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 1 and err == ""
+    header, good_row, bad_row, checked = out.splitlines()
+    assert header.split() == [
+        "model", "device", "load", "ms", "median", "ms", "95%", "CI", "mean", "std", "min", "p90", "p99", "n",
+        "outputs", "error",
+    ]  # fmt: skip
+    error_at = header.index("error")
+    assert good_row.split()[-1] == "match" and len(good_row) <= error_at  # no error: nothing in that column
+    assert bad_row.startswith(f"raises.json  127.0.0.1:{server.port}")
+    error = bad_row[error_at:]
+    assert error.startswith("ModelRunError: word00 word01") and error.endswith(" …")
+    assert all(re.fullmatch(r"word\d\d", w) for w in error[len("ModelRunError: ") : -2].split())  # whole words
+    assert (
+        checked
+        == "outputs checked against " + str(tmp_path / "y.npz") + ": 1 of 2 matched within rtol 0.0001, atol 1e-05"
+    )
+    records = json.loads(out_json.read_text())
+    assert records[0]["checked"] is True and records[1]["checked"] is False
+    assert records[1]["error"]["message"] == words  # the whole of it, and the device's traceback
+    assert "Traceback (most recent call last)" in records[1]["error"]["traceback"]
+
+
+def test_ctrl_c_keeps_what_finished(
+    tracker: TrackerThread, device_server: Any, cli: Callable[..., CliProcess], tmp_path: Path
+) -> None:
+    """SIGINT while the second model runs: the table, the JSON and the CSV hold the first model's results
+    and the second as interrupted; exit code 130; the device's session ends with the process."""
+    device_server(key="intr", tracker=(tracker.host, tracker.port))
+    fast = _model(tmp_path / "fast.json", 2.0)
+    spec = {"name": "x", "dtype": "float32", "shape": [4, 4]}
+    slow = tmp_path / "slow.json"
+    write_reference_model(slow, [spec], [spec], [{"op": "sleep", "seconds": 300}])
+    out_json, out_csv = tmp_path / "out.json", tmp_path / "out.csv"
+    proc = cli("--log-level", "WARNING", "bench", str(fast), str(slow), "--tracker", f"{tracker.host}:{tracker.port}",
+               "--key", "intr", "--number", "1", "--repeat", "2", "--json", str(out_json), "--csv", str(out_csv))  # fmt: skip
+    proc.wait_line("fast.json median", timeout=60)
+    proc.wait_line("slow.json (2/2) measuring", timeout=60)
+    proc.proc.send_signal(signal.SIGINT)
+    assert proc.proc.wait(timeout=30) == 130
+    proc.wait_line("fast.json  ")  # the table's row
+    row = proc.wait_line("slow.json  ")
+    assert row.endswith("Interrupted: cut short by Ctrl-C")
+    fast_record, slow_record = json.loads(out_json.read_text())
+    assert fast_record["error"] is None and len(fast_record["samples"]) == 2
+    assert slow_record["error"]["type"] == "Interrupted"
+    rows = list(csv.DictReader(out_csv.read_text().splitlines()))
+    assert [r["model"] for r in rows] == ["fast.json", "slow.json"] and rows[1]["error"].startswith("Interrupted")
+    wait_until(lambda: tracker.call(lambda: tracker.core.summary()["queue_info"]["intr"]["free"]) == 1, timeout=30)
+
+
+def test_bench_generates_inputs_of_dynamic_shape(tracker: TrackerThread, device_server: Any, tmp_path: Path) -> None:
+    """An input with a dynamic dim needs a shape: measured with one, a typed error naming --shape without."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    device_server(key="dyn", tracker=(tracker.host, tracker.port))
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "dyn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    path = tmp_path / "dyn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    fixed = _model(tmp_path / "fixed.json", 2.0)  # also takes an "x": [4, 4], fixed, so no shape applies to it
+    shapes = {"x": (5, 3)}
+    checked = BenchSettings(number=1, repeat=2, shapes=shapes, reference="onnxruntime")
+    (record,) = bench(tracker.host, tracker.port, "dyn", [path], checked)
+    assert record.error is None and record.checked and record.stats is not None
+    records = bench(tracker.host, tracker.port, "dyn", [path, fixed], BenchSettings(number=1, repeat=2, shapes=shapes))
+    assert [r.error for r in records] == [None, None]
+    (missing,) = bench(tracker.host, tracker.port, "dyn", [path], BenchSettings(number=1, repeat=2))
+    assert missing.error is not None and missing.error["type"] == "InputError"
+    assert "--shape x=" in missing.error["message"]
+
+
+def test_plot_wraps_long_failure_lines() -> None:
+    words = " ".join(f"word{i:02d}" for i in range(40))  # 279 characters: three lines
+    records = [
+        *_records({"a": 0.001}),
+        BenchRecord("b.onnx", "dev", error={"type": "ModelLoadError", "message": words}),
+    ]
+    root = ET.fromstring(render_svg(records))
+    (failure,) = [t for t in root.iter(f"{SVG}text") if t.get("class") == "failure"]
+    lines = [failure.text or "", *(t.text or "" for t in failure.findall(f"{SVG}tspan"))]
+    assert len(lines) == 3 and all(len(line) <= 130 for line in lines)
+    assert " ".join(" ".join(lines).split()) == f"b.onnx on dev: ModelLoadError: {words}"  # nothing cut

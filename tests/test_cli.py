@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import re
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import pytest
+
+from tether.cli import _parser, main
 from tether.client.tracker import TrackerClient
 from tether.protocol import Request
+from tether.runtime.reference import write_reference_model
+from tether.tracker import TrackerThread
 
 from .conftest import CliProcess
 
@@ -47,14 +57,19 @@ def test_port_range_skips_busy_ports(cli: Callable[..., CliProcess]) -> None:
         assert base < port < base + 50
 
 
-def test_no_free_port_is_a_clear_error() -> None:
-    with socket.socket() as probe:
+def test_no_free_port_is_a_clear_error_naming_the_range() -> None:
+    with socket.socket() as probe, socket.socket() as next_one:
         probe.bind(("127.0.0.1", 0))
         probe.listen()
         port = probe.getsockname()[1]
-        done = run_cli("tracker", "--port", str(port), "--port-end", str(port + 1))
-    assert done.returncode == 2
-    assert "no free port" in done.stderr
+        with contextlib.suppress(OSError):  # taken already: in use either way
+            next_one.bind(("127.0.0.1", port + 1))
+            next_one.listen()
+        done = run_cli("tracker", "--port", str(port), "--port-end", str(port + 2))
+        single = run_cli("proxy", "--port", str(port), "--port-end", str(port), "--no-web")
+    assert done.returncode == 2 and single.returncode == 2
+    assert done.stderr == f"tether tracker: ports {port}..{port + 1} (2 of them) on 127.0.0.1 are all in use\n"
+    assert single.stderr == f"tether proxy: port {port} on 127.0.0.1 is in use\n"
 
 
 def test_query_table_and_json(cli: Callable[..., CliProcess]) -> None:
@@ -115,3 +130,160 @@ def test_query_silent_peer_times_out() -> None:
 def test_version_and_help() -> None:
     assert run_cli("--version").stdout.startswith("tether ")
     assert "tracker" in run_cli("--help").stdout
+
+
+# -- a first hour without friction ---------------------------------------------------------------------
+
+
+def _reference_model(path: Path, *ops: dict[str, Any], shape: tuple[int, ...] = (2, 3)) -> Path:
+    spec = {"name": "x", "dtype": "float32", "shape": list(shape)}
+    affine = {"op": "affine", "input": "x", "output": "y", "scale": 2.0, "bias": 1.0}
+    write_reference_model(path, [spec], [{**spec, "name": "y"}], [*ops, affine])
+    return path
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``tether ARGS`` in this process: exit code, stdout, stderr."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:abc", "127.0.0.1:", ":9190", "[::1]x", "127.0.0.1:70000"])
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_a_bad_tracker_address_is_a_one_line_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str, address: str
+) -> None:
+    model = _reference_model(tmp_path / "m.json")
+    code, out, err = _cli(capsys, command, str(model), "--tracker", address, "--key", "k")
+    assert code == 2 and out == ""
+    assert err.startswith(f"tether {command}: argument --tracker: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_local_mistakes_are_found_before_a_device_is_requested(
+    capsys: pytest.CaptureFixture[str], tracker: TrackerThread, tmp_path: Path, command: str
+) -> None:
+    """No server has the key: a check made after the request would wait out --timeout and fail with 1.
+    Each mistake is one line and exit code 2 instead."""
+    np = pytest.importorskip("numpy")
+    model = _reference_model(tmp_path / "m.json")
+    np.savez(tmp_path / "wrong.npz", q=np.ones(3, "float32"))
+    (tmp_path / "garbage.onnx").write_bytes(b"not a model")
+    request = ["--tracker", f"{tracker.host}:{tracker.port}", "--key", "nobody", "--timeout", "0.5"]
+    cases = [
+        (
+            [str(tmp_path / "missing.json")],
+            "argument MODEL: no file" if command == "bench" else "argument model: no file",
+        ),
+        ([str(model), "--input", str(tmp_path / "missing.npz")], "argument --input: no file"),
+        ([str(model), "--input", str(model)], "m.json: not an .npz of arrays by name"),
+        ([str(model), "--input", str(tmp_path / "wrong.npz")], "['q'] not among the model's inputs ['x']"),
+        ([str(model), "--shape", "q=1"], "--shape"),
+        ([str(model), "--shape", "x=1,a"], "argument --shape: shapes are NAME=D1,D2,..."),
+        ([str(tmp_path / "garbage.onnx")], "garbage.onnx is not an ONNX model"),
+        ([str(model), "--repeat", "-1"], "argument --repeat: expected a whole number >= 0"),
+        ([str(model), "--backend", "tpu"], "argument --backend: invalid choice: 'tpu'"),
+    ]
+    if command == "bench":
+        cases.append(([str(model), "--json", str(tmp_path / "no" / "x.json")], "cannot write"))
+    else:
+        cases.append(([str(model), "--output", str(tmp_path / "no" / "x.npz")], "cannot write"))
+    for args, message in cases:
+        code, _, err = _cli(capsys, command, *args, *request)
+        assert (code, err.count("\n")) == (2, 1) and message in err, (args, err)
+
+
+def test_no_traceback_for_a_mistake_in_any_subcommand(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """One line on stderr and exit code 2 (bad usage) or 1 (failed), never an exception out of main."""
+    (tmp_path / "a-file").write_text("")
+    cases: list[tuple[list[str], int, str]] = [
+        (["tracker", "--port", "70000"], 2, "a port is 0..65535"),
+        (["tracker", "--port", "x"], 2, "a port is 0..65535"),
+        (["server", "--tracker", "127.0.0.1:abc"], 2, "not a number"),
+        (["server", "--host", "127.0.0.1", "--port", "70000"], 2, "ports must be in 0..65535"),
+        (["proxy", "--tracker", "127.0.0.1:"], 2, "has an empty port"),
+        (["proxy", "--index-page", str(tmp_path / "missing.html")], 2, "argument --index-page: no file"),
+        (["proxy", "--timeout-client", "soon"], 2, "expected a non-negative number"),
+        (["query", "--port", "abc"], 2, "a port is 0..65535"),
+        (["query", "--log-level", "LOUD"], 2, "invalid choice: 'LOUD'"),
+        (["pack", "-o", str(tmp_path / "a-file" / "x.pyz")], 1, "a-file"),
+        (["demo", "--model", str(tmp_path / "missing.onnx")], 2, "argument --model: no file"),
+        (["demo", "--model", str(tmp_path / "a-file")], 2, "is not an ONNX model"),
+        (["nonsense"], 2, "invalid choice: 'nonsense'"),
+    ]
+    for args, expected, message in cases:
+        code, _, err = _cli(capsys, *args)
+        assert (code, err.count("\n")) == (expected, 1) and message in err, (args, err)
+    monkeypatch.setenv("TVM_TRACKER_PORT", "abc")
+    assert _cli(capsys, "query") == (2, "", "tether query: TVM_TRACKER_PORT='abc' is not a port (0..65535)\n")
+
+
+def test_a_device_error_is_one_line_and_its_traceback_comes_with_verbose(
+    capsys: pytest.CaptureFixture[str], tracker: TrackerThread, device_server: Any, tmp_path: Path
+) -> None:
+    pytest.importorskip("numpy")
+    server = device_server(key="cpu", tracker=(tracker.host, tracker.port))
+    model = _reference_model(tmp_path / "boom.json", {"op": "raise", "message": "boom"})
+    request = ["--tracker", f"{tracker.host}:{tracker.port}", "--key", "cpu", "--timeout", "30"]
+    code, _, err = _cli(capsys, "run", str(model), *request)
+    assert code == 1
+    assert err == f"tether run: ModelRunError on 127.0.0.1:{server.port}: boom\n"
+    code, _, err = _cli(capsys, "run", str(model), *request, "--verbose")
+    assert code == 1 and err.startswith(f"tether run: ModelRunError on 127.0.0.1:{server.port}: boom\n")
+    assert "--- traceback on the device ---\nTraceback (most recent call last):" in err
+    assert err.rstrip().endswith("RuntimeError: boom")
+
+
+def test_run_and_bench_share_their_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """The same names, meanings (help), types, choices and defaults; each documented with its default."""
+
+    def options(command: str) -> dict[str, argparse.Action]:
+        parser = _parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+        return {s: a for a in parser._actions for s in a.option_strings}
+
+    run, bench = options("run"), options("bench")
+    shared = set(run) & set(bench)
+    expected = {"--tracker", "--key", "--label", "--timeout", "--number", "--repeat", "--min-repeat-ms"}
+    expected |= {"--warmup", "--cooldown-ms", "--input", "--fill", "--shape", "--backend", "--provider"}
+    expected |= {"--function", "--run-timeout", "--verbose", "--log-level"}
+    assert expected <= shared
+    for name in shared - {"-h", "--help"}:
+        a, b = run[name], bench[name]
+        assert (a.default, a.type, a.choices, a.help, a.required) == (b.default, b.type, b.choices, b.help, b.required)
+
+
+@pytest.mark.parametrize("command", ["tracker", "server", "proxy", "query", "run", "bench", "pack", "demo"])
+def test_every_help_has_a_description_defaults_and_choices(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    code, out, _ = _cli(capsys, command, "--help")
+    assert code == 0
+    usage, description = out.split("\n\n")[:2]
+    assert usage.startswith(f"usage: tether {command}") and len(description.strip()) > 10
+    parser = _parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    chunks = re.split(r"\n  (?=-)", out)  # one per option
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS:
+            continue
+        chunk = next(c for c in chunks if c.startswith(action.option_strings[0]))
+        if action.default not in (None, False, "", [], argparse.SUPPRESS):
+            assert "default" in chunk, chunk
+        for choice in action.choices or ():
+            assert str(choice) in chunk, chunk
+
+
+def test_log_level_after_the_subcommand(cli: Callable[..., CliProcess]) -> None:
+    proc = cli("tracker", "--port", "0", "--log-level", "DEBUG")
+    proc.wait_line("DEBUG asyncio")  # asyncio says which selector it uses, at DEBUG only
+    proc.listening()
+
+
+def test_an_unreachable_tracker_is_exit_code_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    model = _reference_model(tmp_path / "m.json")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))  # bound, never listening: connection refused
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+        for command in ("run", "bench"):
+            code, _, err = _cli(capsys, command, str(model), "--tracker", address, "--key", "k")
+            assert (code, err.count("\n")) == (2, 1) and f"cannot connect to {address}" in err, err

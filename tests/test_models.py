@@ -13,6 +13,8 @@ import pytest
 
 import tether
 from tether.cli.pack import build_zipapp
+from tether.models import LIGHT_MODELS
+from tether.runtime.reference import write_reference_model
 from tether.tracker import TrackerThread
 
 from .conftest import CliProcess, wait_until
@@ -22,6 +24,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 pytestmark = pytest.mark.timeout(120)
+
+#: the light models with 60-140 M weights: 5-20 s each here, to draw and run
+BIG_MODELS = {"bvlc_alexnet", "zfnet512", "vgg19"}
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +163,110 @@ def test_zipapp_server_runs_on_a_bare_python(tracker: TrackerThread, tmp_path: P
         proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+# -- a first hour without friction ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in BIG_MODELS else n for n in LIGHT_MODELS]
+)
+def test_every_light_model_gives_finite_input_dependent_outputs(name: str) -> None:
+    """Two different inputs give two different outputs, all finite (batch norms once made NaN of four)."""
+    from tether.models import light_model
+
+    session = ort.InferenceSession(light_model(name).SerializeToString(), providers=["CPUExecutionProvider"])
+    (spec,) = session.get_inputs()
+    shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+    rng = np.random.default_rng(7)
+    first, second = (session.run(None, {spec.name: rng.standard_normal(shape, np.float32)})[0] for _ in range(2))
+    assert np.isfinite(first).all() and np.isfinite(second).all()
+    assert not np.allclose(first, second, rtol=1e-3, atol=1e-6)
+
+
+def _run(tracker: TrackerThread, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tether", "run", *args, "--tracker", f"127.0.0.1:{tracker.port}", "--key", "cpu",
+         "--timeout", "30", "--repeat", "1"],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+
+
+def _dynamic_model(path: Path) -> Path:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Relu", ["z"], ["w"])],
+        "dynamic",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, None),  # not even a rank
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, ["N", 3]),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    return path
+
+
+def test_tether_run_generates_inputs_of_dynamic_shape(
+    device_server: Any, tracker: TrackerThread, tmp_path: Path
+) -> None:
+    device_server(key="cpu", tracker=(tracker.host, tracker.port))
+    model = _dynamic_model(tmp_path / "dynamic.onnx")
+    done = _run(tracker, str(model), "--shape", "x=4", "--shape", "z=2,3", "--output", str(tmp_path / "out.npz"))
+    assert done.returncode == 0, done.stderr
+    assert "x: [4] float32 (random on the device, --shape)" in done.stdout
+    assert "z: [2, 3] float32 (random on the device, --shape)" in done.stdout
+    with np.load(tmp_path / "out.npz") as out:
+        assert out["y"].shape == (4,) and out["w"].shape == (2, 3)
+    for args, message in [
+        ([], "input 'x' has an unknown rank: give its shape with --shape x=D1,D2,..."),
+        (["--shape", "x=4"], "input 'z' has dynamic dims ['N', 3]: give its shape with --shape z=D1,D2,..."),
+        (["--shape", "x=4", "--shape", "z=2,4"], "shape [2, 4] does not fit input 'z', which is ['N', 3]"),
+    ]:
+        failed = _run(tracker, str(model), *args)
+        assert failed.returncode == 2 and failed.stderr.startswith(f"tether run: {message}"), failed.stderr
+        assert failed.stderr.count("\n") == 1
+    np.savez(tmp_path / "named.npz", q=np.ones(3, "float32"))
+    failed = _run(tracker, str(model), "--input", str(tmp_path / "named.npz"))
+    assert failed.returncode == 2
+    assert failed.stderr.endswith(": ['q'] not among the model's inputs ['x', 'z']\n"), failed.stderr
+
+
+def test_inputs_are_checked_at_load_when_the_host_cannot_read_the_model(
+    device_server: Any,
+    tracker: TrackerThread,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the onnx package here only the device can tell the inputs: the same errors, at load."""
+    from tether.cli import main
+
+    device_server(key="cpu", tracker=(tracker.host, tracker.port))
+    model = _dynamic_model(tmp_path / "dynamic.onnx")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    args = ["run", str(model), "--tracker", f"127.0.0.1:{tracker.port}", "--key", "cpu", "--repeat", "1"]
+    assert main([*args, "--shape", "x=4"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "tether run: input 'z' has dynamic dims ['N', 3]: give its shape with --shape z=D1,D2,... (Python: shapes={'z': [...]}), or send it\n"
+    )
+    assert main([*args, "--shape", "x=2,2", "--shape", "z=1,3"]) == 0
+    assert "x: [2, 2] float32 (random on the device, --shape)" in capsys.readouterr().out
+
+
+def test_tether_run_warns_of_nan_and_inf_outputs(device_server: Any, tracker: TrackerThread, tmp_path: Path) -> None:
+    device_server(key="cpu", tracker=(tracker.host, tracker.port))
+    spec = {"name": "x", "dtype": "float32", "shape": [2, 3]}
+    model = tmp_path / "overflow.json"
+    ops = [{"op": "affine", "input": "x", "output": "y", "scale": 3e38, "bias": 3e38}]  # past float32's range
+    write_reference_model(model, [spec], [{**spec, "name": "y"}], ops)
+    done = _run(tracker, str(model), "--fill", "ones")
+    assert done.returncode == 0
+    assert done.stderr == "tether run: warning: NaN or Inf in outputs y (6 of 6)\n"
+    fine = _run(tracker, str(model), "--fill", "zeros")
+    assert fine.returncode == 0 and fine.stderr == ""

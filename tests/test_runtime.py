@@ -23,6 +23,7 @@ from tether.runtime import (
     TensorSpec,
     available_backends,
     backend_for_path,
+    fill_shape,
     fill_tensor,
     get_backend,
 )
@@ -207,8 +208,9 @@ def test_reference_add_needs_matching_shapes(tmp_path: Path) -> None:
 
 
 def test_reference_missing_file_and_options(tmp_path: Path) -> None:
-    with pytest.raises(BackendError, match="cannot read"):
+    with pytest.raises(BackendError, match=r"cannot read none\.json: ") as failed:
         get_backend("reference").load(str(tmp_path / "none.json"), {})
+    assert str(tmp_path) not in str(failed.value)
     with pytest.raises(BackendError, match="takes no options"):
         get_backend("reference").load(ref_model(tmp_path, AFFINE_ADD), {"device": "cpu"})
 
@@ -436,8 +438,49 @@ def test_onnxruntime_load_errors(tiny_path: Path, tmp_path: Path) -> None:
         backend.load(str(tiny_path), {"intra_op_num_threads": "2"})
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a model")
-    with pytest.raises(BackendError, match="onnxruntime cannot load"):
+    with pytest.raises(BackendError, match=r"onnxruntime cannot load garbage\.onnx: ") as failed:
         backend.load(str(garbage), {})
+    assert str(tmp_path) not in str(failed.value)  # a device's workspace path means nothing to its user
+
+
+def test_onnxruntime_unknown_rank_and_generated_shapes(tmp_path: Path) -> None:
+    """An input without a shape is reported with none (onnxruntime lists it as a scalar, ``[]``); a real
+    scalar stays one; :func:`fill_shape` asks for a shape where one is not fixed, and checks it."""
+    np = pytest.importorskip("numpy")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", [name], [f"{name}_out"]) for name in ("x", "z", "s")]
+    graph = helper.make_graph(
+        nodes,
+        "shapes",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, None),  # no shape at all
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, []),  # a scalar
+        ],
+        [helper.make_tensor_value_info(f"{n}_out", TensorProto.FLOAT, None) for n in ("x", "z", "s")],
+    )
+    path = tmp_path / "shapes.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    model = get_backend("onnxruntime").load(str(path), {})
+    x_spec, z_spec, s_spec = model.inputs
+    assert (x_spec.shape, z_spec.shape, s_spec.shape) == (None, ("N", 3), ())
+    assert TensorSpec.from_wire(x_spec.to_wire()) == x_spec and x_spec.shape_text == "[?]"
+    feed = {"x": np.ones((2, 5), np.float32), "z": np.ones((4, 3), np.float32), "s": np.float32(-1)}
+    assert run_model(model, feed)["x_out"].shape == (2, 5)  # any rank fits an unknown one
+    with pytest.raises(BackendError, match=r"input 'x' has an unknown rank: give its shape with --shape x="):
+        fill_shape(x_spec)
+    with pytest.raises(BackendError, match=r"input 'z' has dynamic dims \['N', 3\]: .*--shape z=D1,D2"):
+        fill_shape(z_spec)
+    assert fill_shape(x_spec, [2, 5]) == (2, 5) and fill_shape(z_spec, (7, 3)) == (7, 3) and fill_shape(s_spec) == ()
+    with pytest.raises(BackendError, match=r"shape \[7, 4\] does not fit input 'z', which is \['N', 3\]"):
+        fill_shape(z_spec, [7, 4])
+    with pytest.raises(BackendError, match="non-negative ints"):
+        fill_shape(z_spec, [7, -3])
+    with pytest.raises(BackendError, match="no known dtype"):
+        fill_shape(TensorSpec("u", "", (1,)))
 
 
 # -- TVM ---------------------------------------------------------------------------------------------
@@ -615,8 +658,9 @@ def test_tvm_load_errors(tiny_lib: Path, add_one_lib: Path, tmp_path: Path) -> N
             backend.load(str(tiny_lib), {"device": "cuda:0"})
     garbage = tmp_path / "garbage.so"
     garbage.write_bytes(b"not a library")
-    with pytest.raises(BackendError, match="TVM cannot load"):
+    with pytest.raises(BackendError, match=r"TVM cannot load garbage\.so: ") as failed:
         backend.load(str(garbage), {})
+    assert str(tmp_path) not in str(failed.value)
     with pytest.raises(BackendError, match="TVM cannot load"):
         backend.load(str(tmp_path / "missing.so"), {})
     with pytest.raises(BackendError, match="option 'inputs'"):

@@ -82,27 +82,36 @@ def format_hostport(host: str, port: int) -> str:
 
 
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """Parse ``host:port``, ``[v6]:port`` or (with a default) a bare host."""
+    """Parse ``host:port``, ``[v6]:port`` or (with a default) a bare host.
+
+    Raises :class:`ConfigError` for an empty host, a port that is empty after its colon (``host:``), not
+    a number, or outside 0..65535.
+    """
     text = text.strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep:
             raise ConfigError(f"bad address {text!r}: missing ']'")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"bad address {text!r}: expected ':PORT' after ']'")
+        has_port, port_text = bool(rest), rest[1:]
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
+        has_port = True
     else:
-        host, port_text = text, ""
-    if not port_text:
+        host, port_text, has_port = text, "", False
+    if not host:
+        raise ConfigError(f"address {text!r} has no host (HOST:PORT)")
+    if not has_port:
         if default_port is None:
             raise ConfigError(f"address {text!r} needs a port (HOST:PORT)")
         return host, default_port
-    try:
-        port = int(port_text)
-    except ValueError as exc:
-        raise ConfigError(f"bad port in {text!r}") from exc
+    if not port_text.isdigit():
+        what = "an empty port" if not port_text else f"port {port_text!r}, not a number"
+        raise ConfigError(f"address {text!r} has {what} (HOST:PORT)")
+    port = int(port_text)
     if not 0 <= port <= 65535:
-        raise ConfigError(f"port {port} out of range in {text!r}")
+        raise ConfigError(f"port {port} out of range 0..65535 in {text!r}")
     return host, port
 
 
@@ -124,7 +133,8 @@ def bind_listener(
         raise ConfigError(f"cannot resolve listen host {host!r}: {exc}") from exc
     family, _, _, _, sockaddr = infos[0]
     ports = [port] if port == 0 or port_end is None or port_end <= port else list(range(port, port_end))
-    last: OSError | None = None
+    if not 0 <= ports[0] <= ports[-1] <= 65535:
+        raise ConfigError(f"ports must be in 0..65535, not {_port_text(ports)}")
     for candidate in ports:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -139,8 +149,14 @@ def bind_listener(
             sock.close()
             if exc.errno != errno.EADDRINUSE:
                 raise ConfigError(f"cannot listen on {format_hostport(host, candidate)}: {exc.strerror}") from exc
-            last = exc
-    raise ConfigError(f"no free port in [{port}, {port_end}) on {host}: {last}")
+    raise ConfigError(f"{_port_text(ports)} on {host} {'is' if len(ports) == 1 else 'are all'} in use")
+
+
+def _port_text(ports: list[int]) -> str:
+    """``port 9090``, or ``ports 9190..9198 (9 of them)`` for a range."""
+    if len(ports) == 1:
+        return f"port {ports[0]}"
+    return f"ports {ports[0]}..{ports[-1]} ({len(ports)} of them)"
 
 
 def connect_tcp(

@@ -1,6 +1,9 @@
 """The ``tether`` command: ``tether tracker|query|...``. Thin: flags map onto config dataclasses.
 
 Exit codes: 0 success, 1 the operation failed, 2 bad usage or an unreachable peer, 130 interrupted.
+
+A user's mistake (a bad flag, a missing file, a port in use, an error on the device) is one line on
+stderr, never a Python traceback; ``--verbose`` (``run``, ``bench``) adds the device's traceback.
 """
 
 from __future__ import annotations
@@ -9,9 +12,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from .. import __version__
+from ..errors import TetherError
 from . import bench, demo, pack, proxy, query, run, server, tracker
+from ._report import fail
 
 __all__ = ["main"]
 
@@ -25,31 +31,71 @@ _COMMANDS = {
     "pack": pack,
     "demo": demo,
 }
+_LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the usage of a subcommand with many flags fills a screen)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default in ("", [], argparse.SUPPRESS)
+        if "default" in text or nothing:
+            return text
+        return super()._get_help_string(action) or text
+
+
+class _Subcommands:
+    """What each command module's ``add_parser(sub)`` gets: every subcommand has a description (its
+    help line), shows its defaults, and takes ``--log-level`` after its name too."""
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.setdefault("description", kwargs.get("help"))
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        command: argparse.ArgumentParser = self._sub.add_parser(name, **kwargs)
+        # SUPPRESS: without it here, the value given before the subcommand (or INFO) stands
+        command.add_argument(
+            "--log-level", default=argparse.SUPPRESS, choices=_LOG_LEVELS, help="logging threshold (default INFO)"
+        )
+        return command
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tether", description="Run compiled models on remote devices (TVM RPC compatible)."
+    parser = _Parser(
+        prog="tether",
+        description="Run compiled models on remote devices (TVM RPC compatible).",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"tether {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging threshold (default INFO)",
-    )
+    parser.add_argument("--log-level", default="INFO", choices=_LOG_LEVELS, help="logging threshold")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = _Subcommands(sub)
     for module in _COMMANDS.values():
-        module.add_parser(sub)
+        module.add_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, a usage error: its code, not an exception
+        return exc.code if isinstance(exc.code, int) else 2
     level = logging.WARNING if getattr(args, "silent", False) else getattr(logging, args.log_level)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         code: int = args.run(args)
     except KeyboardInterrupt:
         return 130
+    except (TetherError, OSError) as exc:  # a mistake the command did not report itself (bugs keep their traceback)
+        return fail(f"tether {args.command}", exc, verbose=getattr(args, "verbose", False))
     return code

@@ -9,14 +9,23 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ..aio.net import parse_hostport
-from ..errors import TetherError
-from ._args import label
+from ..errors import ConfigError
+from ._args import (
+    add_model_flags,
+    check_locally,
+    existing_file,
+    load_npz,
+    model_options,
+    output_file,
+    positive,
+    seconds,
+)
 
 if TYPE_CHECKING:
-    from ..client.bench import BenchEvent
+    from ..client.bench import BenchEvent, BenchRecord
 
 __all__ = ["Progress", "add_parser", "run"]
 
@@ -85,44 +94,39 @@ class Progress:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="time models on one, N or every device of a key, and compare them")
-    p.add_argument("models", nargs="+", help="model files (.onnx, a TVM library, a reference .json)")
-    p.add_argument("--tracker", required=True, help="HOST:PORT of the tracker")
-    p.add_argument("--key", required=True, help="the device key")
-    p.add_argument("--label", action="append", type=label, default=[], metavar="K=V", help="only servers with it")
+    p.add_argument(
+        "models",
+        nargs="+",
+        type=existing_file,
+        metavar="MODEL",
+        help="model files (.onnx, a TVM library, a reference .json)",
+    )
+    add_model_flags(p)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--all-devices", action="store_true", help="every server of the key, at once")
-    group.add_argument("--parallel", type=int, default=1, metavar="N", help="N servers at once (default 1)")
-    p.add_argument("--number", type=int, default=10, help="runs per sample (default 10)")
-    p.add_argument("--repeat", type=int, default=5, help="samples (default 5)")
-    p.add_argument("--min-repeat-ms", type=float, default=0.0, help="grow --number until a sample lasts this long")
-    p.add_argument(
-        "--run-timeout",
-        type=float,
-        default=None,
-        metavar="S",
-        help="seconds for a model's load, and for its measurement; past it the device ends the session (RunTimeout)",
-    )
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
-    p.add_argument("--cooldown-ms", type=float, default=0.0, help="pause between samples")
-    p.add_argument("--fill", default="random", help="inputs generated on the device: random, zeros, ones")
-    p.add_argument("--backend", default=None, help="onnxruntime, tvm or reference (default: by file type)")
-    p.add_argument("--provider", action="append", default=[], help="onnxruntime execution provider (repeatable)")
-    p.add_argument("--input", default=None, metavar="X.NPZ", help="inputs by name, sent once and kept on the device")
+    group.add_argument("--parallel", type=positive, default=1, metavar="N", help="N servers at once")
     p.add_argument(
         "--reference",
         nargs="?",
         const="onnxruntime",
+        type=_reference,
         default=None,
         metavar="Y.NPZ",
         help="check outputs: against a local onnxruntime run (bare flag) or expected outputs by name (.npz)",
     )
-    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance for --reference")
-    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance for --reference")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait in the queue (default 300)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write every record, raw samples included")
-    p.add_argument("--csv", default=None, metavar="FILE", help="write one row per model and device")
+    p.add_argument("--rtol", type=seconds, default=1e-4, help="relative tolerance for --reference")
+    p.add_argument("--atol", type=seconds, default=1e-5, help="absolute tolerance for --reference")
+    p.add_argument(
+        "--json",
+        type=output_file,
+        default=None,
+        metavar="FILE",
+        help="write every record, raw samples and device tracebacks included",
+    )
+    p.add_argument("--csv", type=output_file, default=None, metavar="FILE", help="write one row per model and device")
     p.add_argument(
         "--plot",
+        type=output_file,
         default=None,
         metavar="FILE",
         help="draw the latency distributions: .svg (no dependency), .png and others with matplotlib",
@@ -131,50 +135,53 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(run=run)
 
 
+def _reference(text: str) -> str | Path:
+    return text if text == "onnxruntime" else existing_file(text)
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1e3:.3f}"
 
 
+def _words(text: str, width: int = 160) -> str:
+    """The first line of ``text``, shortened at a word boundary when longer than ``width``."""
+    line = " ".join((text.strip().splitlines() or [""])[0].split())
+    if len(line) <= width:
+        return line
+    cut = line.rfind(" ", 0, width - 2)
+    return line[: cut if cut > 0 else width - 2] + " …"
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..client.bench import BenchSettings, bench
-    from ..client.plot import check_plot_path, write_plot
+    from ..client.bench import BenchInterrupted, BenchSettings, bench
+    from ..client.plot import check_plot_path
 
+    if args.repeat < 1:
+        raise ConfigError("tether bench needs --repeat 1 or more (samples per model and device)")
     if args.plot:
-        try:
-            check_plot_path(args.plot)  # before the queue, not after the measurements
-        except TetherError as exc:
-            print(f"tether bench: {exc}", file=sys.stderr)
-            return 2
-
-    options: dict[str, Any] = {"providers": args.provider} if args.provider else {}
+        check_plot_path(args.plot)  # before the queue, not after the measurements
+    host, port, inputs = check_locally(args, args.models)
     reference: str | dict[str, Any] | None = args.reference
-    inputs = None
-    if args.input or (reference and reference != "onnxruntime"):
-        import numpy as np
-
-        if args.input:
-            with np.load(args.input) as data:
-                inputs = {k: data[k] for k in data.files}
-        if args.reference and args.reference != "onnxruntime":
-            with np.load(args.reference) as data:
-                reference = {k: data[k] for k in data.files}
+    if isinstance(args.reference, Path):
+        reference = load_npz(args.reference, "--reference")
     settings = BenchSettings(
         number=args.number,
         repeat=args.repeat,
         min_repeat_ms=args.min_repeat_ms,
         warmup=args.warmup,
         cooldown_ms=args.cooldown_ms,
-        run_timeout=args.run_timeout,
+        run_timeout=args.run_timeout or None,
         fill=args.fill,
         backend=args.backend,
-        options=options,
+        options=model_options(args),
         inputs=inputs,
+        shapes=dict(args.shape),
         reference=reference,
         rtol=args.rtol,
         atol=args.atol,
     )
-    host, port = parse_hostport(args.tracker, 9190)
     progress = None if args.quiet else Progress(sys.stderr, tty=sys.stderr.isatty())
+    code = None
     try:
         records = bench(
             host,
@@ -184,45 +191,59 @@ def run(args: argparse.Namespace) -> int:
             settings,
             labels=dict(args.label) or None,
             devices=None if args.all_devices else args.parallel,
-            timeout=args.timeout,
+            timeout=args.timeout or None,
             on_event=progress,
         )
-    except (TetherError, FileNotFoundError) as exc:
-        print(f"tether bench: {exc}", file=sys.stderr)
-        return 2
+    except BenchInterrupted as exc:  # keep what finished: the table and the files
+        records, code = exc.records, 130
     finally:
         if progress is not None:
             progress.close()
+    _print_table(records, args)
+    _write_files(records, args)
+    if args.verbose:
+        for r in records:
+            if r.error and r.error.get("traceback"):
+                print(
+                    f"\n{r.model} on {r.device}: {r.error['type']}: {r.error['message']}\n{r.error['traceback']}",
+                    file=sys.stderr,
+                )
+    if code is not None:
+        return code
+    return 0 if all(r.error is None for r in records) else 1
+
+
+def _print_table(records: list[BenchRecord], args: argparse.Namespace) -> None:
     header = ["model", "device", "load ms", "median ms", "95% CI", "mean", "std", "min", "p90", "p99", "n"]
+    header += ["outputs"] if args.reference else []
     rows = []
     for r in records:
         s = r.stats
+        row = [r.model, r.device, _ms(r.load_s)]
         if s is None:
-            err = r.error or {}
-            rows.append(
-                [r.model, r.device, _ms(r.load_s), f"{err.get('type', 'error')}: {err.get('message', '')[:60]}"]
-            )
-            continue
-        ci = f"{_ms(s.median_ci[0])}..{_ms(s.median_ci[1])}"
-        rows.append(
-            [
-                r.model,
-                r.device,
-                _ms(r.load_s),
-                _ms(s.median),
-                ci,
-                _ms(s.mean),
-                _ms(s.std),
-                _ms(s.min),
-                _ms(s.p90),
-                _ms(s.p99),
-                str(s.n),
-            ]
+            row += ["-"] * 8
+        else:
+            ci = f"{_ms(s.median_ci[0])}..{_ms(s.median_ci[1])}"
+            row += [_ms(s.median), ci, _ms(s.mean), _ms(s.std), _ms(s.min), _ms(s.p90), _ms(s.p99), str(s.n)]
+        row += ["match" if r.checked else "-"] if args.reference else []
+        rows.append(row)
+    errors = [f"{r.error['type']}: {_words(r.error.get('message', ''))}" if r.error else "" for r in records]
+    if any(errors):
+        header.append("error")
+        rows = [[*row, error] for row, error in zip(rows, errors, strict=True)]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if args.reference:
+        against = "a local onnxruntime run" if args.reference == "onnxruntime" else args.reference
+        matched = sum(r.checked for r in records)
+        print(
+            f"outputs checked against {against}: {matched} of {len(records)} matched within "
+            f"rtol {args.rtol:g}, atol {args.atol:g}"
         )
-    widths = [max(len(str(row[i])) for row in [header, *rows] if i < len(row)) for i in range(len(header))]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)))
+
+
+def _write_files(records: list[BenchRecord], args: argparse.Namespace) -> None:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([r.to_dict() for r in records], f, indent=1)
@@ -246,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
                     "p90_s",
                     "p99_s",
                     "n",
+                    "checked",
                     "error",
                 ]
             )
@@ -258,12 +280,9 @@ def run(args: argparse.Namespace) -> int:
                 )
                 labels = ",".join(f"{k}={v}" for k, v in sorted(r.labels.items()))
                 error = f"{r.error['type']}: {r.error['message']}" if r.error else ""
-                writer.writerow([r.model, r.device, labels, r.backend or "", r.load_s or "", *stats, error])
+                writer.writerow([r.model, r.device, labels, r.backend or "", r.load_s or "", *stats, r.checked, error])
     if args.plot:
+        from ..client.plot import write_plot
+
         title = f"tether bench: key {args.key}, {args.number} runs x {args.repeat} samples per model and device"
-        try:
-            write_plot(records, args.plot, title=title)
-        except (TetherError, OSError) as exc:
-            print(f"tether bench: {exc}", file=sys.stderr)
-            return 2
-    return 0 if all(r.error is None for r in records) else 1
+        write_plot(records, args.plot, title=title)

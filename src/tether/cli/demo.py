@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..errors import TetherError
+from ._args import existing_file, positive
+from ._report import fail
 from .query import render
 
 __all__ = ["add_parser", "run"]
@@ -15,22 +16,27 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="run a real model through a tracker and a device server on this machine")
-    p.add_argument("--model", type=Path, default=None, help="ONNX model (default: SqueezeNet from the onnx package)")
-    p.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (default 10)")
+    p.add_argument(
+        "--model", type=existing_file, default=None, help="ONNX model (default: SqueezeNet from the onnx package)"
+    )
+    p.add_argument("--repeat", type=positive, default=10, help="timed runs per measurement (default 10)")
+    p.add_argument("-v", "--verbose", action="store_true", help="a device's error in full, with its traceback")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..client.inputs import local_input_specs
     from ..demo import run_demo  # the demo module itself needs only the standard library to import
 
+    if args.model is not None:
+        local_input_specs(args.model, "onnxruntime")  # not ONNX: ConfigError now, not once all is started
     try:
         result = run_demo(args.model, repeat=args.repeat)
     except ImportError as exc:
         print(f"tether demo needs the tvm and onnx extras: pip install 'tether[tvm,onnx]' ({exc})", file=sys.stderr)
         return 2
     except TetherError as exc:
-        print(f"tether demo failed: {exc}", file=sys.stderr)
-        return 1
+        return fail("tether demo failed", exc, verbose=args.verbose)
     print()
     if result.status is not None:
         print("While the session was held, tether query showed:\n")

@@ -6,11 +6,10 @@ import argparse
 import asyncio
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
-from ..aio.net import parse_hostport
 from ..errors import ConfigError
+from ._args import existing_file, hostport, port, seconds
 
 __all__ = ["add_parser", "run"]
 
@@ -20,27 +19,36 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 or :: for the network)"
     )
-    p.add_argument("--port", type=int, default=9090, help="first port to try (default 9090; 0: the OS chooses)")
-    p.add_argument("--port-end", type=int, default=9199, help="end of the port range, exclusive (default 9199)")
+    p.add_argument("--port", type=port, default=9090, help="first port to try (default 9090; 0: the OS chooses)")
+    p.add_argument("--port-end", type=port, default=9199, help="end of the port range, exclusive (default 9199)")
     p.add_argument(
-        "--web-port", type=int, default=8888, help="HTTP/WebSocket port, endpoint /ws (default 8888; 0: the OS chooses)"
+        "--web-port",
+        type=port,
+        default=8888,
+        help="HTTP/WebSocket port, endpoint /ws (default 8888; 0: the OS chooses)",
     )
     p.add_argument("--no-web", action="store_true", help="serve no WebSocket endpoint")
-    p.add_argument("--tracker", default=None, help="HOST:PORT of a tracker to offer the servers to (tracker mode)")
     p.add_argument(
-        "--timeout-client", type=float, default=600.0, help="seconds a client waits for its server (default 600)"
+        "--tracker",
+        type=hostport,
+        default=None,
+        metavar="HOST:PORT",
+        help="a tracker to offer the servers to (tracker mode)",
     )
     p.add_argument(
-        "--timeout-server", type=float, default=600.0, help="seconds a server waits for its client (default 600)"
+        "--timeout-client", type=seconds, default=600.0, help="seconds a client waits for its server (default 600)"
+    )
+    p.add_argument(
+        "--timeout-server", type=seconds, default=600.0, help="seconds a server waits for its client (default 600)"
     )
     p.add_argument(
         "--timeout-alloc",
-        type=float,
+        type=seconds,
         default=5.0,
         help="tracker mode: seconds a handed-out matchkey may go unused before it is renamed (default 5)",
     )
     p.add_argument("--custom-addr", default=None, help="tracker mode: address the tracker hands to clients")
-    p.add_argument("--index-page", type=Path, default=None, help="HTML page served at / on the web port")
+    p.add_argument("--index-page", type=existing_file, default=None, help="HTML page served at / on the web port")
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
     p.set_defaults(run=run)
 
@@ -49,13 +57,12 @@ def run(args: argparse.Namespace) -> int:
     from ..proxy import ProxyConfig
 
     try:
-        tracker = parse_hostport(args.tracker) if args.tracker else None
         config = ProxyConfig(
             host=args.host,
             port=args.port,
             port_end=args.port_end,
             web_port=None if args.no_web else args.web_port,
-            tracker=tracker,
+            tracker=args.tracker,
             timeout_client=args.timeout_client,
             timeout_server=args.timeout_server,
             timeout_alloc=args.timeout_alloc,

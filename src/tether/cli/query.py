@@ -12,8 +12,8 @@ import sys
 from typing import Any
 
 from ..client.query import TrackerStatus, query_tracker
-from ..client.tracker import tracker_address_from_env
 from ..errors import ProtocolError, TransportError
+from ._args import port, seconds, tracker_address
 
 __all__ = ["add_parser", "render", "run"]
 
@@ -21,14 +21,14 @@ __all__ = ["add_parser", "render", "run"]
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("query", help="show a tracker's servers and queues")
     p.add_argument("--host", default=None, help="tracker host (default $TVM_TRACKER_HOST or 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="tracker port (default $TVM_TRACKER_PORT or 9190)")
+    p.add_argument("--port", type=port, default=None, help="tracker port (default $TVM_TRACKER_PORT or 9190)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the tracker (default 5)")
+    p.add_argument("--timeout", type=seconds, default=5.0, help="seconds to wait for the tracker (default 5)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    host, port = tracker_address_from_env(args.host, args.port)
+    host, port = tracker_address(args.host, args.port)
     try:
         status = query_tracker(host, port, timeout=args.timeout)
     except (TransportError, ProtocolError, TimeoutError, OSError) as exc:

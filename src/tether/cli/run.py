@@ -1,43 +1,43 @@
-"""``tether run MODEL``: request a device, run a model once (and time it), print what came back."""
+"""``tether run MODEL``: request a device, run a model once (and time it), print what came back.
+
+What can be checked here is checked before a device is taken: the files, the tracker's address, and
+the model's inputs against the ``--input`` names and ``--shape`` flags when the model file can be read
+here (a reference ``.json``; an ``.onnx`` with the onnx package), else as soon as the model is loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from ..errors import TetherError
-from ._args import label
+from ._args import (
+    add_model_flags,
+    check_inputs,
+    check_locally,
+    existing_file,
+    model_options,
+    output_file,
+    positive,
+    seconds,
+)
+from ._report import fail
 
 __all__ = ["add_parser", "describe_array", "run"]
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("run", help="run a model on a device from the pool and print its outputs and timing")
-    p.add_argument("model", type=Path, help="model file (.onnx, a TVM library .so/.tar, a reference .json)")
-    p.add_argument("--tracker", default=None, help="HOST:PORT (default: TVM_TRACKER_HOST/PORT, else 127.0.0.1:9190)")
-    p.add_argument("--key", required=True, help="device key to request")
-    p.add_argument("--label", action="append", type=label, default=[], metavar="K=V", help="required label")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--input", type=Path, default=None, help=".npz of inputs by name")
-    source.add_argument(
-        "--fill",
-        choices=["random", "zeros", "ones"],
-        default=None,
-        help="generate inputs on the device (default random)",
+    p.add_argument("model", type=existing_file, help="model file (.onnx, a TVM library .so/.tar, a reference .json)")
+    add_model_flags(p)
+    p.add_argument("--output", type=output_file, default=None, metavar="Y.NPZ", help="write the outputs to this .npz")
+    p.add_argument("--priority", type=float, default=1, help="queue priority: higher goes first")
+    p.add_argument(
+        "--session-timeout", type=seconds, default=0, metavar="S", help="seconds the session may last (0: no limit)"
     )
-    p.add_argument("--output", type=Path, default=None, help="write the outputs to this .npz")
-    p.add_argument("--backend", default=None, help="onnxruntime, tvm, reference (default: from the file type)")
-    p.add_argument("--provider", action="append", default=[], help="onnxruntime execution provider (repeatable)")
-    p.add_argument("--function", default=None, help="tvm: entry function (default main)")
-    p.add_argument("--repeat", type=int, default=10, help="timed runs on the device (default 10; 0: none)")
-    p.add_argument("--number", type=int, default=1, help="runs per timed repeat (default 1)")
-    p.add_argument("--priority", type=float, default=1)
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait in the queue (default: forever)")
-    p.add_argument("--session-timeout", type=float, default=0, help="seconds the session may last (default: no limit)")
-    p.add_argument("--top", type=int, default=5, help="classes shown for a classifier's output (default 5)")
+    p.add_argument("--top", type=positive, default=5, metavar="K", help="classes shown for a classifier's output")
     p.set_defaults(run=run)
 
 
@@ -61,57 +61,66 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("tether run needs numpy on the host: pip install 'tether[onnx]'", file=sys.stderr)
         return 2
-    from ..aio.net import parse_hostport
     from ..client.api import connect_tracker
+    from ..client.inputs import shapes_for
+    from ..runtime import TensorSpec
 
-    inputs = None
-    if args.input is not None:
-        with np.load(args.input) as data:
-            inputs = {name: data[name] for name in data.files}
-    fill = None if inputs is not None else (args.fill or "random")
-    options: dict[str, Any] = {}
-    if args.provider:
-        options["providers"] = args.provider
-    if args.function:
-        options["function"] = args.function
-    host, port = parse_hostport(args.tracker, 9190) if args.tracker else (None, None)
+    host, port, given = check_locally(args, [args.model])
+    inputs = given or {}
+    device = None
+    timed = {"number": args.number, "min_repeat_ms": args.min_repeat_ms, "cooldown_ms": args.cooldown_ms}
+    feed: dict[str, Any] = {"fill": args.fill, "seed": 0, "timeout": args.run_timeout or None}
     try:
         with connect_tracker(host, port) as tracker:
             t0 = time.perf_counter()
             with tracker.request(
-                args.key, args.priority, args.session_timeout, args.timeout, labels=dict(args.label)
+                args.key, args.priority, args.session_timeout, args.timeout or None, labels=dict(args.label)
             ) as sess:
+                device = sess.address
                 t1 = time.perf_counter()
                 remote = sess.upload(args.model)
                 t2 = time.perf_counter()
-                model = sess.load_model(remote, args.backend, **options)
+                model = sess.load_model(remote, args.backend, timeout=feed["timeout"], **model_options(args))
+                specs = [TensorSpec.from_wire(s) for s in model.inputs]
+                check_inputs([(args.model.name, specs)], inputs, args)  # what only the device could tell
+                feed["shapes"] = shapes = shapes_for(specs, dict(args.shape))
+                kept = {name: sess.tensor(arr) for name, arr in inputs.items()}  # sent once
                 print(f"device {sess.address} ({model.backend}), model {args.model.name}")
                 print("inputs:")
-                for spec in model.inputs:
-                    given = inputs.get(spec["name"]) if inputs else None
-                    where = f"from {args.input.name}" if given is not None else f"{fill} on the device"
-                    print(f"  {spec['name']}: {spec['shape']} {spec['dtype']} ({where})")
+                for spec in specs:
+                    if spec.name in inputs:
+                        arr = kept[spec.name]
+                        print(f"  {spec.name}: {list(arr.shape)} {arr.dtype} (from {args.input.name})")
+                    else:
+                        made = f"{args.fill} on the device" + (", --shape" if spec.name in shapes else "")
+                        shown = list(shapes[spec.name]) if spec.name in shapes else spec.shape_text
+                        print(f"  {spec.name}: {shown} {spec.dtype} ({made})")
                 t3 = time.perf_counter()
-                outputs = model.run(inputs, fill=fill, seed=0)
+                outputs = model.run(kept, **feed)
                 t4 = time.perf_counter()
                 print("outputs:")
                 for name, arr in outputs.items():
                     print(describe_array(name, arr, args.top))
+                _warn_not_finite(np, outputs)
                 print(
                     f"timing: request {(t1 - t0) * 1e3:.1f} ms, upload {(t2 - t1) * 1e3:.1f} ms, "
                     f"load {model.load_s * 1e3:.1f} ms, first run {(t4 - t3) * 1e3:.2f} ms round trip "
                     f"({(model.last_run_s or 0) * 1e3:.2f} ms on the device)"
                 )
                 if args.repeat > 0:
-                    result = model.benchmark(inputs, number=args.number, repeat=args.repeat, fill=fill, seed=0)
+                    result = model.benchmark(kept, repeat=args.repeat, warmup=args.warmup, **timed, **feed)
                     print(f"device timing: {result}")
                 if args.output is not None:
                     np.savez(args.output, **outputs)
                     print(f"outputs written to {args.output}")
     except TetherError as exc:
-        print(f"tether run: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"tether run: {exc}", file=sys.stderr)
-        return 2
+        return fail("tether run", exc, verbose=args.verbose, device=device)
     return 0
+
+
+def _warn_not_finite(np: Any, outputs: dict[str, Any]) -> None:
+    """One line on stderr naming the outputs that hold NaN or Inf (a broken model, or broken weights)."""
+    counts = {name: int(arr.size - np.isfinite(arr).sum()) for name, arr in outputs.items() if arr.dtype.kind in "fc"}
+    bad = [f"{name} ({n} of {outputs[name].size})" for name, n in counts.items() if n]
+    if bad:
+        print(f"tether run: warning: NaN or Inf in outputs {', '.join(bad)}", file=sys.stderr)

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..tracker import TrackerConfig, TrackerServer
+from ._args import port
 
 __all__ = ["add_parser", "run"]
 
@@ -20,8 +21,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 or :: for the network)"
     )
-    p.add_argument("--port", type=int, default=9190, help="first port to try (default 9190; 0 lets the OS choose)")
-    p.add_argument("--port-end", type=int, default=9199, help="end of the port range, exclusive (default 9199)")
+    p.add_argument("--port", type=port, default=9190, help="first port to try (default 9190; 0 lets the OS choose)")
+    p.add_argument("--port-end", type=port, default=9199, help="end of the port range, exclusive (default 9199)")
     p.add_argument("--stop-key", default=None, help="key a STOP message must carry (default: random)")
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
     p.set_defaults(run=run)

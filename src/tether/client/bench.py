@@ -9,6 +9,9 @@ Progress comes as :class:`BenchEvent` values: while a device's request waits for
 polls the tracker's detailed summary on its own connection (every ``poll_s``) and reports the requests'
 positions in the key's queue (tether's tracker; TVM's tells only that they wait); then which model is
 measured on which device, and each result. Events come from several threads, one at a time.
+
+Ctrl-C (KeyboardInterrupt in the calling thread) ends every request and session of the run at once and
+raises :class:`BenchInterrupted` with the records that finished, and the rest marked as cut short.
 """
 
 from __future__ import annotations
@@ -19,24 +22,27 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import RemoteError, TetherError
+from ..errors import ConfigError, RemoteError, TetherError
+from ..runtime import TensorSpec, fill_shape
 from .api import connect_tracker
 from .batch import compare_outputs, device_name
+from .inputs import input_problem, shapes_for
 from .query import query_tracker, status_from_summary
 from .session import Session
 from .stats import SampleStats, summarize
 from .tracker import TrackerClient
 
-__all__ = ["BenchEvent", "BenchRecord", "BenchSettings", "EventKind", "bench", "devices_of"]
+__all__ = ["BenchEvent", "BenchInterrupted", "BenchRecord", "BenchSettings", "EventKind", "bench", "devices_of"]
 
 logger = logging.getLogger(__name__)
 
 _request_ids = itertools.count(1)
+_INTERRUPTED = {"type": "Interrupted", "message": "cut short by Ctrl-C"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +60,9 @@ class BenchSettings:
     confidence: float = 0.95
     #: inputs by name (arrays), sent once and kept on the device; else generated there with ``fill``
     inputs: dict[str, Any] | None = None
+    #: shapes to generate inputs in, by input name (for dynamic dims or an unknown rank); a model gets
+    #: those of its own inputs
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     #: check the outputs: "onnxruntime" (run the same inputs locally) or expected outputs by name
     reference: str | dict[str, Any] | None = None
     rtol: float = 1e-4
@@ -64,23 +73,26 @@ class BenchSettings:
     run_timeout: float | None = None
 
 
-def _host_inputs(specs: list[dict[str, Any]], settings: BenchSettings) -> dict[str, Any]:
-    """The inputs to check answers with: the given ones, or seeded random ones (symbolic dims: 1)."""
+def _host_inputs(
+    specs: list[TensorSpec], settings: BenchSettings, shapes: Mapping[str, Sequence[int]]
+) -> dict[str, Any]:
+    """The inputs to check answers with: the given ones, the rest seeded random ones (in ``shapes`` where
+    a dim is not fixed)."""
     import numpy as np
 
-    if settings.inputs is not None:
-        return {k: np.asarray(v) for k, v in settings.inputs.items()}
+    out = {k: np.asarray(v) for k, v in (settings.inputs or {}).items()}
     rng = np.random.default_rng(settings.seed)
-    out = {}
     for spec in specs:
-        shape = [d if isinstance(d, int) and d >= 0 else 1 for d in spec["shape"]]
-        dtype = np.dtype(spec["dtype"])
+        if spec.name in out:
+            continue
+        shape = fill_shape(spec, shapes.get(spec.name))
+        dtype = np.dtype(spec.dtype)
         if dtype.kind == "f":
-            out[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+            out[spec.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind in "iu":
-            out[spec["name"]] = rng.integers(0, 10, shape).astype(dtype)
+            out[spec.name] = rng.integers(0, 10, shape).astype(dtype)
         else:
-            out[spec["name"]] = np.zeros(shape, dtype)
+            out[spec.name] = np.zeros(shape, dtype)
     return out
 
 
@@ -99,16 +111,51 @@ def _wrong_answer(path: Path, inputs: dict[str, Any], outputs: dict[str, Any], s
 
 
 def _error_of(exc: TetherError) -> dict[str, str]:
-    """A failure as ``{"type", "message"}``: the device's own message for remote errors (no type prefix,
-    no traceback: ``--json`` has room for neither twice)."""
+    """A failure as ``{"type", "message"}``: for a device's error its own type and message, and its
+    ``traceback`` when it sent one."""
     if isinstance(exc, RemoteError):
-        return {"type": exc.remote_type, "message": exc.remote_message}
+        error = {"type": exc.remote_type, "message": exc.remote_message}
+        return {**error, "traceback": exc.remote_traceback} if exc.remote_traceback else error
     return {"type": type(exc).__name__, "message": str(exc)}
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`bench`. ``records``: those that finished, the models cut short (error type
+    ``Interrupted``) and those never reached (``NotMeasured``)."""
+
+    def __init__(self, records: list[BenchRecord]) -> None:
+        super().__init__("bench interrupted")
+        self.records = records
+
+
+class _Stop:
+    """Ends a bench run early: interrupts every connection registered (a request waiting for a grant,
+    a measurement in flight end at once, with a TetherError in their threads), and any registered later."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._targets: list[Session | TrackerClient] = []
+        self.is_set = False
+
+    def register(self, target: Session | TrackerClient) -> None:
+        with self._lock:
+            self._targets.append(target)
+            stopped = self.is_set
+        if stopped:
+            target.interrupt()
+
+    def set(self) -> None:
+        with self._lock:
+            self.is_set = True
+            targets = list(self._targets)
+        for target in targets:
+            target.interrupt()
 
 
 @dataclass(slots=True)
 class BenchRecord:
-    """One model on one device. ``error``: ``{"type", "message"}`` when it could not be measured."""
+    """One model on one device. ``error``: ``{"type", "message"}`` (and the device's ``traceback``) when
+    it could not be measured; ``checked``: its outputs matched the reference."""
 
     model: str
     device: str
@@ -119,6 +166,7 @@ class BenchRecord:
     samples: list[float] = field(default_factory=list)
     stats: SampleStats | None = None
     error: dict[str, str] | None = None
+    checked: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,6 +179,7 @@ class BenchRecord:
             "samples": self.samples,
             "stats": self.stats.to_dict() if self.stats else None,
             "error": self.error,
+            "checked": self.checked,
         }
 
 
@@ -290,11 +339,13 @@ def _measure_device(
     request_id: str,
     granted: Callable[[str], None],
     on_event: Callable[[BenchEvent], None],
+    stop: _Stop,
 ) -> list[BenchRecord]:
     # one tracker connection per device: a connection's replies come in its own order, not per thread
     try:
         tracker = connect_tracker(host, port)
         try:
+            stop.register(tracker.client)
             sess = tracker.request(key, timeout=timeout, labels=labels, request_id=request_id)
         except BaseException:
             tracker.close()
@@ -302,11 +353,16 @@ def _measure_device(
     finally:
         granted(request_id)
     with tracker, sess:
-        return _measure_models(sess, models, settings, on_event)
+        stop.register(sess)
+        return _measure_models(sess, models, settings, on_event, stop)
 
 
 def _measure_models(
-    sess: Session, models: Sequence[Path], settings: BenchSettings, on_event: Callable[[BenchEvent], None]
+    sess: Session,
+    models: Sequence[Path],
+    settings: BenchSettings,
+    on_event: Callable[[BenchEvent], None],
+    stop: _Stop,
 ) -> list[BenchRecord]:
     info = sess.info()
     facts = dict(info.get("device") or {})
@@ -322,19 +378,23 @@ def _measure_models(
             remote = sess.upload(path, path.name)
             model = sess.load_model(remote, settings.backend, timeout=settings.run_timeout, **settings.options)
             record.backend, record.load_s = model.backend, model.load_s
+            specs = [TensorSpec.from_wire(spec) for spec in model.inputs]
+            shapes = shapes_for(specs, settings.shapes)
+            why = input_problem(specs, settings.inputs or {}, shapes)
             kept: dict[str, Any] | None = None
-            if settings.inputs is not None or settings.reference is not None:
-                host_inputs = _host_inputs(model.inputs, settings)
+            if why is None and (settings.inputs is not None or settings.reference is not None):
+                host_inputs = _host_inputs(specs, settings, shapes)
                 kept = {name: sess.tensor(value) for name, value in host_inputs.items()}
                 if settings.reference is not None:
                     outputs = model.run(kept, timeout=settings.run_timeout)
                     why = _wrong_answer(path, host_inputs, outputs, settings)
-                    if why is not None:
-                        record.error = {"type": "WrongAnswer", "message": why}
-                        text = f"{device}: {path.name} WRONG ANSWER: {why}"
-                        on_event(BenchEvent("failed", text, *where, record=record))
-                        records.append(record)
-                        continue
+                    record.checked = why is None
+            if why is not None:
+                record.error = {"type": "InputError" if kept is None else "WrongAnswer", "message": why}
+                text = f"{device}: {path.name} {record.error['type']}: {why}"
+                on_event(BenchEvent("failed", text, *where, record=record))
+                records.append(record)
+                continue
             result = model.benchmark(
                 kept,
                 number=settings.number,
@@ -344,6 +404,7 @@ def _measure_models(
                 warmup=settings.warmup,
                 fill=settings.fill,
                 timeout=settings.run_timeout,
+                shapes=shapes,
             )
             record.samples = list(result.samples)
             record.stats = s = summarize(record.samples, settings.confidence)
@@ -354,8 +415,8 @@ def _measure_models(
             )
             on_event(BenchEvent("result", text, *where, record=record))
         except TetherError as exc:
-            record.error = _error_of(exc)
-            text = f"{device}: {path.name} failed: {type(exc).__name__}"
+            record.error = _error_of(exc) if not stop.is_set else dict(_INTERRUPTED)
+            text = f"{device}: {path.name} failed: {record.error['type']}"
             on_event(BenchEvent("failed", text, *where, record=record))
             if sess.closed:  # the rest cannot run in this session: say so rather than drop them
                 records.append(record)
@@ -386,15 +447,20 @@ def bench(
     lists). Each device gets its own session, held for all the models; ``timeout`` is queue time.
 
     ``on_event`` gets every :class:`BenchEvent`, one at a time; while requests wait, ``queued`` events
-    come every ``poll_s`` seconds. Raises FileNotFoundError for a missing model file and
-    :class:`~tether.errors.TetherError` when the tracker lists no server of the key; errors of a device
-    or a model are in the records.
+    come every ``poll_s`` seconds. Raises FileNotFoundError for a missing model file,
+    :class:`~tether.errors.ConfigError` for a model that the reference cannot check,
+    :class:`~tether.errors.ConnectFailed` when the tracker cannot be reached,
+    :class:`~tether.errors.TetherError` when it lists no server of the key, and
+    :class:`BenchInterrupted` on Ctrl-C; errors of a device or a model are in the records.
     """
     settings = settings or BenchSettings()
     paths = [Path(m) for m in models]
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"no model file {path}")
+        if settings.reference == "onnxruntime" and path.suffix.lower() != ".onnx":
+            raise ConfigError(f"{path.name}: only .onnx models can be checked against a local onnxruntime run")
+    TrackerClient.connect(host, port).close()  # an unreachable tracker: ConnectFailed now, not per device
     count = devices if devices is not None else devices_of(host, port, key, labels)
     if count < 1:
         raise TetherError(f"the tracker at {host}:{port} lists no server of key {key!r}")
@@ -408,6 +474,7 @@ def bench(
     started = time.monotonic()
     request_ids = [f"bench-{os.getpid()}-{next(_request_ids)}" for _ in range(count)]
     watch = _QueueWatch(host, port, key, event, poll_s=poll_s)
+    stop = _Stop()
     if on_event is not None:
         watch.start(request_ids)
     try:
@@ -425,16 +492,23 @@ def bench(
                     request_id=rid,
                     granted=watch.done,
                     on_event=event,
+                    stop=stop,
                 )
                 for rid in request_ids
             ]
-            records: list[BenchRecord] = []
-            for future in futures:
+
+            def outcome(future: concurrent.futures.Future[list[BenchRecord]]) -> list[BenchRecord]:
                 try:
-                    records.extend(future.result())
-                except TetherError as exc:
-                    error = _error_of(exc)
-                    records.append(BenchRecord("*", "?", error=error))
+                    return future.result()
+                except TetherError as exc:  # no session: the request failed
+                    return [BenchRecord("*", "?", error=dict(_INTERRUPTED) if stop.is_set else _error_of(exc))]
+
+            try:
+                records = [record for future in futures for record in outcome(future)]
+            except KeyboardInterrupt:
+                stop.set()  # every thread ends now: collect what each has
+                records = [record for future in futures for record in outcome(future)]
+                raise BenchInterrupted(records) from None
     finally:
         if on_event is not None:
             watch.stop()

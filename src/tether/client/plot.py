@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = ["check_plot_path", "render_svg", "write_plot"]
 #: Okabe-Ito colours (distinguishable with colour blindness), one per device
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000")
 LOG_RATIO = 20.0
+_FAIL_WIDTH, _FAIL_LINES = 130, 4  # characters per failure line (both renderers fit them), lines per failure
 EXPLAIN = "dots: samples, box: p25-p75, line: median, whiskers: min-max, shaded: {ci} CI of the median"
 _GOLDEN = 0.6180339887498949
 
@@ -74,7 +76,7 @@ class _Axis:
 @dataclass(frozen=True, slots=True)
 class _Plan:
     groups: list[tuple[str, list[_Row]]]
-    failed: list[str]
+    failed: list[list[str]]  # a failure's lines, wrapped
     axis: _Axis | None
 
 
@@ -100,15 +102,17 @@ def _axis(lo: float, hi: float) -> _Axis:
     return _Axis(ticks[0], ticks[-1], False, ticks)
 
 
-def _failed(record: BenchRecord) -> str:
+def _failed(record: BenchRecord) -> list[str]:
     error = record.error or {"type": "NoSamples", "message": "no samples"}
     if record.model == "*":  # the device's session itself failed (queue timeout, connection)
         who = "session" if record.device == "?" else f"session on {record.device}"
     else:
         who = f"{record.model} on {record.device}"
-    message = (error.get("message") or "").strip().splitlines()
     text = f"{who}: {error.get('type', 'error')}"
-    return f"{text}: {_cut(message[0], 100)}" if message else text
+    message = " ".join((error.get("message") or "").split())
+    if message:
+        text += f": {message}"
+    return textwrap.wrap(text, _FAIL_WIDTH, max_lines=_FAIL_LINES, placeholder=" \u2026", subsequent_indent="  ")
 
 
 def _plan(records: Sequence[BenchRecord]) -> _Plan:
@@ -173,7 +177,7 @@ def _percent(confidence: float) -> str:
 # -- SVG ----------------------------------------------------------------------------------------
 
 _W, _LABEL_X, _X0, _X1 = 960, 24, 280, 860
-_TOP, _GROUP_H, _ROW_H, _FAIL_H = 76, 28, 26, 18
+_TOP, _GROUP_H, _ROW_H, _FAIL_H, _FAIL_LINE_H = 76, 28, 26, 18, 15
 _FONT = "system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif"
 
 
@@ -266,9 +270,11 @@ def render_svg(records: Sequence[BenchRecord], title: str | None = None) -> str:
         body.append('<g class="failed">')
         body.append(_el("text", {"x": 12, "y": y + 12, "font-weight": "bold", "fill": "#b00020"}, "Failed"))
         y += _FAIL_H + 4
-        for line in plan.failed:
-            body.append(_el("text", {"class": "failure", "x": _LABEL_X, "y": y + 12, "font-size": 12}, line))
-            y += _FAIL_H
+        for lines in plan.failed:
+            attrs = {"class": "failure", "x": _LABEL_X, "y": y + 12, "font-size": 12}
+            more = "".join(_el("tspan", {"x": _LABEL_X, "dy": _FAIL_LINE_H}, line) for line in lines[1:])
+            body.append(f"<text {_attrs_text(attrs)}>{escape(lines[0])}{more}</text>")
+            y += _FAIL_H + _FAIL_LINE_H * (len(lines) - 1)
         body.append("</g>")
     height = round(y + 16)
     head = title or "tether bench: latency per model and device"
@@ -338,7 +344,8 @@ def _write_matplotlib(plan: _Plan, path: str | os.PathLike[str], title: str) -> 
     from matplotlib.transforms import blended_transform_factory
 
     lines = sum(1 + len(rows) for _, rows in plan.groups)
-    fail_in = 0.3 + 0.22 * len(plan.failed) if plan.failed else 0.0
+    fail_lines = sum(len(lines) for lines in plan.failed)
+    fail_in = 0.3 + 0.22 * fail_lines if plan.failed else 0.0
     top_in, axis_in, width_in = 0.9, 0.7, 10.0
     height_in = top_in + 0.3 * max(lines, 1) + axis_in + fail_in
     fig = Figure(figsize=(width_in, height_in))
@@ -389,6 +396,6 @@ def _write_matplotlib(plan: _Plan, path: str | os.PathLike[str], title: str) -> 
         ax.spines[side].set_visible(False)
     if plan.failed:
         fig.text(0.12 / width_in, (fail_in - 0.2) / height_in, "Failed", color="#b00020", fontweight="bold")
-        for i, line in enumerate(plan.failed):
+        for i, line in enumerate(line for lines in plan.failed for line in lines):
             fig.text(0.3 / width_in, (fail_in - 0.42 - 0.22 * i) / height_in, line, fontsize=8.5)
     fig.savefig(path, dpi=150, facecolor="white")

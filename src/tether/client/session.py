@@ -23,7 +23,7 @@ import os
 import socket
 import statistics
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,11 @@ def _as_wire_array(value: Any) -> Any:
     if name not in DTYPE_SIZES:
         raise TypeError(f"dtype {arr.dtype} cannot travel; supported: {', '.join(DTYPE_SIZES)}")
     return np.ascontiguousarray(arr)
+
+
+def _shapes(shapes: Mapping[str, Sequence[int]] | None) -> dict[str, Any]:
+    """The request header's ``shapes`` entry (none when there are none: older servers never see it)."""
+    return {"shapes": {name: [int(d) for d in dims] for name, dims in shapes.items()}} if shapes else {}
 
 
 @dataclass(frozen=True)
@@ -207,15 +212,18 @@ class RemoteModel:
         seed: int | None = None,
         keep: bool = False,
         timeout: float | None = None,
+        shapes: Mapping[str, Sequence[int]] | None = None,
     ) -> dict[str, Any]:
         """Run once; numpy arrays (or :class:`RemoteTensor` with ``keep=True``) by output name.
 
         ``inputs`` maps names to arrays or :class:`RemoteTensor`; inputs left out are generated on the
-        device when ``fill`` is "random", "zeros" or "ones". Past ``timeout`` seconds the device ends the
+        device when ``fill`` is "random", "zeros" or "ones", in the shape ``shapes`` gives by name (needed
+        for an input with dynamic dims or an unknown rank). Past ``timeout`` seconds the device ends the
         session and this raises :class:`RunTimeout`.
         """
         refs, inline = self._split(inputs)
         header = {"model": self.handle, "inputs": refs, "fill": fill, "seed": seed, "keep": keep}
+        header.update(_shapes(shapes))
         result, arrays = self.session._call("run", header, inline, timeout=timeout)
         self.last_run_s = float(result.get("run_s", 0.0))
         if keep:
@@ -239,8 +247,10 @@ class RemoteModel:
         seed: int | None = None,
         flush_cache: bool = False,
         timeout: float | None = None,
+        shapes: Mapping[str, Sequence[int]] | None = None,
     ) -> BenchmarkResult:
-        """Time runs on the device with inputs kept there (sent once, or generated with ``fill``).
+        """Time runs on the device with inputs kept there (sent once, or generated with ``fill``, in
+        ``shapes`` as :meth:`run` takes them).
 
         ``flush_cache``: evict the CPU caches before each repeat (TVM's ``enable_cpu_cache_flush``).
         ``timeout``: seconds for the whole measurement; past it :class:`RunTimeout`, the session ends."""
@@ -256,6 +266,7 @@ class RemoteModel:
             "cooldown_ms": cooldown_ms,
             "warmup": warmup,
         }
+        header.update(_shapes(shapes))
         if flush_cache:
             header["flush_cache"] = True
         result, _ = self.session._call("benchmark", header, inline, timeout=timeout)
@@ -439,6 +450,14 @@ class Session:
         finally:
             if timeout is not None and self._channel is not None:
                 self._channel.sock.settimeout(self.io_timeout)
+
+    def interrupt(self) -> None:
+        """From any thread: shut the connection down, so that a request in flight ends at once (it raises
+        :class:`SessionLost`) and the server ends the session. Nothing more can be sent afterwards."""
+        channel = self._channel
+        if channel is not None:
+            with contextlib.suppress(OSError):
+                channel.sock.shutdown(socket.SHUT_RDWR)
 
     def _drop(self) -> None:
         if self._channel is not None:

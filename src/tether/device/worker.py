@@ -33,7 +33,7 @@ from ..aio.channel import Channel
 from ..aio.net import finish_sending
 from ..errors import BadHeader, ConnectionClosed, LocalProtocolError, RemoteError, RemoteProtocolError, WorkspaceError
 from ..protocol.session import MAX_PAYLOAD_BYTES, FrameHeader, FrameKind, TensorDesc, tensor_descs
-from ..runtime import Model, RawTensor, backend_for_path, fill_tensor, get_backend
+from ..runtime import Model, RawTensor, backend_for_path, fill_shape, fill_tensor, get_backend
 from .cache import ContentCache, is_sha256
 from .workspace import Workspace
 
@@ -440,9 +440,11 @@ class NativeSession:
         return {}, []
 
     def _inputs(self, model: Model, header: dict[str, Any], payload: _Payload) -> dict[str, Any]:
-        """Prepared inputs: tensors in the payload, handles (``{"name": "t3"}``), or generated ones."""
+        """Prepared inputs: tensors in the payload, handles (``{"name": "t3"}``), or generated ones
+        (``fill``; ``shapes`` by name for inputs with dynamic dims or an unknown rank)."""
         inline = {desc.name: tensor for desc, tensor in self._receive_tensors(header, payload)}
         refs = header.get("inputs") or {}
+        shapes = dict(header.get("shapes") or {})
         if not isinstance(refs, dict):
             raise RemoteError("inputs must map names to tensor handles", "ValueError")
         fill = header.get("fill")
@@ -453,18 +455,14 @@ class NativeSession:
             elif spec.name in refs:
                 tensor = self._tensor(refs.pop(spec.name))
             elif fill:
-                if not all(isinstance(d, int) for d in spec.shape):
-                    raise RemoteError(
-                        f"input {spec.name!r} has symbolic shape {list(spec.shape)}: send it", "ValueError"
-                    )
-                shape = tuple(int(d) for d in spec.shape if isinstance(d, int))
+                shape = fill_shape(spec, shapes.pop(spec.name, None))
                 tensor = fill_tensor(spec.dtype, shape, str(fill), header.get("seed"))
             else:
                 raise RemoteError(
                     f"input {spec.name!r} missing; the model takes {[s.name for s in model.inputs]}", "ValueError"
                 )
             prepared[spec.name] = model.prepare(spec.name, tensor)
-        extra = sorted(inline) + sorted(refs)
+        extra = sorted(inline) + sorted(refs) + sorted(set(shapes) - set(prepared))
         if extra:
             raise RemoteError(f"unknown inputs {extra}; the model takes {[s.name for s in model.inputs]}", "ValueError")
         return prepared

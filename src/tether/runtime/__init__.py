@@ -19,7 +19,7 @@ import struct
 from typing import Any
 
 from ..protocol.session import DTYPE_SIZES
-from .base import Backend, BackendError, Model, RawTensor, TensorSpec, module_installed, numpy_to_raw
+from .base import Backend, BackendError, Model, RawTensor, TensorSpec, fill_shape, module_installed, numpy_to_raw
 from .ort_backend import OnnxRuntimeBackend
 from .reference import ReferenceBackend
 from .tvm_backend import TVMBackend
@@ -32,6 +32,7 @@ __all__ = [
     "TensorSpec",
     "available_backends",
     "backend_for_path",
+    "fill_shape",
     "fill_tensor",
     "get_backend",
 ]

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from ..protocol.session import DTYPE_SIZES, TensorDesc
 
-__all__ = ["Backend", "BackendError", "Model", "RawTensor", "TensorSpec"]
+__all__ = ["Backend", "BackendError", "Model", "RawTensor", "TensorSpec", "fill_shape"]
 
 
 class BackendError(Exception):
@@ -26,14 +26,28 @@ class BackendError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
-    """A model input or output: dims are ints, or a string/None where the model leaves them symbolic."""
+    """A model input or output: dims are ints, or a string/None where the model leaves them symbolic;
+    ``shape`` None when even the rank is unknown. ``dtype`` ``""`` when unknown."""
 
     name: str
     dtype: str
-    shape: tuple[int | str | None, ...]
+    shape: tuple[int | str | None, ...] | None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        return {"name": self.name, "dtype": self.dtype, "shape": None if self.shape is None else list(self.shape)}
+
+    @classmethod
+    def from_wire(cls, value: Mapping[str, Any]) -> TensorSpec:
+        """The inverse of :meth:`to_wire` (what ``RemoteModel.inputs`` holds)."""
+        shape = value.get("shape")
+        return cls(str(value["name"]), str(value.get("dtype") or ""), None if shape is None else tuple(shape))
+
+    @property
+    def shape_text(self) -> str:
+        """``[1, 3, 'N']``, or ``[?]`` for an unknown rank."""
+        if self.shape is None:
+            return "[?]"
+        return "[" + ", ".join("?" if d is None else repr(d) for d in self.shape) + "]"
 
 
 @dataclass(slots=True)
@@ -142,18 +156,44 @@ def input_spec(specs: Sequence[TensorSpec], name: str) -> TensorSpec:
     raise BackendError(f"the model has no input {name!r}; it takes {[s.name for s in specs]}")
 
 
+def _fits(spec: TensorSpec, shape: Sequence[int]) -> bool:
+    """Whether ``shape`` has the spec's rank (when known) and its size on every fixed dim."""
+    return spec.shape is None or (
+        len(spec.shape) == len(shape)
+        and all(not isinstance(want, int) or want == have for want, have in zip(spec.shape, shape, strict=True))
+    )
+
+
 def check_input(spec: TensorSpec, tensor: RawTensor) -> None:
     """Raise :class:`BackendError` when ``tensor`` cannot be input ``spec``: another dtype (unless the spec's
-    is unknown, ``""``), another rank, or another size on a fixed dim."""
-    fits = (not spec.dtype or spec.dtype == tensor.dtype) and len(spec.shape) == len(tensor.shape)
-    if fits and all(
-        not isinstance(want, int) or want == have for want, have in zip(spec.shape, tensor.shape, strict=True)
-    ):
+    is unknown, ``""``), another rank (unless unknown), or another size on a fixed dim."""
+    if (not spec.dtype or spec.dtype == tensor.dtype) and _fits(spec, tensor.shape):
         return
-    want_shape = [d if d is not None else "?" for d in spec.shape]
     raise BackendError(
-        f"input {spec.name!r} takes {spec.dtype or '?'}{want_shape}, got {tensor.dtype}{list(tensor.shape)}"
+        f"input {spec.name!r} takes {spec.dtype or '?'}{spec.shape_text}, got {tensor.dtype}{list(tensor.shape)}"
     )
+
+
+def fill_shape(spec: TensorSpec, given: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The shape to generate input ``spec`` with: ``given`` (which must fit the spec's rank and fixed dims),
+    else the spec's own when every dim is fixed. Raises :class:`BackendError` naming the fix for an input
+    with dynamic dims or an unknown rank, or an unknown dtype, and nothing given."""
+    name = spec.name
+    if not spec.dtype:
+        raise BackendError(f"input {name!r} has no known dtype, so it cannot be generated: send it (--input X.NPZ)")
+    if given is None:
+        if spec.shape is not None and all(isinstance(d, int) for d in spec.shape):
+            return tuple(int(d) for d in spec.shape if isinstance(d, int))
+        what = "an unknown rank" if spec.shape is None else f"dynamic dims {spec.shape_text}"
+        raise BackendError(
+            f"input {name!r} has {what}: give its shape with --shape {name}=D1,D2,... "
+            f"(Python: shapes={{{name!r}: [...]}}), or send it"
+        )
+    if not (isinstance(given, list | tuple) and all(type(d) is int and d >= 0 for d in given)):
+        raise BackendError(f"the shape for input {name!r} must be non-negative ints, not {given!r}")
+    if not _fits(spec, given):
+        raise BackendError(f"shape {list(given)} does not fit input {name!r}, which is {spec.shape_text}")
+    return tuple(given)
 
 
 def check_feed(specs: Sequence[TensorSpec], names: Iterable[str]) -> None:

@@ -14,7 +14,9 @@ Inputs are numpy views of the received bytes (no copy); outputs are the numpy ar
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from .base import (
@@ -160,5 +162,23 @@ class OnnxRuntimeBackend:
         try:
             session = ort.InferenceSession(path, sess_options=so, providers=providers)
         except Exception as exc:
-            raise BackendError(f"onnxruntime cannot load {path}: {exc}") from None
-        return OnnxRuntimeModel(session)
+            name = os.path.basename(path)  # the workspace's path means nothing to the user
+            raise BackendError(f"onnxruntime cannot load {name}: {str(exc).replace(path, name)}") from None
+        model = OnnxRuntimeModel(session)
+        unknown = _unknown_ranks(path, {s.name for s in model.inputs if s.shape == ()})
+        model.inputs = [replace(s, shape=None) if s.name in unknown else s for s in model.inputs]
+        return model
+
+
+def _unknown_ranks(path: str, names: set[str]) -> set[str]:
+    """Which of ``names`` (inputs onnxruntime lists with shape ``[]``) the model gives no shape at all:
+    onnxruntime shows both as ``[]``, the ``onnx`` package tells them apart. Empty when it cannot tell."""
+    if not names:
+        return set()
+    try:
+        import onnx
+
+        graph = onnx.load(path, load_external_data=False).graph
+    except Exception:  # no onnx package, or a model only onnxruntime reads (.ort): scalars, as listed
+        return set()
+    return {i.name for i in graph.input if i.name in names and not i.type.tensor_type.HasField("shape")}

@@ -80,7 +80,7 @@ def _check_ops(ops: Any, inputs: list[TensorSpec], outputs: list[TensorSpec]) ->
     """Validate ``ops`` by running their dtypes and shapes through, then the declared outputs."""
     if not isinstance(ops, list):
         raise BackendError("'ops' must be a list")
-    known = {s.name: (s.dtype, s.shape) for s in inputs}
+    known = {s.name: (s.dtype, s.shape or ()) for s in inputs}  # a reference model's shapes are all known
 
     def value(op_index: int, name: Any) -> tuple[str, tuple[int | str | None, ...]]:
         if name not in known:
@@ -114,10 +114,10 @@ def _check_ops(ops: Any, inputs: list[TensorSpec], outputs: list[TensorSpec]) ->
     for spec in outputs:
         if spec.name not in known:
             raise BackendError(f"output {spec.name!r} is not computed by any op nor an input")
-        if known[spec.name] != (spec.dtype, spec.shape):
+        if known[spec.name] != (spec.dtype, spec.shape or ()):
             dtype, shape = known[spec.name]
             raise BackendError(
-                f"output {spec.name!r} is declared {spec.dtype}{list(spec.shape)}, computed {dtype}{list(shape)}"
+                f"output {spec.name!r} is declared {spec.dtype}{spec.shape_text}, computed {dtype}{list(shape)}"
             )
     return ops
 
@@ -189,26 +189,27 @@ class ReferenceBackend:
         return __version__
 
     def load(self, path: str, options: Mapping[str, Any]) -> ReferenceModel:
+        name = os.path.basename(path)  # in messages: the workspace's path means nothing to the user
         if options:
             raise BackendError(f"the reference backend takes no options, got {sorted(options)}")
         try:
             with open(path, encoding="utf-8") as f:
                 doc = json.load(f)
         except OSError as exc:
-            raise BackendError(f"cannot read {path}: {exc.strerror or exc}") from None
+            raise BackendError(f"cannot read {name}: {exc.strerror or exc}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BackendError(f"{path} is not a JSON reference model: {exc}") from None
+            raise BackendError(f"{name} is not a JSON reference model: {exc}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-            raise BackendError(f"{path}: format must be {FORMAT!r}, not {got!r}")
+            raise BackendError(f"{name}: format must be {FORMAT!r}, not {got!r}")
         specs = {}
         for key in ("inputs", "outputs"):
             if not isinstance(doc.get(key), list):
-                raise BackendError(f"{path}: {key!r} must be a list")
+                raise BackendError(f"{name}: {key!r} must be a list")
             specs[key] = [_spec(raw, key[:-1]) for raw in doc[key]]
             names = [s.name for s in specs[key]]
             if len(set(names)) != len(names):
-                raise BackendError(f"{path}: duplicate {key[:-1]} names in {names}")
+                raise BackendError(f"{name}: duplicate {key[:-1]} names in {names}")
         ops = _check_ops(doc.get("ops", []), specs["inputs"], specs["outputs"])
         return ReferenceModel(specs["inputs"], specs["outputs"], ops)
 

@@ -25,6 +25,7 @@ Options::
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -300,7 +301,8 @@ class TVMBackend:
         try:
             lib = tvm.runtime.load_module(path)
         except Exception as exc:
-            raise BackendError(f"TVM cannot load {path}: {exc}") from None
+            name = os.path.basename(path)  # the workspace's path means nothing to the user
+            raise BackendError(f"TVM cannot load {name}: {str(exc).replace(path, name)}") from None
         inputs = _option_specs(options["inputs"], "inputs") if "inputs" in options else None
         outputs = _option_specs(options["outputs"], "outputs") if "outputs" in options else None
         names = options.get("output_names")
@@ -345,7 +347,7 @@ class TVMBackend:
         else:
             inputs = []
             for i in range(arity):
-                dtype, shape = params.get(i, ("", ()))
+                dtype, shape = params.get(i, ("", None))  # no argument check: dtype and rank unknown
                 inputs.append(TensorSpec(str(vm._get_function_param_name(function, i)), dtype, shape))
             checked = {s.name for i, s in enumerate(inputs) if i in params and s.dtype}
         if outputs is None:
@@ -368,7 +370,9 @@ class TVMBackend:
     ) -> TVMModel:
         if not isinstance(function, str):
             raise BackendError("a plain TVM library (not a Relax VM executable) needs option 'function'")
-        if outputs is None or not all(isinstance(d, int) for s in outputs for d in s.shape):
+        if outputs is None or not all(
+            s.shape is not None and all(isinstance(d, int) for d in s.shape) for s in outputs
+        ):
             raise BackendError("a plain TVM function writes into its outputs: pass option 'outputs' with int dims")
         try:
             fn = lib.get_function(function, query_imports=True)
@@ -380,7 +384,7 @@ class TVMBackend:
                 raise BackendError(f"cannot tell the inputs of {function!r}: pass option 'inputs'")
             inputs = params[: len(params) - len(outputs)]
         try:
-            destinations = [tvm.runtime.empty(tuple(s.shape), s.dtype, dev) for s in outputs]
+            destinations = [tvm.runtime.empty(tuple(s.shape or ()), s.dtype, dev) for s in outputs]
         except Exception as exc:
             raise BackendError(f"cannot allocate the outputs: {exc}") from None
         return TVMModel(
