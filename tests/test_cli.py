@@ -287,3 +287,67 @@ def test_an_unreachable_tracker_is_exit_code_2(capsys: pytest.CaptureFixture[str
         for command in ("run", "bench"):
             code, _, err = _cli(capsys, command, str(model), "--tracker", address, "--key", "k")
             assert (code, err.count("\n")) == (2, 1) and f"cannot connect to {address}" in err, err
+
+
+# -- tether run while it waits: its place in the queue, and the reason when no server could serve it --
+
+
+@pytest.fixture
+def fresh_tracker() -> Any:
+    """A tracker that judges requests at once (no grace for servers re-registering after a restart)."""
+    from tether.tracker import TrackerConfig
+
+    with TrackerThread(TrackerConfig(host="127.0.0.1", port=0, registration_grace_s=0)) as tracker:
+        yield tracker
+
+
+def test_run_fails_fast_naming_why_no_server_can_serve_it(
+    capsys: pytest.CaptureFixture[str], fresh_tracker: TrackerThread, device_server: Any, tmp_path: Path
+) -> None:
+    from .conftest import RawPeer
+
+    tracker = fresh_tracker
+    device_server(key="android", tracker=(tracker.host, tracker.port), labels={"soc": "sd8"})
+    tvm_only = RawPeer(tracker.host, tracker.port)  # a TVM server: it speaks TVM's protocol only
+    assert tvm_only.call([5, {"key": "server:boards", "addr": [None, 9000]}]) == 0
+    assert tvm_only.call([3, "boards", [9000, "boards:1"], None]) == 0
+    model = str(_reference_model(tmp_path / "m.json"))
+    where = ["--tracker", f"{tracker.host}:{tracker.port}", "--timeout", "60"]
+    started = time.monotonic()
+    code, out, err = _cli(capsys, "run", model, *where, "--key", "andriod")
+    assert code == 1 and out == ""
+    assert "tether run: no server is registered with key 'andriod' (did you mean 'android'?)" in err
+    assert time.monotonic() - started < 50  # the reason, long before the 60 s queue timeout
+    code, _, err = _cli(capsys, "run", model, *where, "--key", "boards")
+    assert code == 1 and "1 server(s) of key 'boards' speak only tvm, not tether: use TVM's client" in err
+    code, _, err = _cli(capsys, "run", model, *where, "--key", "android", "--label", "soc=sd7")
+    assert code == 1 and "no server of key 'android' has labels soc=sd7 (theirs: soc=sd8)" in err
+    code, _, err = _cli(capsys, "run", model, *where[:2], "--key", "andriod", "--timeout", "1", "--wait-for-servers")
+    assert code == 1
+    assert "no free server of key 'andriod' within 1 s: no server is registered with key 'andriod'" in err
+    tvm_only.close()
+
+
+def test_run_shows_its_place_in_the_queue_while_it_waits(
+    fresh_tracker: TrackerThread, device_server: Any, tmp_path: Path
+) -> None:
+    import threading
+
+    import tether
+
+    tracker = fresh_tracker
+    device_server(key="busy", tracker=(tracker.host, tracker.port))
+    holder = tether.connect_tracker(tracker.host, tracker.port)
+    held = holder.request("busy", timeout=10)
+    model = str(_reference_model(tmp_path / "m.json"))
+    run = CliProcess("run", model, "--tracker", f"{tracker.host}:{tracker.port}", "--key", "busy", "--repeat", "0",
+                     env={"PYTHONUNBUFFERED": "1"})  # fmt: skip
+    try:
+        line = run.wait_line("queued for key 'busy'", timeout=30)
+        assert "position 1 of 1 (0 ahead)" in line
+        threading.Thread(target=held.close, daemon=True).start()  # the holder is done: the run gets the device
+        run.wait_line("outputs:", timeout=30)
+        assert run.proc.wait(30) == 0
+    finally:
+        run.stop()
+        holder.close()

@@ -37,9 +37,12 @@ __all__ = [
     "seconds",
     "shape",
     "tracker_address",
+    "unservable_after",
 ]
 
 FILL_KINDS = ("random", "zeros", "ones")
+#: How long a request that no registered server could serve waits before the tracker says why.
+UNSERVABLE_AFTER_S = 5.0
 BACKENDS = ("onnxruntime", "tvm", "reference")
 
 
@@ -180,6 +183,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds to wait in the queue for a device (0: forever)",
     )
+    device.add_argument(
+        "--wait-for-servers",
+        action="store_true",
+        help=f"wait (up to --timeout) for servers still booting; by default a request that no registered "
+        f"server could serve (key, protocol, labels) fails after {UNSERVABLE_AFTER_S:g} s with the reason",
+    )
     model = p.add_argument_group("model")
     model.add_argument("--backend", choices=BACKENDS, default=None, help="the device's runtime (default: by file type)")
     model.add_argument(
@@ -224,6 +233,11 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-v", "--verbose", action="store_true", help="a device's error in full, with its traceback (default: one line)"
     )
+
+
+def unservable_after(args: argparse.Namespace) -> float | None:
+    """The request's ``unservable_after`` for ``--wait-for-servers``."""
+    return None if args.wait_for_servers else UNSERVABLE_AFTER_S
 
 
 def check_inputs(

@@ -22,6 +22,7 @@ from ._args import (
     output_file,
     positive,
     seconds,
+    unservable_after,
 )
 
 if TYPE_CHECKING:
@@ -192,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
             labels=dict(args.label) or None,
             devices=None if args.all_devices else args.parallel,
             timeout=args.timeout or None,
+            unservable_after=unservable_after(args),
             on_event=progress,
         )
     except BenchInterrupted as exc:  # keep what finished: the table and the files

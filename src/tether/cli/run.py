@@ -3,11 +3,16 @@
 What can be checked here is checked before a device is taken: the files, the tracker's address, and
 the model's inputs against the ``--input`` names and ``--shape`` flags when the model file can be read
 here (a reference ``.json``; an ``.onnx`` with the onnx package), else as soon as the model is loaded.
+
+While the request waits, its place in the key's queue is shown on stderr (as ``tether bench`` does); a
+request that no registered server could serve fails after a short grace with the tracker's reason (no
+server of the key, none speaking tether's protocol, none with the labels), unless ``--wait-for-servers``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -22,6 +27,7 @@ from ._args import (
     output_file,
     positive,
     seconds,
+    unservable_after,
 )
 from ._report import fail
 
@@ -62,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
         print("tether run needs numpy on the host: pip install 'tether[onnx]'", file=sys.stderr)
         return 2
     from ..client.api import connect_tracker
+    from ..client.bench import QueueWatch
     from ..client.inputs import shapes_for
     from ..runtime import TensorSpec
+    from .bench import Progress
 
     host, port, given = check_locally(args, [args.model])
     inputs = given or {}
@@ -73,9 +81,24 @@ def run(args: argparse.Namespace) -> int:
     try:
         with connect_tracker(host, port) as tracker:
             t0 = time.perf_counter()
-            with tracker.request(
-                args.key, args.priority, args.session_timeout, args.timeout or None, labels=dict(args.label)
-            ) as sess:
+            request_id = f"run-{os.getpid()}"
+            progress = Progress(sys.stderr, tty=sys.stderr.isatty())
+            watch = QueueWatch(host, port, args.key, progress, poll_s=1.0)
+            watch.start([request_id])
+            try:
+                sess = tracker.request(
+                    args.key,
+                    args.priority,
+                    args.session_timeout,
+                    args.timeout or None,
+                    labels=dict(args.label),
+                    request_id=request_id,
+                    unservable_after=unservable_after(args),
+                )
+            finally:
+                watch.stop()
+                progress.close()
+            with sess:
                 device = sess.address
                 t1 = time.perf_counter()
                 remote = sess.upload(args.model)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..tracker import TrackerConfig, TrackerServer
-from ._args import port
+from ._args import port, seconds
 
 __all__ = ["add_parser", "run"]
 
@@ -24,6 +24,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--port", type=port, default=9190, help="first port to try (default 9190; 0 lets the OS choose)")
     p.add_argument("--port-end", type=port, default=9199, help="end of the port range, exclusive (default 9199)")
     p.add_argument("--stop-key", default=None, help="key a STOP message must carry (default: random)")
+    p.add_argument(
+        "--registration-grace",
+        type=seconds,
+        default=TrackerConfig().registration_grace_s,
+        metavar="S",
+        help="after a start, seconds before a request is judged unservable: servers re-register meanwhile",
+    )
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
     p.set_defaults(run=run)
 
@@ -38,7 +45,13 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = TrackerConfig(host=args.host, port=args.port, port_end=args.port_end, stop_key=args.stop_key)
+    config = TrackerConfig(
+        host=args.host,
+        port=args.port,
+        port_end=args.port_end,
+        stop_key=args.stop_key,
+        registration_grace_s=args.registration_grace,
+    )
     try:
         asyncio.run(_serve(config))
     except ConfigError as exc:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from ..errors import ConfigError, RemoteError, TetherError
 from ..runtime import TensorSpec, fill_shape
-from .api import connect_tracker
+from .api import Tracker, connect_tracker
 from .batch import compare_outputs, device_name
 from .inputs import input_problem, shapes_for
 from .query import query_tracker, status_from_summary
@@ -134,10 +134,10 @@ class _Stop:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._targets: list[Session | TrackerClient] = []
+        self._targets: list[Session | Tracker] = []
         self.is_set = False
 
-    def register(self, target: Session | TrackerClient) -> None:
+    def register(self, target: Session | Tracker) -> None:
         with self._lock:
             self._targets.append(target)
             stopped = self.is_set
@@ -231,7 +231,7 @@ class BenchEvent:
         return self.text
 
 
-class _QueueWatch:
+class QueueWatch:
     """The bench's requests that still wait for a grant, and a thread that reports them until none does.
 
     The thread polls the tracker's detailed summary every ``poll_s`` seconds on its own connection (a
@@ -282,24 +282,22 @@ class _QueueWatch:
 
     def _run(self) -> None:
         client: TrackerClient | None = None
-        try:
-            client = TrackerClient.connect(self._host, self._port)
-            if client.tether_version is None:
-                client.close()
-                client = None
-        except (TetherError, OSError, TimeoutError) as exc:
-            logger.debug("queue watch: no tracker connection (%s); reporting waited time only", exc)
+        tether = True  # until the tracker says it is TVM's
         try:
             while waiting := self._wait():
                 event = None
-                if client is not None:
-                    try:
+                try:
+                    if tether and client is None:  # (again after a failure: the tracker may have restarted)
+                        client = TrackerClient.connect(self._host, self._port)
+                        tether = client.tether_version is not None
+                    if tether and client is not None:
                         event = self._positions(client, waiting)
-                    except (TetherError, OSError, TimeoutError) as exc:
-                        logger.debug("queue watch: summary failed (%s); reporting waited time only", exc)
+                except (TetherError, OSError, TimeoutError) as exc:
+                    logger.debug("queue watch: %s; reporting waited time only this time", exc)
+                    if client is not None:
                         client.close()
                         client = None
-                self._emit(event or self._waited_only(waiting, tether=client is not None))
+                self._emit(event or self._waited_only(waiting, tether=tether))
         finally:
             if client is not None:
                 client.close()
@@ -336,6 +334,7 @@ def _measure_device(
     settings: BenchSettings,
     labels: dict[str, str] | None,
     timeout: float | None,
+    unservable_after: float | None,
     request_id: str,
     granted: Callable[[str], None],
     on_event: Callable[[BenchEvent], None],
@@ -345,8 +344,10 @@ def _measure_device(
     try:
         tracker = connect_tracker(host, port)
         try:
-            stop.register(tracker.client)
-            sess = tracker.request(key, timeout=timeout, labels=labels, request_id=request_id)
+            stop.register(tracker)  # (its interrupt also stops it reconnecting)
+            sess = tracker.request(
+                key, timeout=timeout, labels=labels, request_id=request_id, unservable_after=unservable_after
+            )
         except BaseException:
             tracker.close()
             raise
@@ -440,11 +441,14 @@ def bench(
     labels: dict[str, str] | None = None,
     devices: int | None = 1,
     timeout: float | None = 300.0,
+    unservable_after: float | None = None,
     on_event: Callable[[BenchEvent], None] | None = None,
     poll_s: float = 0.5,
 ) -> list[BenchRecord]:
     """Measure every model on ``devices`` servers of ``key`` at once (None: every server the tracker
-    lists). Each device gets its own session, held for all the models; ``timeout`` is queue time.
+    lists). Each device gets its own session, held for all the models; ``timeout`` is queue time;
+    ``unservable_after``: see :meth:`Tracker.request` (a request no server could serve fails with the
+    reason, :class:`~tether.errors.Unservable`, in its record).
 
     ``on_event`` gets every :class:`BenchEvent`, one at a time; while requests wait, ``queued`` events
     come every ``poll_s`` seconds. Raises FileNotFoundError for a missing model file,
@@ -460,7 +464,7 @@ def bench(
             raise FileNotFoundError(f"no model file {path}")
         if settings.reference == "onnxruntime" and path.suffix.lower() != ".onnx":
             raise ConfigError(f"{path.name}: only .onnx models can be checked against a local onnxruntime run")
-    TrackerClient.connect(host, port).close()  # an unreachable tracker: ConnectFailed now, not per device
+    connect_tracker(host, port).close()  # an unreachable tracker: ConnectFailed now (after 5 s of retries)
     count = devices if devices is not None else devices_of(host, port, key, labels)
     if count < 1:
         raise TetherError(f"the tracker at {host}:{port} lists no server of key {key!r}")
@@ -473,7 +477,7 @@ def bench(
 
     started = time.monotonic()
     request_ids = [f"bench-{os.getpid()}-{next(_request_ids)}" for _ in range(count)]
-    watch = _QueueWatch(host, port, key, event, poll_s=poll_s)
+    watch = QueueWatch(host, port, key, event, poll_s=poll_s)
     stop = _Stop()
     if on_event is not None:
         watch.start(request_ids)
@@ -489,6 +493,7 @@ def bench(
                     settings=settings,
                     labels=labels,
                     timeout=timeout,
+                    unservable_after=unservable_after,
                     request_id=rid,
                     granted=watch.done,
                     on_event=event,
