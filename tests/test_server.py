@@ -544,3 +544,14 @@ def test_a_default_work_dir_of_a_killed_server_is_removed_by_the_next(cli: Any, 
     assert not dead.exists()
     assert len(list(tmp_path.glob("tether-server-*"))) == 1
     assert not any("Traceback" in line for line in first.seen), first.seen
+
+
+def test_tensors_made_on_the_device_are_bounded_like_the_ones_sent(device_server: Any) -> None:
+    """A fill of a huge shape is refused with the limit, not allocated until the worker is killed."""
+    server = device_server(key="dev", max_payload=1 << 20)
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        with pytest.raises(tether.RemoteError, match="at most 1048576"):
+            sess.fill((1 << 40,), "float32", "random")
+        small = sess.fill((16,), "float32", "zeros")
+        assert small.numpy().sum() == 0
+        sess.ping()

@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -32,7 +33,7 @@ from typing import Any, BinaryIO
 from ..aio.channel import Channel
 from ..aio.net import finish_sending
 from ..errors import BadHeader, ConnectionClosed, LocalProtocolError, RemoteError, RemoteProtocolError, WorkspaceError
-from ..protocol.session import MAX_PAYLOAD_BYTES, FrameHeader, FrameKind, TensorDesc, tensor_descs
+from ..protocol.session import DTYPE_SIZES, MAX_PAYLOAD_BYTES, FrameHeader, FrameKind, TensorDesc, tensor_descs
 from ..runtime import Model, RawTensor, backend_for_path, fill_shape, fill_tensor, get_backend
 from .cache import ContentCache, is_sha256
 from .workspace import Workspace
@@ -419,10 +420,22 @@ class NativeSession:
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise RemoteError(f"shape must be a list of non-negative ints, not {shape!r}", "ValueError")
         seed = header.get("seed")
-        tensor = fill_tensor(str(header.get("dtype")), tuple(shape), str(header.get("kind", "random")), seed)
+        tensor = self._generated(str(header.get("dtype")), tuple(shape), str(header.get("kind", "random")), seed)
         handle = self._handle("t")
         self.tensors[handle] = tensor
         return {"tensor": handle}, []
+
+    def _generated(self, dtype: str, shape: tuple[int, ...], kind: str, seed: Any) -> RawTensor:
+        """A tensor made on the device, no larger than what the session may receive in one frame."""
+        if all(isinstance(d, int) for d in shape) and dtype in DTYPE_SIZES:
+            nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+            if nbytes > self.channel.max_payload:
+                raise RemoteError(
+                    f"a generated {dtype} tensor of shape {list(shape)} would take {nbytes} bytes; this server "
+                    f"makes at most {self.channel.max_payload} (its payload limit)",
+                    "ValueError",
+                )
+        return fill_tensor(dtype, shape, kind, seed)
 
     def _tensor(self, handle: Any) -> RawTensor:
         tensor = self.tensors.get(str(handle))
@@ -456,7 +469,7 @@ class NativeSession:
                 tensor = self._tensor(refs.pop(spec.name))
             elif fill:
                 shape = fill_shape(spec, shapes.pop(spec.name, None))
-                tensor = fill_tensor(spec.dtype, shape, str(fill), header.get("seed"))
+                tensor = self._generated(spec.dtype, shape, str(fill), header.get("seed"))
             else:
                 raise RemoteError(
                     f"input {spec.name!r} missing; the model takes {[s.name for s in model.inputs]}", "ValueError"
