@@ -112,7 +112,7 @@ def test_no_device_and_cache_across_sessions(tracker: TrackerThread, device_serv
     settings = MeasureSettings(number=1, repeat=1, queue_timeout=20)
     first = measure_candidates((tracker.host, tracker.port), "cached", cands, settings)
     assert all(r.ok for r in first) and all(r.sent_bytes > 0 for r in first)
-    cache = Path(server.work_dir) / "cache"
+    cache = Path(server.run_dir.cache_dir)
     assert sorted(p.name for p in cache.iterdir()) == sorted(file_digest(m) for m in models)
     second = measure_candidates((tracker.host, tracker.port), "cached", cands, settings)
     assert all(r.ok for r in second) and [r.sent_bytes for r in second] == [0, 0, 0, 0]

@@ -59,10 +59,19 @@ def test_tvm_connect_tracker_request(
 def test_tvm_session_timeout_is_rpc_session_timeout_error(device_server: Any, tracker: TrackerThread) -> None:
     server = device_server(key="dev", tracker=(tracker.host, tracker.port), preload=["tvm"])
     client = rpc.connect_tracker(tracker.host, tracker.port)
-    held = [client.request("dev", session_timeout=2)]  # a list: the session must be dropped at the end
-    funcs: list[Any] = []
+    calls_until_the_timeout(client.request("dev", session_timeout=2), server)
+    client.close()
 
-    def expired() -> bool:  # calls work until the session's 2 s are over, then fail typed
+
+def calls_until_the_timeout(sess: Any, server: Any) -> None:
+    """Call ``sess`` every 20 ms until it raises RPCSessionTimeoutError (and nothing else), then drop it and
+    wait for the slot. At that rate a call is often in flight at the deadline, which is what made the
+    guard's close a reset that dropped the unsent error ("Connection reset by peer", 4 runs in 21)."""
+    held = [sess]  # a list: the session must be dropped at the end
+    funcs: list[Any] = []
+    del sess
+
+    def expired() -> bool:  # calls work until the session's time is over, then fail typed
         try:
             if not funcs:
                 funcs.append(held[0].get_function("rpc.test.addone"))
@@ -71,14 +80,11 @@ def test_tvm_session_timeout_is_rpc_session_timeout_error(device_server: Any, tr
             return True
         return False
 
-    # Calls every 20 ms: one is often in flight at the deadline, which is what made the guard's close a reset
-    # that dropped the unsent error ("Connection reset by peer" instead of RPCSessionTimeoutError).
-    wait_until(expired, timeout=15, interval=0.02, what="RPCSessionTimeoutError")
+    wait_until(expired, timeout=20, interval=0.02, what="RPCSessionTimeoutError")
     funcs.clear()
     held.clear()
     gc.collect()
     wait_until(lambda: server.busy_slots() == 0, timeout=5, what="slot free after the timeout")
-    client.close()
 
 
 def test_tether_client_reaching_a_plain_tvm_server_is_told_so(
@@ -177,23 +183,7 @@ def test_tvm_connect_without_key_and_its_session_timeout(device_server: Any) -> 
     assert sess.get_function("rpc.test.addone")(41) == 42
     del sess
     gc.collect()
-    held = [rpc.connect("127.0.0.1", server.port, session_timeout=2)]
-    funcs: list[Any] = []
-
-    def expired() -> bool:
-        try:
-            if not funcs:
-                funcs.append(held[0].get_function("rpc.test.addone"))
-            assert funcs[0](1) == 2
-        except tvm.error.RPCSessionTimeoutError:
-            return True
-        return False
-
-    wait_until(expired, timeout=20, interval=0.05, what="RPCSessionTimeoutError after the 2 s limit")
-    funcs.clear()
-    held.clear()
-    gc.collect()
-    wait_until(lambda: server.busy_slots() == 0, timeout=5, what="slot free after the timeout")
+    calls_until_the_timeout(rpc.connect("127.0.0.1", server.port, session_timeout=2), server)
 
 
 def test_back_to_back_tvm_connects_wait_for_the_slot(device_server: Any) -> None:
