@@ -351,3 +351,29 @@ def test_run_shows_its_place_in_the_queue_while_it_waits(
     finally:
         run.stop()
         holder.close()
+
+
+def test_ctrl_c_stops_a_command_started_with_sigint_ignored(tracker: TrackerThread, tmp_path: Path) -> None:
+    """A non-interactive shell's background job inherits SIGINT ignored, and Python keeps it so: tether
+    still takes SIGINT as Ctrl-C (exit 130), as its promise of what Ctrl-C does needs."""
+    import signal
+
+    model = _reference_model(tmp_path / "m.json")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tether", "run", str(model), "--tracker", f"{tracker.host}:{tracker.port}",
+         "--key", "nobody", "--wait-for-servers", "--timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509 - the point of the test
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the request waits: its place in the queue is shown
+            if "queued for key 'nobody'" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()

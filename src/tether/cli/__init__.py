@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -92,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     level = logging.WARNING if getattr(args, "silent", False) else getattr(logging, args.log_level)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C (SIGINT) always means "stop, keep what finished, exit 130", also for a command started in
+        # the background by a non-interactive shell, which inherits SIGINT ignored (Python then leaves it so)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code: int = args.run(args)
     except KeyboardInterrupt:
