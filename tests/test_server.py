@@ -6,9 +6,11 @@ workspace, timeouts, tracker registration) without onnxruntime or tvm; test_mode
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -555,3 +557,40 @@ def test_tensors_made_on_the_device_are_bounded_like_the_ones_sent(device_server
         small = sess.fill((16,), "float32", "zeros")
         assert small.numpy().sum() == 0
         sess.ping()
+
+
+def test_a_client_that_stops_reading_cannot_keep_its_slot(device_server: Any) -> None:
+    """A client that waited in line, then floods requests and never reads an answer: its session times out,
+    its worker is killed, and the slot is free again (the server's last word must not block on it)."""
+    server = device_server(key="dev")
+    with tether.connect("127.0.0.1", server.port, key="dev") as first:
+        greedy = socket.socket()
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # a small window: the server's sends stall
+        greedy.connect(("127.0.0.1", server.port))
+        key = b"client:dev -tether=1 -timeout=2"
+        greedy.sendall(struct.pack("<ii", RPC_MAGIC, len(key)) + key)
+        wait_until(lambda: server.waiting_clients() == 1, what="in line")
+        first.ping()
+    assert _reply(greedy)[0] == HandshakeCode.SUCCESS
+    greedy.setblocking(False)
+    pings = _frame(1, b'{"op":"ping"}') * 64
+    with contextlib.suppress(ConnectionError):
+        for _ in range(100_000):  # until the server stops reading (its answers fill every buffer on the way)
+            if not select.select([], [greedy], [], 0.5)[1]:
+                break
+            with contextlib.suppress(BlockingIOError):
+                greedy.send(pings)
+    wait_until(lambda: server.busy_slots() == 0, timeout=20, what="the slot free after the session timeout")
+    with tether.connect("127.0.0.1", server.port, key="dev") as again:
+        again.ping()
+    greedy.close()
+
+
+def test_a_run_directory_without_a_lock_is_never_removed(device_server: Any, tmp_path: Path) -> None:
+    """An older server's directory (no lock file) may belong to a server that still runs: left alone."""
+    work = tmp_path / "shared"
+    old = work / "run-older"
+    (old / "session-x").mkdir(parents=True)
+    os.utime(old, (0, 0))  # long untouched, too
+    device_server(key="dev", work_dir=str(work))
+    assert old.is_dir()

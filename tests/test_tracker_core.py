@@ -309,8 +309,15 @@ def test_a_replaced_unredeemed_grant_is_not_a_phantom_slot() -> None:
     assert states == ["granted", "granted"]
     h.core.receive(server, Withdraw("k:9090:0"))
     h.core.receive(server, Put("k", 9090, "k:9090:2"))
-    h.core.receive(server, Put("k", 9090, "k:9090:3"))  # no WITHDRAW for k:9090:1
-    assert slink.replies() == [0, 0, 0]
+    h.core.receive(server, Put("k", 9090, "k:9090:3"))  # no WITHDRAW for k:9090:1, granted just now:
+    assert sorted(s["state"] for s in h.summary(detail=True)["tether"]["servers"][0]["slots"]) == [
+        "free",
+        "free",
+        "granted",
+    ]  # its session may be about to start (the SESSION report can come after this PUT)
+    h.advance(11)
+    h.core.receive(server, GetPendingMatchkeys())  # its next poll, 11 s on: that grant is over
+    assert slink.replies() == [0, 0, 0, ["k:9090:2", "k:9090:3"]]
     detail = h.summary(detail=True)["tether"]
     assert [s["state"] for s in detail["servers"][0]["slots"]] == ["free", "free"]
     assert detail["keys"]["k"] | {"waiters": []} == {"total": 2, "free": 2, "busy": 0, "pending": 0, "waiters": []}
@@ -470,6 +477,31 @@ def test_unservable_is_not_judged_while_servers_may_be_re_registering() -> None:
     assert link.replies() == []  # the tracker started 5 s ago: its servers may not be back yet
     h.server("k", tether={"protocols": ["tvm", "tether"]})
     assert link.replies()[0][0] == 0  # and this one came back in time
+
+
+def test_a_key_waited_on_longer_than_the_idle_time_is_listed_after_its_waiter_leaves() -> None:
+    h = Harness(idle_key_s=300)
+    client, _ = h.connect()
+    h.core.receive(client, tether_req("k"))
+    h.advance(1000)
+    h.core.disconnect(client)  # the waiter leaves after 1000 s: the key was active until now
+    h.advance(10)
+    assert "k" in h.summary()["queue_info"]
+
+
+def test_a_summary_of_one_key_holds_that_key_only() -> None:
+    h = Harness()
+    h.server("a", tether={"protocols": ["tvm", "tether"]})
+    h.server("b", port=9091)
+    client, _ = h.connect("10.0.0.2")
+    h.core.receive(client, tether_req("b", rid="x", protocol="tvm", user="bob"))  # granted
+    h.core.receive(client, tether_req("b", rid="y", protocol="tvm", user="carol"))  # waits
+    value = json.loads(h.core.summary_json(detail=True, key="b"))
+    assert set(value["queue_info"]) == {"b"} and set(value["tether"]["keys"]) == {"b"}
+    assert [s["key"] for s in value["tether"]["servers"]] == ["server:b"]
+    assert [w["user"] for w in value["tether"]["keys"]["b"]["waiters"]] == ["carol"]
+    assert [i["key"] for i in value["server_info"]] == ["server:b"]
+    assert set(h.summary(detail=True)["queue_info"]) == {"a", "b"}  # and the whole pool otherwise
 
 
 def test_bad_tether_info_is_a_protocol_error() -> None:

@@ -93,3 +93,35 @@ def test_a_request_whose_timeout_ends_during_the_outage_says_so(cli: Callable[..
     pool.close()
     with pytest.raises(tether.ConnectFailed, match="unreachable"):
         tether.connect_tracker("127.0.0.1", port, timeout=0.5)
+
+
+def test_an_interrupt_while_reconnecting_ends_the_request(
+    cli: Callable[..., CliProcess], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C in a bench (``Tracker.interrupt``) while the tracker is down: the request ends at once, it does
+    not reconnect and wait on a connection nobody can interrupt any more."""
+    caplog.set_level(logging.DEBUG, logger="tether.client.api")
+    tracker = cli("tracker", "--host", "127.0.0.1", "--port", "0")
+    _, port = tracker.listening()
+    pool = tether.connect_tracker("127.0.0.1", port)
+    errors: list[BaseException] = []
+
+    def wait_forever() -> None:
+        try:
+            pool.request("dev", timeout=None)
+        except BaseException as exc:  # what the test checks
+            errors.append(exc)
+
+    thread = threading.Thread(target=wait_forever, daemon=True)
+    thread.start()
+    wait_until(lambda: _pending(port, "dev") == 1, timeout=10, what="the request waiting")
+    tracker.proc.send_signal(signal.SIGKILL)
+    tracker.proc.wait(10)
+    wait_until(lambda: any("again in" in r.getMessage() for r in caplog.records), timeout=10, what="reconnecting")
+    # back up while the client waits out its backoff: its next attempt connects, after the interrupt
+    cli("tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)).listening()
+    pool.interrupt()
+    thread.join(10)
+    assert not thread.is_alive(), "the interrupted request is still waiting"
+    assert len(errors) == 1 and isinstance(errors[0], tether.TransportError), errors
+    pool.close()

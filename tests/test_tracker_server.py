@@ -59,10 +59,20 @@ BAD_INPUTS = {
     "bad PUT": MAGIC + struct.pack("<i", 8) + b'[3, "k"]',
 }
 
+
 #: Frames sent after the magic exchange (big enough to arrive in several reads).
+def _frame(body: bytes) -> bytes:
+    return struct.pack("<i", len(body)) + body
+
+
 BAD_FRAMES = {
-    "huge integer": struct.pack("<i", 5003) + b"[1, " + b"9" * 4998 + b"]",
-    "deep nesting": struct.pack("<i", 200000) + b"[" * 100000 + b"]" * 100000,
+    "huge integer": _frame(b"[1, " + b"9" * 4998 + b"]"),
+    "deep nesting": _frame(b"[" * 100000 + b"]" * 100000),
+    # a NaN heartbeat made the liveness timer fire again and again, at once, forever
+    "NaN heartbeat": _frame(b'[5, {"key": "server:x", "addr": [null, 1], "tether": {"heartbeat": NaN}}]'),
+    "infinite priority": _frame(b'[4, "k", "", 1e999]'),
+    # a key no UTF-8 can carry made every later SUMMARY raise
+    "lone surrogate": _frame(b'[3, "\\udc00", [1, "m"], null]'),
 }
 
 
@@ -86,6 +96,7 @@ def test_frames_past_pythons_json_limits_close_that_connection_only(
     bad.sock.sendall(BAD_FRAMES[name])
     assert bad.closed_by_peer()
     assert peer().call([1]) == 0
+    assert peer().call([6, {"detail": True}])[0] == 0  # the summary is still good JSON
 
 
 def test_bad_frames_cost_one_line_each_then_a_few_per_window(

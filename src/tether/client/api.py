@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from ..errors import (
     ConnectFailed,
+    ConnectionClosed,
     NotTetherTracker,
     RemoteProtocolError,
     RequestTimeout,
@@ -64,6 +65,9 @@ def _connect(host: str, port: int, deadline: float | None, stop: threading.Event
         attempt = 5.0 if deadline is None else max(0.1, min(5.0, deadline - time.monotonic()))
         try:
             client = TrackerClient.connect(host, port, timeout=attempt)
+            if stop.is_set():  # interrupted while connecting: nobody would interrupt this new connection
+                client.close()
+                raise ConnectFailed(f"tracker {host}:{port}: interrupted")
         except (TransportError, RemoteProtocolError) as exc:
             now = time.monotonic()
             if first_failure is None:
@@ -116,6 +120,8 @@ class Tracker:
         request_id = request_id or f"{os.getpid()}-t{next(_ids)}"
         refused = asked = 0
         while True:
+            if self._stop.is_set():
+                raise ConnectionClosed(f"the request for {key!r} was interrupted")
             try:
                 asked += 1
                 grant = self._grant(
@@ -126,6 +132,8 @@ class Tracker:
                     raise RequestTimeout(f"no free server of key {key!r} within {timeout:g} s ({exc})") from None
                 raise
             except TransportError as exc:  # the tracker connection broke: a restart, or the network
+                # (backing off also between a tracker that accepts and then drops each request, and the next)
+                self._stop.wait(min(_BACKOFF_FIRST_S * 2 ** min(asked, 10), _BACKOFF_MAX_S, self._left(deadline)))
                 self._reconnect_or_raise(exc, key, timeout, deadline)
                 continue
             try:
@@ -185,6 +193,10 @@ class Tracker:
     @staticmethod
     def _past(deadline: float | None) -> bool:
         return deadline is not None and time.monotonic() >= deadline
+
+    @staticmethod
+    def _left(deadline: float | None) -> float:
+        return float("inf") if deadline is None else max(0.0, deadline - time.monotonic())
 
     def request_and_run(
         self,

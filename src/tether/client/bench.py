@@ -290,6 +290,9 @@ class QueueWatch:
                     if tether and client is None:  # (again after a failure: the tracker may have restarted)
                         client = TrackerClient.connect(self._host, self._port)
                         tether = client.tether_version is not None
+                        if not tether:  # TVM's tracker: nothing to ask it
+                            client.close()
+                            client = None
                     if tether and client is not None:
                         event = self._positions(client, waiting)
                 except (TetherError, OSError, TimeoutError) as exc:
@@ -303,7 +306,8 @@ class QueueWatch:
                 client.close()
 
     def _positions(self, client: TrackerClient, waiting: dict[str, float]) -> BenchEvent | None:
-        status = status_from_summary(client.summary(detail=True, timeout=5.0), f"{self._host}:{self._port}")
+        summary = client.summary(detail=True, timeout=5.0, key=self._key)  # this key only, not the pool
+        status = status_from_summary(summary, f"{self._host}:{self._port}")
         rows = [w for w in status.waiters if w.key == self._key]
         ours = [w for w in rows if w.id in waiting]
         if not ours:

@@ -167,9 +167,10 @@ class TrackerClient:
             raise RemoteProtocolError(f"unexpected PING reply {reply!r:.80}")
         return time.perf_counter() - start
 
-    def summary(self, detail: bool = False, timeout: float | None = 30.0) -> dict[str, Any]:
-        """TVM's summary dict (``queue_info``, ``server_info``); ``detail`` adds tether's ``"tether"`` entry."""
-        reply = self.call(Summary(detail=detail), timeout)
+    def summary(self, detail: bool = False, timeout: float | None = 30.0, key: str | None = None) -> dict[str, Any]:
+        """TVM's summary dict (``queue_info``, ``server_info``); ``detail`` adds tether's ``"tether"`` entry,
+        of one ``key`` only when given (its queue, waiters and servers)."""
+        reply = self.call(Summary(detail=detail, key=key if detail else None), timeout)
         if not (
             isinstance(reply, list)
             and len(reply) == 2

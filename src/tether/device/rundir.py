@@ -14,9 +14,9 @@ so the lock is held for as long as the server *or anything it started* lives, an
 when the last of them exits, SIGKILL included. An instance directory whose lock can be taken therefore
 belongs to nobody: a starting server removes such siblings (``tether-server-*`` in the temp directory,
 ``run-*`` in ``D``), and checks again after each of its sessions, so a predecessor killed while a session
-ran is cleaned up once that session ends. A sibling without a lock file (it is being created, or an older
-version left it) is removed only when it is over an hour old. Without ``fcntl`` (Windows) there is no
-lock and no cleanup.
+ran is cleaned up once that session ends. A sibling without a lock file (being created, or a server of an
+older version that may still run) is never touched. Without ``fcntl`` (Windows) there is no lock and no
+cleanup.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 __all__ = ["RunDir"]
@@ -36,8 +35,6 @@ logger = logging.getLogger("tether.server")
 LOCK_NAME = ".lock"
 DEFAULT_PREFIX = "tether-server-"
 RUN_PREFIX = "run-"
-#: A sibling directory without a lock file is someone's only while it is this young (seconds).
-UNLOCKED_GRACE_S = 3600.0
 
 try:
     import fcntl
@@ -101,16 +98,12 @@ def _hold_lock(path: Path) -> int | None:
 
 
 def _abandoned(entry: Path) -> bool:
-    """True when no process holds ``entry``'s lock (or it has none and is old)."""
+    """True when ``entry`` has a lock file and no process holds its lock."""
     if not _HAVE_FLOCK or not entry.is_dir() or entry.is_symlink():
         return False
     try:
         fd = os.open(entry / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        with contextlib.suppress(OSError):
-            return time.time() - entry.stat().st_mtime > UNLOCKED_GRACE_S
-        return False
-    except OSError:
+    except OSError:  # none (being created; an older server's, maybe alive): not ours to judge
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

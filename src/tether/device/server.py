@@ -415,19 +415,20 @@ class DeviceServer:
         try:
             with self._lock:
                 while True:
+                    if self._stop.is_set():
+                        return "the server is stopping", None
+                    if _hung_up(conn):  # first: a client that left must not take the slot
+                        return "the client hung up while waiting for a slot", None
                     free = self._free_slot() if self._queued[0] is ticket else None
                     if free is not None:
                         free.reserved = True
                         return "", free
                     remaining = deadline - time.monotonic()
-                    if self._stop.is_set():
-                        return "the server is stopping", None
                     if remaining <= 0:
                         return f"no slot came free within {cfg.queue_wait_s:g} s (--queue-wait)", None
-                    if _hung_up(conn):
-                        return "the client hung up while waiting for a slot", None
                     self._slot_freed.wait(min(remaining, 0.5))  # woken when a slot frees; 0.5 s: hang-ups
         finally:
+            conn.settimeout(cfg.handshake_timeout_s)  # the reply, like any handshake's, must not block forever
             with self._lock:
                 self._queued.remove(ticket)
                 self._slot_freed.notify_all()  # the next in line may go
@@ -500,13 +501,13 @@ class DeviceServer:
                 with contextlib.suppress(OSError):
                     session.conn.close()
             shutil.rmtree(session.workspace, ignore_errors=True)
-            self.run_dir.remove_dead_siblings()  # a predecessor's last orphaned session may be over now
             with self._lock:
                 slot.session = None
                 self.sessions_served += 1
                 old, slot.matchkey = slot.matchkey, self._new_matchkey()
                 self._slot_freed.notify_all()
             self._post("end", old, "")
+            self.run_dir.remove_dead_siblings()  # a predecessor's last orphaned session may be over now
 
     def _end_session(self, session: _Session) -> None:
         worker = session.worker
@@ -523,10 +524,13 @@ class DeviceServer:
             reason = ("SessionLost", why)
         if session.conn is not None:
             with contextlib.suppress(OSError):
+                # The worker is gone; a client that stopped reading must not hold this thread (and the
+                # slot) in a blocking send: one try, without waiting, for a frame of a few hundred bytes.
+                session.conn.setblocking(False)
                 if reason:
                     detail = {"type": reason[0], "message": reason[1], "traceback": ""}
-                    session.conn.sendall(encode_frame_head(FrameKind.ERROR, 0, detail))
-                    finish_sending(session.conn)  # a reset must not drop the reason
+                    session.conn.send(encode_frame_head(FrameKind.ERROR, 0, detail))
+                    finish_sending(session.conn)  # a reset must not drop the reason (bounded: 2 s)
                 session.conn.shutdown(socket.SHUT_RDWR)
             session.conn.close()
         self.pool.reap(session.worker)

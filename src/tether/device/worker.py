@@ -622,9 +622,11 @@ def _tvm_deadline_guard(sock: socket.socket, timeout: float, deadline: float) ->
         if remaining > 0:
             code = 0  # the worker ended by itself, in time
             return
-        os.kill(worker, signal.SIGKILL)
         if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # this worker, even if its pid were reused
             select.select([pidfd], [], [], 2.0)  # readable once the worker is gone
+        else:
+            os.kill(worker, signal.SIGKILL)
         _ffi_api.ReturnException(sock.fileno(), TIMEOUT_MESSAGE.format(timeout))
         finish_sending(sock)
     except BaseException:

@@ -13,7 +13,7 @@ request                     wire form                                      reply
                             + tether: ``{"protocols", "labels"}``)
 :class:`Request`            ``[4, key, user, priority]`` (+ options dict)  later: ``[0, [host, port, mk]]``
 :class:`UpdateInfo`         ``[5, {"key": "server:K", "addr": [h, p]}]``   ``0``
-:class:`Summary`            ``[6]`` (+ ``{"detail": true}``)               ``[0, {queue_info, server_info}]``
+:class:`Summary`            ``[6]`` (+ ``{"detail": true, "key"?: K}``)    ``[0, {queue_info, server_info}]``
 :class:`GetPendingMatchkeys` ``[7]``                                       ``[mk, ...]``
 :class:`Cancel` (tether)    ``[101, request_id]``                          ``0``, or ``-1`` (unknown id)
 :class:`SessionEvent` (t.)  ``[102, {"event": "start"|"end", "matchkey"}]`` ``0``
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
@@ -77,7 +78,22 @@ __all__ = [
 MAGIC_BYTES: Final = pack_i32(RPC_TRACKER_MAGIC)
 
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
-_decode = json.JSONDecoder().decode
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
+
+
+#: Strict JSON: no NaN/Infinity, no number that overflows to one (a NaN heartbeat made the timer spin).
+_decode = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite).decode
+_LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +181,9 @@ class Summary:
     """Ask for the tracker's state; ``detail`` asks a tether tracker for holders, waiters and facts."""
 
     detail: bool = False
+    #: With ``detail``: only this key's queue row and waiters, and the servers that serve it (what a client
+    #: watching its own request needs, without the whole pool).
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,8 +227,13 @@ def encode_value(value: Any) -> bytes:
 def decode_value(payload: bytes) -> Any:
     """Parse one frame's JSON payload; :class:`RemoteProtocolError` when it is not JSON."""
     try:
-        return _decode(payload.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # not UTF-8 or JSON, an int past 4,300 digits, deep nesting
+        text = payload.decode("utf-8")
+        value = _decode(text)
+        if _LONE_SURROGATE.search(text):  # "\udc00": a str that cannot be written back as UTF-8 (SUMMARY)
+            _dumps(value).encode("utf-8")
+        return value
+    except (ValueError, RecursionError) as exc:  # not UTF-8 or JSON, an int past 4,300 digits, deep nesting,
+        # NaN or Infinity, a lone surrogate (UnicodeEncodeError is a ValueError)
         raise RemoteProtocolError(f"frame is not usable JSON ({str(exc)[:80]}): {payload[:64]!r}") from None
 
 
@@ -310,7 +334,10 @@ def _parse_update_info(args: list[Any]) -> UpdateInfo:
 
 def _parse_summary(args: list[Any]) -> Summary:
     opts = args[1] if len(args) > 1 else None
-    return Summary(bool(opts.get("detail")) if isinstance(opts, dict) else False)
+    if not isinstance(opts, dict):
+        return Summary()
+    key = opts.get("key")
+    return Summary(bool(opts.get("detail")), None if key is None else _str(key, "SUMMARY key"))
 
 
 def _parse_session(args: list[Any]) -> SessionEvent:
@@ -385,7 +412,9 @@ def _message_to_wire(msg: TrackerMessage) -> list[Any]:
     if isinstance(msg, UpdateInfo):
         return [TrackerCode.UPDATE_INFO, msg.info]
     if isinstance(msg, Summary):
-        return [TrackerCode.SUMMARY, {"detail": True}] if msg.detail else [TrackerCode.SUMMARY]
+        if not msg.detail:
+            return [TrackerCode.SUMMARY]
+        return [TrackerCode.SUMMARY, {"detail": True} if msg.key is None else {"detail": True, "key": msg.key}]
     if isinstance(msg, GetPendingMatchkeys):
         return [TrackerCode.GET_PENDING_MATCHKEYS]
     if isinstance(msg, Cancel):

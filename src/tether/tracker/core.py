@@ -18,7 +18,8 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from heapq import heappop as _heappop
 from heapq import heappush as _heappush
 from typing import Any
@@ -54,6 +55,22 @@ _dumps = json.JSONEncoder(ensure_ascii=False).encode
 _OK = encode_value(TrackerCode.SUCCESS.value)
 #: Messages that change nothing SUMMARY reports (besides a heartbeat's time, which moves anyway).
 _READ_ONLY = frozenset({Ping, Summary, GetPendingMatchkeys})
+#: A grant not redeemed for this long is over (a server replaces an unredeemed matchkey after 5 s).
+_PHANTOM_AFTER_S = 10.0
+#: Messages that change which servers could serve a key (see ``_servers_by_key``).
+_SERVER_SIDE = frozenset({Put, UpdateInfo, Withdraw, SessionEvent})
+
+
+@dataclass(slots=True)
+class _KeyServers:
+    """Who could serve one key: each server's (or proxied slot's) protocols and labels; grants of it held
+    through a proxy (terms unknown); the users holding its grants."""
+
+    terms: list[tuple[frozenset[str], Mapping[str, str]]] = field(default_factory=list)
+    unknown: int = 0
+    holders: list[str] = field(default_factory=list)
+
+
 _FAIL = encode_value(TrackerCode.FAIL.value)
 
 
@@ -95,9 +112,12 @@ class TrackerCore:
         self._grace_kept = 0  # entries after the last sweep
         #: Bumped by every message or event that may change what SUMMARY says (not by queries).
         self._epoch = 0
-        #: (detail, epoch, when, text) of the last summary: served again while nothing changed and it is
+        #: (detail, key, epoch, when, text) of the last summary: served again while nothing changed and it is
         #: younger than ``config.summary_reuse_s`` (a burst of queries at 10,000 servers).
-        self._last_summary: tuple[bool, int, float, str] | None = None
+        self._last_summary: tuple[bool, str | None, int, float, str] | None = None
+        #: Bumped by what changes who serves a key (PUT, UPDATE_INFO, WITHDRAW, SESSION, grants, departures)
+        self._registry_epoch = 0
+        self._index: tuple[int, dict[str, _KeyServers]] | None = None
         self._handlers: dict[type, Callable[[Connection, Any], None]] = {
             Ping: self._on_ping,
             Stop: self._on_stop_msg,
@@ -130,6 +150,8 @@ class TrackerCore:
             conn.last_seen = self.clock()
         if type(msg) not in _READ_ONLY:
             self._epoch += 1
+            if type(msg) in _SERVER_SIDE:
+                self._registry_epoch += 1
         self._handlers[type(msg)](conn, msg)
 
     def disconnect(self, conn: Connection) -> None:
@@ -138,8 +160,11 @@ class TrackerCore:
             return
         conn.closed = True
         self._epoch += 1
+        self._registry_epoch += 1
         self._conns.pop(conn.cid, None)
-        for key in {conn.server_key, *(s.key for s in conn.slots.values()), *(h.key for h in conn.held.values())}:
+        keys = {conn.server_key, *(s.key for s in conn.slots.values()), *(h.key for h in conn.held.values())}
+        keys.update(w.key for w in conn.waiters)
+        for key in keys:
             if key is not None:
                 self._note_key(key)  # active until now: its idle time starts here
         for slot in conn.slots.values():
@@ -246,7 +271,7 @@ class TrackerCore:
             conn.held.clear()  # a plain TVM server offers itself again: its session is over
         else:
             conn.held.pop(msg.matchkey, None)
-            self._forget_phantom_grants(conn)
+            self._forget_phantom_grants(conn, now, putting=1)
         self._note_key(msg.key)
         own = msg.protocols is not None or msg.labels is not None
         protocols = msg.protocols if msg.protocols is not None else conn.protocols
@@ -258,18 +283,22 @@ class TrackerCore:
             self._deliver(grant, now)
         conn.link.send(_OK)
 
-    @staticmethod
-    def _forget_phantom_grants(conn: Connection) -> None:
+    def _forget_phantom_grants(self, conn: Connection, now: float, putting: int = 0) -> None:
         """A tether server declares its slot count; when it offers one more free slot than that count leaves
         room for, a grant it was never asked to serve (unredeemed; its matchkey replaced) is over: forget
-        the oldest such ``granted`` record. Sessions reported ``busy`` are never dropped. (Servers that
-        withdraw their replaced matchkeys never get here; this covers those that do not.)"""
+        the oldest such ``granted`` record, if it is older than a server waits for a client (a younger one
+        may be a session about to start, its SESSION report behind this PUT). Sessions reported ``busy``
+        are never dropped. (Servers that withdraw replaced matchkeys never get here; this covers others.)
+        Checked at each PUT (``putting``: the slot being offered) and each poll of the pending matchkeys."""
         if conn.tether is None or conn.server_key is None:
             return  # TVM servers (handled by single_session) and proxies (no slot count)
-        excess = len(conn.slots) + 1 + len(conn.held) - conn.tether.slots  # +1: the slot being PUT
-        for matchkey in [m for m, h in conn.held.items() if h.state == "granted"][: max(0, excess)]:
+        excess = len(conn.slots) + putting + len(conn.held) - conn.tether.slots
+        stale = [m for m, h in conn.held.items() if h.state == "granted" and now - h.since > _PHANTOM_AFTER_S]
+        for matchkey in stale[: max(0, excess)]:
             logger.debug("connection %s: grant of %s replaced by a new slot", conn.address, matchkey)
             del conn.held[matchkey]
+            self._epoch += 1  # (also from a poll, which changes nothing else)
+            self._registry_epoch += 1
 
     def _on_request(self, conn: Connection, msg: Request) -> None:
         now = self.clock()
@@ -318,25 +347,45 @@ class TrackerCore:
         logger.info("request %s for %r by %s: %s", waiter.request_id, waiter.key, waiter.user, why)
         self._fail(owner, waiter, "unservable", why)
 
+    def _servers_by_key(self) -> dict[str, _KeyServers]:
+        """Who could serve each key, in one pass over the connections, reused until a server-side change
+        (a flood of requests for made-up keys costs no pass each)."""
+        if self._index is not None and self._index[0] == self._registry_epoch:
+            return self._index[1]
+        index: dict[str, _KeyServers] = {}
+        for conn in self._conns.values():
+            if conn.server_key is not None:
+                index.setdefault(conn.server_key, _KeyServers()).terms.append((conn.protocols, conn.labels))
+            for slot in conn.slots.values():
+                if slot.key != conn.server_key:  # a proxy's slot: its own terms
+                    index.setdefault(slot.key, _KeyServers()).terms.append((slot.protocols, slot.labels))
+            for held in conn.held.values():
+                entry = index.setdefault(held.key, _KeyServers())
+                entry.holders.append(held.user)
+                if held.key != conn.server_key:  # handed out through a proxy: terms unknown, maybe a match
+                    entry.unknown += 1
+        self._index = (self._registry_epoch, index)
+        return index
+
+    def _did_you_mean(self, key: str, known: Iterable[str]) -> str:
+        """`` (did you mean 'a', 'b'?)`` from the keys served now, or "" (and nothing when there are many:
+        difflib is quadratic in the keys' length and linear in their number)."""
+        near = [k for k in known if k != key and abs(len(k) - len(key)) <= 3]
+        if not near or len(near) > 500:
+            return ""
+        found = difflib.get_close_matches(key, sorted(near), n=3)
+        return f" (did you mean {', '.join(map(repr, found))}?)" if found else ""
+
     def _diagnose(self, waiter: Waiter) -> tuple[bool, str]:
         """(whether no registered server could ever serve ``waiter``, why it waits) in words a user can act
         on: no server of the key (and the keys it may have meant), none speaking its protocol, none with
         its labels, or every matching server busy (and who holds them)."""
         key = waiter.key
-        terms: list[tuple[frozenset[str], Mapping[str, str]]] = []  # one per server (or proxied slot) of key
-        unknown = 0  # grants of the key held through a proxy: terms not known here, so maybe a match
-        holders: list[str] = []
-        for conn in self._conns.values():
-            if conn.server_key == key:
-                terms.append((conn.protocols, conn.labels))
-            else:
-                terms += [(s.protocols, s.labels) for s in conn.slots.values() if s.key == key]
-                unknown += sum(1 for h in conn.held.values() if h.key == key)
-            holders += [h.user for h in conn.held.values() if h.key == key]
+        index = self._servers_by_key()
+        servers = index.get(key) or _KeyServers()
+        terms, unknown = servers.terms, servers.unknown
         if not terms and not unknown:
-            why = f"no server is registered with key {key!r}"
-            near = difflib.get_close_matches(key, sorted(self._registered_keys() - {key}), n=3)
-            return True, why + (f" (did you mean {', '.join(map(repr, near))}?)" if near else "")
+            return True, f"no server is registered with key {key!r}" + self._did_you_mean(key, index)
         speaking = [t for t in terms if waiter.protocol in t[0]]
         if not speaking and not unknown:
             spoken = " or ".join(sorted({p for t in terms for p in t[0]}))
@@ -351,8 +400,8 @@ class TrackerCore:
             return True, f"no server of key {key!r} has labels {wanted} (theirs: {'; '.join(theirs[:5])})"
         others = self.scheduler.counts(key)[1] - (1 if waiter.waiting else 0)
         why = f"its {len(fitting) + unknown} matching server(s) are busy"
-        if holders:
-            why += f" (held by {', '.join(sorted(set(holders))[:5])})"
+        if servers.holders:
+            why += f" (held by {', '.join(sorted(set(servers.holders))[:5])})"
         return False, why + (f"; {others} other request(s) waiting" if others > 0 else "")
 
     def _reject_reason(self, conn: Connection, waiter: Waiter) -> str | None:
@@ -409,9 +458,11 @@ class TrackerCore:
                 self._deliver(grant, now)
 
     def _on_summary(self, conn: Connection, msg: Summary) -> None:
-        conn.link.send(encode_frame(f"[0, {self.summary_json(detail=msg.detail)}]".encode()))
+        conn.link.send(encode_frame(f"[0, {self.summary_json(msg.detail, msg.key)}]".encode()))
 
     def _on_get_pending(self, conn: Connection, msg: GetPendingMatchkeys) -> None:
+        if conn.held:
+            self._forget_phantom_grants(conn, self.clock())
         conn.link.send(encode_value(list(conn.slots)))
 
     def _on_cancel(self, conn: Connection, msg: Cancel) -> None:
@@ -452,6 +503,8 @@ class TrackerCore:
 
     def _deliver(self, grant: Grant, now: float) -> None:
         waiter, slot = grant.waiter, grant.slot
+        self._registry_epoch += 1
+        self._note_key(waiter.key)
         requester, server = waiter.owner, slot.owner
         assert isinstance(requester, Connection) and isinstance(server, Connection)
         requester.waiters.pop(waiter, None)
@@ -538,25 +591,32 @@ class TrackerCore:
         value: dict[str, Any] = json.loads(self.summary_json(detail))
         return value
 
-    def summary_json(self, detail: bool = False) -> str:
+    def summary_json(self, detail: bool = False, key: str | None = None) -> str:
         """:meth:`summary` as JSON text, assembled from pieces each connection encoded when it last changed
         (:meth:`Connection.refresh_wire`, :func:`waiter_wire`): only what moves with time is encoded
         here, so a summary of 10,000 servers and 10,000 waiters costs string joins, not a 10 MB encode.
-        While nothing changed, the last one is served again for ``config.summary_reuse_s`` seconds."""
+        While nothing changed, the last one is served again for ``config.summary_reuse_s`` seconds.
+        ``key`` (with ``detail``): that key's queue, waiters and servers only."""
         now = self.clock()
         last = self._last_summary
-        if last is not None and last[:2] == (detail, self._epoch) and now - last[2] < self.config.summary_reuse_s:
-            return last[3]
+        asked = (detail, key if detail else None, self._epoch)
+        if last is not None and last[:3] == asked and now - last[3] < self.config.summary_reuse_s:
+            return last[4]
         queue_info = self._listed_queues()
-        infos = ", ".join(c.wire_info for c in self._conns.values() if c.wire_info and c.info_key.startswith("server"))
+        conns: Iterable[Connection] = self._conns.values()
+        only = asked[1]
+        if only is not None:
+            queue_info = {k: v for k, v in queue_info.items() if k == only}
+            conns = [c for c in conns if c.server_key == only or _offers(c, only)]
+        infos = ", ".join(c.wire_info for c in conns if c.wire_info and c.info_key.startswith("server"))
         text = f'{{"queue_info": {_dumps(queue_info)}, "server_info": [{infos}]'
         if detail:
-            text += f', "tether": {self._detail_json(queue_info)}'
+            text += f', "tether": {self._detail_json(queue_info, conns)}'
         text += "}"
-        self._last_summary = (detail, self._epoch, now, text)
+        self._last_summary = (*asked, now, text)
         return text
 
-    def _detail_json(self, queue_info: dict[str, dict[str, int]]) -> str:
+    def _detail_json(self, queue_info: dict[str, dict[str, int]], conns: Iterable[Connection]) -> str:
         now = self.clock()
         totals = dict.fromkeys(queue_info, 0)
         busy = dict.fromkeys(queue_info, 0)
@@ -569,7 +629,7 @@ class TrackerCore:
             return text
 
         servers = []
-        for conn in self._conns.values():
+        for conn in conns:
             if not (conn.slots or conn.held or conn.info_key.startswith("server")):
                 continue
             per_key: dict[str, int] = {}
@@ -617,6 +677,11 @@ class TrackerCore:
             "connections": len(self._conns),
         }
         return f'{_dumps(head)[:-1]}, "keys": {{{", ".join(keys)}}}, "servers": [{", ".join(servers)}]}}'
+
+
+def _offers(conn: Connection, key: str) -> bool:
+    """True when ``conn`` (a proxy, say) has a free or handed-out slot of ``key``."""
+    return any(s.key == key for s in conn.slots.values()) or any(h.key == key for h in conn.held.values())
 
 
 def _waiter_head(waiter: Waiter) -> str:

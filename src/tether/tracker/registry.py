@@ -76,7 +76,7 @@ def parse_tether_info(raw: Any) -> TetherInfo:
         raise RemoteProtocolError("UPDATE_INFO tether.labels must map strings to strings")
     heartbeat = raw.get("heartbeat")
     if heartbeat is not None and (
-        isinstance(heartbeat, bool) or not isinstance(heartbeat, int | float) or heartbeat <= 0
+        isinstance(heartbeat, bool) or not isinstance(heartbeat, int | float) or not 0 < heartbeat < 1e6
     ):
         raise RemoteProtocolError("UPDATE_INFO tether.heartbeat must be a positive number of seconds")
     slots = raw.get("slots", 1)
