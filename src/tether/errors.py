@@ -26,6 +26,9 @@
     │   ├── WorkspaceError            a path outside the session's workspace, a missing file
     │   ├── ModelLoadError            a backend could not load the model
     │   └── ModelRunError             the model raised while running
+    ├── AuthError                     authentication or authorisation failed (never worth a retry)
+    │   ├── AuthFailed                who you are could not be verified (no token, wrong token, an impostor)
+    │   └── PermissionDenied          verified, but your role may not do this
     └── ConfigError                   invalid configuration (bad flag, port range)
 
 Only :class:`TransportError` is worth a retry: everything else says something that a new attempt
@@ -35,6 +38,8 @@ will say again.
 from __future__ import annotations
 
 __all__ = [
+    "AuthError",
+    "AuthFailed",
     "BadHeader",
     "ConfigError",
     "ConnectFailed",
@@ -45,6 +50,7 @@ __all__ = [
     "ModelRunError",
     "NotTetherServer",
     "NotTetherTracker",
+    "PermissionDenied",
     "ProtocolError",
     "RemoteError",
     "RemoteProtocolError",
@@ -136,6 +142,18 @@ class Unservable(RequestRejected):
 
 class NotTetherTracker(TrackerError):
     """A tether-only operation was sent to a tracker that is not tether (TVM's own)."""
+
+
+class AuthError(TetherError):
+    """Authentication or authorisation failed; a retry with the same credentials fails the same way."""
+
+
+class AuthFailed(AuthError):
+    """The peer could not be verified, or could not verify us: no token, a wrong one, or an impostor."""
+
+
+class PermissionDenied(AuthError):
+    """Authenticated, but the role may not do this (a user registering slots, STOP without admin)."""
 
 
 class ConfigError(TetherError, ValueError):

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import TetherError
-from . import bench, demo, pack, proxy, query, run, server, tracker
+from . import bench, demo, pack, proxy, query, run, server, token, tracker
 from ._report import fail
 
 __all__ = ["main"]
@@ -31,6 +31,7 @@ _COMMANDS = {
     "run": run,
     "bench": bench,
     "pack": pack,
+    "token": token,
     "demo": demo,
 }
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ..runtime import TensorSpec
 
 __all__ = [
+    "add_auth_flags",
     "add_model_flags",
     "check_inputs",
     "check_locally",
@@ -44,6 +45,25 @@ FILL_KINDS = ("random", "zeros", "ones")
 #: How long a request that no registered server could serve waits before the tracker says why.
 UNSERVABLE_AFTER_S = 5.0
 BACKENDS = ("onnxruntime", "tvm", "reference")
+
+
+def add_auth_flags(p: argparse.ArgumentParser, peers: str) -> None:
+    """``--auth-file`` and ``--allow-tvm``, the same on tracker, server and proxy."""
+    p.add_argument(
+        "--auth-file",
+        type=existing_file,
+        default=None,
+        metavar="FILE",
+        help="turn authentication on: one `name role secret [max_priority=N]` a line (roles admin, server, "
+        "user; `tether token NAME ROLE` makes a line); reloaded on SIGHUP. Own token: $TETHER_TOKEN",
+    )
+    p.add_argument(
+        "--allow-tvm",
+        nargs="+",
+        default=[],
+        metavar="CIDR",
+        help=f"with --auth-file: {peers} from these networks may go on without a token (TVM cannot send one)",
+    )
 
 
 def label(text: str) -> tuple[str, str]:

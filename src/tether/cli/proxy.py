@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from ..errors import ConfigError
-from ._args import existing_file, hostport, port, seconds
+from ._args import add_auth_flags, existing_file, hostport, port, seconds
 
 __all__ = ["add_parser", "run"]
 
@@ -49,6 +49,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--custom-addr", default=None, help="tracker mode: address the tracker hands to clients")
     p.add_argument("--index-page", type=existing_file, default=None, help="HTML page served at / on the web port")
+    add_auth_flags(p, "TVM servers and clients")
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
     p.set_defaults(run=run)
 
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
             timeout_alloc=args.timeout_alloc,
             custom_addr=args.custom_addr,
             index_page=args.index_page,
+            auth_file=None if args.auth_file is None else str(args.auth_file),
+            allow_tvm=tuple(args.allow_tvm),
         )
         asyncio.run(_serve(config))
     except ConfigError as exc:
@@ -84,7 +87,9 @@ async def _serve(config: Any) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.stop)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_auth)
     print(f"listening on {server.address}", flush=True)
+    print(server.describe_auth(), flush=True)
     if server.ws_url:
         print(f"websocket on {server.ws_url}", flush=True)
     await server.serve_until_stopped()

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..aio.net import format_hostport, parse_hostport
 from ..errors import ConfigError
-from ._args import label
+from ._args import add_auth_flags, label
 
 __all__ = ["add_parser", "run"]
 
@@ -73,6 +73,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--no-prestart", action="store_true", help="start each session's worker only when it is granted")
     p.add_argument("--no-tvm", action="store_true", help="serve tether clients only, even when tvm is importable")
+    add_auth_flags(p, "plain TVM clients")
     p.set_defaults(run=run)
 
 
@@ -102,6 +103,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         prestart=not args.no_prestart,
         fork=not args.no_fork,
         serve_tvm=not args.no_tvm,
+        auth_file=None if args.auth_file is None else str(args.auth_file),
+        allow_tvm=tuple(args.allow_tvm),
     )
 
 
@@ -121,8 +124,10 @@ def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    signal.signal(signal.SIGHUP, lambda signum, frame: server.reload_auth())
     if not args.through_proxy and not args.proxy_url:
         print(f"listening on {format_hostport(args.host, server.port)}", flush=True)
+    print(server.describe_auth(), flush=True)
     try:
         while not done.wait(3600):
             pass

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..tracker import TrackerConfig, TrackerServer
-from ._args import port, seconds
+from ._args import add_auth_flags, port, seconds
 
 __all__ = ["add_parser", "run"]
 
@@ -31,6 +31,7 @@ def add_parser(sub: Any) -> None:
         metavar="S",
         help="after a start, seconds before a request is judged unservable: servers re-register meanwhile",
     )
+    add_auth_flags(p, "TVM servers, clients and query_rpc_tracker")
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
     p.set_defaults(run=run)
 
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         port_end=args.port_end,
         stop_key=args.stop_key,
         registration_grace_s=args.registration_grace,
+        auth_file=None if args.auth_file is None else str(args.auth_file),
+        allow_tvm=tuple(args.allow_tvm),
     )
     try:
         asyncio.run(_serve(config))
@@ -66,7 +69,9 @@ async def _serve(config: TrackerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.stop)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_auth)
     print(f"listening on {server.address}", flush=True)
+    print(server.core.access.describe(), flush=True)
     if _is_loopback(server.host):
         hint = f"tether tracker --host 0.0.0.0 --port {server.port}"
         print(f"only this machine can reach this tracker; to accept devices from the network: {hint}", flush=True)

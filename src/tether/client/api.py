@@ -26,6 +26,7 @@ from ..errors import (
     SessionRefused,
     TransportError,
 )
+from ..protocol.auth import Token, token_from_env
 from ..protocol.tracker import Grant
 from .query import TrackerStatus, status_from_summary
 from .session import Session
@@ -46,25 +47,32 @@ _ids = itertools.count(1)
 _T = TypeVar("_T")
 
 
-def connect_tracker(host: str | None = None, port: int | None = None, timeout: float = 5.0) -> Tracker:
+def connect_tracker(
+    host: str | None = None, port: int | None = None, timeout: float = 5.0, *, token: Token | str | None = None
+) -> Tracker:
     """Connect to a tracker (``TVM_TRACKER_HOST``/``TVM_TRACKER_PORT`` when not given).
 
     A refused or broken connection is tried again with backoff for up to ``timeout`` seconds (a tracker
-    that is restarting), then :class:`~tether.errors.ConnectFailed` names the last error.
+    that is restarting), then :class:`~tether.errors.ConnectFailed` names the last error. ``token``
+    (``name:secret``, default ``$TETHER_TOKEN``) authenticates where the tracker asks for it
+    (:class:`~tether.errors.AuthFailed` when it is refused, never retried).
     """
     host, port = tracker_address_from_env(host, port)
     stop = threading.Event()
-    return Tracker(_connect(host, port, time.monotonic() + timeout, stop), stop=stop)
+    creds = token_from_env(token)
+    return Tracker(_connect(host, port, time.monotonic() + timeout, stop, creds), stop=stop, token=creds)
 
 
-def _connect(host: str, port: int, deadline: float | None, stop: threading.Event) -> TrackerClient:
+def _connect(
+    host: str, port: int, deadline: float | None, stop: threading.Event, token: Token | None = None
+) -> TrackerClient:
     """A tracker connection, retried with backoff until ``deadline`` (None: forever) or ``stop``."""
     delay = _BACKOFF_FIRST_S
     first_failure: float | None = None
     while True:
         attempt = 5.0 if deadline is None else max(0.1, min(5.0, deadline - time.monotonic()))
         try:
-            client = TrackerClient.connect(host, port, timeout=attempt)
+            client = TrackerClient.connect(host, port, timeout=attempt, token=token)
             if stop.is_set():  # interrupted while connecting: nobody would interrupt this new connection
                 client.close()
                 raise ConnectFailed(f"tracker {host}:{port}: interrupted")
@@ -87,8 +95,11 @@ def _connect(host: str, port: int, deadline: float | None, stop: threading.Event
 class Tracker:
     """Requests sessions on servers by key; also a context manager. One request at a time."""
 
-    def __init__(self, client: TrackerClient, *, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self, client: TrackerClient, *, stop: threading.Event | None = None, token: Token | None = None
+    ) -> None:
         self.client = client
+        self._token = token
         self.host, self.port = client.host, client.port
         self._stop = stop or threading.Event()
 
@@ -143,6 +154,7 @@ class Tracker:
                     grant.matchkey,
                     session_timeout=session_timeout or None,
                     timeout=connect_timeout,
+                    token=self._token,
                 )
             except (SessionRefused, ConnectFailed) as exc:
                 refused += 1
@@ -184,7 +196,7 @@ class Tracker:
             raise exc
         logger.warning("tracker %s:%d: %s; reconnecting to ask again for %r", self.host, self.port, exc, key)
         try:
-            self.client = _connect(self.host, self.port, deadline, self._stop)
+            self.client = _connect(self.host, self.port, deadline, self._stop, self._token)
         except ConnectFailed as failed:
             if self._stop.is_set():
                 raise exc from None
@@ -236,7 +248,7 @@ class Tracker:
             if self._stop.is_set():
                 raise
             self.client.close()
-            self.client = _connect(self.host, self.port, time.monotonic() + 5.0, self._stop)
+            self.client = _connect(self.host, self.port, time.monotonic() + 5.0, self._stop, self._token)
             return op(self.client)
 
     def interrupt(self) -> None:

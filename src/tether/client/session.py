@@ -23,14 +23,17 @@ import os
 import socket
 import statistics
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..aio.auth import prove_token, recv_step
 from ..aio.channel import Channel
 from ..aio.net import connect_tcp, format_hostport
 from ..errors import (
+    AuthFailed,
     ConnectionClosed,
     NotTetherServer,
     RemoteError,
@@ -42,6 +45,7 @@ from ..errors import (
     TetherError,
     remote_error,
 )
+from ..protocol.auth import AUTH_OPTION, Token, token_from_env
 from ..protocol.constants import HandshakeCode
 from ..protocol.framing import HandshakeReplyDecoder, encode_handshake
 from ..protocol.keys import format_peer_key, parse_peer_key
@@ -50,18 +54,37 @@ from ..runtime.base import BackendError, numpy_dtype
 
 __all__ = ["BenchmarkResult", "RemoteModel", "RemoteTensor", "Session", "connect", "file_digest"]
 
+
+def _authenticate(sock: Any, address: str, token: Token | str | None, deadline: float) -> None:
+    """Prove our token to a server that asked for one, then wait for its last word (ready, or busy)."""
+    creds = token_from_env(token)
+    if creds is None:
+        raise AuthFailed(f"{address} requires a token: set TETHER_TOKEN=name:secret (or pass token=)")
+    prove_token(sock, creds, "server", deadline)
+    last = recv_step(sock, deadline)
+    if last.get("ready") is not True:
+        raise SessionRefused(f"{address} refused the session: {str(last.get('message', last))[:300]}")
+
+
 #: How long past a request's own time limit the client waits for the device to say it timed out.
 TIMEOUT_GRACE_S = 10.0
 
 
 def connect(
-    host: str, port: int = 0, key: str = "", session_timeout: float | None = None, timeout: float = 10.0
+    host: str,
+    port: int = 0,
+    key: str = "",
+    session_timeout: float | None = None,
+    timeout: float = 10.0,
+    *,
+    token: Token | str | None = None,
 ) -> Session:
     """Open a native session with a tether server directly (no tracker): ``key`` is the server's key.
 
     Through a proxy in plain mode, ``host:port`` is the proxy's (or ``host`` its ``ws://.../ws`` URL) and
-    ``key`` the key the server gave the proxy."""
-    return Session.connect(host, port, key or "tether", session_timeout=session_timeout, timeout=timeout)
+    ``key`` the key the server gave the proxy. ``token`` (``name:secret``, default ``$TETHER_TOKEN``):
+    proven to a server that requires authentication."""
+    return Session.connect(host, port, key or "tether", session_timeout=session_timeout, timeout=timeout, token=token)
 
 
 def file_digest(data: str | os.PathLike[str] | bytes) -> str:
@@ -299,11 +322,20 @@ class Session:
 
     @classmethod
     def connect(
-        cls, host: str, port: int, name: str, *, session_timeout: float | None = None, timeout: float = 10.0
+        cls,
+        host: str,
+        port: int,
+        name: str,
+        *,
+        session_timeout: float | None = None,
+        timeout: float = 10.0,
+        token: Token | str | None = None,
     ) -> Session:
         """Handshake as ``client:<name> -tether=1`` (``name``: the server's key, or a tracker's matchkey).
 
-        ``host`` may be a proxy's WebSocket URL (``ws://proxy:8888/ws``; ``port`` is then ignored)."""
+        ``host`` may be a proxy's WebSocket URL (``ws://proxy:8888/ws``; ``port`` is then ignored). A server
+        that answers ``-auth=1`` requires ``token`` (default ``$TETHER_TOKEN``): :class:`AuthFailed` when
+        there is none, it is refused, or the server cannot prove it knows it (an impostor)."""
         options = {"tether": "1"}
         if session_timeout:
             options["timeout"] = f"{session_timeout:g}"
@@ -337,6 +369,8 @@ class Session:
                 )
             if sock.family != socket.AF_UNIX:  # a WebSocket bridge is a local socket pair
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests must not wait for Nagle
+            if server.options.get(AUTH_OPTION) == "1":
+                _authenticate(sock, address, token, time.monotonic() + timeout)
         except TimeoutError:
             sock.close()
             raise ConnectionClosed(

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..aio.stream import BlockingStream
 from ..errors import (
+    AuthFailed,
     ConnectionClosed,
     NotTetherTracker,
     RemoteProtocolError,
@@ -31,8 +32,10 @@ from ..errors import (
     RequestTimeout,
     Unservable,
 )
+from ..protocol.auth import Initiator, Role, Token, token_from_env
 from ..protocol.constants import TrackerCode
 from ..protocol.tracker import (
+    Auth,
     Cancel,
     GetPendingMatchkeys,
     Grant,
@@ -49,6 +52,7 @@ from ..protocol.tracker import (
     Withdraw,
     encode_message,
     parse_request_reply,
+    raise_refusal,
 )
 
 __all__ = ["DEFAULT_TRACKER_PORT", "TrackerClient", "tracker_address_from_env"]
@@ -81,11 +85,20 @@ class TrackerClient:
         self._codec = TrackerClientStream()
         self._replies: deque[Any] = deque()
         self._tether_version: str | None = None
+        self._tracker_auth = False
         self._hello_done = False
+        #: The verified name and role, once authenticated (None: not, or the tracker does not ask).
+        self.user: str | None = None
+        self.role: Role | None = None
 
     @classmethod
-    def connect(cls, host: str, port: int, timeout: float = 5.0) -> TrackerClient:
-        """Connect and exchange the magic, all within ``timeout`` seconds."""
+    def connect(cls, host: str, port: int, timeout: float = 5.0, *, token: Token | str | None = None) -> TrackerClient:
+        """Connect and exchange the magic, all within ``timeout`` seconds.
+
+        ``token`` (``name:secret``; default ``$TETHER_TOKEN``): when the tracker requires authentication,
+        prove who we are and check that the tracker knows our secret too. Raises
+        :class:`~tether.errors.AuthFailed` when either fails."""
+        token = token_from_env(token)
         stream = BlockingStream.connect(host, port, timeout)
         client = cls(stream, host, port)
         try:
@@ -93,6 +106,8 @@ class TrackerClient:
             deadline = time.monotonic() + timeout
             while not client._codec.connected:
                 client._replies.extend(client._codec.receive_data(stream.recv(deadline)))
+            if token is not None:
+                client._authenticate(token, deadline)
         except TimeoutError as exc:
             stream.close()
             raise RemoteProtocolError(f"{host}:{port} did not answer the tracker magic within {timeout} s") from exc
@@ -100,6 +115,24 @@ class TrackerClient:
             stream.close()
             raise
         return client
+
+    def _authenticate(self, token: Token, deadline: float) -> None:
+        if self.tether_version is None or not self._tracker_auth:
+            return  # TVM's tracker, or tether's with authentication off: nothing to prove
+        exchange = Initiator(token, "tracker")
+        challenge = self._auth_step(exchange.hello(), deadline)
+        verdict = self._auth_step(exchange.answer(challenge), deadline)
+        self.role = exchange.finish(verdict)
+        self.user = token.name
+
+    def _auth_step(self, step: dict[str, Any], deadline: float) -> Any:
+        self.send(Auth(step))
+        reply = self.recv(deadline)
+        if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], dict)):
+            raise RemoteProtocolError(f"unexpected AUTH reply {reply!r:.120}")
+        if reply[0] != TrackerCode.SUCCESS:
+            raise AuthFailed(str(reply[1].get("message", "authentication refused"))[:300])
+        return reply[1]
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -119,6 +152,8 @@ class TrackerClient:
                 return value
         while True:
             values = self._codec.receive_data(self._stream.recv(deadline))
+            for value in values:
+                raise_refusal(value)  # authentication: the tracker refused, and closes the connection
             for i, value in enumerate(values):
                 if wanted(value):
                     self._replies.extend(values[:i] + values[i + 1 :])
@@ -156,6 +191,7 @@ class TrackerClient:
             reply = self.call(Ping(hello=True))
             if isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], dict):
                 self._tether_version = str(reply[1].get("tether"))
+                self._tracker_auth = reply[1].get("auth") is True
             self._hello_done = True
         return self._tether_version
 

@@ -38,9 +38,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
+from ..aio.auth import prove_token, verify_peer
 from ..aio.net import bind_listener, connect_tcp, finish_sending, format_hostport
 from ..client.tracker import TrackerClient
-from ..errors import ConfigError, RemoteProtocolError, TetherError
+from ..errors import AuthError, ConfigError, RemoteProtocolError, TetherError
+from ..protocol.auth import (
+    AUTH_OPTION,
+    TOKEN_OPTION,
+    Keyring,
+    Role,
+    address_in,
+    encode_step,
+    parse_networks,
+    token_from_env,
+)
 from ..protocol.constants import DEFAULT_HEARTBEAT_S, HandshakeCode
 from ..protocol.framing import HandshakeDecoder, HandshakeReplyDecoder, encode_handshake, encode_handshake_reply
 from ..protocol.keys import PeerKey, format_peer_key, parse_peer_key
@@ -110,6 +121,16 @@ class ServerConfig:
     max_payload: int = MAX_PAYLOAD_BYTES
     #: The content-addressed cache of uploads shared by sessions (``<work_dir>/cache``); 0 turns it off.
     cache_bytes: int = 1 << 30
+    #: Keyring file (``name role secret`` a line): a direct or proxied tether client must prove a user (or
+    #: admin) token before its session; plain TVM clients are served only from ``allow_tvm`` networks.
+    #: None: anyone who reaches the port may run code here, as with TVM's server.
+    auth_file: str | None = None
+    #: Networks (CIDR) whose plain TVM clients are served with ``auth_file`` on (behind a proxy, any
+    #: entry lets the proxy's TVM clients through: the proxy checked their address).
+    allow_tvm: tuple[str, ...] = ()
+    #: This server's own token (``name:secret``, role server) for the tracker and the proxy; None:
+    #: ``$TETHER_TOKEN`` if set.
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.proxy_url:
@@ -167,6 +188,9 @@ class DeviceServer:
         if PROTOCOL_TVM not in self.protocols and "tvm" in self.preload:
             self.preload.remove("tvm")
         self.facts = device_facts()
+        self.keyring = Keyring.load(config.auth_file) if config.auth_file else None
+        self.allow_tvm = parse_networks(config.allow_tvm)
+        self.token = token_from_env(config.token)
         self._lock = threading.Lock()
         #: Notified (under ``_lock``) whenever a slot may have come free, or the server stops.
         self._slot_freed = threading.Condition(self._lock)
@@ -214,6 +238,27 @@ class DeviceServer:
             cfg.slots,
             cfg.labels or "none",
         )
+        logger.info("%s", self.describe_auth())
+
+    def describe_auth(self) -> str:
+        """The startup line's account of who may start a session here."""
+        if self.keyring is None:
+            if self.config.tracker:
+                return "authentication off: clients need a matchkey granted by the tracker"
+            return "authentication off: anyone who reaches this server may run code on it (TVM compatible)"
+        tvm = ", ".join(str(n) for n in self.allow_tvm) or "none"
+        return f"authentication on ({len(self.keyring)} credential(s)); TVM clients allowed from: {tvm}"
+
+    def reload_auth(self) -> None:
+        """Read ``auth_file`` again (SIGHUP); a file that does not parse leaves the keyring as it was."""
+        if not self.config.auth_file:
+            return
+        try:
+            self.keyring = Keyring.load(self.config.auth_file)
+        except ConfigError as exc:
+            logger.error("auth file not reloaded, the old keyring stays: %s", exc)
+            return
+        logger.info("auth file reloaded: %d credential(s)", len(self.keyring))
 
     def serve_forever(self) -> None:
         self.start()
@@ -341,24 +386,60 @@ class DeviceServer:
                 conn.sendall(encode_handshake_reply(HandshakeCode.MISMATCH))
             conn.close()
             return
-        self._admit(conn, client, peer)
+        authed = False
+        if self.keyring is not None and not self.config.tracker:  # with a tracker, the matchkey is the proof
+            if not client.is_tether:
+                if not address_in(_host_of(conn), self.allow_tvm):
+                    logger.warning("refused TVM client %s: authentication is on and it is not in --allow-tvm", peer)
+                    with contextlib.suppress(OSError):
+                        conn.sendall(encode_handshake_reply(HandshakeCode.MISMATCH))
+                    conn.close()
+                    return
+            else:
+                reply = format_peer_key("server", self.config.key, {"tether": "1", AUTH_OPTION: "1"})
+                try:
+                    conn.sendall(encode_handshake_reply(HandshakeCode.SUCCESS, reply))
+                    self._authenticate_client(conn, peer, deadline)
+                except (OSError, TetherError) as exc:
+                    logger.warning("refused %s: %s", peer, exc)
+                    conn.close()
+                    return
+                authed = True
+        self._admit(conn, client, peer, authed)
 
-    def _admit(self, conn: socket.socket, client: PeerKey, peer: str) -> None:
-        """Check a client's key against the free slots; reply, and start its session or close."""
+    def _authenticate_client(self, conn: socket.socket, peer: str, deadline: float) -> str:
+        """The server's side of the exchange (steps after the handshake reply); the user's name. Sends the
+        refusal and raises :class:`AuthError` when the client cannot prove a user or admin token. Holds no
+        slot: a client that stalls here costs a handshake, not the device."""
+        assert self.keyring is not None
+        name = verify_peer(conn, self.keyring, "server", deadline, Role.USER)
+        logger.info("%s authenticated as %s", peer, name)
+        return name
+
+    def _admit(self, conn: socket.socket, client: PeerKey, peer: str, authed: bool = False) -> None:
+        """Check a client's key against the free slots; reply, and start its session or close. ``authed``:
+        the handshake reply went out before the exchange, so the answer is a last step (``ready`` or an
+        error) instead."""
         reason, slot = self._claim(client)
         if reason == _BUSY:
             reason, slot = self._wait_for_slot(conn, peer)
         if slot is None:
             logger.warning("refused %s (%s): %s", peer, client.raw, reason)
             with contextlib.suppress(OSError):
-                conn.sendall(encode_handshake_reply(HandshakeCode.MISMATCH))
+                if authed:
+                    conn.sendall(encode_step({"error": "busy", "message": reason}))
+                else:
+                    conn.sendall(encode_handshake_reply(HandshakeCode.MISMATCH))
             conn.close()
             return
         options = {"tether": "1"} if client.is_tether else None
         try:
-            conn.sendall(
-                encode_handshake_reply(HandshakeCode.SUCCESS, format_peer_key("server", self.config.key, options))
-            )
+            if authed:
+                conn.sendall(encode_step({"ready": True}))
+            else:
+                conn.sendall(
+                    encode_handshake_reply(HandshakeCode.SUCCESS, format_peer_key("server", self.config.key, options))
+                )
             self._start_session(slot, conn, client, peer)
         except Exception as exc:
             logger.warning("could not start a session for %s: %s", peer, exc)
@@ -574,7 +655,7 @@ class DeviceServer:
         while not self._stop.is_set():
             tracker = None
             try:
-                tracker = TrackerClient.connect(host, port, timeout=5.0)
+                tracker = TrackerClient.connect(host, port, timeout=5.0, token=self.token)
                 is_tether = tracker.tether_version is not None
                 tracker.update_info(self._info())
                 with self._lock:
@@ -664,6 +745,10 @@ class DeviceServer:
         options = {"tether": "1", "protocols": ",".join(self.protocols)}
         if self.config.labels:
             options["labels"] = urllib.parse.urlencode(sorted(self.config.labels.items()))
+        if self.keyring is not None:
+            options[AUTH_OPTION] = "1"  # clients prove a token to this server, end to end through the proxy
+        if self.token is not None:
+            options[TOKEN_OPTION] = "1"  # this server proves its own token to the proxy
         return format_peer_key("server", self.config.key, options)
 
     def _proxy_loop(self, slot: _Slot) -> None:
@@ -685,6 +770,8 @@ class DeviceServer:
                 continue
             try:
                 conn.sendall(encode_handshake(self._proxy_key()))
+                if self.token is not None:
+                    prove_token(conn, self.token, "proxy", time.monotonic() + cfg.handshake_timeout_s)
                 decoder = HandshakeReplyDecoder()
                 reply = None
                 while reply is None:
@@ -692,10 +779,11 @@ class DeviceServer:
                 if reply.code != HandshakeCode.SUCCESS or reply.key is None:
                     raise ConnectionError(f"the proxy answered {HandshakeCode(reply.code).name}")
                 client = parse_peer_key(reply.key)
-            except (OSError, ConnectionError, RemoteProtocolError, ValueError) as exc:
+            except (OSError, ConnectionError, TetherError, ValueError) as exc:
                 conn.close()
                 if not self._stop.is_set():
-                    logger.info("proxy %s: %s; reconnecting", where, exc)
+                    log = logger.warning if isinstance(exc, AuthError) else logger.info
+                    log("proxy %s: %s; reconnecting", where, exc)
                     self._stop.wait(delay)
                     delay = min(delay * 2, cfg.reconnect_max_s)
                 continue
@@ -703,8 +791,19 @@ class DeviceServer:
             with self._lock:
                 slot.reserved = True
             protocol = PROTOCOL_TETHER if client.is_tether else PROTOCOL_TVM
+            refusal = None
             if protocol not in self.protocols:
-                logger.warning("proxy paired a plain TVM client, and this server cannot serve TVM sessions")
+                refusal = "proxy paired a plain TVM client, and this server cannot serve TVM sessions"
+            elif self.keyring is not None and not client.is_tether and not self.allow_tvm:
+                refusal = "proxy paired a plain TVM client: authentication is on and --allow-tvm is not set"
+            elif self.keyring is not None:
+                try:
+                    self._authenticate_client(conn, f"proxy:{client.raw}", time.monotonic() + cfg.handshake_timeout_s)
+                    conn.sendall(encode_step({"ready": True}))
+                except (OSError, TetherError) as exc:
+                    refusal = f"client through the proxy refused: {exc}"
+            if refusal is not None:
+                logger.warning("%s", refusal)
                 conn.close()
                 with self._lock:
                     slot.reserved = False
@@ -719,6 +818,13 @@ class DeviceServer:
 
 
 _BUSY = "every slot is busy"
+
+
+def _host_of(conn: socket.socket) -> str:
+    try:
+        return str(conn.getpeername()[0])
+    except OSError:
+        return ""
 
 
 def _hung_up(conn: socket.socket) -> bool:

@@ -70,3 +70,4 @@ class TrackerCode(enum.IntEnum):
     CANCEL = 101
     SESSION = 102
     WITHDRAW = 103
+    AUTH = 104

@@ -18,6 +18,7 @@ request                     wire form                                      reply
 :class:`Cancel` (tether)    ``[101, request_id]``                          ``0``, or ``-1`` (unknown id)
 :class:`SessionEvent` (t.)  ``[102, {"event": "start"|"end", "matchkey"}]`` ``0``
 :class:`Withdraw` (tether)  ``[103, matchkey]``                            ``0``, or ``-1`` (not offered)
+:class:`Auth` (tether)      ``[104, step]``                                ``[0, step]``, or ``[-1, refusal]``
 ==========================  =============================================  ===========================
 
 tether's REQUEST options (a fifth element TVM's tracker ignores)::
@@ -34,6 +35,12 @@ A tether REQUEST is answered ``[0, [host, port, matchkey], {"id": ..., "server":
 one connection come in the order the tracker produced them, which is not the order of the requests: a
 waiting REQUEST does not hold back the replies to later messages (TVM behaves the same).
 
+With authentication on (``--auth-file``), a peer first proves who it is with two AUTH messages carrying the
+steps of :mod:`tether.protocol.auth`; until then every message but PING and AUTH is answered
+``[-1, {"error": "unauthenticated", "message": ...}]`` and the connection is closed, and a message its role
+may not send gets ``"error": "forbidden"`` (:func:`raise_refusal` turns both into exceptions). A tether
+hello (``[1, {"hello": true}]``) is answered ``[0, {"tether": version, "auth": true|false}]``.
+
 JSON is written with ``json.dumps`` defaults (TVM's exact bytes: ``[0, ["127.0.0.1", 9090, "k:0.5"]]``)
 except that non-ASCII stays literal, so the Java and C++ servers' substring search for their matchkey in
 a GET_PENDING_MATCHKEYS reply finds it.
@@ -48,11 +55,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
-from ..errors import LocalProtocolError, RemoteProtocolError
+from ..errors import AuthFailed, LocalProtocolError, PermissionDenied, RemoteProtocolError
 from .constants import MAX_TRACKER_FRAME_BYTES, MAX_TRACKER_REPLY_BYTES, RPC_TRACKER_MAGIC, TrackerCode
 from .framing import FrameDecoder, encode_frame, pack_i32
 
 __all__ = [
+    "Auth",
     "Cancel",
     "GetPendingMatchkeys",
     "Grant",
@@ -73,6 +81,7 @@ __all__ = [
     "encode_message",
     "encode_value",
     "parse_request_reply",
+    "raise_refusal",
 ]
 
 MAGIC_BYTES: Final = pack_i32(RPC_TRACKER_MAGIC)
@@ -214,8 +223,15 @@ class Withdraw:
     matchkey: str
 
 
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """tether: one step of the authentication exchange (:mod:`tether.protocol.auth`)."""
+
+    step: Mapping[str, Any] = field(hash=False)
+
+
 TrackerMessage: TypeAlias = (
-    Ping | Stop | Put | Request | UpdateInfo | Summary | GetPendingMatchkeys | Cancel | SessionEvent | Withdraw
+    Ping | Stop | Put | Request | UpdateInfo | Summary | GetPendingMatchkeys | Cancel | SessionEvent | Withdraw | Auth
 )
 
 
@@ -240,6 +256,12 @@ def decode_value(payload: bytes) -> Any:
 def _str(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise RemoteProtocolError(f"{what} must be a string, got {value!r:.80}")
+    return value
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise RemoteProtocolError(f"{what} must be a JSON object, got {value!r:.80}")
     return value
 
 
@@ -371,6 +393,7 @@ _PARSERS: dict[int, Callable[[list[Any]], TrackerMessage]] = {
     TrackerCode.CANCEL: _arity(2, lambda args: Cancel(_str(args[1], "CANCEL id"))),
     TrackerCode.SESSION: _parse_session,
     TrackerCode.WITHDRAW: _arity(2, lambda args: Withdraw(_str(args[1], "WITHDRAW matchkey"))),
+    TrackerCode.AUTH: _arity(2, lambda args: Auth(_object(args[1], "AUTH step"))),
 }
 
 
@@ -426,6 +449,8 @@ def _message_to_wire(msg: TrackerMessage) -> list[Any]:
         return [TrackerCode.SESSION, body]
     if isinstance(msg, Withdraw):
         return [TrackerCode.WITHDRAW, msg.matchkey]
+    if isinstance(msg, Auth):
+        return [TrackerCode.AUTH, dict(msg.step)]
     raise LocalProtocolError(f"not a tracker message: {msg!r}")
 
 
@@ -459,6 +484,19 @@ def parse_request_reply(value: Any) -> Grant | dict[str, Any]:
     if isinstance(value, list) and len(value) == 2 and value[0] == TrackerCode.FAIL and isinstance(value[1], dict):
         return value[1]
     raise RemoteProtocolError(f"unexpected REQUEST reply {value!r:.200}")
+
+
+#: A refusal's ``error`` -> the exception a client raises for it.
+_REFUSALS = {"unauthenticated": AuthFailed, "refused": AuthFailed, "forbidden": PermissionDenied}
+
+
+def raise_refusal(value: Any) -> None:
+    """Raise :class:`AuthFailed` or :class:`PermissionDenied` when ``value`` is an authentication refusal
+    (``[-1, {"error": "unauthenticated"|"refused"|"forbidden", "message": ...}]``); otherwise do nothing."""
+    if isinstance(value, list) and len(value) == 2 and value[0] == TrackerCode.FAIL and isinstance(value[1], dict):
+        error = _REFUSALS.get(value[1].get("error"))  # type: ignore[arg-type]
+        if error is not None:
+            raise error(str(value[1].get("message", "refused"))[:500])
 
 
 class _MagicThenFrames:

@@ -29,9 +29,11 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from ..aio.net import format_hostport
-from ..errors import RemoteProtocolError
+from ..errors import AuthError, AuthFailed, RemoteProtocolError
+from ..protocol.auth import Initiator, Token
 from ..protocol.keys import PROXY_PREFIX, PeerKey
 from ..protocol.tracker import (
+    Auth,
     GetPendingMatchkeys,
     Ping,
     Put,
@@ -41,6 +43,7 @@ from ..protocol.tracker import (
     UpdateInfo,
     Withdraw,
     encode_message,
+    raise_refusal,
 )
 
 if TYPE_CHECKING:
@@ -78,9 +81,15 @@ class Registrar:
     """The proxy's tracker link. Methods other than :meth:`start`/:meth:`stop` only queue work."""
 
     def __init__(
-        self, proxy: ProxyServer, addr: tuple[str, int], period: float = 1.0, custom_addr: str | None = None
+        self,
+        proxy: ProxyServer,
+        addr: tuple[str, int],
+        period: float = 1.0,
+        custom_addr: str | None = None,
+        token: Token | None = None,
     ) -> None:
         self.proxy = proxy
+        self._token = token
         self.matcher = proxy.matcher
         self.addr = addr
         self.period = period
@@ -158,7 +167,7 @@ class Registrar:
                 await self._connect()
                 delay = 0.25
                 await self._serve()
-            except (OSError, EOFError, RemoteProtocolError, asyncio.TimeoutError) as exc:
+            except (OSError, EOFError, RemoteProtocolError, AuthError, asyncio.TimeoutError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 level = logging.WARNING if self.connected or self.connects == 0 else logging.INFO
                 logger.log(
@@ -198,6 +207,8 @@ class Registrar:
         self.tether_version = None
         if isinstance(hello, list) and len(hello) == 2 and isinstance(hello[1], dict):
             self.tether_version = str(hello[1].get("tether", "?"))
+            if hello[1].get("auth") is True and self._token is not None:
+                await self._authenticate(self._token)
         self.connects += 1
         self.connected = True
         self.last_error = None
@@ -212,6 +223,18 @@ class Registrar:
         await self._update_info()
         for matchkey, _ in self.matcher.servers():
             await self._put(matchkey)
+
+    async def _authenticate(self, token: Token) -> None:
+        exchange = Initiator(token, "tracker")
+        challenge = await self._auth_step(exchange.hello())
+        exchange.finish(await self._auth_step(exchange.answer(challenge)))
+        logger.info("authenticated with tracker %s as %s", self.where, token.name)
+
+    async def _auth_step(self, step: dict[str, Any]) -> Any:
+        reply = await self._call(Auth(step))
+        if not (isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], dict)) or reply[0] != 0:
+            raise AuthFailed(f"tracker {self.where} answered AUTH with {reply!r:.120}")
+        return reply[1]
 
     async def _serve(self) -> None:
         assert self._wake is not None
@@ -293,4 +316,6 @@ class Registrar:
             if not data:
                 raise EOFError("the tracker closed the connection")
             self._values.extend(self._stream.receive_data(data))
-        return self._values.popleft()
+        value = self._values.popleft()
+        raise_refusal(value)  # authentication on at the tracker, and refused: say why, reconnect later
+        return value

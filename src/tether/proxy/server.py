@@ -23,13 +23,28 @@ import json
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..aio.loop_thread import LoopThread
 from ..aio.net import Keepalive, bind_listener, format_hostport, tune_socket
-from ..errors import ConfigError, RemoteProtocolError
+from ..errors import AuthError, ConfigError, RemoteProtocolError
+from ..protocol.auth import (
+    AUTH_OPTION,
+    MAX_STEP_BYTES,
+    OFF,
+    TOKEN_OPTION,
+    Keyring,
+    Responder,
+    Role,
+    address_in,
+    decode_step,
+    encode_step,
+    parse_networks,
+    step_length,
+    token_from_env,
+)
 from ..protocol.constants import MAX_HANDSHAKE_KEY_BYTES, HandshakeCode
 from ..protocol.framing import HandshakeDecoder, encode_handshake_reply
 from ..protocol.keys import PeerKey
@@ -80,6 +95,13 @@ class ProxyConfig:
     tracker_period: float = 1.0
     index_page: Path | None = None
     backlog: int = 1024
+    #: Keyring file (``name role secret`` a line): servers must prove a server token (``-token=1``) before
+    #: they wait here, and in plain mode must authenticate their clients themselves (``-auth=1``); TVM
+    #: peers only from ``allow_tvm``. None: anyone may park a server or reach one, as at TVM's proxy.
+    auth_file: str | None = None
+    allow_tvm: tuple[str, ...] = ()
+    #: The proxy's own token for a tracker that requires one (``name:secret``); None: ``$TETHER_TOKEN``.
+    token: str | None = field(default=None, repr=False)
 
 
 def _sysctl(name: str) -> int:
@@ -95,7 +117,21 @@ _BIG_BUFFERS = min(_sysctl("rmem_max"), _sysctl("wmem_max")) >= SOCKET_BUFFER
 class _Peer:
     """A connection before (and while) it is paired."""
 
-    __slots__ = ("addr", "ep", "hello", "http", "key", "kind", "relay", "state", "timer")
+    __slots__ = (
+        "addr",
+        "auth",
+        "authbuf",
+        "ep",
+        "hello",
+        "host",
+        "http",
+        "key",
+        "kind",
+        "pending",
+        "relay",
+        "state",
+        "timer",
+    )
 
     def __init__(self, sock: socket.socket, addr: str, kind: str) -> None:
         self.addr = addr
@@ -107,6 +143,12 @@ class _Peer:
         self.state = "http" if kind == "ws" else "hello"  # then "waiting", "paired", "closed"
         self.timer: asyncio.TimerHandle | None = None
         self.relay: Relay | None = None
+        self.host = ""
+        #: state "auth": the exchange (None: authentication is off, the hello is answered "off"), the bytes
+        #: of steps received so far, and the key that waits for the exchange's outcome
+        self.auth: Responder | None = None
+        self.authbuf = bytearray()
+        self.pending = ""
 
     @property
     def raw_key(self) -> str:
@@ -142,6 +184,27 @@ class ProxyServer:
         #: how late the loop ran a timer due every ``_PROBE_S``: a stalled loop stalls every relay
         self.loop_lag = {"probes": 0, "max_ms": 0.0, "over_5ms": 0}
         self._probe_handle: asyncio.TimerHandle | None = None
+        self.keyring = Keyring.load(cfg.auth_file) if cfg.auth_file else None
+        self.allow_tvm = parse_networks(cfg.allow_tvm)
+        self.token = token_from_env(cfg.token)
+
+    def describe_auth(self) -> str:
+        """The startup line's account of who may park servers and reach them."""
+        if self.keyring is None:
+            return "authentication off: anyone may park a server here or reach one (TVM compatible)"
+        tvm = ", ".join(str(n) for n in self.allow_tvm) or "none"
+        return f"authentication on ({len(self.keyring)} credential(s)); TVM peers allowed from: {tvm}"
+
+    def reload_auth(self) -> None:
+        """Read ``auth_file`` again (SIGHUP); a file that does not parse leaves the keyring as it was."""
+        if not self.config.auth_file:
+            return
+        try:
+            self.keyring = Keyring.load(self.config.auth_file)
+        except ConfigError as exc:
+            logger.error("auth file not reloaded, the old keyring stays: %s", exc)
+            return
+        logger.info("auth file reloaded: %d credential(s)", len(self.keyring))
 
     @property
     def address(self) -> str:
@@ -170,7 +233,7 @@ class ProxyServer:
             self.web_port = int(web.getsockname()[1])
             self._listen(web, "ws")
         if cfg.tracker is not None:
-            self.registrar = Registrar(self, cfg.tracker, cfg.tracker_period, cfg.custom_addr)
+            self.registrar = Registrar(self, cfg.tracker, cfg.tracker_period, cfg.custom_addr, self.token)
             self.registrar.start(loop)
         self._probe_handle = loop.call_at(loop.time() + _PROBE_S, self._probe, loop.time() + _PROBE_S)
         logger.info(
@@ -179,6 +242,7 @@ class ProxyServer:
             f", WebSocket on {self.ws_url}" if self.ws_url else "",
             f", registering with tracker {format_hostport(*cfg.tracker)}" if cfg.tracker else " (plain mode)",
         )
+        logger.info("%s", self.describe_auth())
 
     def _listen(self, sock: socket.socket, kind: str) -> None:
         assert self._loop is not None
@@ -272,6 +336,7 @@ class ProxyServer:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             peer = _Peer(sock, format_hostport(str(addr[0]), int(addr[1])), kind)
+            peer.host = str(addr[0])
             self.stats["accepted"] += 1
             self._peers.add(peer)
             peer.timer = self._loop.call_later(self.config.handshake_timeout, self._handshake_timeout, peer)
@@ -284,7 +349,7 @@ class ProxyServer:
 
     def _handshake_timeout(self, peer: _Peer) -> None:
         peer.timer = None
-        if peer.state in ("http", "hello"):
+        if peer.state in ("http", "hello", "auth"):
             logger.info("%s: no handshake within %.0f s; closed", peer.describe(), self.config.handshake_timeout)
             self._drop(peer, "handshake timeout", ws_code=1002)
 
@@ -316,6 +381,16 @@ class ProxyServer:
             key = peer.hello.feed(data)
             if key is not None:
                 self._arrived(peer, key)
+            return
+        if peer.state == "auth":
+            try:
+                data = sock.recv(MAX_STEP_BYTES + 8)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                self._drop(peer, "closed during authentication", quiet=True)
+                return
+            self._auth_feed(peer, data)
             return
         # waiting: the peer must stay silent until it is paired
         try:
@@ -357,7 +432,13 @@ class ProxyServer:
         assert peer.ep.ws is not None
         messages = peer.ep.ws.feed(data)
         for i, msg in enumerate(messages):
-            if msg.opcode in (Opcode.BINARY, Opcode.TEXT):
+            if msg.opcode in (Opcode.BINARY, Opcode.TEXT) and peer.state == "auth":
+                self._auth_feed(peer, msg.data)
+                if peer.state == "waiting" and any(m.opcode != Opcode.PING for m in messages[i + 1 :]):
+                    raise RemoteProtocolError("bytes sent before pairing")
+                if peer.state != "auth":
+                    return
+            elif msg.opcode in (Opcode.BINARY, Opcode.TEXT):
                 if peer.state != "hello":
                     raise RemoteProtocolError(f"{len(msg.data)} byte(s) sent before pairing")
                 key = peer.hello.feed(msg.data)
@@ -368,6 +449,10 @@ class ProxyServer:
                 if peer.relay is not None:  # paired at once: what followed the key belongs to the session
                     peer.relay.inject(peer.ep, unused, after)
                     return
+                if peer.state == "auth":
+                    if unused:
+                        self._auth_feed(peer, unused)
+                    continue
                 if peer.state == "waiting" and (unused or any(m.opcode != Opcode.PING for m in after)):
                     raise RemoteProtocolError("bytes sent before pairing")
                 if peer.state != "waiting":
@@ -440,9 +525,89 @@ class ProxyServer:
         if done and closing:
             ep.close()
 
-    # -- deciding ----------------------------------------------------------------------------------
+    # -- authentication ----------------------------------------------------------------------------
 
     def _arrived(self, peer: _Peer, raw_key: str) -> None:
+        """A whole handshake key: who may go on (with a keyring), maybe after an exchange; then decide."""
+        key = lenient_key(raw_key)
+        wants_exchange = key is not None and key.role == "server" and key.options.get(TOKEN_OPTION) == "1"
+        if self.keyring is not None and key is not None:
+            refusal = self._refusal(peer, key, wants_exchange)
+            if refusal is not None:
+                self.stats["refused"] += 1
+                logger.warning("%s refused: %s", peer.describe(), refusal)
+                self._reply(peer, encode_handshake_reply(HandshakeCode.MISMATCH))
+                self._drop(peer, "refused", quiet=True)
+                return
+        if wants_exchange:  # the server proves its token first (or learns that this proxy asks for none)
+            peer.state, peer.pending = "auth", raw_key
+            peer.auth = Responder(self.keyring, "proxy") if self.keyring is not None else None
+            return
+        self._decide(peer, raw_key)
+
+    def _refusal(self, peer: _Peer, key: PeerKey, exchange: bool) -> str | None:
+        """Why a peer may not go on with authentication on (None: it may)."""
+        tvm_ok = address_in(peer.host, self.allow_tvm)
+        plain = self.config.tracker is None
+        if key.role == "server":
+            if plain and key.options.get(AUTH_OPTION) != "1":
+                return "in plain mode with authentication on, a server must authenticate its clients (an auth file)"
+            if not exchange and not tvm_ok:
+                return "authentication is on: a server must prove a server token (TETHER_TOKEN) to park here"
+        elif plain and not key.is_tether and not tvm_ok:
+            return "authentication is on: plain TVM clients are served only from --allow-tvm networks"
+        return None
+
+    def _auth_feed(self, peer: _Peer, data: bytes) -> None:
+        """Bytes of a parking server's exchange: answer each whole step; once proven, decide."""
+        buf = peer.authbuf
+        buf += data
+        while len(buf) >= 4:
+            length = step_length(bytes(buf[:4]))
+            if len(buf) < 4 + length:
+                return
+            step = decode_step(bytes(buf[4 : 4 + length]))
+            del buf[: 4 + length]
+            if peer.auth is None:  # authentication off here: the server goes on without
+                self._send_step(peer, {"error": OFF, "message": "authentication is off at this proxy"})
+                done = True
+            else:
+                done = self._auth_step(peer, peer.auth, step)
+            if done:
+                if buf:
+                    raise RemoteProtocolError(f"{len(buf)} byte(s) sent before pairing")
+                if peer.state == "auth":
+                    self._decide(peer, peer.pending)
+                return
+
+    def _auth_step(self, peer: _Peer, exchange: Responder, step: dict[str, Any]) -> bool:
+        try:
+            if exchange.claimed is None:
+                self._send_step(peer, exchange.challenge(step))
+                return False
+            cred, verdict = exchange.verify(step)
+            if not cred.role.allows(Role.SERVER):
+                raise AuthError(f"token {cred.name!r} has role {cred.role.value}; parking a server needs server")
+        except AuthError as exc:
+            self.stats["refused"] += 1
+            logger.warning("%s refused: %s", peer.describe(), exc)
+            self._send_step(peer, Responder.refusal(str(exc)))
+            self._drop(peer, "refused", quiet=True)
+            return True
+        self._send_step(peer, verdict)
+        logger.info("%s authenticated as %s", peer.describe(), cred.name)
+        return True
+
+    def _send_step(self, peer: _Peer, step: dict[str, Any]) -> None:
+        data = encode_step(step)
+        if peer.kind == "tcp":
+            self._write(peer, [data])
+        else:
+            self._write(peer, [encode_frame(Opcode.BINARY, data, mask=False)])
+
+    # -- deciding ----------------------------------------------------------------------------------
+
+    def _decide(self, peer: _Peer, raw_key: str) -> None:
         assert self._loop is not None
         if peer.timer is not None:
             peer.timer.cancel()

@@ -48,3 +48,7 @@ class TrackerConfig:
     #: A SUMMARY asked again within this many seconds, with nothing changed since, gets the same answer
     #: (its ages then lag by as much): a query storm at 10,000 servers costs one summary, not one each.
     summary_reuse_s: float = 0.25
+    #: Keyring file (``name role secret`` a line): authentication on. None: off, as TVM's tracker.
+    auth_file: str | None = None
+    #: With ``auth_file``: networks (CIDR) whose unauthenticated TVM peers are still served.
+    allow_tvm: tuple[str, ...] = ()

@@ -24,9 +24,11 @@ from heapq import heappop as _heappop
 from heapq import heappush as _heappush
 from typing import Any
 
+from ..protocol.auth import Keyring
 from ..protocol.constants import TrackerCode
 from ..protocol.framing import encode_frame
 from ..protocol.tracker import (
+    Auth,
     Cancel,
     GetPendingMatchkeys,
     Ping,
@@ -40,6 +42,7 @@ from ..protocol.tracker import (
     Withdraw,
     encode_value,
 )
+from .access import Access
 from .config import TrackerConfig
 from .registry import Connection, Held, Link, parse_tether_info, waiter_wire
 from .scheduler import PROTOCOL_TVM, Grant, Scheduler, Slot, Waiter
@@ -54,7 +57,7 @@ KNOWN_PROTOCOLS = frozenset({PROTOCOL_TVM, "tether"})
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 _OK = encode_value(TrackerCode.SUCCESS.value)
 #: Messages that change nothing SUMMARY reports (besides a heartbeat's time, which moves anyway).
-_READ_ONLY = frozenset({Ping, Summary, GetPendingMatchkeys})
+_READ_ONLY = frozenset({Ping, Summary, GetPendingMatchkeys, Auth})
 #: A grant not redeemed for this long is over (a server replaces an unredeemed matchkey after 5 s).
 _PHANTOM_AFTER_S = 10.0
 #: Messages that change which servers could serve a key (see ``_servers_by_key``).
@@ -91,8 +94,11 @@ class TrackerCore:
         wall: Callable[[], float] = time.time,
         wakeup: Callable[[float], None] | None = None,
         on_stop: Callable[[], None] | None = None,
+        access: Access | None = None,
     ) -> None:
         self.config = config or TrackerConfig()
+        #: Who may do what (:mod:`.access`); without a keyring, everyone everything.
+        self.access = access or Access()
         self.stop_key = self.config.stop_key or "tracker:" + secrets.token_hex(16)
         self.scheduler = Scheduler()
         self.grants = 0
@@ -129,6 +135,7 @@ class TrackerCore:
             Cancel: self._on_cancel,
             SessionEvent: self._on_session,
             Withdraw: self._on_withdraw,
+            Auth: self.access.on_auth,
         }
 
     # -- driver interface ----------------------------------------------------------------------
@@ -138,14 +145,18 @@ class TrackerCore:
         now = self.clock()
         self._next_cid += 1
         conn = Connection(self._next_cid, link, host, port, now, now)
+        self.access.admit(conn)
         conn.refresh_wire()
         self._conns[conn.cid] = conn
         self._epoch += 1
         return conn
 
     def receive(self, conn: Connection, msg: TrackerMessage) -> None:
-        """Apply one message. Raises :class:`RemoteProtocolError` when its content is unacceptable;
-        the driver then closes the connection."""
+        """Apply one message. Raises :class:`RemoteProtocolError` when its content is unacceptable, and
+        :class:`~tether.errors.AuthError` when the peer may not send it (the refusal is sent); the driver
+        then closes the connection."""
+        if conn.access is not None:
+            self.access.check(conn, msg)
         if conn.silence_limit is not None:
             conn.last_seen = self.clock()
         if type(msg) not in _READ_ONLY:
@@ -239,11 +250,22 @@ class TrackerCore:
     def connections(self) -> list[Connection]:
         return list(self._conns.values())
 
+    def reload_keyring(self, keyring: Keyring) -> int:
+        """Apply a reloaded keyring: connections whose credential is gone or changed are closed.
+        Returns how many."""
+        gone = self.access.reload(keyring, self._conns.values())
+        for conn in gone:
+            logger.warning("closing %s: its token %r was revoked", conn.address, self.access.user_of(conn))
+            self.disconnect(conn)
+            conn.link.close()
+        return len(gone)
+
     # -- handlers ------------------------------------------------------------------------------
 
     def _on_ping(self, conn: Connection, msg: Ping) -> None:
         if msg.hello:
-            conn.link.send(encode_value([TrackerCode.SUCCESS.value, {"tether": _version()}]))
+            hello = {"tether": _version(), "auth": self.access.enabled}
+            conn.link.send(encode_value([TrackerCode.SUCCESS.value, hello]))
         else:
             conn.link.send(_OK)
 
@@ -303,8 +325,13 @@ class TrackerCore:
     def _on_request(self, conn: Connection, msg: Request) -> None:
         now = self.clock()
         opts = msg.options
-        user = (opts.user if opts and opts.user else None) or msg.user or conn.host
-        waiter = Waiter(msg.key, user, msg.priority, owner=conn)
+        verified = self.access.user_of(conn)
+        user = verified or (opts.user if opts and opts.user else None) or msg.user or conn.host
+        priority = msg.priority
+        cap = self.access.priority_cap(conn)
+        if cap is not None and priority > cap:
+            priority = cap
+        waiter = Waiter(msg.key, user, priority, owner=conn)
         if opts is not None:
             waiter.protocol = opts.protocol
             waiter.labels = opts.labels

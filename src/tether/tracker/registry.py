@@ -17,11 +17,14 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import RemoteProtocolError
 from ..protocol.keys import PROXY_PREFIX, server_key_name
 from .scheduler import PROTOCOL_TVM, Slot, Waiter
+
+if TYPE_CHECKING:
+    from .access import PeerAccess
 
 __all__ = ["Connection", "Held", "Link", "TetherInfo", "parse_tether_info", "waiter_wire"]
 
@@ -136,6 +139,8 @@ class Connection:
     #: clients and proxies); both set by :meth:`refresh_wire`.
     info_key: str = ""
     server_key: str | None = None
+    #: With authentication on: this peer's standing (:mod:`.access`); None when it is off.
+    access: PeerAccess | None = None
 
     def is_closed(self) -> bool:
         """``closed`` read afresh: the driver checks it after calls that may close the connection."""

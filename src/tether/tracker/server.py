@@ -20,8 +20,10 @@ from typing import Any, cast
 
 from ..aio.loop_thread import LoopThread
 from ..aio.net import Keepalive, bind_listener, format_hostport, quickack, tune_socket
-from ..errors import RemoteProtocolError
+from ..errors import AuthError, ConfigError, RemoteProtocolError
+from ..protocol.auth import Keyring, parse_networks
 from ..protocol.tracker import TrackerServerStream
+from .access import Access
 from .config import TrackerConfig
 from .core import TrackerCore
 from .registry import Connection
@@ -81,6 +83,12 @@ class _TrackerProtocol(asyncio.Protocol):
             if self._server.log_limit.allow(conn.host):
                 logger.warning("closing %s: %s", conn.address, exc)
             self._drop()
+            return
+        except AuthError as exc:  # the refusal is sent: let it reach the peer, then close
+            if self._server.log_limit.allow(conn.host):
+                logger.warning("refused %s: %s", conn.address, exc)
+            self._core.disconnect(conn)
+            self.close()
             return
         except Exception:
             if self._server.log_limit.allow(conn.host):
@@ -177,7 +185,10 @@ class TrackerServer:
 
     def __init__(self, config: TrackerConfig | None = None, *, clock: Callable[[], float] | None = None) -> None:
         self.config = config or TrackerConfig()
-        kwargs: dict[str, Any] = {"wakeup": self._wakeup, "on_stop": self.stop}
+        cfg = self.config
+        keyring = Keyring.load(cfg.auth_file) if cfg.auth_file else None
+        access = Access(keyring, parse_networks(cfg.allow_tvm))
+        kwargs: dict[str, Any] = {"wakeup": self._wakeup, "on_stop": self.stop, "access": access}
         if clock is not None:
             kwargs["clock"] = clock
         self.core = TrackerCore(self.config, **kwargs)
@@ -196,6 +207,19 @@ class TrackerServer:
     @property
     def stop_key(self) -> str:
         return self.core.stop_key
+
+    def reload_auth(self) -> None:
+        """Read ``auth_file`` again (SIGHUP); a file that does not parse leaves the keyring as it was.
+        Call from the loop's thread."""
+        if not self.config.auth_file:
+            return
+        try:
+            keyring = Keyring.load(self.config.auth_file)
+        except ConfigError as exc:
+            logger.error("auth file not reloaded, the old keyring stays: %s", exc)
+            return
+        closed = self.core.reload_keyring(keyring)
+        logger.info("auth file reloaded: %d credential(s), %d connection(s) closed", len(keyring), closed)
 
     @property
     def address(self) -> str:
