@@ -197,3 +197,22 @@ def test_back_to_back_tvm_connects_wait_for_the_slot(device_server: Any) -> None
         gc.collect()  # closes the session; the next connect follows at once
     wait_until(lambda: server.busy_slots() == 0, timeout=5, what="slot free")
     assert server.sessions_served == 5
+
+
+def test_direct_server_with_auth_serves_tvm_clients_only_from_allowed_networks(
+    device_server: Any,
+    tmp_path: Path,
+    addone_lib: Path,  # noqa: F811
+) -> None:
+    keyring = tmp_path / "keyring"
+    keyring.write_text("alice user alice-secret-0123456789abcdef\n")
+    allowed = device_server(key="dev", preload=["tvm"], auth_file=str(keyring), allow_tvm=("127.0.0.0/8",))
+    sess = rpc.connect("127.0.0.1", allowed.port, key="dev")
+    np.testing.assert_array_equal(run_addone(sess, addone_lib), np.arange(8, dtype="float32") + 1)
+    del sess
+    gc.collect()
+    wait_until(lambda: allowed.busy_slots() == 0, timeout=5, what="session over")
+    closed = device_server(key="dev", preload=["tvm"], auth_file=str(keyring), allow_tvm=("10.0.0.0/8",))
+    with pytest.raises(tvm.error.InternalError, match="cannot find server that matches"):  # TVM's MISMATCH
+        rpc.connect("127.0.0.1", closed.port, key="dev")
+    assert closed.sessions_served == 0

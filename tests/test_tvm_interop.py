@@ -275,3 +275,36 @@ def test_tether_client_and_query_read_tvms_tracker(tvm_tracker: Any, tvm_server:
     assert [(s.key, s.state) for s in status.servers] == [("server:x:y", "?")]
     (row,) = [k for k in status.keys if k.key == "x:y"]
     assert row.total == 1  # TVM's own query prints 0 for this key
+
+
+def test_tvm_peers_with_auth_on_only_from_allowed_networks(
+    tmp_path: Path, tvm_server: Callable[..., Any], addone_lib: Path
+) -> None:
+    """With an auth file, TVM's server, client and query tool work from an ``--allow-tvm`` network exactly as
+    without one; from elsewhere they are refused (the server never gets into the pool)."""
+    from tether.tracker import TrackerConfig
+
+    keyring = tmp_path / "keyring"
+    keyring.write_text("root admin root-secret-0123456789abcdef\n")
+    with TrackerThread(TrackerConfig(port=0, auth_file=str(keyring), allow_tvm=("127.0.0.0/8",))) as allowed:
+        tvm_server(allowed.port, "cpu")
+        wait_until(lambda: free_of(allowed.port, "cpu") == 1, timeout=20, what="TVM's server registered")
+        client = rpc.connect_tracker("127.0.0.1", allowed.port)
+        sess = client.request("cpu", priority=1)
+        np.testing.assert_allclose(run_addone(sess, addone_lib), np.arange(8, dtype="float32") + 1)
+        client.close()
+        del sess
+        gc.collect()
+        done = subprocess.run(
+            [sys.executable, "-m", "tvm.exec.query_rpc_tracker", "--host", "127.0.0.1", "--port", str(allowed.port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0 and "server:cpu" in done.stdout, done.stderr
+    with TrackerThread(TrackerConfig(port=0, auth_file=str(keyring), allow_tvm=("10.0.0.0/8",))) as closed:
+        tvm_server(closed.port, "cpu")
+        with pytest.raises(RuntimeError, match="requires a token"):  # TVM prints the reply: the reason shows
+            rpc.connect_tracker("127.0.0.1", closed.port).summary()
+        with TrackerClient.connect(closed.host, closed.port, token="root:root-secret-0123456789abcdef") as admin:
+            assert admin.summary()["queue_info"] == {}  # TVM's server was refused at its first message
