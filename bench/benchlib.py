@@ -91,6 +91,7 @@ def start_server(
     stdin: int = subprocess.DEVNULL,
     stop: Callable[[subprocess.Popen[str]], None] = stop_group,
     log_sep: str = " | ",
+    env: dict[str, str] | None = None,
 ) -> Proc:
     """Start a server (by default in a new session, stdin from /dev/null), its output drained by a thread;
     its port is read from its first ``listening on``/``bind to`` line. If none comes within ``timeout`` s,
@@ -103,6 +104,7 @@ def start_server(
         text=True,
         cwd=tempfile.gettempdir(),
         start_new_session=new_session,
+        env=env,
     )
     log: collections.deque[str] = collections.deque(maxlen=50)
     port: list[int] = []

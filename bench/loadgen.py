@@ -4,6 +4,7 @@ Every message goes out as two sends (length, then body) on a socket without TCP_
 ``tvm.rpc.base.sendjson`` does. Usage (prints one JSON object)::
 
     python bench/loadgen.py [--one-send] grants HOST PORT KEY CLIENTS SERVERS SECONDS [TRACKER_PID]
+        (with LOADGEN_SERVER_TOKEN / LOADGEN_CLIENT_TOKEN=name:secret, each connection authenticates first)
     python bench/loadgen.py burst HOST PORT CONNECTS IN_FLIGHT
     python bench/loadgen.py register HOST PORT KEY SERVERS   # then waits for "close" on stdin
 """
@@ -74,10 +75,40 @@ class Peer:
             self.on_reply(self, body)
 
 
-def connect(host: str, port: int) -> socket.socket:
+def connect(host: str, port: int, token: str | None = None) -> socket.socket:
     sock = socket.create_connection((host, port), timeout=30)
     handshake(sock)
+    if token:
+        authenticate(sock, token)
     return sock
+
+
+def authenticate(sock: socket.socket, token: str) -> None:
+    """tether's AUTH exchange (a tracker with --auth-file), once per connection, as tether's client does."""
+    from tether.protocol.auth import Initiator, parse_token
+
+    def call(step: dict[str, Any]) -> Any:
+        body = json.dumps([104, step]).encode()
+        sock.sendall(_len.pack(len(body)) + body)
+        head = _recv(sock, 4)
+        reply = json.loads(_recv(sock, _len.unpack(head)[0]))
+        if reply[0] != 0:
+            raise ConnectionError(f"authentication refused: {reply}")
+        return reply[1]
+
+    exchange = Initiator(parse_token(token), "tracker")
+    challenge = call(exchange.hello())
+    exchange.finish(call(exchange.answer(challenge)))
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("tracker closed the connection")
+        buf += chunk
+    return buf
 
 
 def _cpu_s(pid: int | None) -> float:
@@ -146,11 +177,14 @@ def grants(  # noqa: PLR0917 - mirrors the command line
         request(peer)
 
     server_peers = []
+    import os
+
+    server_token, client_token = os.environ.get("LOADGEN_SERVER_TOKEN"), os.environ.get("LOADGEN_CLIENT_TOKEN")
     for i in range(nservers):
-        sock = connect(host, port)
+        sock = connect(host, port, server_token)
         tvm_send(sock, [5, {"key": f"server:{key}", "addr": [None, 9090 + i]}])
         server_peers.append(Peer(sock, on_server_reply))
-    client_peers = [Peer(connect(host, port), on_grant) for _ in range(nclients)]
+    client_peers = [Peer(connect(host, port, client_token), on_grant) for _ in range(nclients)]
     for peer in server_peers + client_peers:
         peer.sock.setblocking(True)
         sel.register(peer.sock, selectors.EVENT_READ, peer)
