@@ -67,6 +67,12 @@ def add_parser(sub: Any) -> None:
         help="without --tracker: seconds such a client may wait before MISMATCH (default 300)",
     )
     p.add_argument(
+        "--max-handshakes-per-peer",
+        type=int,
+        default=8,
+        help="handshakes one address may have in flight; a newer one sheds that address's oldest (default 8)",
+    )
+    p.add_argument(
         "--preload",
         default="auto",
         help="modules a waiting worker imports ahead of a session: comma list, 'auto' (installed runtimes) or 'none'",
@@ -98,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         slots=args.slots,
         max_queued=args.max_queued,
         queue_wait_s=args.queue_wait,
+        max_handshakes_per_peer=args.max_handshakes_per_peer,
         preload=preload,
         prestart=not args.no_prestart,
         fork=not args.no_fork,

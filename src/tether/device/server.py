@@ -99,9 +99,15 @@ class ServerConfig:
     grant_timeout_s: float = 5.0
     #: Seconds past a session's timeout before its process group is killed regardless.
     kill_grace_s: float = 1.0
+    #: Seconds a connection has to send its whole handshake.
     handshake_timeout_s: float = 10.0
-    #: Connections allowed to be in their handshake at once; more are closed at accept.
+    #: Connections in their handshake at once (reading it, or waiting in line for a slot). At the limit a
+    #: new connection sheds the oldest one still reading its handshake; when none is, it is closed.
     max_handshakes: int = 64
+    #: Handshakes one peer address may have in flight (still being read) at once; a connection past it sheds
+    #: that address's oldest, never the newcomer: a slowloris from 127.0.0.1 must not lock out the real
+    #: clients that come from the same address, whose handshakes arrive whole and finish in a moment.
+    max_handshakes_per_peer: int = 8
     #: Without a tracker, a client that arrives while every slot is busy waits for one (TVM's server leaves
     #: it in the listen backlog until the running session ends): at most this many wait at once...
     max_queued: int = 16
@@ -122,6 +128,8 @@ class ServerConfig:
             raise ConfigError("--slots must be at least 1")
         if self.max_queued < 0 or self.queue_wait_s < 0:
             raise ConfigError("--max-queued and --queue-wait must not be negative")
+        if self.max_handshakes < 1 or self.max_handshakes_per_peer < 1:
+            raise ConfigError("--max-handshakes-per-peer (and max_handshakes) must be at least 1")
         for name in self.labels:
             if not name or any(c in name for c in "=, "):
                 raise ConfigError(f"bad label name {name!r}")
@@ -140,6 +148,18 @@ class _Session:
     workspace: str
     timeout: float | None
     started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Handshake:
+    """A connection between accept and the end of its handshake (its reply, or its wait for a slot)."""
+
+    conn: socket.socket
+    host: str
+    #: Still reading the handshake's bytes: the only state in which it may be shed.
+    reading: bool = True
+    #: Shed for a newer connection: its socket was shut down, it no longer counts against any limit.
+    shed: bool = False
 
 
 @dataclass(eq=False)
@@ -176,7 +196,14 @@ class DeviceServer:
         self._events: queue.Queue[tuple[str, str, str]] = queue.Queue()
         self._slots = [_Slot(i, self._new_matchkey()) for i in range(config.slots)]
         self._threads: list[threading.Thread] = []
-        self._handshakes = threading.BoundedSemaphore(config.max_handshakes)
+        #: Handshakes that count against the limits, oldest first (a dict as an ordered set).
+        self._handshakes: dict[_Handshake, None] = {}
+        #: Handshakes still being read, by peer address.
+        self._reading: collections.Counter[str] = collections.Counter()
+        self._hs_lock = threading.Lock()
+        #: Slow handshakes shut down to make room for newer connections (a test waits on it).
+        self.handshakes_shed = 0
+        self._shed_logged = (0.0, 0)  # (when, handshakes_shed then): the warning is rate-limited
         self._listener: socket.socket | None = None
         self.run_dir = RunDir(config.work_dir)
         self.run_dir.remove_dead_siblings()
@@ -299,28 +326,94 @@ class DeviceServer:
                 logger.warning("accept failed: %s", exc)  # EMFILE and the like: do not spin
                 self._stop.wait(0.1)
                 continue
-            if not self._handshakes.acquire(blocking=False):
-                logger.warning("too many handshakes in progress: closing %s", addr)
+            handshake = self._enter_handshake(conn, str(addr[0]))
+            if handshake is None:
+                logger.warning("too many handshakes in progress (--max-handshakes): closing %s", addr)
                 conn.close()
                 continue
             try:
                 peer = format_hostport(str(addr[0]), int(addr[1]))
-                threading.Thread(target=self._handshake, args=(conn, peer), daemon=True).start()
+                threading.Thread(target=self._handshake, args=(handshake, peer), daemon=True).start()
             except Exception as exc:  # no thread to be had: refuse this one, keep accepting
                 logger.warning("cannot serve %s: %s", addr, exc)
-                self._handshakes.release()
+                self._leave_handshake(handshake)
                 conn.close()
 
-    def _handshake(self, conn: socket.socket, peer: str) -> None:
+    def _enter_handshake(self, conn: socket.socket, host: str) -> _Handshake | None:
+        """Count a new connection against the handshake limits, shedding the oldest slow handshake of
+        its address (``max_handshakes_per_peer``) or of anyone (``max_handshakes``) to make room; None
+        when every handshake in flight is past its reading (waiting in line for a slot)."""
+        cfg = self.config
+        shed = []
+        with self._hs_lock:
+            if self._reading[host] >= cfg.max_handshakes_per_peer:
+                shed.append(next(h for h in self._handshakes if h.reading and h.host == host))
+                self._shed_locked(shed[-1])
+            if len(self._handshakes) >= cfg.max_handshakes:
+                victim = next((h for h in self._handshakes if h.reading), None)
+                if victim is None:
+                    return None
+                shed.append(victim)
+                self._shed_locked(victim)
+            handshake = _Handshake(conn, host)
+            self._handshakes[handshake] = None
+            self._reading[host] += 1
+            now = time.monotonic()
+            when, count = self._shed_logged
+            if shed and now - when >= 10.0:
+                self._shed_logged = (now, self.handshakes_shed)
+        if shed and now - when >= 10.0:
+            logger.warning(
+                "slow handshakes: shed %d (%s; --max-handshakes-per-peer %d, --handshake-timeout %g s)",
+                self.handshakes_shed - count,
+                ", ".join(sorted({h.host for h in shed})),
+                cfg.max_handshakes_per_peer,
+                cfg.handshake_timeout_s,
+            )
+        return handshake
+
+    def _shed_locked(self, handshake: _Handshake) -> None:
+        """Shut a handshake's connection down (its thread's read returns at once, and it closes it)."""
+        handshake.shed = True
+        del self._handshakes[handshake]
+        self._done_reading_locked(handshake)
+        self.handshakes_shed += 1
+        with contextlib.suppress(OSError):
+            handshake.conn.shutdown(socket.SHUT_RDWR)
+
+    def _done_reading_locked(self, handshake: _Handshake) -> None:
+        if handshake.reading:
+            handshake.reading = False
+            self._reading[handshake.host] -= 1
+            if not self._reading[handshake.host]:
+                del self._reading[handshake.host]
+
+    def _finish_reading(self, handshake: _Handshake) -> bool:
+        """The handshake's bytes are read (or failed): from here on it cannot be shed. False when it was
+        shed meanwhile (its socket is shut down: the connection is over)."""
+        with self._hs_lock:
+            self._done_reading_locked(handshake)
+            return not handshake.shed
+
+    def _leave_handshake(self, handshake: _Handshake) -> None:
+        with self._hs_lock:
+            self._done_reading_locked(handshake)
+            if not handshake.shed:
+                del self._handshakes[handshake]
+
+    def _handshake(self, handshake: _Handshake, peer: str) -> None:
+        conn = handshake.conn
         try:
-            self._handshake_inner(conn, peer)
+            self._handshake_inner(handshake, peer)
         except Exception:
             logger.exception("handshake with %s failed", peer)
+            self._finish_reading(handshake)  # before closing: nothing may shut down a closed descriptor
             conn.close()
         finally:
-            self._handshakes.release()
+            self._leave_handshake(handshake)
 
-    def _handshake_inner(self, conn: socket.socket, peer: str) -> None:
+    def _handshake_inner(self, handshake: _Handshake, peer: str) -> None:
+        conn = handshake.conn
         decoder = HandshakeDecoder()
         deadline = time.monotonic() + self.config.handshake_timeout_s
         try:
@@ -330,7 +423,11 @@ class DeviceServer:
             while key is None:
                 key = decoder.feed(_recv_exact(conn, decoder.needed(), deadline))
         except (OSError, ConnectionError, RemoteProtocolError) as exc:
-            logger.info("handshake from %s failed: %s", peer, exc)  # wrong magic, garbage: close, as TVM does
+            if self._finish_reading(handshake):  # (a shed one was logged with the others)
+                logger.info("handshake from %s failed: %s", peer, exc)  # wrong magic, garbage: close, as TVM does
+            conn.close()
+            return
+        if not self._finish_reading(handshake):  # shed just as its last byte arrived
             conn.close()
             return
         try:
