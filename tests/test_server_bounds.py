@@ -5,9 +5,12 @@ and workspace quotas, and a worker's memory."""
 from __future__ import annotations
 
 import contextlib
+import gc
+import json
 import socket
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -62,3 +65,57 @@ def test_slow_handshakes_do_not_lock_out_tvms_client(device_server: Any) -> None
         sess = rpc.connect("127.0.0.1", server.port, key="dev")
         assert sess.get_function("rpc.test.addone")(41) == 42
         del sess
+
+
+# -- 2. the longest session ----------------------------------------------------------------------------
+
+
+def reference_model(path: Path, *ops: dict[str, Any]) -> Path:
+    spec = {"dtype": "float32", "shape": [2, 3]}
+    path.write_text(
+        json.dumps(
+            {
+                "format": "tether-reference/1",
+                "inputs": [{"name": "x", **spec}],
+                "outputs": [{"name": "y", **spec}],
+                "ops": [*ops, {"op": "affine", "input": "x", "output": "y", "scale": 2.0, "bias": 1.0}],
+            }
+        )
+    )
+    return path
+
+
+@pytest.mark.parametrize("asked", [None, 60.0])
+def test_max_session_time_ends_sessions_that_asked_for_none_or_more(
+    device_server: Any, tmp_path: Path, asked: float | None
+) -> None:
+    server = device_server(key="dev", max_session_s=1.5)
+    with tether.connect("127.0.0.1", server.port, key="dev", session_timeout=asked) as sess:
+        sess.upload(reference_model(tmp_path / "slow.json", {"op": "sleep", "seconds": 60}))
+        model = sess.load_model("slow.json")
+        with pytest.raises(tether.SessionTimeout, match=r"1\.5 s limit on a session expired \(--max-session-time"):
+            model.run(fill="random")
+        assert sess.closed
+    wait_until(lambda: server.busy_slots() == 0, timeout=10, what="slot free after the server's limit")
+    slow = reference_model(tmp_path / "slow.json", {"op": "sleep", "seconds": 60})
+    with tether.connect("127.0.0.1", server.port, key="dev", session_timeout=0.5) as short:  # a shorter one stays
+        model = short.load_model(short.upload(slow))
+        with pytest.raises(tether.SessionTimeout, match=r"the 0\.5 s session timeout expired"):
+            model.run(fill="random")
+
+
+@pytest.mark.tvm
+def test_max_session_time_ends_a_tvm_session_that_asked_for_none(device_server: Any) -> None:
+    tvm = pytest.importorskip("tvm")
+    from tvm import rpc
+
+    server = device_server(key="dev", preload=["tvm"], max_session_s=2)
+    sess = rpc.connect("127.0.0.1", server.port, key="dev")  # no session_timeout
+    funcs = [sess.get_function("rpc.test.addone")]
+    assert funcs[0](1) == 2
+    with pytest.raises(tvm.error.RPCSessionTimeoutError, match="max-session-time"):
+        wait_until(lambda: funcs[0](1) != 2, timeout=30, interval=0.05, what="the server's 2 s limit")
+    funcs.clear()
+    del sess
+    gc.collect()
+    wait_until(lambda: server.busy_slots() == 0, timeout=10, what="slot free after the server's limit")

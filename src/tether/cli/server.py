@@ -67,6 +67,13 @@ def add_parser(sub: Any) -> None:
         help="without --tracker: seconds such a client may wait before MISMATCH (default 300)",
     )
     p.add_argument(
+        "--max-session-time",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="longest session, asked-for session timeouts included (capped to it); 0: no limit (default 3600)",
+    )
+    p.add_argument(
         "--max-handshakes-per-peer",
         type=int,
         default=8,
@@ -105,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         max_queued=args.max_queued,
         queue_wait_s=args.queue_wait,
         max_handshakes_per_peer=args.max_handshakes_per_peer,
+        max_session_s=args.max_session_time,
         preload=preload,
         prestart=not args.no_prestart,
         fork=not args.no_fork,

@@ -97,6 +97,9 @@ class ServerConfig:
     reconnect_max_s: float = 5.0
     #: A matchkey granted by the tracker but not redeemed within this long is replaced.
     grant_timeout_s: float = 5.0
+    #: Longest session, in seconds, whether or not the client asked for a ``session_timeout`` (a longer one
+    #: is capped to it); past it the client gets the typed session timeout error. 0: no limit.
+    max_session_s: float = 3600.0
     #: Seconds past a session's timeout before its process group is killed regardless.
     kill_grace_s: float = 1.0
     #: Seconds a connection has to send its whole handshake.
@@ -128,6 +131,8 @@ class ServerConfig:
             raise ConfigError("--slots must be at least 1")
         if self.max_queued < 0 or self.queue_wait_s < 0:
             raise ConfigError("--max-queued and --queue-wait must not be negative")
+        if not 0 <= self.max_session_s < 1e9:
+            raise ConfigError("--max-session-time must be 0 (no limit) or a positive number of seconds")
         if self.max_handshakes < 1 or self.max_handshakes_per_peer < 1:
             raise ConfigError("--max-handshakes-per-peer (and max_handshakes) must be at least 1")
         for name in self.labels:
@@ -147,6 +152,8 @@ class _Session:
     worker: Worker
     workspace: str
     timeout: float | None
+    #: What the client is told when the session's time is over.
+    timeout_message: str = ""
     started: float = field(default_factory=time.monotonic)
 
 
@@ -539,12 +546,13 @@ class DeviceServer:
         workspace = ""
         try:
             workspace = tempfile.mkdtemp(prefix=f"session-{session_id}-", dir=self.work_dir)
-            timeout = client.session_timeout
+            timeout, timeout_message = self._session_limit(client.session_timeout)
             job = {
                 "session": session_id,
                 "protocol": protocol,
                 "workspace": workspace,
                 "timeout": timeout,
+                "timeout_message": timeout_message,
                 "load_library": self.config.load_library,
                 "max_payload": self.config.max_payload,
                 "cache": {"dir": self.run_dir.cache_dir, "max_bytes": self.config.cache_bytes}
@@ -559,7 +567,7 @@ class DeviceServer:
             }
             with self._lock:
                 matchkey = slot.matchkey
-            session = _Session(session_id, matchkey, protocol, peer, conn, worker, workspace, timeout)
+            session = _Session(session_id, matchkey, protocol, peer, conn, worker, workspace, timeout, timeout_message)
             socket.send_fds(worker.control, [json.dumps(job).encode()], [conn.fileno()])
         except BaseException:
             worker.kill()  # it would wait for its job forever
@@ -584,6 +592,23 @@ class DeviceServer:
         threading.Thread(target=self._watch, args=(slot, session), daemon=True, name="tether-session").start()
         if self.config.prestart:
             self._prestart(slot)
+
+    def _session_limit(self, asked: float | None) -> tuple[float | None, str]:
+        """The session's time limit in seconds (the client's, capped to ``max_session_s``) and what the
+        client is told when it expires (TVM's client types an error that starts with its exception name)."""
+        cap = self.config.max_session_s
+        if cap and (asked is None or asked > cap):
+            why = "the client asked for none" if asked is None else f"the client asked for {asked:g} s"
+            message = (
+                f"RPCSessionTimeoutError: the server's {cap:g} s limit on a session expired (--max-session-time; {why})"
+            )
+            return cap, message
+        if asked is None:
+            return None, ""
+        return (
+            asked,
+            f"RPCSessionTimeoutError: the {asked:g} s session timeout expired; ask for a longer session_timeout",
+        )
 
     def _watch(self, slot: _Slot, session: _Session) -> None:
         """Wait for the session's worker; whatever happens, free the slot and clean up after it."""
@@ -616,7 +641,7 @@ class DeviceServer:
             code = worker.wait(10)
         reason = None
         if timed_out:
-            reason = ("SessionTimeout", f"RPCSessionTimeoutError: the {session.timeout:g} s session timeout expired")
+            reason = ("SessionTimeout", session.timeout_message)
         elif code is not None and (why := describe_exit(code)):
             reason = ("SessionLost", why)
         if session.conn is not None:

@@ -581,7 +581,7 @@ def serve_tvm(sock: socket.socket, workspace: Workspace, load_library: list[str]
     del libs
 
 
-def _tvm_deadline_guard(sock: socket.socket, timeout: float, deadline: float) -> None:
+def _tvm_deadline_guard(sock: socket.socket, message: str, deadline: float) -> None:
     """Fork a guard that, at the deadline, kills this worker and only then writes TVM's timeout error.
 
     TVM's session loop may be writing a reply when the deadline comes; an exception packet written
@@ -627,7 +627,7 @@ def _tvm_deadline_guard(sock: socket.socket, timeout: float, deadline: float) ->
             select.select([pidfd], [], [], 2.0)  # readable once the worker is gone
         else:
             os.kill(worker, signal.SIGKILL)
-        _ffi_api.ReturnException(sock.fileno(), TIMEOUT_MESSAGE.format(timeout))
+        _ffi_api.ReturnException(sock.fileno(), message)
         finish_sending(sock)
     except BaseException:
         code = 1
@@ -659,17 +659,18 @@ def run_job(job: dict[str, Any], sock: socket.socket) -> None:
     os.chdir(workspace.root)
     timeout = job.get("timeout")
     deadline = time.monotonic() + timeout if timeout else 0.0
+    timeout_message = str(job.get("timeout_message") or TIMEOUT_MESSAGE.format(timeout or 0))
     if job["protocol"] == "tvm":
         if timeout:
-            _tvm_deadline_guard(sock, timeout, deadline)
+            _tvm_deadline_guard(sock, timeout_message, deadline)
         serve_tvm(sock, workspace, job.get("load_library") or [])
         return
     channel = Channel(sock, int(job.get("max_payload") or MAX_PAYLOAD_BYTES))
     if timeout:
 
         def expire() -> None:
-            message = TIMEOUT_MESSAGE.format(timeout)
-            channel.send_frame(FrameKind.ERROR, 0, {"type": "SessionTimeout", "message": message, "traceback": ""})
+            frame = {"type": "SessionTimeout", "message": timeout_message, "traceback": ""}
+            channel.send_frame(FrameKind.ERROR, 0, frame)
             finish_sending(sock)
 
         _watchdog(deadline, expire)
