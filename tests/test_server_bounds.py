@@ -5,10 +5,16 @@ and workspace quotas, and a worker's memory."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import json
 import socket
 import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -119,3 +125,101 @@ def test_max_session_time_ends_a_tvm_session_that_asked_for_none(device_server: 
     del sess
     gc.collect()
     wait_until(lambda: server.busy_slots() == 0, timeout=10, what="slot free after the server's limit")
+
+
+# -- 3. a client that leaves -----------------------------------------------------------------------------
+
+_CLIENT = """
+import sys, tether
+sess = tether.connect("127.0.0.1", int(sys.argv[1]), key="dev")
+model = sess.load_model(sess.upload(sys.argv[2]))
+print(sess.info()["pid"], flush=True)
+send = sess._channel.send_frame
+def send_and_tell(*args, **kwargs):
+    send(*args, **kwargs)
+    print("sent", flush=True)
+sess._channel.send_frame = send_and_tell
+model.benchmark(number=1, repeat=250, warmup=0)  # 50 s of 0.2 s runs
+"""
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes in the socket's receive queue that nobody (here: the session's worker) has read yet."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["shutdown", "sigkill"])
+def test_a_client_that_leaves_mid_benchmark_frees_the_slot(
+    device_server: Any, tmp_path: Path, how: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A client that disconnected during a 25 s benchmark kept the device busy for 37 s; its session now
+    ends (the worker killed, the slot free) as soon as the server sees the connection go."""
+    server = device_server(key="dev")
+    slow = reference_model(tmp_path / "slow.json", {"op": "sleep", "seconds": 0.2})
+    if how == "sigkill":  # the client's process dies: its kernel closes the connection
+        client = subprocess.Popen(
+            [sys.executable, "-c", _CLIENT, str(server.port), str(slow)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert client.stdout is not None
+            pid = int(client.stdout.readline())
+            assert client.stdout.readline() == "sent\n"
+            conn = server._slots[0].session.conn
+            wait_until(lambda: _unread(conn) == 0, what="the worker reading its benchmark request")
+            assert _running(pid)
+            left = time.monotonic()
+            client.kill()
+            wait_until(lambda: server.busy_slots() == 0 and not _running(pid), timeout=5, what="the slot freed")
+            took = time.monotonic() - left
+        finally:
+            client.kill()
+            client.wait()
+            if client.stdout is not None:
+                client.stdout.close()
+    else:  # the client shuts its socket down (Session.interrupt) while it waits for the benchmark
+        sess = tether.connect("127.0.0.1", server.port, key="dev")
+        model = sess.load_model(sess.upload(slow))
+        pid = sess.info()["pid"]
+        sent = threading.Event()
+        channel = sess._channel
+        assert channel is not None
+        send = channel.send_frame
+
+        def send_and_tell(*args: Any, **kwargs: Any) -> None:
+            send(*args, **kwargs)
+            sent.set()
+
+        channel.send_frame = send_and_tell  # type: ignore[method-assign]
+        errors: list[BaseException] = []
+
+        def bench() -> None:
+            try:
+                model.benchmark(number=1, repeat=250, warmup=0)  # 50 s of 0.2 s runs
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=bench)
+        thread.start()
+        try:
+            conn = server._slots[0].session.conn
+            wait_until(lambda: sent.is_set() and _unread(conn) == 0, what="the worker reading its benchmark request")
+            left = time.monotonic()
+            sess.interrupt()
+            wait_until(lambda: server.busy_slots() == 0 and not _running(pid), timeout=5, what="the slot freed")
+            took = time.monotonic() - left
+        finally:
+            sess.interrupt()
+            thread.join(10)
+            sess.close()
+        assert len(errors) == 1 and isinstance(errors[0], tether.SessionLost)
+    with capsys.disabled():
+        print(f"\n[{how}] client gone -> worker killed and slot free: {took * 1000:.1f} ms")
+    with tether.connect("127.0.0.1", server.port, key="dev") as again:
+        again.ping()

@@ -14,6 +14,9 @@ Threads, each with one job:
   workspace directory) started ahead of time; when the worker exits, or its session outlives the timeout
   plus a grace period, the watcher kills the process group, tells a tether client why if the worker
   could not, removes the workspace and frees the slot. A crashed session is a finished session.
+- **one hang-up watcher per session** (Linux): polls the server's copy of the session's socket for the
+  client's end of it (``POLLRDHUP``, ``POLLHUP``; it never reads). A client that goes away, even while
+  its worker is deep in a benchmark that reads nothing, ends the session at once: the worker is killed.
 
 With ``through_proxy`` there is no listener and no tracker link: each slot connects out to the proxy as
 ``server:KEY`` and waits, forever, for a client to be paired with it.
@@ -26,8 +29,10 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import queue
 import secrets
+import select
 import shutil
 import socket
 import tempfile
@@ -155,6 +160,14 @@ class _Session:
     #: What the client is told when the session's time is over.
     timeout_message: str = ""
     started: float = field(default_factory=time.monotonic)
+    #: The server's copy of the socket for either protocol, only to notice the client hang up (never read
+    #: nor written; a TVM session's is never shut down either: its deadline guard may still be writing).
+    watch: socket.socket | None = None
+    #: Written to when the session is over: the hang-up watcher returns.
+    wake: tuple[int, int] | None = None
+    hangup_thread: threading.Thread | None = None
+    #: The client went away, and its worker was killed for it.
+    hung_up: bool = False
 
 
 @dataclass(eq=False)
@@ -575,9 +588,9 @@ class DeviceServer:
             if workspace:
                 shutil.rmtree(workspace, ignore_errors=True)
             raise
+        session.watch = conn
         if protocol == PROTOCOL_TVM:
-            conn.close()
-            session.conn = None
+            session.conn = None  # nothing but the worker may write a byte of TVM's protocol
         with self._lock:
             slot.session, slot.reserved, slot.granted_since = session, False, None
         logger.info(
@@ -589,6 +602,7 @@ class DeviceServer:
             worker.pid,
         )
         self._post("start", matchkey, peer)
+        self._start_hangup_watch(session)
         threading.Thread(target=self._watch, args=(slot, session), daemon=True, name="tether-session").start()
         if self.config.prestart:
             self._prestart(slot)
@@ -619,9 +633,11 @@ class DeviceServer:
             session.worker.kill()
             self.pool.reap(session.worker)
         finally:
-            if session.conn is not None:
-                with contextlib.suppress(OSError):
-                    session.conn.close()
+            self._stop_hangup_watch(session)
+            for sock in (session.conn, session.watch):
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
             shutil.rmtree(session.workspace, ignore_errors=True)
             with self._lock:
                 slot.session = None
@@ -639,8 +655,11 @@ class DeviceServer:
         worker.kill()  # whatever the session started dies with it
         if code is None:
             code = worker.wait(10)
+        self._stop_hangup_watch(session)  # before the socket is written to, shut down or closed
         reason = None
-        if timed_out:
+        if session.hung_up:
+            reason = None  # nobody is there to tell
+        elif timed_out:
             reason = ("SessionTimeout", session.timeout_message)
         elif code is not None and (why := describe_exit(code)):
             reason = ("SessionLost", why)
@@ -657,7 +676,49 @@ class DeviceServer:
             session.conn.close()
         self.pool.reap(session.worker)
         took = time.monotonic() - session.started
-        logger.info("session %s ended after %.3f s%s", session.id, took, f": {reason[1]}" if reason else "")
+        why = ": the client hung up (worker killed)" if session.hung_up else f": {reason[1]}" if reason else ""
+        logger.info("session %s ended after %.3f s%s", session.id, took, why)
+
+    def _start_hangup_watch(self, session: _Session) -> None:
+        """Kill the session's worker as soon as its client goes away (Linux: ``POLLRDHUP``). Elsewhere a
+        client that leaves is noticed when the worker next reads, or at the session's time limit."""
+        if session.watch is None or not hasattr(select, "poll") or not hasattr(select, "POLLRDHUP"):
+            return
+        session.wake = os.pipe()
+        thread = threading.Thread(target=self._hangup_loop, args=(session,), daemon=True, name="tether-hangup")
+        session.hangup_thread = thread
+        thread.start()
+
+    def _hangup_loop(self, session: _Session) -> None:
+        assert session.watch is not None and session.wake is not None
+        poller = select.poll()
+        poller.register(session.watch, select.POLLRDHUP)  # (POLLHUP and POLLERR always count)
+        poller.register(session.wake[0], select.POLLIN)
+        gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+        while True:
+            try:
+                events = poller.poll()
+            except InterruptedError:  # pragma: no cover - PEP 475 retries
+                continue
+            if any(fd == session.wake[0] for fd, _ in events):
+                return
+            if any(mask & gone for _, mask in events):
+                if session.worker.alive():  # (not a group whose id may be reused by now)
+                    session.hung_up = True
+                    logger.info("session %s: the client %s hung up; ending its worker", session.id, session.peer)
+                    session.worker.kill()
+                return
+
+    def _stop_hangup_watch(self, session: _Session) -> None:
+        thread, session.hangup_thread = session.hangup_thread, None
+        if thread is None or session.wake is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(session.wake[1], b"x")
+        thread.join()  # it returns at once; then the socket may be closed under no one's poll
+        for fd in session.wake:
+            os.close(fd)
+        session.wake = None
 
     def _post(self, event: str, matchkey: str, peer: str) -> None:
         if self.config.tracker and not self.config.through_proxy:  # only the registration thread reads these
