@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 import tether
-from tether.protocol import RPC_MAGIC
+from tether.protocol import RPC_MAGIC, HandshakeCode
 
 from .conftest import wait_until
 
@@ -223,3 +223,125 @@ def test_a_client_that_leaves_mid_benchmark_frees_the_slot(
         print(f"\n[{how}] client gone -> worker killed and slot free: {took * 1000:.1f} ms")
     with tether.connect("127.0.0.1", server.port, key="dev") as again:
         again.ping()
+
+
+# -- 4. announced sizes and the workspace quota ---------------------------------------------------------
+
+
+def _raw_session(port: int) -> socket.socket:
+    """A native session over a plain socket: the handshake done, its reply read."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        key = b"client:dev -tether=1"
+        sock.sendall(struct.pack("<ii", RPC_MAGIC, len(key)) + key)
+        code, n = struct.unpack("<ii", _exact(sock, 8))
+        assert code == HandshakeCode.SUCCESS, f"handshake answered {code}"
+        _exact(sock, n)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the server closed the session"
+        data += chunk
+    return data
+
+
+def _request(frame_id: int, header: dict[str, Any], payload_len: int = 0) -> bytes:
+    body = json.dumps(header).encode()
+    return struct.pack("<2sBBIIQ", b"TQ", 1, 1, frame_id, len(body), payload_len) + body
+
+
+def _answer(sock: socket.socket) -> tuple[int, int, dict[str, Any]]:
+    """(kind, id, JSON header) of the next frame; its payload is read and dropped."""
+    _, _, kind, frame_id, header_len, payload_len = struct.unpack("<2sBBIIQ", _exact(sock, 20))
+    header = json.loads(_exact(sock, header_len))
+    _exact(sock, payload_len)
+    return kind, frame_id, header
+
+
+def _rss(pid: int) -> int:
+    """The process's resident memory in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _put(frame_id: int, nbytes: int) -> bytes:
+    desc = {"name": "", "dtype": "uint8", "shape": [nbytes], "nbytes": nbytes}
+    return _request(frame_id, {"op": "put", "tensors": [desc]}, nbytes)
+
+
+def test_an_announced_payload_is_checked_before_anything_is_allocated(
+    device_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 66-byte request announcing a 1 GiB tensor grew a worker from 97 MB to 1.15 GB before any of it
+    arrived. Over --max-upload-mb (default 1 GiB) it is refused from its header at once; within it, the
+    tensor's memory is committed only as its bytes arrive."""
+    server = device_server(key="dev")
+    with _raw_session(server.port) as sock:
+        sock.sendall(_request(1, {"op": "info"}))
+        pid = _answer(sock)[2]["pid"]
+        before = _rss(pid)
+        sock.sendall(_put(2, 2 << 30))  # and not a byte of it
+        kind, frame_id, header = _answer(sock)
+        assert (kind, frame_id, header["type"]) == (3, 2, "QuotaExceeded")
+        assert "at most 1073741824" in header["message"] and "--max-upload-mb" in header["message"]
+        assert _rss(pid) < before + (64 << 20)
+    wait_until(lambda: server.busy_slots() == 0, timeout=10, what="the slot free after the client left")
+    with _raw_session(server.port) as sock:
+        sock.sendall(_request(1, {"op": "info"}))
+        pid = _answer(sock)[2]["pid"]
+        before = _rss(pid)
+        sock.sendall(_put(2, 1 << 30) + b"\0" * (1 << 20))  # at the limit: 1 GiB announced, 1 MiB sent
+        conn = server._slots[0].session.conn
+        wait_until(lambda: _unread(conn) == 0, what="the worker reading what was sent")
+        grown = _rss(pid) - before
+        with capsys.disabled():
+            print(
+                f"\n1 GiB tensor announced, 1 MiB sent: worker RSS {before >> 20} MiB, grew {grown / (1 << 20):.1f} MiB"
+            )
+        assert grown < 64 << 20
+
+
+def test_uploads_and_tensors_over_the_limit_are_refused_and_the_session_goes_on(device_server: Any) -> None:
+    np = pytest.importorskip("numpy")
+    server = device_server(key="dev", max_upload_bytes=1 << 20)
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        assert sess.info()["max_payload"] == 1 << 20  # what batch clients check before they send
+        with pytest.raises(tether.QuotaExceeded, match=r"2097152 bytes .* at most 1048576 \(1 MiB, --max-upload-mb\)"):
+            sess.upload(b"x" * (2 << 20), "big.bin")
+        with pytest.raises(tether.QuotaExceeded, match="--max-upload-mb"):
+            sess.tensor(np.zeros(1 << 19, "float32"))
+        assert sess.listdir() == []
+        sess.upload(b"x" * (1 << 20), "ok.bin")  # at the limit
+        assert sess.listdir() == ["ok.bin"]
+        np.testing.assert_array_equal(sess.tensor(np.arange(4, dtype="int32")).numpy(), np.arange(4))
+        sess.ping()
+
+
+def test_the_workspace_quota_refuses_the_upload_that_would_pass_it(device_server: Any) -> None:
+    """Two 1 GiB uploads were both accepted; with --workspace-quota-mb the second that does not fit is
+    refused before a byte is written, and what an upload replaces is counted out."""
+    server = device_server(key="dev", workspace_quota_bytes=3 << 20)
+    cached = b"c" * (2 << 20)
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        sess.upload(cached, "c.bin", sha256=tether.client.session.file_digest(cached))  # kept in the cache
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        sess.upload(b"a" * (2 << 20), "a.bin")
+        with pytest.raises(tether.QuotaExceeded, match=r"3145728 \(3 MiB, --workspace-quota-mb\)"):
+            sess.upload(b"b" * (2 << 20), "b.bin")
+        assert sess.listdir() == ["a.bin"]
+        with pytest.raises(tether.QuotaExceeded, match="--workspace-quota-mb"):  # from the cache: the same
+            sess.upload_cached(cached, "c.bin")
+        assert sess.listdir() == ["a.bin"]
+        sess.upload(b"A" * (2 << 20), "a.bin")  # a replacement fits
+        sess.remove("a.bin")
+        sess.upload(b"b" * (3 << 20), "b.bin")  # the whole quota
+        assert sess.download("b.bin") == b"b" * (3 << 20)

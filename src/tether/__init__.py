@@ -20,6 +20,7 @@ from .errors import (
     NotTetherServer,
     NotTetherTracker,
     ProtocolError,
+    QuotaExceeded,
     RemoteError,
     RemoteProtocolError,
     RequestCancelled,
@@ -33,6 +34,7 @@ from .errors import (
     TrackerError,
     TransportError,
     Unservable,
+    WorkerMemoryExceeded,
     WorkspaceError,
 )
 
@@ -68,6 +70,8 @@ __all__ = [
     "TrackerStatus",
     "TransportError",
     "Unservable",
+    "QuotaExceeded",
+    "WorkerMemoryExceeded",
     "__version__",
     "query_tracker",
 ]

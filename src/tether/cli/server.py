@@ -74,6 +74,20 @@ def add_parser(sub: Any) -> None:
         help="longest session, asked-for session timeouts included (capped to it); 0: no limit (default 3600)",
     )
     p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=1024,
+        help="largest file or set of tensors one request may announce, refused before anything is allocated "
+        "(0: no bound of its own; default 1024)",
+    )
+    p.add_argument(
+        "--workspace-quota-mb",
+        type=float,
+        default=4096,
+        help="bytes of files one session's workspace may hold, refused before a byte is written (0: none; "
+        "default 4096)",
+    )
+    p.add_argument(
         "--max-handshakes-per-peer",
         type=int,
         default=8,
@@ -113,6 +127,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         queue_wait_s=args.queue_wait,
         max_handshakes_per_peer=args.max_handshakes_per_peer,
         max_session_s=args.max_session_time,
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        workspace_quota_bytes=int(args.workspace_quota_mb * (1 << 20)),
         preload=preload,
         prestart=not args.no_prestart,
         fork=not args.no_fork,

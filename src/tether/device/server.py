@@ -121,7 +121,15 @@ class ServerConfig:
     max_queued: int = 16
     #: ...each at most this many seconds; then MISMATCH and a log line.
     queue_wait_s: float = 300.0
+    #: Frame payloads past this many bytes break the session's protocol: it ends (FrameTooLarge).
     max_payload: int = MAX_PAYLOAD_BYTES
+    #: The largest payload (a file, a request's tensors) one request may announce, in bytes: a larger one
+    #: is refused from its header with QuotaExceeded, before anything is allocated, its bytes are skipped
+    #: and the session goes on. 0: only ``max_payload``.
+    max_upload_bytes: int = 1 << 30
+    #: Bytes of files one session's workspace may hold: an upload (or cache fetch) past it is refused with
+    #: QuotaExceeded before a byte is written. 0: no quota.
+    workspace_quota_bytes: int = 4 << 30
     #: The content-addressed cache of uploads shared by sessions (``<work_dir>/cache``); 0 turns it off.
     cache_bytes: int = 1 << 30
 
@@ -136,6 +144,8 @@ class ServerConfig:
             raise ConfigError("--slots must be at least 1")
         if self.max_queued < 0 or self.queue_wait_s < 0:
             raise ConfigError("--max-queued and --queue-wait must not be negative")
+        if self.max_upload_bytes < 0 or self.workspace_quota_bytes < 0:
+            raise ConfigError("--max-upload-mb and --workspace-quota-mb must not be negative")
         if not 0 <= self.max_session_s < 1e9:
             raise ConfigError("--max-session-time must be 0 (no limit) or a positive number of seconds")
         if self.max_handshakes < 1 or self.max_handshakes_per_peer < 1:
@@ -568,6 +578,8 @@ class DeviceServer:
                 "timeout_message": timeout_message,
                 "load_library": self.config.load_library,
                 "max_payload": self.config.max_payload,
+                "max_upload": self.config.max_upload_bytes,
+                "workspace_quota": self.config.workspace_quota_bytes,
                 "cache": {"dir": self.run_dir.cache_dir, "max_bytes": self.config.cache_bytes}
                 if self.config.cache_bytes > 0
                 else None,

@@ -19,6 +19,7 @@ import importlib
 import json
 import logging
 import math
+import mmap
 import os
 import socket
 import sys
@@ -32,17 +33,59 @@ from typing import Any, BinaryIO
 
 from ..aio.channel import Channel
 from ..aio.net import finish_sending
-from ..errors import BadHeader, ConnectionClosed, LocalProtocolError, RemoteError, RemoteProtocolError, WorkspaceError
+from ..errors import (
+    BadHeader,
+    ConnectionClosed,
+    LocalProtocolError,
+    QuotaExceeded,
+    RemoteError,
+    RemoteProtocolError,
+    WorkspaceError,
+)
 from ..protocol.session import DTYPE_SIZES, MAX_PAYLOAD_BYTES, FrameHeader, FrameKind, TensorDesc, tensor_descs
 from ..runtime import Model, RawTensor, backend_for_path, fill_shape, fill_tensor, get_backend
 from .cache import ContentCache, is_sha256
 from .workspace import Workspace
 
-__all__ = ["NativeSession", "main", "measure"]
+__all__ = ["NativeSession", "Quotas", "main", "measure"]
 
 logger = logging.getLogger("tether.worker")
 
 TIMEOUT_MESSAGE = "RPCSessionTimeoutError: the {0:g} s session timeout expired; ask for a longer session_timeout"
+
+
+#: Error types a request's failure keeps whatever the operation (others become ModelLoadError/ModelRunError).
+_KEPT_TYPES = frozenset({"WorkspaceError", "QuotaExceeded", "WorkerMemoryExceeded"})
+
+#: Tensors received at least this large get memory that is only committed as their bytes arrive.
+_LAZY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """What one session may use, in bytes; 0: no bound of its own."""
+
+    #: The largest payload (a file, a request's tensors) one request may announce.
+    max_upload: int = 0
+    #: The bytes of files the session's workspace may hold at once.
+    workspace: int = 0
+    #: The worker's address-space limit past what it had mapped when the session began (RLIMIT_AS).
+    memory: int = 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
+
+
+def _tensor_buffer(nbytes: int) -> bytearray | mmap.mmap:
+    """Memory for a tensor about to be received: a large one is an anonymous mapping, whose pages are
+    committed only as the bytes arrive (a request that announces 1 GiB and sends nothing costs nothing)."""
+    if nbytes < _LAZY_BYTES:
+        return bytearray(nbytes)
+    try:
+        return mmap.mmap(-1, nbytes)
+    except OSError as exc:  # ENOMEM: past the worker's address-space limit
+        raise MemoryError(f"cannot map {nbytes} bytes for a tensor: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -195,12 +238,20 @@ class NativeSession:
     TIMED_OPS = frozenset({"load_model", "run", "benchmark"})
 
     def __init__(
-        self, channel: Channel, workspace: Workspace, info: dict[str, Any], cache: ContentCache | None = None
+        self,
+        channel: Channel,
+        workspace: Workspace,
+        info: dict[str, Any],
+        cache: ContentCache | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.channel = channel
         self.workspace = workspace
         self.info = info
         self.cache = cache
+        self.quotas = quotas or Quotas()
+        #: The largest payload one request may carry, or a tensor the device makes.
+        self.max_request = min(channel.max_payload, self.quotas.max_upload or channel.max_payload)
         self._timer = _RequestTimer(channel)
         self._flusher: _Flusher | None = None
         self.tensors: dict[str, RawTensor] = {}
@@ -243,6 +294,15 @@ class NativeSession:
             if head.kind != FrameKind.REQUEST:
                 raise RemoteProtocolError(f"expected a request frame, got {FrameKind(head.kind).name}")
             op = header.get("op")
+            if head.payload_len > self.max_request:  # refused from the header: nothing allocated, nothing read
+                refusal = QuotaExceeded(
+                    f"{op!r:.40} announces {head.payload_len} bytes of payload; this server takes at most "
+                    f"{self.max_request} ({_mib(self.max_request)}, --max-upload-mb) in one request",
+                    "QuotaExceeded",
+                )
+                self._send_error(head, refusal, op)  # at once: a client that waits for it hears before it sends
+                self.channel.discard(head.payload_len)  # then its payload is skipped: the session goes on
+                continue
             payload = _Payload(self.channel, head.payload_len)
             try:
                 handler = self._ops.get(op) if isinstance(op, str) else None
@@ -261,6 +321,10 @@ class NativeSession:
             except ConnectionClosed:
                 raise
             except BaseException as exc:  # a failed request is an answer, not the end of the session
+                if isinstance(exc, QuotaExceeded):  # a small error, sent before the payload is skipped
+                    self._send_error(head, exc, op)
+                    payload.drain()
+                    continue
                 payload.drain()
                 self._send_error(head, exc, op)
                 if isinstance(exc, KeyboardInterrupt | SystemExit):
@@ -278,11 +342,19 @@ class NativeSession:
                 return
 
     def _send_error(self, head: FrameHeader, exc: BaseException, op: Any) -> None:
+        trace = "" if isinstance(exc, RemoteError) else traceback.format_exc(limit=20)
+        if self._out_of_memory(exc):
+            limit = self.quotas.memory
+            allowed = f" (this server allows a worker {_mib(limit)} more than it starts with, --worker-memory-mb)"
+            exc = RemoteError(
+                f"{op!r:.40} ran out of memory{allowed if limit else ''}: {str(exc) or type(exc).__name__}",
+                "WorkerMemoryExceeded",
+            )
         if isinstance(exc, RemoteProtocolError):  # a malformed request (tensor descriptions, sizes)
             kind = "ProtocolError"
         elif isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
             kind = "WorkspaceError"
-        elif isinstance(exc, RemoteError) and exc.remote_type == "WorkspaceError":
+        elif isinstance(exc, RemoteError) and exc.remote_type in _KEPT_TYPES:
             kind = exc.remote_type
         elif op == "load_model":
             kind = "ModelLoadError"
@@ -291,9 +363,21 @@ class NativeSession:
         else:
             kind = exc.remote_type if isinstance(exc, RemoteError) else type(exc).__name__
         message = exc.remote_message if isinstance(exc, RemoteError) else str(exc) or type(exc).__name__
-        trace = "" if isinstance(exc, RemoteError) else traceback.format_exc(limit=20)
         message, trace = _clip(message, 16 << 10), _clip(trace, 256 << 10)  # an error frame must fit its header
         self.channel.send_frame(FrameKind.ERROR, head.id, {"type": kind, "message": message, "traceback": trace})
+
+    def _out_of_memory(self, exc: BaseException) -> bool:
+        """A MemoryError, or one a backend wrapped; with a memory limit set, also a native runtime's failed
+        allocation (C++'s ``bad_alloc``, onnxruntime's "Failed to allocate memory")."""
+        seen: BaseException | None = exc
+        for _ in range(8):
+            if seen is None:
+                break
+            if isinstance(seen, MemoryError):
+                return True
+            seen = seen.__cause__ or seen.__context__
+        text = str(exc)
+        return bool(self.quotas.memory) and ("bad_alloc" in text or "Failed to allocate memory" in text)
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -301,7 +385,13 @@ class NativeSession:
         return {}, []
 
     def _info(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
-        limits = {"max_payload": self.channel.max_payload, "cache": self.cache is not None}
+        q = self.quotas
+        limits = {
+            "max_payload": self.max_request,
+            "workspace_quota": q.workspace or None,
+            "worker_memory": q.memory or None,
+            "cache": self.cache is not None,
+        }
         return {**self.info, "pid": os.getpid(), "workspace": str(self.workspace.root), **limits}, []
 
     def _upload(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
@@ -312,6 +402,7 @@ class NativeSession:
         if digest is not None and not is_sha256(digest):
             raise RemoteError(f"sha256 must be 64 lowercase hex digits, not {digest!r:.80}", "ValueError")
         hasher = hashlib.sha256() if digest else None
+        self._check_workspace(path, size, name)
         chunk = memoryview(bytearray(min(max(size, 1), 1 << 20)))
         try:
             with self.workspace.open_for_write(path) as file:
@@ -350,9 +441,29 @@ class NativeSession:
             if not is_sha256(digest) or not isinstance(name, str):
                 raise RemoteError(f"bad fetch entry {item!r:.120}: needs a path and a sha256", "ValueError")
             target = self.workspace.resolve(name)
+            size = None if self.cache is None else self.cache.size(str(digest))
+            if size is not None:
+                self._check_workspace(target, size, name)
             if self.cache is not None and self.cache.materialize(str(digest), target):
                 found.append(name)
         return {"found": found}, []
+
+    def _check_workspace(self, path: Path, size: int, name: Any) -> None:
+        """Refuse (QuotaExceeded) a file of ``size`` bytes at ``path`` that would take the workspace past
+        its quota; what it replaces is counted out."""
+        quota = self.quotas.workspace
+        if not quota:
+            return
+        used = self.workspace.usage()
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink():
+                used -= path.stat().st_size
+        if used + size > quota:
+            raise QuotaExceeded(
+                f"{name!r:.80} ({size} bytes) would take the workspace to {used + size} bytes; this session may "
+                f"keep {quota} ({_mib(quota)}, --workspace-quota-mb): remove files first",
+                "QuotaExceeded",
+            )
 
     def _download(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], _FileOut]:
         name = header.get("path")
@@ -402,7 +513,7 @@ class NativeSession:
     def _receive_tensors(self, header: dict[str, Any], payload: _Payload) -> list[tuple[TensorDesc, RawTensor]]:
         received = []
         for desc in tensor_descs(header.get("tensors"), payload.left):
-            data = bytearray(desc.nbytes)
+            data = _tensor_buffer(desc.nbytes)
             payload.into(memoryview(data))
             received.append((desc, RawTensor(desc.dtype, desc.shape, data)))
         return received
@@ -429,10 +540,10 @@ class NativeSession:
         """A tensor made on the device, no larger than what the session may receive in one frame."""
         if all(isinstance(d, int) for d in shape) and dtype in DTYPE_SIZES:
             nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-            if nbytes > self.channel.max_payload:
+            if nbytes > self.max_request:
                 raise RemoteError(
                     f"a generated {dtype} tensor of shape {list(shape)} would take {nbytes} bytes; this server "
-                    f"makes at most {self.channel.max_payload} (its payload limit)",
+                    f"makes at most {self.max_request} (its payload limit)",
                     "ValueError",
                 )
         return fill_tensor(dtype, shape, kind, seed)
@@ -677,7 +788,10 @@ def run_job(job: dict[str, Any], sock: socket.socket) -> None:
     try:
         cache = job.get("cache") or {}
         store = ContentCache(cache["dir"], int(cache.get("max_bytes", 0))) if cache.get("dir") else None
-        NativeSession(channel, workspace, job.get("info") or {}, store).serve()
+        quotas = Quotas(
+            int(job.get("max_upload") or 0), int(job.get("workspace_quota") or 0), int(job.get("worker_memory") or 0)
+        )
+        NativeSession(channel, workspace, job.get("info") or {}, store, quotas).serve()
     except RemoteProtocolError as exc:
         logger.warning("session %s ended: %s", job.get("session"), exc)
         with contextlib.suppress(ConnectionClosed):
