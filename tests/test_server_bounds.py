@@ -345,3 +345,49 @@ def test_the_workspace_quota_refuses_the_upload_that_would_pass_it(device_server
         sess.remove("a.bin")
         sess.upload(b"b" * (3 << 20), "b.bin")  # the whole quota
         assert sess.download("b.bin") == b"b" * (3 << 20)
+
+
+# -- 5. a worker's memory ------------------------------------------------------------------------------
+
+
+def test_a_worker_past_its_memory_limit_fails_typed_and_the_server_goes_on(device_server: Any, tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
+    server = device_server(key="dev", preload=["numpy"], worker_memory_bytes=256 << 20)
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        assert sess.info()["worker_memory"] == 256 << 20
+        with pytest.raises(
+            tether.WorkerMemoryExceeded, match=r"'fill' ran out of memory .*256 MiB .*--worker-memory-mb"
+        ):
+            sess.fill((1 << 28,), "float32", "zeros")  # 1 GiB made on the device
+        with pytest.raises(tether.WorkerMemoryExceeded, match=r"'put' ran out of memory"):
+            sess.tensor(np.zeros(384 << 20, "uint8"))  # 384 MiB sent (and skipped)
+        np.testing.assert_array_equal(sess.fill((16,), "float32", "ones").numpy(), np.ones(16, "float32"))
+        model = sess.load_model(sess.upload(reference_model(tmp_path / "m.json")))
+        np.testing.assert_array_equal(model.run(fill="zeros")["y"], np.ones((2, 3), "float32"))
+    with tether.connect("127.0.0.1", server.port, key="dev") as again:  # the next session, its own limit
+        assert again.fill((1 << 20,), "float32", "zeros").shape == (1 << 20,)
+        again.ping()
+
+
+@pytest.mark.tvm
+def test_a_tvm_session_past_its_memory_limit_gets_an_error_and_goes_on(device_server: Any) -> None:
+    """In a TVM session the limit counts from after TVM's own imports; a remote allocation past it is
+    TVM's error for that call (std::bad_alloc), and the session, and the server, go on."""
+    tvm = pytest.importorskip("tvm")
+    np = pytest.importorskip("numpy")
+    from tvm import rpc
+
+    server = device_server(key="dev", preload=["numpy", "tvm"], worker_memory_bytes=256 << 20)
+    sess = rpc.connect("127.0.0.1", server.port, key="dev")
+    dev = sess.cpu()
+    with pytest.raises(tvm.error.RPCError, match="bad_alloc"):
+        tvm.runtime.empty((1 << 28,), "float32", dev)  # 1 GiB
+    np.testing.assert_array_equal(tvm.runtime.tensor(np.arange(8, dtype="float32"), dev).numpy(), np.arange(8))
+    assert sess.get_function("rpc.test.addone")(1) == 2
+    del dev, sess
+    gc.collect()
+    wait_until(lambda: server.busy_slots() == 0, timeout=10, what="the session over")
+    again = rpc.connect("127.0.0.1", server.port, key="dev")
+    assert again.get_function("rpc.test.addone")(41) == 42
+    del again
+    gc.collect()

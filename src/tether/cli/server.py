@@ -88,6 +88,13 @@ def add_parser(sub: Any) -> None:
         "default 4096)",
     )
     p.add_argument(
+        "--worker-memory-mb",
+        type=float,
+        default=0,
+        help="address space a session's worker may add past its start (RLIMIT_AS); past it an allocation fails "
+        "with WorkerMemoryExceeded (0: no limit, the default)",
+    )
+    p.add_argument(
         "--max-handshakes-per-peer",
         type=int,
         default=8,
@@ -129,6 +136,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         max_session_s=args.max_session_time,
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         workspace_quota_bytes=int(args.workspace_quota_mb * (1 << 20)),
+        worker_memory_bytes=int(args.worker_memory_mb * (1 << 20)),
         preload=preload,
         prestart=not args.no_prestart,
         fork=not args.no_fork,

@@ -130,6 +130,11 @@ class ServerConfig:
     #: Bytes of files one session's workspace may hold: an upload (or cache fetch) past it is refused with
     #: QuotaExceeded before a byte is written. 0: no quota.
     workspace_quota_bytes: int = 4 << 30
+    #: Bytes a session's worker may add to its address space (RLIMIT_AS) past what it has mapped when the
+    #: session begins (the preloaded runtimes reserve far more than they use): past it an allocation fails,
+    #: and the client gets WorkerMemoryExceeded (or SessionLost, if a native runtime aborts on it). 0: no
+    #: limit, the default: onnxruntime's and TVM's thread pools and arenas reserve address space freely.
+    worker_memory_bytes: int = 0
     #: The content-addressed cache of uploads shared by sessions (``<work_dir>/cache``); 0 turns it off.
     cache_bytes: int = 1 << 30
 
@@ -144,8 +149,8 @@ class ServerConfig:
             raise ConfigError("--slots must be at least 1")
         if self.max_queued < 0 or self.queue_wait_s < 0:
             raise ConfigError("--max-queued and --queue-wait must not be negative")
-        if self.max_upload_bytes < 0 or self.workspace_quota_bytes < 0:
-            raise ConfigError("--max-upload-mb and --workspace-quota-mb must not be negative")
+        if self.max_upload_bytes < 0 or self.workspace_quota_bytes < 0 or self.worker_memory_bytes < 0:
+            raise ConfigError("--max-upload-mb, --workspace-quota-mb and --worker-memory-mb must not be negative")
         if not 0 <= self.max_session_s < 1e9:
             raise ConfigError("--max-session-time must be 0 (no limit) or a positive number of seconds")
         if self.max_handshakes < 1 or self.max_handshakes_per_peer < 1:
@@ -580,6 +585,7 @@ class DeviceServer:
                 "max_payload": self.config.max_payload,
                 "max_upload": self.config.max_upload_bytes,
                 "workspace_quota": self.config.workspace_quota_bytes,
+                "worker_memory": self.config.worker_memory_bytes,
                 "cache": {"dir": self.run_dir.cache_dir, "max_bytes": self.config.cache_bytes}
                 if self.config.cache_bytes > 0
                 else None,
@@ -674,6 +680,9 @@ class DeviceServer:
         elif timed_out:
             reason = ("SessionTimeout", session.timeout_message)
         elif code is not None and (why := describe_exit(code)):
+            if self.config.worker_memory_bytes:  # a native runtime may abort on a failed allocation
+                limit = self.config.worker_memory_bytes / (1 << 20)
+                why += f" (its memory was limited to {limit:g} MiB past its start, --worker-memory-mb)"
             reason = ("SessionLost", why)
         if session.conn is not None:
             with contextlib.suppress(OSError):

@@ -634,8 +634,11 @@ class NativeSession:
 # -- TVM's protocol ----------------------------------------------------------------------------
 
 
-def serve_tvm(sock: socket.socket, workspace: Workspace, load_library: list[str]) -> None:
-    """Hand the socket to TVM's session loop, with tether's workspace behind TVM's file functions."""
+def serve_tvm(
+    sock: socket.socket, workspace: Workspace, load_library: list[str], memory: int = 0, session: Any = None
+) -> None:
+    """Hand the socket to TVM's session loop, with tether's workspace behind TVM's file functions;
+    ``memory``: bytes the worker's address space may grow by once TVM is imported (0: no limit)."""
     import ctypes
 
     import tvm_ffi
@@ -688,6 +691,8 @@ def serve_tvm(sock: socket.socket, workspace: Workspace, load_library: list[str]
         ("download_linked_module", download_linked_module),
     ):
         tvm_ffi.register_global_func(f"tvm.rpc.server.{name}", func, override=True)
+    if memory:
+        limit_memory(memory, session)  # after TVM's own imports: their reservations are not the session's
     _ffi_api.ServerLoop(sock.fileno())
     del libs
 
@@ -765,16 +770,55 @@ def _watchdog(deadline: float, on_expire: Callable[[], None]) -> None:
     threading.Thread(target=wait, name="tether-watchdog", daemon=True).start()
 
 
+def _mapped_bytes() -> int | None:
+    """This process's address space in bytes (Linux: VmSize), None where the system does not say."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def limit_memory(extra: int, session: Any = None) -> int | None:
+    """Let this process's address space (RLIMIT_AS) grow by at most ``extra`` bytes past what it has mapped
+    now (the runtimes a worker preloads reserve far more address space than they use, so a limit counted
+    from zero would fail them); soft and hard, for the rest of the process. Past it an allocation fails:
+    MemoryError in Python, a failed allocation in a native runtime. Returns the limit in bytes, None where
+    it cannot be set (no ``resource`` module, no /proc)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not a POSIX system
+        return None
+    mapped = _mapped_bytes()
+    if mapped is None:
+        logger.warning("session %s: cannot limit the worker's memory here (no /proc/self/status)", session)
+        return None
+    limit = mapped + extra
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    logger.info(
+        "session %s: address space limited to %d MiB (%d MiB mapped + %d MiB, --worker-memory-mb)",
+        session,
+        limit >> 20,
+        mapped >> 20,
+        extra >> 20,
+    )
+    return limit
+
+
 def run_job(job: dict[str, Any], sock: socket.socket) -> None:
     workspace = Workspace(job["workspace"])
     os.chdir(workspace.root)
+    memory = int(job.get("worker_memory") or 0)
     timeout = job.get("timeout")
     deadline = time.monotonic() + timeout if timeout else 0.0
     timeout_message = str(job.get("timeout_message") or TIMEOUT_MESSAGE.format(timeout or 0))
     if job["protocol"] == "tvm":
         if timeout:
             _tvm_deadline_guard(sock, timeout_message, deadline)
-        serve_tvm(sock, workspace, job.get("load_library") or [])
+        serve_tvm(sock, workspace, job.get("load_library") or [], memory, job.get("session"))
         return
     channel = Channel(sock, int(job.get("max_payload") or MAX_PAYLOAD_BYTES))
     if timeout:
@@ -788,9 +832,9 @@ def run_job(job: dict[str, Any], sock: socket.socket) -> None:
     try:
         cache = job.get("cache") or {}
         store = ContentCache(cache["dir"], int(cache.get("max_bytes", 0))) if cache.get("dir") else None
-        quotas = Quotas(
-            int(job.get("max_upload") or 0), int(job.get("workspace_quota") or 0), int(job.get("worker_memory") or 0)
-        )
+        quotas = Quotas(int(job.get("max_upload") or 0), int(job.get("workspace_quota") or 0), memory)
+        if memory:
+            limit_memory(memory, job.get("session"))  # before anything of the session is loaded
         NativeSession(channel, workspace, job.get("info") or {}, store, quotas).serve()
     except RemoteProtocolError as exc:
         logger.warning("session %s ended: %s", job.get("session"), exc)
