@@ -391,3 +391,27 @@ def test_a_tvm_session_past_its_memory_limit_gets_an_error_and_goes_on(device_se
     assert again.get_function("rpc.test.addone")(41) == 42
     del again
     gc.collect()
+
+
+@pytest.mark.tvm
+def test_tvm_uploads_are_bounded_by_the_same_quotas(device_server: Any) -> None:
+    """TVM's loop receives an upload whole before any function sees it: its size and the workspace quota
+    are checked before it is written (the bytes were already received: the worker's memory limit bounds that)."""
+    tvm = pytest.importorskip("tvm")
+    from tvm import rpc
+
+    server = device_server(key="dev", preload=["tvm"], max_upload_bytes=2 << 20, workspace_quota_bytes=3 << 20)
+    sess = rpc.connect("127.0.0.1", server.port, key="dev")
+    with pytest.raises(tvm.error.RPCError, match=r"QuotaExceeded.*--max-upload-mb"):
+        sess.upload(bytearray(3 << 20), "big.bin")
+    sess.upload(bytearray(2 << 20), "a.bin")
+    with pytest.raises(tvm.error.RPCError, match=r"QuotaExceeded.*--workspace-quota-mb"):
+        sess.upload(bytearray(2 << 20), "b.bin")
+    assert sess.listdir(".").split(",") == ["a.bin"]
+    sess.upload(bytearray(2 << 20), "a.bin")  # a replacement fits
+    assert len(sess.download("a.bin")) == 2 << 20
+    with pytest.raises(tvm.error.RPCError, match="leaves the workspace"):
+        sess.upload(bytearray(b"x"), "../escape.txt")
+    del sess
+    gc.collect()
+    wait_until(lambda: server.busy_slots() == 0, timeout=10, what="the session over")

@@ -77,6 +77,23 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):g} MiB"
 
 
+def check_workspace_quota(workspace: Workspace, quota: int, path: Path, size: int, name: Any) -> None:
+    """Refuse (QuotaExceeded) a file of ``size`` bytes at ``path`` that would take the workspace past
+    ``quota`` bytes (0: none); what it replaces is counted out."""
+    if not quota:
+        return
+    used = workspace.usage()
+    with contextlib.suppress(OSError):
+        if path.is_file() and not path.is_symlink():
+            used -= path.stat().st_size
+    if used + size > quota:
+        raise QuotaExceeded(
+            f"{name!r:.80} ({size} bytes) would take the workspace to {used + size} bytes; this session may "
+            f"keep {quota} ({_mib(quota)}, --workspace-quota-mb): remove files first",
+            "QuotaExceeded",
+        )
+
+
 def _tensor_buffer(nbytes: int) -> bytearray | mmap.mmap:
     """Memory for a tensor about to be received: a large one is an anonymous mapping, whose pages are
     committed only as the bytes arrive (a request that announces 1 GiB and sends nothing costs nothing)."""
@@ -449,21 +466,7 @@ class NativeSession:
         return {"found": found}, []
 
     def _check_workspace(self, path: Path, size: int, name: Any) -> None:
-        """Refuse (QuotaExceeded) a file of ``size`` bytes at ``path`` that would take the workspace past
-        its quota; what it replaces is counted out."""
-        quota = self.quotas.workspace
-        if not quota:
-            return
-        used = self.workspace.usage()
-        with contextlib.suppress(OSError):
-            if path.is_file() and not path.is_symlink():
-                used -= path.stat().st_size
-        if used + size > quota:
-            raise QuotaExceeded(
-                f"{name!r:.80} ({size} bytes) would take the workspace to {used + size} bytes; this session may "
-                f"keep {quota} ({_mib(quota)}, --workspace-quota-mb): remove files first",
-                "QuotaExceeded",
-            )
+        check_workspace_quota(self.workspace, self.quotas.workspace, path, size, name)
 
     def _download(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], _FileOut]:
         name = header.get("path")
@@ -635,10 +638,18 @@ class NativeSession:
 
 
 def serve_tvm(
-    sock: socket.socket, workspace: Workspace, load_library: list[str], memory: int = 0, session: Any = None
+    sock: socket.socket,
+    workspace: Workspace,
+    load_library: list[str],
+    quotas: Quotas | None = None,
+    session: Any = None,
 ) -> None:
-    """Hand the socket to TVM's session loop, with tether's workspace behind TVM's file functions;
-    ``memory``: bytes the worker's address space may grow by once TVM is imported (0: no limit)."""
+    """Hand the socket to TVM's session loop, with tether's workspace behind TVM's file functions.
+
+    ``quotas``: TVM's loop receives an upload whole before any function sees it, so its size and the
+    workspace quota are checked before it is written, not before it is received (the worker's memory
+    limit bounds that); the memory limit counts from after TVM's own imports."""
+    quotas = quotas or Quotas()
     import ctypes
 
     import tvm_ffi
@@ -662,6 +673,19 @@ def serve_tvm(
 
     def listdir(path: str) -> str:
         return ",".join(entry["name"] for entry in workspace.listdir(path or "."))
+
+    def upload(path: str, blob: Any) -> None:
+        data = memoryview(blob.encode() if isinstance(blob, str) else blob).cast("B")
+        if quotas.max_upload and data.nbytes > quotas.max_upload:
+            raise QuotaExceeded(
+                f"{path!r:.80} is {data.nbytes} bytes; this server takes at most {quotas.max_upload} "
+                f"({_mib(quotas.max_upload)}, --max-upload-mb) in one upload",
+                "QuotaExceeded",
+            )
+        target = workspace.resolve(path)
+        check_workspace_quota(workspace, quotas.workspace, target, data.nbytes, path)
+        with workspace.open_for_write(target) as file:
+            file.write(data)
 
     def load(path: str) -> Any:
         return load_module(workpath(path))
@@ -687,12 +711,13 @@ def serve_tvm(
         ("workpath", workpath),
         ("remove", remove),
         ("listdir", listdir),
+        ("upload", upload),
         ("load_module", load),
         ("download_linked_module", download_linked_module),
     ):
         tvm_ffi.register_global_func(f"tvm.rpc.server.{name}", func, override=True)
-    if memory:
-        limit_memory(memory, session)  # after TVM's own imports: their reservations are not the session's
+    if quotas.memory:
+        limit_memory(quotas.memory, session)  # after TVM's own imports: their reservations are not the session's
     _ffi_api.ServerLoop(sock.fileno())
     del libs
 
@@ -812,13 +837,14 @@ def run_job(job: dict[str, Any], sock: socket.socket) -> None:
     workspace = Workspace(job["workspace"])
     os.chdir(workspace.root)
     memory = int(job.get("worker_memory") or 0)
+    quotas = Quotas(int(job.get("max_upload") or 0), int(job.get("workspace_quota") or 0), memory)
     timeout = job.get("timeout")
     deadline = time.monotonic() + timeout if timeout else 0.0
     timeout_message = str(job.get("timeout_message") or TIMEOUT_MESSAGE.format(timeout or 0))
     if job["protocol"] == "tvm":
         if timeout:
             _tvm_deadline_guard(sock, timeout_message, deadline)
-        serve_tvm(sock, workspace, job.get("load_library") or [], memory, job.get("session"))
+        serve_tvm(sock, workspace, job.get("load_library") or [], quotas, job.get("session"))
         return
     channel = Channel(sock, int(job.get("max_payload") or MAX_PAYLOAD_BYTES))
     if timeout:
@@ -832,7 +858,6 @@ def run_job(job: dict[str, Any], sock: socket.socket) -> None:
     try:
         cache = job.get("cache") or {}
         store = ContentCache(cache["dir"], int(cache.get("max_bytes", 0))) if cache.get("dir") else None
-        quotas = Quotas(int(job.get("max_upload") or 0), int(job.get("workspace_quota") or 0), memory)
         if memory:
             limit_memory(memory, job.get("session"))  # before anything of the session is loaded
         NativeSession(channel, workspace, job.get("info") or {}, store, quotas).serve()
