@@ -5,7 +5,9 @@ Threads, each with one job:
 - **accept**: takes connections and answers each handshake on a short-lived thread: a client must
   name a free slot's current matchkey (with a tracker) or the server's key (without one). tether clients
   (``-tether=1``) get tether's native session; plain TVM clients get TVM's own session loop when tvm is
-  importable, else MISMATCH and a log line.
+  importable, else MISMATCH and a log line. Handshakes are bounded: ``handshake_timeout_s`` each,
+  ``max_handshakes`` at once, ``max_handshakes_per_peer`` per peer address; a connection past a bound sheds
+  the oldest handshake still being read (a slowloris' connections are the oldest) rather than being refused.
 - **registration**: the only thread that talks to the tracker. UPDATE_INFO with the device's facts,
   one PUT per free slot, GET_PENDING_MATCHKEYS every second (also the heartbeat), a fresh matchkey when
   a grant is not redeemed, SESSION start/end on a tether tracker. A lost tracker is retried forever with

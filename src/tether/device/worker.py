@@ -8,6 +8,12 @@ afterwards, so whatever the session started dies with it.
 Two protocols: tether's native session (:class:`NativeSession`, standard library plus the backends) and
 TVM's, handed to TVM's own C++ loop (``tvm.rpc._ffi_api.ServerLoop``) with tether's workspace rules.
 A watchdog ends a session past its deadline with a typed timeout error before the process exits.
+
+Quotas (:class:`Quotas`, from the server's flags) are checked before anything is allocated or written: a
+request announcing more payload than ``--max-upload-mb`` is refused from its header (QuotaExceeded, then its
+bytes are skipped), an upload that would take the workspace past ``--workspace-quota-mb`` before a byte is
+written; with ``--worker-memory-mb`` the worker's address space is limited (RLIMIT_AS) before the session
+loads anything, and a failed allocation is that request's WorkerMemoryExceeded.
 """
 
 from __future__ import annotations
