@@ -96,18 +96,15 @@ def test_max_session_time_ends_sessions_that_asked_for_none_or_more(
     device_server: Any, tmp_path: Path, asked: float | None
 ) -> None:
     server = device_server(key="dev", max_session_s=1.5)
+    slow = reference_model(tmp_path / "slow.json", {"op": "sleep", "seconds": 60})
     with tether.connect("127.0.0.1", server.port, key="dev", session_timeout=asked) as sess:
-        sess.upload(reference_model(tmp_path / "slow.json", {"op": "sleep", "seconds": 60}))
-        model = sess.load_model("slow.json")
         with pytest.raises(tether.SessionTimeout, match=r"1\.5 s limit on a session expired \(--max-session-time"):
-            model.run(fill="random")
+            sess.load_model(sess.upload(slow)).run(fill="random")  # whichever call the limit meets
         assert sess.closed
     wait_until(lambda: server.busy_slots() == 0, timeout=10, what="slot free after the server's limit")
-    slow = reference_model(tmp_path / "slow.json", {"op": "sleep", "seconds": 60})
-    with tether.connect("127.0.0.1", server.port, key="dev", session_timeout=0.5) as short:  # a shorter one stays
-        model = short.load_model(short.upload(slow))
-        with pytest.raises(tether.SessionTimeout, match=r"the 0\.5 s session timeout expired"):
-            model.run(fill="random")
+    short = tether.connect("127.0.0.1", server.port, key="dev", session_timeout=0.5)  # a shorter one stays
+    with short, pytest.raises(tether.SessionTimeout, match=r"the 0\.5 s session timeout expired"):
+        short.load_model(short.upload(slow)).run(fill="random")
 
 
 @pytest.mark.tvm
@@ -116,13 +113,19 @@ def test_max_session_time_ends_a_tvm_session_that_asked_for_none(device_server: 
     from tvm import rpc
 
     server = device_server(key="dev", preload=["tvm"], max_session_s=2)
-    sess = rpc.connect("127.0.0.1", server.port, key="dev")  # no session_timeout
-    funcs = [sess.get_function("rpc.test.addone")]
-    assert funcs[0](1) == 2
-    with pytest.raises(tvm.error.RPCSessionTimeoutError, match="max-session-time"):
-        wait_until(lambda: funcs[0](1) != 2, timeout=30, interval=0.05, what="the server's 2 s limit")
+    held = [rpc.connect("127.0.0.1", server.port, key="dev")]  # no session_timeout; a list: dropped below
+    funcs: list[Any] = []
+
+    def call() -> bool:
+        if not funcs:
+            funcs.append(held[0].get_function("rpc.test.addone"))
+        assert funcs[0](1) == 2
+        return False
+
+    with pytest.raises(tvm.error.RPCSessionTimeoutError, match="max-session-time"):  # whichever call meets it
+        wait_until(call, timeout=30, interval=0.05, what="the server's 2 s limit")
     funcs.clear()
-    del sess
+    held.clear()
     gc.collect()
     wait_until(lambda: server.busy_slots() == 0, timeout=10, what="slot free after the server's limit")
 

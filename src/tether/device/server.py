@@ -19,6 +19,7 @@ Threads, each with one job:
 - **one hang-up watcher per session** (Linux): polls the server's copy of the session's socket for the
   client's end of it (``POLLRDHUP``, ``POLLHUP``; it never reads). A client that goes away, even while
   its worker is deep in a benchmark that reads nothing, ends the session at once: the worker is killed.
+  (A client that shuts down only its sending side counts as gone: tether's and TVM's clients never do.)
 
 With ``through_proxy`` there is no listener and no tracker link: each slot connects out to the proxy as
 ``server:KEY`` and waits, forever, for a client to be paired with it.
