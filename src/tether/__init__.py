@@ -12,6 +12,8 @@ from .client.query import TrackerStatus, query_tracker
 from .client.session import BenchmarkResult, RemoteModel, RemoteTensor, Session, connect
 from .client.tracker import TrackerClient
 from .errors import (
+    AuthError,
+    AuthFailed,
     ConfigError,
     ConnectFailed,
     ConnectionClosed,
@@ -19,7 +21,9 @@ from .errors import (
     ModelRunError,
     NotTetherServer,
     NotTetherTracker,
+    PermissionDenied,
     ProtocolError,
+    QuotaExceeded,
     RemoteError,
     RemoteProtocolError,
     RequestCancelled,
@@ -33,6 +37,7 @@ from .errors import (
     TrackerError,
     TransportError,
     Unservable,
+    WorkerMemoryExceeded,
     WorkspaceError,
 )
 
@@ -68,6 +73,11 @@ __all__ = [
     "TrackerStatus",
     "TransportError",
     "Unservable",
+    "QuotaExceeded",
+    "WorkerMemoryExceeded",
+    "AuthError",
+    "AuthFailed",
+    "PermissionDenied",
     "__version__",
     "query_tracker",
 ]

@@ -25,7 +25,10 @@
     │   ├── RunTimeout                one request (load, run, benchmark) outlived its own time limit
     │   ├── WorkspaceError            a path outside the session's workspace, a missing file
     │   ├── ModelLoadError            a backend could not load the model
-    │   └── ModelRunError             the model raised while running
+    │   ├── ModelRunError             the model raised while running
+    │   ├── QuotaExceeded             a request over the session's quotas (upload size, workspace bytes),
+    │   │                             refused before anything was allocated; the session goes on
+    │   └── WorkerMemoryExceeded      the session's worker ran out of the memory the server allows it
     ├── AuthError                     authentication or authorisation failed (never worth a retry)
     │   ├── AuthFailed                who you are could not be verified (no token, wrong token, an impostor)
     │   └── PermissionDenied          verified, but your role may not do this
@@ -52,6 +55,7 @@ __all__ = [
     "NotTetherTracker",
     "PermissionDenied",
     "ProtocolError",
+    "QuotaExceeded",
     "RemoteError",
     "RemoteProtocolError",
     "RequestCancelled",
@@ -65,6 +69,7 @@ __all__ = [
     "TrackerError",
     "TransportError",
     "Unservable",
+    "WorkerMemoryExceeded",
     "WorkspaceError",
     "remote_error",
 ]
@@ -209,12 +214,26 @@ class ModelRunError(RemoteError):
     """The model raised while running (bad inputs, a runtime error)."""
 
 
+class QuotaExceeded(RemoteError):
+    """A request the session's quotas do not allow: a payload announced larger than the server takes in
+    one request (``--max-upload-mb``), or an upload that would take the workspace past its quota
+    (``--workspace-quota-mb``). Refused from the request's header, before anything was allocated or
+    written; the session goes on."""
+
+
+class WorkerMemoryExceeded(RemoteError):
+    """The session's worker could not allocate memory within the limit the server sets on it
+    (``--worker-memory-mb``). The request failed; the session goes on when the worker survived it."""
+
+
 _REMOTE_TYPES: dict[str, type[RemoteError]] = {
     "SessionTimeout": SessionTimeout,
     "RunTimeout": RunTimeout,
     "WorkspaceError": WorkspaceError,
     "ModelLoadError": ModelLoadError,
     "ModelRunError": ModelRunError,
+    "QuotaExceeded": QuotaExceeded,
+    "WorkerMemoryExceeded": WorkerMemoryExceeded,
 }
 
 

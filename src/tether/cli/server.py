@@ -67,6 +67,40 @@ def add_parser(sub: Any) -> None:
         help="without --tracker: seconds such a client may wait before MISMATCH (default 300)",
     )
     p.add_argument(
+        "--max-session-time",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="longest session, asked-for session timeouts included (capped to it); 0: no limit (default 3600)",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=1024,
+        help="largest file or set of tensors one request may announce, refused before anything is allocated "
+        "(0: no bound of its own; default 1024)",
+    )
+    p.add_argument(
+        "--workspace-quota-mb",
+        type=float,
+        default=4096,
+        help="bytes of files one session's workspace may hold, refused before a byte is written (0: none; "
+        "default 4096)",
+    )
+    p.add_argument(
+        "--worker-memory-mb",
+        type=float,
+        default=0,
+        help="address space a session's worker may add past its start (RLIMIT_AS); past it an allocation fails "
+        "with WorkerMemoryExceeded (0: no limit, the default)",
+    )
+    p.add_argument(
+        "--max-handshakes-per-peer",
+        type=int,
+        default=8,
+        help="handshakes one address may have in flight; a newer one sheds that address's oldest (default 8)",
+    )
+    p.add_argument(
         "--preload",
         default="auto",
         help="modules a waiting worker imports ahead of a session: comma list, 'auto' (installed runtimes) or 'none'",
@@ -99,6 +133,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
         slots=args.slots,
         max_queued=args.max_queued,
         queue_wait_s=args.queue_wait,
+        max_handshakes_per_peer=args.max_handshakes_per_peer,
+        max_session_s=args.max_session_time,
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        workspace_quota_bytes=int(args.workspace_quota_mb * (1 << 20)),
+        worker_memory_bytes=int(args.worker_memory_mb * (1 << 20)),
         preload=preload,
         prestart=not args.no_prestart,
         fork=not args.no_fork,

@@ -73,6 +73,13 @@ class ContentCache:
                 os.unlink(tmp)
         self.trim()
 
+    def size(self, digest: str) -> int | None:
+        """The bytes of a cached entry, None when it is not cached."""
+        try:
+            return self._entry(digest).stat().st_size
+        except (OSError, ValueError):
+            return None
+
     def materialize(self, digest: str, target: Path) -> bool:
         """Put the cached file at ``target`` (a path inside a workspace); False when it is not cached.
 

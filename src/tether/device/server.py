@@ -5,7 +5,9 @@ Threads, each with one job:
 - **accept**: takes connections and answers each handshake on a short-lived thread: a client must
   name a free slot's current matchkey (with a tracker) or the server's key (without one). tether clients
   (``-tether=1``) get tether's native session; plain TVM clients get TVM's own session loop when tvm is
-  importable, else MISMATCH and a log line.
+  importable, else MISMATCH and a log line. Handshakes are bounded: ``handshake_timeout_s`` each,
+  ``max_handshakes`` at once, ``max_handshakes_per_peer`` per peer address; a connection past a bound sheds
+  the oldest handshake still being read (a slowloris' connections are the oldest) rather than being refused.
 - **registration**: the only thread that talks to the tracker. UPDATE_INFO with the device's facts,
   one PUT per free slot, GET_PENDING_MATCHKEYS every second (also the heartbeat), a fresh matchkey when
   a grant is not redeemed, SESSION start/end on a tether tracker. A lost tracker is retried forever with
@@ -14,6 +16,10 @@ Threads, each with one job:
   workspace directory) started ahead of time; when the worker exits, or its session outlives the timeout
   plus a grace period, the watcher kills the process group, tells a tether client why if the worker
   could not, removes the workspace and frees the slot. A crashed session is a finished session.
+- **one hang-up watcher per session** (Linux): polls the server's copy of the session's socket for the
+  client's end of it (``POLLRDHUP``, ``POLLHUP``; it never reads). A client that goes away, even while
+  its worker is deep in a benchmark that reads nothing, ends the session at once: the worker is killed.
+  (A client that shuts down only its sending side counts as gone: tether's and TVM's clients never do.)
 
 With ``through_proxy`` there is no listener and no tracker link: each slot connects out to the proxy as
 ``server:KEY`` and waits, forever, for a client to be paired with it.
@@ -26,8 +32,10 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import queue
 import secrets
+import select
 import shutil
 import socket
 import tempfile
@@ -108,17 +116,39 @@ class ServerConfig:
     reconnect_max_s: float = 5.0
     #: A matchkey granted by the tracker but not redeemed within this long is replaced.
     grant_timeout_s: float = 5.0
+    #: Longest session, in seconds, whether or not the client asked for a ``session_timeout`` (a longer one
+    #: is capped to it); past it the client gets the typed session timeout error. 0: no limit.
+    max_session_s: float = 3600.0
     #: Seconds past a session's timeout before its process group is killed regardless.
     kill_grace_s: float = 1.0
+    #: Seconds a connection has to send its whole handshake.
     handshake_timeout_s: float = 10.0
-    #: Connections allowed to be in their handshake at once; more are closed at accept.
+    #: Connections in their handshake at once (reading it, or waiting in line for a slot). At the limit a
+    #: new connection sheds the oldest one still reading its handshake; when none is, it is closed.
     max_handshakes: int = 64
+    #: Handshakes one peer address may have in flight (still being read) at once; a connection past it sheds
+    #: that address's oldest, never the newcomer: a slowloris from 127.0.0.1 must not lock out the real
+    #: clients that come from the same address, whose handshakes arrive whole and finish in a moment.
+    max_handshakes_per_peer: int = 8
     #: Without a tracker, a client that arrives while every slot is busy waits for one (TVM's server leaves
     #: it in the listen backlog until the running session ends): at most this many wait at once...
     max_queued: int = 16
     #: ...each at most this many seconds; then MISMATCH and a log line.
     queue_wait_s: float = 300.0
+    #: Frame payloads past this many bytes break the session's protocol: it ends (FrameTooLarge).
     max_payload: int = MAX_PAYLOAD_BYTES
+    #: The largest payload (a file, a request's tensors) one request may announce, in bytes: a larger one
+    #: is refused from its header with QuotaExceeded, before anything is allocated, its bytes are skipped
+    #: and the session goes on. 0: only ``max_payload``.
+    max_upload_bytes: int = 1 << 30
+    #: Bytes of files one session's workspace may hold: an upload (or cache fetch) past it is refused with
+    #: QuotaExceeded before a byte is written. 0: no quota.
+    workspace_quota_bytes: int = 4 << 30
+    #: Bytes a session's worker may add to its address space (RLIMIT_AS) past what it has mapped when the
+    #: session begins (the preloaded runtimes reserve far more than they use): past it an allocation fails,
+    #: and the client gets WorkerMemoryExceeded (or SessionLost, if a native runtime aborts on it). 0: no
+    #: limit, the default: onnxruntime's and TVM's thread pools and arenas reserve address space freely.
+    worker_memory_bytes: int = 0
     #: The content-addressed cache of uploads shared by sessions (``<work_dir>/cache``); 0 turns it off.
     cache_bytes: int = 1 << 30
     #: Keyring file (``name role secret`` a line): a direct or proxied tether client must prove a user (or
@@ -143,6 +173,12 @@ class ServerConfig:
             raise ConfigError("--slots must be at least 1")
         if self.max_queued < 0 or self.queue_wait_s < 0:
             raise ConfigError("--max-queued and --queue-wait must not be negative")
+        if self.max_upload_bytes < 0 or self.workspace_quota_bytes < 0 or self.worker_memory_bytes < 0:
+            raise ConfigError("--max-upload-mb, --workspace-quota-mb and --worker-memory-mb must not be negative")
+        if not 0 <= self.max_session_s < 1e9:
+            raise ConfigError("--max-session-time must be 0 (no limit) or a positive number of seconds")
+        if self.max_handshakes < 1 or self.max_handshakes_per_peer < 1:
+            raise ConfigError("--max-handshakes-per-peer (and max_handshakes) must be at least 1")
         for name in self.labels:
             if not name or any(c in name for c in "=, "):
                 raise ConfigError(f"bad label name {name!r}")
@@ -160,7 +196,29 @@ class _Session:
     worker: Worker
     workspace: str
     timeout: float | None
+    #: What the client is told when the session's time is over.
+    timeout_message: str = ""
     started: float = field(default_factory=time.monotonic)
+    #: The server's copy of the socket for either protocol, only to notice the client hang up (never read
+    #: nor written; a TVM session's is never shut down either: its deadline guard may still be writing).
+    watch: socket.socket | None = None
+    #: Written to when the session is over: the hang-up watcher returns.
+    wake: tuple[int, int] | None = None
+    hangup_thread: threading.Thread | None = None
+    #: The client went away, and its worker was killed for it.
+    hung_up: bool = False
+
+
+@dataclass(eq=False)
+class _Handshake:
+    """A connection between accept and the end of its handshake (its reply, or its wait for a slot)."""
+
+    conn: socket.socket
+    host: str
+    #: Still reading the handshake's bytes: the only state in which it may be shed.
+    reading: bool = True
+    #: Shed for a newer connection: its socket was shut down, it no longer counts against any limit.
+    shed: bool = False
 
 
 @dataclass(eq=False)
@@ -200,7 +258,14 @@ class DeviceServer:
         self._events: queue.Queue[tuple[str, str, str]] = queue.Queue()
         self._slots = [_Slot(i, self._new_matchkey()) for i in range(config.slots)]
         self._threads: list[threading.Thread] = []
-        self._handshakes = threading.BoundedSemaphore(config.max_handshakes)
+        #: Handshakes that count against the limits, oldest first (a dict as an ordered set).
+        self._handshakes: dict[_Handshake, None] = {}
+        #: Handshakes still being read, by peer address.
+        self._reading: collections.Counter[str] = collections.Counter()
+        self._hs_lock = threading.Lock()
+        #: Slow handshakes shut down to make room for newer connections (a test waits on it).
+        self.handshakes_shed = 0
+        self._shed_logged = (0.0, 0)  # (when, handshakes_shed then): the warning is rate-limited
         self._listener: socket.socket | None = None
         self.run_dir = RunDir(config.work_dir)
         self.run_dir.remove_dead_siblings()
@@ -344,28 +409,94 @@ class DeviceServer:
                 logger.warning("accept failed: %s", exc)  # EMFILE and the like: do not spin
                 self._stop.wait(0.1)
                 continue
-            if not self._handshakes.acquire(blocking=False):
-                logger.warning("too many handshakes in progress: closing %s", addr)
+            handshake = self._enter_handshake(conn, str(addr[0]))
+            if handshake is None:
+                logger.warning("too many handshakes in progress (--max-handshakes): closing %s", addr)
                 conn.close()
                 continue
             try:
                 peer = format_hostport(str(addr[0]), int(addr[1]))
-                threading.Thread(target=self._handshake, args=(conn, peer), daemon=True).start()
+                threading.Thread(target=self._handshake, args=(handshake, peer), daemon=True).start()
             except Exception as exc:  # no thread to be had: refuse this one, keep accepting
                 logger.warning("cannot serve %s: %s", addr, exc)
-                self._handshakes.release()
+                self._leave_handshake(handshake)
                 conn.close()
 
-    def _handshake(self, conn: socket.socket, peer: str) -> None:
+    def _enter_handshake(self, conn: socket.socket, host: str) -> _Handshake | None:
+        """Count a new connection against the handshake limits, shedding the oldest slow handshake of
+        its address (``max_handshakes_per_peer``) or of anyone (``max_handshakes``) to make room; None
+        when every handshake in flight is past its reading (waiting in line for a slot)."""
+        cfg = self.config
+        shed = []
+        with self._hs_lock:
+            if self._reading[host] >= cfg.max_handshakes_per_peer:
+                shed.append(next(h for h in self._handshakes if h.reading and h.host == host))
+                self._shed_locked(shed[-1])
+            if len(self._handshakes) >= cfg.max_handshakes:
+                victim = next((h for h in self._handshakes if h.reading), None)
+                if victim is None:
+                    return None
+                shed.append(victim)
+                self._shed_locked(victim)
+            handshake = _Handshake(conn, host)
+            self._handshakes[handshake] = None
+            self._reading[host] += 1
+            now = time.monotonic()
+            when, count = self._shed_logged
+            if shed and now - when >= 10.0:
+                self._shed_logged = (now, self.handshakes_shed)
+        if shed and now - when >= 10.0:
+            logger.warning(
+                "slow handshakes: shed %d (%s; --max-handshakes-per-peer %d, --handshake-timeout %g s)",
+                self.handshakes_shed - count,
+                ", ".join(sorted({h.host for h in shed})),
+                cfg.max_handshakes_per_peer,
+                cfg.handshake_timeout_s,
+            )
+        return handshake
+
+    def _shed_locked(self, handshake: _Handshake) -> None:
+        """Shut a handshake's connection down (its thread's read returns at once, and it closes it)."""
+        handshake.shed = True
+        del self._handshakes[handshake]
+        self._done_reading_locked(handshake)
+        self.handshakes_shed += 1
+        with contextlib.suppress(OSError):
+            handshake.conn.shutdown(socket.SHUT_RDWR)
+
+    def _done_reading_locked(self, handshake: _Handshake) -> None:
+        if handshake.reading:
+            handshake.reading = False
+            self._reading[handshake.host] -= 1
+            if not self._reading[handshake.host]:
+                del self._reading[handshake.host]
+
+    def _finish_reading(self, handshake: _Handshake) -> bool:
+        """The handshake's bytes are read (or failed): from here on it cannot be shed. False when it was
+        shed meanwhile (its socket is shut down: the connection is over)."""
+        with self._hs_lock:
+            self._done_reading_locked(handshake)
+            return not handshake.shed
+
+    def _leave_handshake(self, handshake: _Handshake) -> None:
+        with self._hs_lock:
+            self._done_reading_locked(handshake)
+            if not handshake.shed:
+                del self._handshakes[handshake]
+
+    def _handshake(self, handshake: _Handshake, peer: str) -> None:
+        conn = handshake.conn
         try:
-            self._handshake_inner(conn, peer)
+            self._handshake_inner(handshake, peer)
         except Exception:
             logger.exception("handshake with %s failed", peer)
+            self._finish_reading(handshake)  # before closing: nothing may shut down a closed descriptor
             conn.close()
         finally:
-            self._handshakes.release()
+            self._leave_handshake(handshake)
 
-    def _handshake_inner(self, conn: socket.socket, peer: str) -> None:
+    def _handshake_inner(self, handshake: _Handshake, peer: str) -> None:
+        conn = handshake.conn
         decoder = HandshakeDecoder()
         deadline = time.monotonic() + self.config.handshake_timeout_s
         try:
@@ -375,7 +506,11 @@ class DeviceServer:
             while key is None:
                 key = decoder.feed(_recv_exact(conn, decoder.needed(), deadline))
         except (OSError, ConnectionError, RemoteProtocolError) as exc:
-            logger.info("handshake from %s failed: %s", peer, exc)  # wrong magic, garbage: close, as TVM does
+            if self._finish_reading(handshake):  # (a shed one was logged with the others)
+                logger.info("handshake from %s failed: %s", peer, exc)  # wrong magic, garbage: close, as TVM does
+            conn.close()
+            return
+        if not self._finish_reading(handshake):  # shed just as its last byte arrived
             conn.close()
             return
         try:
@@ -523,14 +658,18 @@ class DeviceServer:
         workspace = ""
         try:
             workspace = tempfile.mkdtemp(prefix=f"session-{session_id}-", dir=self.work_dir)
-            timeout = client.session_timeout
+            timeout, timeout_message = self._session_limit(client.session_timeout)
             job = {
                 "session": session_id,
                 "protocol": protocol,
                 "workspace": workspace,
                 "timeout": timeout,
+                "timeout_message": timeout_message,
                 "load_library": self.config.load_library,
                 "max_payload": self.config.max_payload,
+                "max_upload": self.config.max_upload_bytes,
+                "workspace_quota": self.config.workspace_quota_bytes,
+                "worker_memory": self.config.worker_memory_bytes,
                 "cache": {"dir": self.run_dir.cache_dir, "max_bytes": self.config.cache_bytes}
                 if self.config.cache_bytes > 0
                 else None,
@@ -543,7 +682,7 @@ class DeviceServer:
             }
             with self._lock:
                 matchkey = slot.matchkey
-            session = _Session(session_id, matchkey, protocol, peer, conn, worker, workspace, timeout)
+            session = _Session(session_id, matchkey, protocol, peer, conn, worker, workspace, timeout, timeout_message)
             socket.send_fds(worker.control, [json.dumps(job).encode()], [conn.fileno()])
         except BaseException:
             worker.kill()  # it would wait for its job forever
@@ -551,9 +690,9 @@ class DeviceServer:
             if workspace:
                 shutil.rmtree(workspace, ignore_errors=True)
             raise
+        session.watch = conn
         if protocol == PROTOCOL_TVM:
-            conn.close()
-            session.conn = None
+            session.conn = None  # nothing but the worker may write a byte of TVM's protocol
         with self._lock:
             slot.session, slot.reserved, slot.granted_since = session, False, None
         logger.info(
@@ -565,9 +704,27 @@ class DeviceServer:
             worker.pid,
         )
         self._post("start", matchkey, peer)
+        self._start_hangup_watch(session)
         threading.Thread(target=self._watch, args=(slot, session), daemon=True, name="tether-session").start()
         if self.config.prestart:
             self._prestart(slot)
+
+    def _session_limit(self, asked: float | None) -> tuple[float | None, str]:
+        """The session's time limit in seconds (the client's, capped to ``max_session_s``) and what the
+        client is told when it expires (TVM's client types an error that starts with its exception name)."""
+        cap = self.config.max_session_s
+        if cap and (asked is None or asked > cap):
+            why = "the client asked for none" if asked is None else f"the client asked for {asked:g} s"
+            message = (
+                f"RPCSessionTimeoutError: the server's {cap:g} s limit on a session expired (--max-session-time; {why})"
+            )
+            return cap, message
+        if asked is None:
+            return None, ""
+        return (
+            asked,
+            f"RPCSessionTimeoutError: the {asked:g} s session timeout expired; ask for a longer session_timeout",
+        )
 
     def _watch(self, slot: _Slot, session: _Session) -> None:
         """Wait for the session's worker; whatever happens, free the slot and clean up after it."""
@@ -578,9 +735,11 @@ class DeviceServer:
             session.worker.kill()
             self.pool.reap(session.worker)
         finally:
-            if session.conn is not None:
-                with contextlib.suppress(OSError):
-                    session.conn.close()
+            self._stop_hangup_watch(session)
+            for sock in (session.conn, session.watch):
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
             shutil.rmtree(session.workspace, ignore_errors=True)
             with self._lock:
                 slot.session = None
@@ -598,10 +757,16 @@ class DeviceServer:
         worker.kill()  # whatever the session started dies with it
         if code is None:
             code = worker.wait(10)
+        self._stop_hangup_watch(session)  # before the socket is written to, shut down or closed
         reason = None
-        if timed_out:
-            reason = ("SessionTimeout", f"RPCSessionTimeoutError: the {session.timeout:g} s session timeout expired")
+        if session.hung_up:
+            reason = None  # nobody is there to tell
+        elif timed_out:
+            reason = ("SessionTimeout", session.timeout_message)
         elif code is not None and (why := describe_exit(code)):
+            if self.config.worker_memory_bytes:  # a native runtime may abort on a failed allocation
+                limit = self.config.worker_memory_bytes / (1 << 20)
+                why += f" (its memory was limited to {limit:g} MiB past its start, --worker-memory-mb)"
             reason = ("SessionLost", why)
         if session.conn is not None:
             with contextlib.suppress(OSError):
@@ -616,7 +781,49 @@ class DeviceServer:
             session.conn.close()
         self.pool.reap(session.worker)
         took = time.monotonic() - session.started
-        logger.info("session %s ended after %.3f s%s", session.id, took, f": {reason[1]}" if reason else "")
+        why = ": the client hung up (worker killed)" if session.hung_up else f": {reason[1]}" if reason else ""
+        logger.info("session %s ended after %.3f s%s", session.id, took, why)
+
+    def _start_hangup_watch(self, session: _Session) -> None:
+        """Kill the session's worker as soon as its client goes away (Linux: ``POLLRDHUP``). Elsewhere a
+        client that leaves is noticed when the worker next reads, or at the session's time limit."""
+        if session.watch is None or not hasattr(select, "poll") or not hasattr(select, "POLLRDHUP"):
+            return
+        session.wake = os.pipe()
+        thread = threading.Thread(target=self._hangup_loop, args=(session,), daemon=True, name="tether-hangup")
+        session.hangup_thread = thread
+        thread.start()
+
+    def _hangup_loop(self, session: _Session) -> None:
+        assert session.watch is not None and session.wake is not None
+        poller = select.poll()
+        poller.register(session.watch, select.POLLRDHUP)  # (POLLHUP and POLLERR always count)
+        poller.register(session.wake[0], select.POLLIN)
+        gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+        while True:
+            try:
+                events = poller.poll()
+            except InterruptedError:  # pragma: no cover - PEP 475 retries
+                continue
+            if any(fd == session.wake[0] for fd, _ in events):
+                return
+            if any(mask & gone for _, mask in events):
+                if session.worker.alive():  # (not a group whose id may be reused by now)
+                    session.hung_up = True
+                    logger.info("session %s: the client %s hung up; ending its worker", session.id, session.peer)
+                    session.worker.kill()
+                return
+
+    def _stop_hangup_watch(self, session: _Session) -> None:
+        thread, session.hangup_thread = session.hangup_thread, None
+        if thread is None or session.wake is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(session.wake[1], b"x")
+        thread.join()  # it returns at once; then the socket may be closed under no one's poll
+        for fd in session.wake:
+            os.close(fd)
+        session.wake = None
 
     def _post(self, event: str, matchkey: str, peer: str) -> None:
         if self.config.tracker and not self.config.through_proxy:  # only the registration thread reads these

@@ -8,6 +8,12 @@ afterwards, so whatever the session started dies with it.
 Two protocols: tether's native session (:class:`NativeSession`, standard library plus the backends) and
 TVM's, handed to TVM's own C++ loop (``tvm.rpc._ffi_api.ServerLoop``) with tether's workspace rules.
 A watchdog ends a session past its deadline with a typed timeout error before the process exits.
+
+Quotas (:class:`Quotas`, from the server's flags) are checked before anything is allocated or written: a
+request announcing more payload than ``--max-upload-mb`` is refused from its header (QuotaExceeded, then its
+bytes are skipped), an upload that would take the workspace past ``--workspace-quota-mb`` before a byte is
+written; with ``--worker-memory-mb`` the worker's address space is limited (RLIMIT_AS) before the session
+loads anything, and a failed allocation is that request's WorkerMemoryExceeded.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import importlib
 import json
 import logging
 import math
+import mmap
 import os
 import socket
 import sys
@@ -32,17 +39,76 @@ from typing import Any, BinaryIO
 
 from ..aio.channel import Channel
 from ..aio.net import finish_sending
-from ..errors import BadHeader, ConnectionClosed, LocalProtocolError, RemoteError, RemoteProtocolError, WorkspaceError
+from ..errors import (
+    BadHeader,
+    ConnectionClosed,
+    LocalProtocolError,
+    QuotaExceeded,
+    RemoteError,
+    RemoteProtocolError,
+    WorkspaceError,
+)
 from ..protocol.session import DTYPE_SIZES, MAX_PAYLOAD_BYTES, FrameHeader, FrameKind, TensorDesc, tensor_descs
 from ..runtime import Model, RawTensor, backend_for_path, fill_shape, fill_tensor, get_backend
 from .cache import ContentCache, is_sha256
 from .workspace import Workspace
 
-__all__ = ["NativeSession", "main", "measure"]
+__all__ = ["NativeSession", "Quotas", "main", "measure"]
 
 logger = logging.getLogger("tether.worker")
 
 TIMEOUT_MESSAGE = "RPCSessionTimeoutError: the {0:g} s session timeout expired; ask for a longer session_timeout"
+
+
+#: Error types a request's failure keeps whatever the operation (others become ModelLoadError/ModelRunError).
+_KEPT_TYPES = frozenset({"WorkspaceError", "QuotaExceeded", "WorkerMemoryExceeded"})
+
+#: Tensors received at least this large get memory that is only committed as their bytes arrive.
+_LAZY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """What one session may use, in bytes; 0: no bound of its own."""
+
+    #: The largest payload (a file, a request's tensors) one request may announce.
+    max_upload: int = 0
+    #: The bytes of files the session's workspace may hold at once.
+    workspace: int = 0
+    #: The worker's address-space limit past what it had mapped when the session began (RLIMIT_AS).
+    memory: int = 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
+
+
+def check_workspace_quota(workspace: Workspace, quota: int, path: Path, size: int, name: Any) -> None:
+    """Refuse (QuotaExceeded) a file of ``size`` bytes at ``path`` that would take the workspace past
+    ``quota`` bytes (0: none); what it replaces is counted out."""
+    if not quota:
+        return
+    used = workspace.usage()
+    with contextlib.suppress(OSError):
+        if path.is_file() and not path.is_symlink():
+            used -= path.stat().st_size
+    if used + size > quota:
+        raise QuotaExceeded(
+            f"{name!r:.80} ({size} bytes) would take the workspace to {used + size} bytes; this session may "
+            f"keep {quota} ({_mib(quota)}, --workspace-quota-mb): remove files first",
+            "QuotaExceeded",
+        )
+
+
+def _tensor_buffer(nbytes: int) -> bytearray | mmap.mmap:
+    """Memory for a tensor about to be received: a large one is an anonymous mapping, whose pages are
+    committed only as the bytes arrive (a request that announces 1 GiB and sends nothing costs nothing)."""
+    if nbytes < _LAZY_BYTES:
+        return bytearray(nbytes)
+    try:
+        return mmap.mmap(-1, nbytes)
+    except OSError as exc:  # ENOMEM: past the worker's address-space limit
+        raise MemoryError(f"cannot map {nbytes} bytes for a tensor: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -195,12 +261,20 @@ class NativeSession:
     TIMED_OPS = frozenset({"load_model", "run", "benchmark"})
 
     def __init__(
-        self, channel: Channel, workspace: Workspace, info: dict[str, Any], cache: ContentCache | None = None
+        self,
+        channel: Channel,
+        workspace: Workspace,
+        info: dict[str, Any],
+        cache: ContentCache | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.channel = channel
         self.workspace = workspace
         self.info = info
         self.cache = cache
+        self.quotas = quotas or Quotas()
+        #: The largest payload one request may carry, or a tensor the device makes.
+        self.max_request = min(channel.max_payload, self.quotas.max_upload or channel.max_payload)
         self._timer = _RequestTimer(channel)
         self._flusher: _Flusher | None = None
         self.tensors: dict[str, RawTensor] = {}
@@ -243,6 +317,15 @@ class NativeSession:
             if head.kind != FrameKind.REQUEST:
                 raise RemoteProtocolError(f"expected a request frame, got {FrameKind(head.kind).name}")
             op = header.get("op")
+            if head.payload_len > self.max_request:  # refused from the header: nothing allocated, nothing read
+                refusal = QuotaExceeded(
+                    f"{op!r:.40} announces {head.payload_len} bytes of payload; this server takes at most "
+                    f"{self.max_request} ({_mib(self.max_request)}, --max-upload-mb) in one request",
+                    "QuotaExceeded",
+                )
+                self._send_error(head, refusal, op)  # at once: a client that waits for it hears before it sends
+                self.channel.discard(head.payload_len)  # then its payload is skipped: the session goes on
+                continue
             payload = _Payload(self.channel, head.payload_len)
             try:
                 handler = self._ops.get(op) if isinstance(op, str) else None
@@ -261,6 +344,10 @@ class NativeSession:
             except ConnectionClosed:
                 raise
             except BaseException as exc:  # a failed request is an answer, not the end of the session
+                if isinstance(exc, QuotaExceeded):  # a small error, sent before the payload is skipped
+                    self._send_error(head, exc, op)
+                    payload.drain()
+                    continue
                 payload.drain()
                 self._send_error(head, exc, op)
                 if isinstance(exc, KeyboardInterrupt | SystemExit):
@@ -278,11 +365,19 @@ class NativeSession:
                 return
 
     def _send_error(self, head: FrameHeader, exc: BaseException, op: Any) -> None:
+        trace = "" if isinstance(exc, RemoteError) else traceback.format_exc(limit=20)
+        if self._out_of_memory(exc):
+            limit = self.quotas.memory
+            allowed = f" (this server allows a worker {_mib(limit)} more than it starts with, --worker-memory-mb)"
+            exc = RemoteError(
+                f"{op!r:.40} ran out of memory{allowed if limit else ''}: {str(exc) or type(exc).__name__}",
+                "WorkerMemoryExceeded",
+            )
         if isinstance(exc, RemoteProtocolError):  # a malformed request (tensor descriptions, sizes)
             kind = "ProtocolError"
         elif isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
             kind = "WorkspaceError"
-        elif isinstance(exc, RemoteError) and exc.remote_type == "WorkspaceError":
+        elif isinstance(exc, RemoteError) and exc.remote_type in _KEPT_TYPES:
             kind = exc.remote_type
         elif op == "load_model":
             kind = "ModelLoadError"
@@ -291,9 +386,21 @@ class NativeSession:
         else:
             kind = exc.remote_type if isinstance(exc, RemoteError) else type(exc).__name__
         message = exc.remote_message if isinstance(exc, RemoteError) else str(exc) or type(exc).__name__
-        trace = "" if isinstance(exc, RemoteError) else traceback.format_exc(limit=20)
         message, trace = _clip(message, 16 << 10), _clip(trace, 256 << 10)  # an error frame must fit its header
         self.channel.send_frame(FrameKind.ERROR, head.id, {"type": kind, "message": message, "traceback": trace})
+
+    def _out_of_memory(self, exc: BaseException) -> bool:
+        """A MemoryError, or one a backend wrapped; with a memory limit set, also a native runtime's failed
+        allocation (C++'s ``bad_alloc``, onnxruntime's "Failed to allocate memory")."""
+        seen: BaseException | None = exc
+        for _ in range(8):
+            if seen is None:
+                break
+            if isinstance(seen, MemoryError):
+                return True
+            seen = seen.__cause__ or seen.__context__
+        text = str(exc)
+        return bool(self.quotas.memory) and ("bad_alloc" in text or "Failed to allocate memory" in text)
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -301,7 +408,13 @@ class NativeSession:
         return {}, []
 
     def _info(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
-        limits = {"max_payload": self.channel.max_payload, "cache": self.cache is not None}
+        q = self.quotas
+        limits = {
+            "max_payload": self.max_request,
+            "workspace_quota": q.workspace or None,
+            "worker_memory": q.memory or None,
+            "cache": self.cache is not None,
+        }
         return {**self.info, "pid": os.getpid(), "workspace": str(self.workspace.root), **limits}, []
 
     def _upload(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
@@ -312,6 +425,7 @@ class NativeSession:
         if digest is not None and not is_sha256(digest):
             raise RemoteError(f"sha256 must be 64 lowercase hex digits, not {digest!r:.80}", "ValueError")
         hasher = hashlib.sha256() if digest else None
+        self._check_workspace(path, size, name)
         chunk = memoryview(bytearray(min(max(size, 1), 1 << 20)))
         try:
             with self.workspace.open_for_write(path) as file:
@@ -350,9 +464,15 @@ class NativeSession:
             if not is_sha256(digest) or not isinstance(name, str):
                 raise RemoteError(f"bad fetch entry {item!r:.120}: needs a path and a sha256", "ValueError")
             target = self.workspace.resolve(name)
+            size = None if self.cache is None else self.cache.size(str(digest))
+            if size is not None:
+                self._check_workspace(target, size, name)
             if self.cache is not None and self.cache.materialize(str(digest), target):
                 found.append(name)
         return {"found": found}, []
+
+    def _check_workspace(self, path: Path, size: int, name: Any) -> None:
+        check_workspace_quota(self.workspace, self.quotas.workspace, path, size, name)
 
     def _download(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], _FileOut]:
         name = header.get("path")
@@ -402,7 +522,7 @@ class NativeSession:
     def _receive_tensors(self, header: dict[str, Any], payload: _Payload) -> list[tuple[TensorDesc, RawTensor]]:
         received = []
         for desc in tensor_descs(header.get("tensors"), payload.left):
-            data = bytearray(desc.nbytes)
+            data = _tensor_buffer(desc.nbytes)
             payload.into(memoryview(data))
             received.append((desc, RawTensor(desc.dtype, desc.shape, data)))
         return received
@@ -429,10 +549,10 @@ class NativeSession:
         """A tensor made on the device, no larger than what the session may receive in one frame."""
         if all(isinstance(d, int) for d in shape) and dtype in DTYPE_SIZES:
             nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-            if nbytes > self.channel.max_payload:
+            if nbytes > self.max_request:
                 raise RemoteError(
                     f"a generated {dtype} tensor of shape {list(shape)} would take {nbytes} bytes; this server "
-                    f"makes at most {self.channel.max_payload} (its payload limit)",
+                    f"makes at most {self.max_request} (its payload limit)",
                     "ValueError",
                 )
         return fill_tensor(dtype, shape, kind, seed)
@@ -523,8 +643,19 @@ class NativeSession:
 # -- TVM's protocol ----------------------------------------------------------------------------
 
 
-def serve_tvm(sock: socket.socket, workspace: Workspace, load_library: list[str]) -> None:
-    """Hand the socket to TVM's session loop, with tether's workspace behind TVM's file functions."""
+def serve_tvm(
+    sock: socket.socket,
+    workspace: Workspace,
+    load_library: list[str],
+    quotas: Quotas | None = None,
+    session: Any = None,
+) -> None:
+    """Hand the socket to TVM's session loop, with tether's workspace behind TVM's file functions.
+
+    ``quotas``: TVM's loop receives an upload whole before any function sees it, so its size and the
+    workspace quota are checked before it is written, not before it is received (the worker's memory
+    limit bounds that); the memory limit counts from after TVM's own imports."""
+    quotas = quotas or Quotas()
     import ctypes
 
     import tvm_ffi
@@ -548,6 +679,19 @@ def serve_tvm(sock: socket.socket, workspace: Workspace, load_library: list[str]
 
     def listdir(path: str) -> str:
         return ",".join(entry["name"] for entry in workspace.listdir(path or "."))
+
+    def upload(path: str, blob: Any) -> None:
+        data = memoryview(blob.encode() if isinstance(blob, str) else blob).cast("B")
+        if quotas.max_upload and data.nbytes > quotas.max_upload:
+            raise QuotaExceeded(
+                f"{path!r:.80} is {data.nbytes} bytes; this server takes at most {quotas.max_upload} "
+                f"({_mib(quotas.max_upload)}, --max-upload-mb) in one upload",
+                "QuotaExceeded",
+            )
+        target = workspace.resolve(path)
+        check_workspace_quota(workspace, quotas.workspace, target, data.nbytes, path)
+        with workspace.open_for_write(target) as file:
+            file.write(data)
 
     def load(path: str) -> Any:
         return load_module(workpath(path))
@@ -573,15 +717,18 @@ def serve_tvm(sock: socket.socket, workspace: Workspace, load_library: list[str]
         ("workpath", workpath),
         ("remove", remove),
         ("listdir", listdir),
+        ("upload", upload),
         ("load_module", load),
         ("download_linked_module", download_linked_module),
     ):
         tvm_ffi.register_global_func(f"tvm.rpc.server.{name}", func, override=True)
+    if quotas.memory:
+        limit_memory(quotas.memory, session)  # after TVM's own imports: their reservations are not the session's
     _ffi_api.ServerLoop(sock.fileno())
     del libs
 
 
-def _tvm_deadline_guard(sock: socket.socket, timeout: float, deadline: float) -> None:
+def _tvm_deadline_guard(sock: socket.socket, message: str, deadline: float) -> None:
     """Fork a guard that, at the deadline, kills this worker and only then writes TVM's timeout error.
 
     TVM's session loop may be writing a reply when the deadline comes; an exception packet written
@@ -627,7 +774,7 @@ def _tvm_deadline_guard(sock: socket.socket, timeout: float, deadline: float) ->
             select.select([pidfd], [], [], 2.0)  # readable once the worker is gone
         else:
             os.kill(worker, signal.SIGKILL)
-        _ffi_api.ReturnException(sock.fileno(), TIMEOUT_MESSAGE.format(timeout))
+        _ffi_api.ReturnException(sock.fileno(), message)
         finish_sending(sock)
     except BaseException:
         code = 1
@@ -654,29 +801,72 @@ def _watchdog(deadline: float, on_expire: Callable[[], None]) -> None:
     threading.Thread(target=wait, name="tether-watchdog", daemon=True).start()
 
 
+def _mapped_bytes() -> int | None:
+    """This process's address space in bytes (Linux: VmSize), None where the system does not say."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def limit_memory(extra: int, session: Any = None) -> int | None:
+    """Let this process's address space (RLIMIT_AS) grow by at most ``extra`` bytes past what it has mapped
+    now (the runtimes a worker preloads reserve far more address space than they use, so a limit counted
+    from zero would fail them); soft and hard, for the rest of the process. Past it an allocation fails:
+    MemoryError in Python, a failed allocation in a native runtime. Returns the limit in bytes, None where
+    it cannot be set (no ``resource`` module, no /proc)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not a POSIX system
+        return None
+    mapped = _mapped_bytes()
+    if mapped is None:
+        logger.warning("session %s: cannot limit the worker's memory here (no /proc/self/status)", session)
+        return None
+    limit = mapped + extra
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    logger.info(
+        "session %s: address space limited to %d MiB (%d MiB mapped + %d MiB, --worker-memory-mb)",
+        session,
+        limit >> 20,
+        mapped >> 20,
+        extra >> 20,
+    )
+    return limit
+
+
 def run_job(job: dict[str, Any], sock: socket.socket) -> None:
     workspace = Workspace(job["workspace"])
     os.chdir(workspace.root)
+    memory = int(job.get("worker_memory") or 0)
+    quotas = Quotas(int(job.get("max_upload") or 0), int(job.get("workspace_quota") or 0), memory)
     timeout = job.get("timeout")
     deadline = time.monotonic() + timeout if timeout else 0.0
+    timeout_message = str(job.get("timeout_message") or TIMEOUT_MESSAGE.format(timeout or 0))
     if job["protocol"] == "tvm":
         if timeout:
-            _tvm_deadline_guard(sock, timeout, deadline)
-        serve_tvm(sock, workspace, job.get("load_library") or [])
+            _tvm_deadline_guard(sock, timeout_message, deadline)
+        serve_tvm(sock, workspace, job.get("load_library") or [], quotas, job.get("session"))
         return
     channel = Channel(sock, int(job.get("max_payload") or MAX_PAYLOAD_BYTES))
     if timeout:
 
         def expire() -> None:
-            message = TIMEOUT_MESSAGE.format(timeout)
-            channel.send_frame(FrameKind.ERROR, 0, {"type": "SessionTimeout", "message": message, "traceback": ""})
+            frame = {"type": "SessionTimeout", "message": timeout_message, "traceback": ""}
+            channel.send_frame(FrameKind.ERROR, 0, frame)
             finish_sending(sock)
 
         _watchdog(deadline, expire)
     try:
         cache = job.get("cache") or {}
         store = ContentCache(cache["dir"], int(cache.get("max_bytes", 0))) if cache.get("dir") else None
-        NativeSession(channel, workspace, job.get("info") or {}, store).serve()
+        if memory:
+            limit_memory(memory, job.get("session"))  # before anything of the session is loaded
+        NativeSession(channel, workspace, job.get("info") or {}, store, quotas).serve()
     except RemoteProtocolError as exc:
         logger.warning("session %s ended: %s", job.get("session"), exc)
         with contextlib.suppress(ConnectionClosed):

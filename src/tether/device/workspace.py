@@ -67,6 +67,23 @@ class Workspace:
             else:
                 path.unlink()
 
+    def usage(self) -> int:
+        """Bytes of the regular files in the workspace (each hard-linked file once), symlinks not followed."""
+        total, seen = 0, set()
+        stack = [str(self.root)]
+        while stack:
+            with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            st = entry.stat(follow_symlinks=False)
+                            if (st.st_dev, st.st_ino) not in seen:
+                                seen.add((st.st_dev, st.st_ino))
+                                total += st.st_size
+        return total
+
     def listdir(self, name: str = ".") -> list[dict[str, Any]]:
         path = self.resolve(name, must_exist=True)
         if not path.is_dir():
