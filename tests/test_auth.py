@@ -421,18 +421,26 @@ def test_an_impostor_server_gets_no_model(device_server: Any, tmp_path: Path) ->
     assert fake.sessions_served == 0 and fake.busy_slots() == 0
 
 
-def test_a_stalled_exchange_holds_no_slot(device_server: Any, auth_file: Path, tmp_path: Path) -> None:
-    server = device_server(key="phone", auth_file=str(auth_file), handshake_timeout_s=30)
+def test_stalled_exchanges_and_slow_handshakes_hold_no_slot(
+    device_server: Any, auth_file: Path, tmp_path: Path
+) -> None:
+    """Slowloris with authentication on: 80 peers that stop after their handshake's first byte and 80 that
+    stop before proving a token, all from 127.0.0.1; real users from the same address still get sessions."""
+    server = device_server(key="phone", auth_file=str(auth_file), handshake_timeout_s=60)
     stalled = []
-    for _ in range(3):
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        key = b"client:phone -tether=1"
-        sock.sendall(struct.pack("<ii", RPC_MAGIC, len(key)) + key)
-        assert struct.unpack("<i", sock.recv(4))[0] == HandshakeCode.SUCCESS  # then says nothing more
-        stalled.append(sock)
     try:
-        with tether.connect("127.0.0.1", server.port, key="phone", timeout=10, token=token("bob")) as sess:
-            assert run_add(sess, add_model(tmp_path)) == 3.0
+        for i in range(160):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            if i % 2:
+                sock.sendall(struct.pack("<i", RPC_MAGIC)[:1])
+            else:
+                key = b"client:phone -tether=1"
+                sock.sendall(struct.pack("<ii", RPC_MAGIC, len(key)) + key)  # then proves nothing
+            stalled.append(sock)
+        model = add_model(tmp_path)
+        for _ in range(3):
+            with tether.connect("127.0.0.1", server.port, key="phone", timeout=10, token=token("bob")) as sess:
+                assert run_add(sess, model) == 3.0
     finally:
         for sock in stalled:
             sock.close()

@@ -215,7 +215,8 @@ class _Handshake:
 
     conn: socket.socket
     host: str
-    #: Still reading the handshake's bytes: the only state in which it may be shed.
+    #: Still reading the handshake's bytes (or, with an auth file, the client's proof): the only state in
+    #: which it may be shed.
     reading: bool = True
     #: Shed for a newer connection: its socket was shut down, it no longer counts against any limit.
     shed: bool = False
@@ -510,9 +511,6 @@ class DeviceServer:
                 logger.info("handshake from %s failed: %s", peer, exc)  # wrong magic, garbage: close, as TVM does
             conn.close()
             return
-        if not self._finish_reading(handshake):  # shed just as its last byte arrived
-            conn.close()
-            return
         try:
             client = parse_peer_key(key)
         except RemoteProtocolError as exc:
@@ -536,10 +534,15 @@ class DeviceServer:
                     conn.sendall(encode_handshake_reply(HandshakeCode.SUCCESS, reply))
                     self._authenticate_client(conn, peer, deadline)
                 except (OSError, TetherError) as exc:
-                    logger.warning("refused %s: %s", peer, exc)
+                    if not handshake.shed:
+                        logger.warning("refused %s: %s", peer, exc)
                     conn.close()
                     return
                 authed = True
+        # until here a stalled peer (its handshake, or its authentication) may be shed for a newcomer
+        if not self._finish_reading(handshake):  # shed just as its last byte arrived
+            conn.close()
+            return
         self._admit(conn, client, peer, authed)
 
     def _authenticate_client(self, conn: socket.socket, peer: str, deadline: float) -> str:
