@@ -74,6 +74,7 @@ from tether.protocol.session import (
 from tether.protocol.tracker import (
     MAGIC_BYTES,
     Put,
+    SessionEvent,
     TrackerClientStream,
     TrackerServerStream,
     UpdateInfo,
@@ -239,62 +240,74 @@ def _slots(value: Any) -> list[tuple[Any, Any]]:
     return out
 
 
-def mutate_json(r: random.Random, seed: Any, rounds: int = 0) -> Any:
-    """A copy of ``seed`` with 1 to 4 structural edits."""
+def mutate_json(r: random.Random, seed: Any, rounds: int = 0) -> tuple[Any, list[Raw]]:
+    """A copy of ``seed`` with 1 to 4 structural edits, and the :class:`Raw` parts it holds."""
     holder = [copy.deepcopy(seed)]
+    raws: list[Raw] = []
+
+    def bad() -> Any:
+        value = nasty(r)
+        if isinstance(value, Raw):
+            raws.append(value)
+        return value
+
     for _ in range(rounds or r.choice((1, 1, 1, 2, 3, 4))):
-        slots = _slots(holder)
-        parent, key = r.choice(slots)
+        parent, key = r.choice(_slots(holder))
         old = parent[key]
         op = r.randrange(9)
         if op <= 2:
-            parent[key] = nasty(r)
+            parent[key] = bad()
         elif op == 3 and parent is not holder:
             del parent[key]
         elif op == 4:
             if isinstance(old, list):
-                old.insert(r.randrange(len(old) + 1), nasty(r))
+                old.insert(r.randrange(len(old) + 1), bad())
             elif isinstance(old, dict):
-                old[r.choice(_NASTY_STRINGS + ("id", "key", "addr", "tether", "labels", "detail"))] = nasty(r)
+                old[r.choice((*_NASTY_STRINGS, "id", "key", "addr", "tether", "labels", "detail"))] = bad()
             else:
                 parent[key] = [old]
         elif op == 5:  # the same value as another type
             if isinstance(old, bool) or old is None:
                 parent[key] = r.choice((0, 1, "true", [], {}))
             elif isinstance(old, int | float):
-                parent[key] = r.choice((str(old), float(old), -old, [old], int(old) * 10**r.choice((3, 12, 30)), True))
+                as_float = float(old) if abs(old) < 1e300 else 1e300
+                parent[key] = r.choice((str(old), as_float, -old, [old], int(old) * 10 ** r.choice((3, 12, 30)), True))
             elif isinstance(old, str):
-                parent[key] = r.choice((len(old), [old], {old: old}, old.encode().hex(), None))
+                parent[key] = r.choice((len(old), [old], {old: old}, old.encode("utf-8", "surrogatepass").hex(), None))
             elif isinstance(old, list):
                 parent[key] = dict(enumerate(old)) if old else {}
             elif isinstance(old, dict):
                 parent[key] = list(old.values())
-        elif op == 6 and isinstance(old, str):  # edit inside a string
+        elif op == 6 and isinstance(old, str) and not isinstance(old, Raw):  # edit inside a string
             i = r.randrange(len(old) + 1)
             parent[key] = old[:i] + r.choice(_NASTY_STRINGS) + old[i + r.choice((0, 0, 1, 5)) :]
-        elif op == 7 and isinstance(parent, dict) and parent is not holder:  # a nasty key
-            new_key = Raw(r.choice(("1", "null", "[]", '"\\ud800"', '"k"'))) if r.random() < 0.2 else r.choice(_NASTY_STRINGS)
-            parent[new_key] = parent.pop(key)
-        elif op == 8 and isinstance(parent, list) and parent is not holder:  # duplicate or drop a neighbour
-            if r.random() < 0.5:
-                parent.insert(key, copy.deepcopy(old) if not isinstance(old, Raw) else old)
+        elif op == 7 and isinstance(parent, dict):  # a nasty key (or not a string at all)
+            if r.random() < 0.2:
+                new_key: str = Raw(r.choice(("1", "null", "[]", '"\\ud800"', '"k"')))
+                raws.append(Raw(new_key))
             else:
-                parent.append(nasty(r))
+                new_key = r.choice(_NASTY_STRINGS)
+            parent[new_key] = parent.pop(key)
+        elif op == 8 and isinstance(parent, list) and parent is not holder:  # one more neighbour
+            parent.insert(key, old if r.random() < 0.5 else bad())
         else:
-            parent[key] = nasty(r)
-    return holder[0]
+            parent[key] = bad()
+    return holder[0], raws
 
 
 def json_bytes(r: random.Random, seed: Any, p_valid: float = 0.15) -> bytes:
     """``seed`` as JSON bytes: as is, mutated, or (rarely) garbage."""
     x = r.random()
+    ascii_only = r.random() < 0.3
     if x < p_valid:
-        value = seed
+        text = json.dumps(seed, ensure_ascii=ascii_only)
     elif x < 0.97:
-        value = mutate_json(r, seed)
+        value, raws = mutate_json(r, seed)
+        text = json.dumps(value, ensure_ascii=ascii_only)  # Raw parts as strings, then put back verbatim
+        for raw in raws:
+            text = text.replace(json.dumps(raw, ensure_ascii=ascii_only), raw, 1)
     else:
-        return dump_json(nasty(r)).encode("utf-8", "surrogatepass") or b"0"
-    text = dump_json(value, ascii_only=r.random() < 0.3)
+        text = dump_json(nasty(r)) or "0"
     return text.encode("utf-8", "surrogatepass")
 
 
@@ -641,6 +654,8 @@ def make_tracker_server() -> Runner:
 
     def run(data: bytes) -> None:
         now[0] += 0.37
+        for matchkey in list(honest.held):  # its sessions end, as a tether server reports them
+            core.receive(honest, SessionEvent("end", matchkey))
         while len(honest.slots) < 2:
             puts[0] += 1
             core.receive(honest, Put("k", 9090, f"k:{puts[0]}"))
@@ -699,7 +714,9 @@ def make_handshake() -> Runner:
         return f"{name}:{counter[0]}"
 
     plain = Matcher(timeout_client=5.0, timeout_server=5.0)
-    tracked = Matcher(tracker_mode=True, new_matchkey=lambda name: "fuzz:0" if name == "fuzz" else matchkey(name))
+    tracked = Matcher(tracker_mode=True)
+    # the honest server's matchkey is fuzz:0 (a client can name it); every other one is fresh
+    tracked.new_matchkey = lambda name: "fuzz:0" if name == "fuzz" and not tracked.waiting(honest[1]) else matchkey(name)
     honest = [object(), object()]
     plain.arrive(honest[0], "server:fuzz", 0.0)
     tracked.arrive(honest[1], "server:fuzz", 0.0)
@@ -782,7 +799,7 @@ def make_session() -> Runner:
             with contextlib.suppress(RemoteProtocolError):
                 if head.kind == FrameKind.REQUEST:
                     op = header.get("op")
-                    if op in NativeSession.TIMED_OPS:
+                    if isinstance(op, str) and op in NativeSession.TIMED_OPS:
                         _positive_seconds(header.get("timeout"), "timeout")
                     if op == "put":
                         tensor_descs(header.get("tensors"), head.payload_len)
@@ -934,6 +951,7 @@ class Result:
     hangs: int = 0
     seconds: float = 0.0
     slowest_s: float = 0.0
+    slowest_input: bytes = b""
     rss_growth_kib: int = 0
     traced_growth_bytes: int = 0
     traced_inputs: int = 0
@@ -944,7 +962,8 @@ class Result:
         self.crashes += other.crashes
         self.hangs += other.hangs
         self.seconds = max(self.seconds, other.seconds)
-        self.slowest_s = max(self.slowest_s, other.slowest_s)
+        if other.slowest_s > self.slowest_s:
+            self.slowest_s, self.slowest_input = other.slowest_s, other.slowest_input
         self.rss_growth_kib = max(self.rss_growth_kib, other.rss_growth_kib)
         self.traced_growth_bytes = max(self.traced_growth_bytes, other.traced_growth_bytes)
         self.traced_inputs = max(self.traced_inputs, other.traced_inputs)
@@ -962,6 +981,8 @@ class Result:
             "hangs": self.hangs,
             "seconds": round(self.seconds, 3),
             "slowest_ms": round(self.slowest_s * 1e3, 3),
+            "slowest_input": f"{self.target}:{self.slowest_input[:2048].hex()}" + ("..." if len(self.slowest_input) > 2048 else ""),
+            "slowest_input_bytes": len(self.slowest_input),
             "rss_growth_kib": self.rss_growth_kib,
             "traced_growth_bytes": self.traced_growth_bytes,
             "traced_inputs": self.traced_inputs,
@@ -1075,7 +1096,8 @@ def run_target(
             watchdog.current = None
             took = time.perf_counter() - t0
             result.inputs += 1
-            result.slowest_s = max(result.slowest_s, took)
+            if took > result.slowest_s:
+                result.slowest_s, result.slowest_input = took, data
             if _error_log.records:
                 record = _error_log.records[0]
                 _error_log.records.clear()
@@ -1439,7 +1461,8 @@ def run_live(
                 continue
             took = time.perf_counter() - t0
             result.inputs += 1
-            result.slowest_s = max(result.slowest_s, took)
+            if took > result.slowest_s:
+                result.slowest_s, result.slowest_input = took, data
             if not closed:
                 _record(result, "hang", f"connection still open {took:.1f} s after our side closed", data, "",
                         max_findings)  # fmt: skip
@@ -1483,14 +1506,14 @@ def honest_checks(servers: LiveServers, key: str = "fuzz", timeout: float = 30.0
     except Exception as exc:  # noqa: BLE001
         out["tracker grant + device session"] = f"{type(exc).__name__}: {exc}"
     try:
-        reply_len = 12 + len(b"client:honest")
+        reply_len = 8 + len(b"client:honest")  # SUCCESS, the length and the other side's key
         with socket.create_connection(("127.0.0.1", servers.proxy.port), timeout=timeout) as server_side:
             server_side.sendall(encode_handshake("server:honest"))
             assert servers.proxy.web_port, "the proxy did not say its web port"
             with ws_open_socket(f"ws://127.0.0.1:{servers.proxy.web_port}/ws", timeout) as client_side:
                 client_side.settimeout(timeout)
                 client_side.sendall(encode_handshake("client:honest"))
-                got = _recv_exact(client_side, 12 + len(b"server:honest"))
+                got = _recv_exact(client_side, 8 + len(b"server:honest"))
                 assert got[:4] == i32(HandshakeCode.SUCCESS), got
                 assert _recv_exact(server_side, reply_len)[:4] == i32(HandshakeCode.SUCCESS)
                 client_side.sendall(b"ping")
@@ -1579,7 +1602,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"fuzzing {len(local)} target(s) in-process, {args.inputs} inputs, seed {args.seed}, {args.jobs} job(s)")
     results = run_all(local, args.inputs, args.seed, jobs=args.jobs, deadline_s=args.deadline,
-                      traced_inputs=args.traced, kill_after=args.kill_after, progress=True) if local else {}  # fmt: skip
+                      traced_inputs=args.traced, kill_after=args.kill_after, progress=True) if local and args.inputs > 0 else {}  # fmt: skip
     checks: dict[str, str] = {}
     servers: dict[str, Any] = {}
     if args.live > 0 and live:

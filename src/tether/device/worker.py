@@ -33,7 +33,15 @@ from typing import Any, BinaryIO
 from ..aio.channel import Channel
 from ..aio.net import finish_sending
 from ..errors import BadHeader, ConnectionClosed, LocalProtocolError, RemoteError, RemoteProtocolError, WorkspaceError
-from ..protocol.session import DTYPE_SIZES, MAX_PAYLOAD_BYTES, FrameHeader, FrameKind, TensorDesc, tensor_descs
+from ..protocol.session import (
+    DTYPE_SIZES,
+    MAX_PAYLOAD_BYTES,
+    FrameHeader,
+    FrameKind,
+    TensorDesc,
+    shape_nbytes,
+    tensor_descs,
+)
 from ..runtime import Model, RawTensor, backend_for_path, fill_shape, fill_tensor, get_backend
 from .cache import ContentCache, is_sha256
 from .workspace import Workspace
@@ -291,7 +299,8 @@ class NativeSession:
         else:
             kind = exc.remote_type if isinstance(exc, RemoteError) else type(exc).__name__
         message = exc.remote_message if isinstance(exc, RemoteError) else str(exc) or type(exc).__name__
-        trace = "" if isinstance(exc, RemoteError) else traceback.format_exc(limit=20)
+        # a malformed request is the client's mistake: the message says it all, no device traceback
+        trace = "" if isinstance(exc, RemoteError | RemoteProtocolError) else traceback.format_exc(limit=20)
         message, trace = _clip(message, 16 << 10), _clip(trace, 256 << 10)  # an error frame must fit its header
         self.channel.send_frame(FrameKind.ERROR, head.id, {"type": kind, "message": message, "traceback": trace})
 
@@ -418,9 +427,12 @@ class NativeSession:
     def _fill(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
         shape = header.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise RemoteError(f"shape must be a list of non-negative ints, not {shape!r}", "ValueError")
+            raise RemoteError(f"shape must be a list of non-negative ints, not {shape!r:.200}", "ValueError")
+        dtype = header.get("dtype")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise RemoteError(f"unsupported dtype {dtype!r:.80}; known: {', '.join(DTYPE_SIZES)}", "ValueError")
         seed = header.get("seed")
-        tensor = self._generated(str(header.get("dtype")), tuple(shape), str(header.get("kind", "random")), seed)
+        tensor = self._generated(dtype, tuple(shape), str(header.get("kind", "random")), seed)
         handle = self._handle("t")
         self.tensors[handle] = tensor
         return {"tensor": handle}, []
@@ -428,11 +440,12 @@ class NativeSession:
     def _generated(self, dtype: str, shape: tuple[int, ...], kind: str, seed: Any) -> RawTensor:
         """A tensor made on the device, no larger than what the session may receive in one frame."""
         if all(isinstance(d, int) for d in shape) and dtype in DTYPE_SIZES:
-            nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-            if nbytes > self.channel.max_payload:
+            limit = self.channel.max_payload
+            nbytes = shape_nbytes(shape, DTYPE_SIZES[dtype], limit + 1)  # None past the limit: never a huge product
+            if nbytes is None:
                 raise RemoteError(
-                    f"a generated {dtype} tensor of shape {list(shape)} would take {nbytes} bytes; this server "
-                    f"makes at most {self.channel.max_payload} (its payload limit)",
+                    f"a generated {dtype} tensor of shape {list(shape)!r:.200} would take more than {limit} bytes, "
+                    "the most this server makes (its payload limit)",
                     "ValueError",
                 )
         return fill_tensor(dtype, shape, kind, seed)

@@ -17,6 +17,10 @@ from ..errors import WorkspaceError
 
 __all__ = ["Workspace"]
 
+#: Linux's limits on a path and on one of its names, in bytes (PATH_MAX counts the final NUL).
+_PATH_MAX = 4096
+_NAME_MAX = 255
+
 
 class Workspace:
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -34,6 +38,12 @@ class Workspace:
         path = (self.root / pure).resolve()
         if path != self.root and self.root not in path.parents:
             raise WorkspaceError(f"path {name!r} resolves outside the workspace (a symlink)", "WorkspaceError")
+        try:  # what the file system cannot take is the client's mistake, not the device's (ENAMETOOLONG)
+            raw = os.fsencode(path)
+        except UnicodeError:  # a lone surrogate from the client's JSON
+            raise WorkspaceError(f"path {name!r:.200} cannot be a file name here", "WorkspaceError") from None
+        if len(raw) >= _PATH_MAX or any(len(part) > _NAME_MAX for part in raw.split(b"/")):
+            raise WorkspaceError(f"path {name!r:.200} is too long for the file system", "WorkspaceError")
         if must_exist and not path.exists():
             raise WorkspaceError(f"no such file in the workspace: {name!r}", "WorkspaceError")
         return path
