@@ -37,9 +37,9 @@ import contextlib
 import copy
 import faulthandler
 import gc
+import itertools
 import json
 import logging
-import math
 import multiprocessing
 import os
 import random
@@ -51,8 +51,8 @@ import sys
 import tempfile
 import threading
 import time
-import tracemalloc
 import traceback
+import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -169,7 +169,7 @@ def _deep(r: random.Random) -> Raw:
 
 
 _NASTY_STRINGS = ("", " ", "\t", "\x00", "\r\n", ":", "é", "日本", "\u3000", "\x85", "\u2028", "\ud800", "\udfff",
-                  "²", "³", "¹", "٣", "１２", " 9090 ", "9090", "65536", "-1", "0x10", "1_000", "nan", "inf", "-inf",
+                  "²", "³", "¹", "٣", "\uff11\uff12", " 9090 ", "9090", "65536", "-1", "0x10", "1_000", "nan", "inf", "-inf",
                   "1e999", "NaN", "server:", "client:", "server:k", "server:proxy[a,b]", "server:proxy[", "tether",
                   "tvm", "start", "end", "k", "k:1", "fuzz", "-timeout=nan", " -tether=1", "\\", '"', "%s%n",
                   "127.0.0.1", "::1", "[::1]")  # fmt: skip
@@ -338,7 +338,7 @@ def chunks(data: bytes, r: random.Random) -> list[bytes]:
     if mode == 1 and n <= 200:
         return [data[i : i + 1] for i in range(n)]
     points = sorted({0, n, *(r.randrange(n) for _ in range(r.choice((1, 2, 3, 8))))})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 def input_rng(data: bytes) -> random.Random:
@@ -373,8 +373,20 @@ TRACKER_MESSAGES: list[Any] = [
     [3, "k", [9090, "k:abc"], "10.0.0.1", {"protocols": ["tether", "tvm"], "labels": {"soc": "x"}}],
     [3, "k", ["9090", "k:1"]],
     [4, "k", "", 1],
-    [4, "k", "alice", 2, {"id": "r1", "protocol": "tether", "labels": {"soc": "x"}, "timeout": 0.5, "user": "alice",
-                          "unservable_after": 0.2}],  # fmt: skip
+    [
+        4,
+        "k",
+        "alice",
+        2,
+        {
+            "id": "r1",
+            "protocol": "tether",
+            "labels": {"soc": "x"},
+            "timeout": 0.5,
+            "user": "alice",
+            "unservable_after": 0.2,
+        },
+    ],
     [4, "k", None, 1.5, {"protocol": "tvm"}],
     [5, {"key": "server:k", "addr": [None, 9090]}],
     [5, {"key": "server:k", "addr": ["127.0.0.1", 9090], "tether": _TETHER_INFO}],
@@ -499,9 +511,11 @@ def session_frame(r: random.Random, kind: int, header: dict[str, Any], payload: 
     header_len, payload_len = len(body), len(payload)
     x = r.random()
     if x < 0.08:
-        header_len = r.choice((0, 1, 2, 1 << 20, (1 << 20) + 1, 0xFFFFFFFF, header_len + 1, header_len - 1)) & 0xFFFFFFFF
+        header_len = (
+            r.choice((0, 1, 2, 1 << 20, (1 << 20) + 1, 0xFFFFFFFF, header_len + 1, header_len - 1)) & 0xFFFFFFFF
+        )
     elif x < 0.16:
-        payload_len = r.choice(UINT64_EDGES + (16 << 30, (16 << 30) + 1, payload_len + 1))
+        payload_len = r.choice((*UINT64_EDGES, 16 << 30, (16 << 30) + 1, payload_len + 1))
     magic, version = b"TQ", 1
     if r.random() < 0.03:
         magic, version, kind = r.choice((b"TQ", b"tq", b"\x00\x00")), r.choice((0, 1, 2, 255)), r.randrange(256)
@@ -529,7 +543,9 @@ def _ws_frames(r: random.Random, masked: bool) -> bytes:
                 encode_frame(Opcode.CONT, handshake[4:], mask=masked),
             ]
         elif pick == 3:
-            frames.append(encode_frame(Opcode.CLOSE, encode_close(r.choice((1000, 1001, 3000, 4999)), "bye"), mask=masked))
+            frames.append(
+                encode_frame(Opcode.CLOSE, encode_close(r.choice((1000, 1001, 3000, 4999)), "bye"), mask=masked)
+            )
         elif pick == 4:
             frames.append(encode_frame(Opcode.PING, r.randbytes(r.choice((0, 4, 125))), mask=masked))
         elif pick == 5:
@@ -587,9 +603,9 @@ def gen_http_response(r: random.Random) -> bytes:
 
 
 def gen_ws_url(r: random.Random) -> bytes:
-    return mutate_text(r, r.choice(WS_URLS), (":", "::", "@", "#", "?", "[", "]", "%", "65536", "-1", "user:pw@")).encode(
-        "utf-8", "surrogatepass"
-    )
+    return mutate_text(
+        r, r.choice(WS_URLS), (":", "::", "@", "#", "?", "[", "]", "%", "65536", "-1", "user:pw@")
+    ).encode("utf-8", "surrogatepass")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -637,7 +653,10 @@ def make_tracker_frames() -> Runner:
 
 
 def make_tracker_messages() -> Runner:
-    return lambda data: None if decode_message(data) is None else None
+    def run(data: bytes) -> None:
+        decode_message(data)
+
+    return run
 
 
 def make_tracker_server() -> Runner:
@@ -649,7 +668,9 @@ def make_tracker_server() -> Runner:
     now = [1000.0]
     core = TrackerCore(TrackerConfig(stop_key="tracker:stop"), clock=lambda: now[0], wall=lambda: 0.0)
     honest = core.connect(_Link(), "127.0.0.1", 1)
-    core.receive(honest, UpdateInfo({"key": "server:k", "addr": [None, 9090], "tether": {"protocols": ["tvm", "tether"]}}))
+    core.receive(
+        honest, UpdateInfo({"key": "server:k", "addr": [None, 9090], "tether": {"protocols": ["tvm", "tether"]}})
+    )
     puts = [0]
 
     def run(data: bytes) -> None:
@@ -672,8 +693,10 @@ def make_tracker_server() -> Runner:
         except RemoteProtocolError:
             pass
         finally:
-            for detail, key in ((True, None), (True, "k"), (False, None)):
-                json.loads(core.summary_json(detail, key))
+            json.loads(core.summary_json(True))  # SUMMARY is assembled from pieces of text: it must stay JSON
+            if r.random() < 0.25:
+                json.loads(core.summary_json(True, "k"))
+                json.loads(core.summary_json(False))
             core.disconnect(conn)
             core.on_timer()
 
@@ -716,7 +739,9 @@ def make_handshake() -> Runner:
     plain = Matcher(timeout_client=5.0, timeout_server=5.0)
     tracked = Matcher(tracker_mode=True)
     # the honest server's matchkey is fuzz:0 (a client can name it); every other one is fresh
-    tracked.new_matchkey = lambda name: "fuzz:0" if name == "fuzz" and not tracked.waiting(honest[1]) else matchkey(name)
+    tracked.new_matchkey = lambda name: (
+        "fuzz:0" if name == "fuzz" and not tracked.waiting(honest[1]) else matchkey(name)
+    )
     honest = [object(), object()]
     plain.arrive(honest[0], "server:fuzz", 0.0)
     tracked.arrive(honest[1], "server:fuzz", 0.0)
@@ -981,7 +1006,8 @@ class Result:
             "hangs": self.hangs,
             "seconds": round(self.seconds, 3),
             "slowest_ms": round(self.slowest_s * 1e3, 3),
-            "slowest_input": f"{self.target}:{self.slowest_input[:2048].hex()}" + ("..." if len(self.slowest_input) > 2048 else ""),
+            "slowest_input": f"{self.target}:{self.slowest_input[:2048].hex()}"
+            + ("..." if len(self.slowest_input) > 2048 else ""),
             "slowest_input_bytes": len(self.slowest_input),
             "rss_growth_kib": self.rss_growth_kib,
             "traced_growth_bytes": self.traced_growth_bytes,
@@ -1086,28 +1112,28 @@ def run_target(
             data = target.generate(rng)
             t0 = time.perf_counter()
             watchdog.current = (name, data, time.monotonic())
-            failure: BaseException | None = None
-            try:
-                run(data)
-            except target.allowed:
-                pass
-            except Exception as exc:  # noqa: BLE001 - anything else is what we are looking for
-                failure = exc
-            watchdog.current = None
+            failure = _attempt(run, data, target.allowed)
             took = time.perf_counter() - t0
+            if took > deadline_s and failure is None:  # a busy machine, or the input? Twice more: the fastest
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    _attempt(run, data, target.allowed)
+                    took = min(took, time.perf_counter() - t0)
+            watchdog.current = None
             result.inputs += 1
             if took > result.slowest_s:
                 result.slowest_s, result.slowest_input = took, data
             if _error_log.records:
                 record = _error_log.records[0]
                 _error_log.records.clear()
-                _record(result, "crash", f"logged {record.levelname}: {record.getMessage()[:120]}", data, "",
-                        max_findings)  # fmt: skip
+                what = f"logged {record.levelname}: {record.getMessage()[:120]}"
+                _record(result, "crash", what, data, max_findings=max_findings)
             if failure is not None:
                 trace = "".join(traceback.format_exception(failure, limit=-8))[-4000:]
-                _record(result, "crash", _where(failure), data, trace, max_findings)
+                _record(result, "crash", _where(failure), data, trace=trace, max_findings=max_findings)
             elif took > deadline_s:
-                _record(result, "hang", f"took {took:.2f} s (deadline {deadline_s:g} s)", data, "", max_findings)
+                what = f"took {took:.2f} s (deadline {deadline_s:g} s)"
+                _record(result, "hang", what, data, max_findings=max_findings)
     finally:
         faulthandler.cancel_dump_traceback_later()
         watchdog.stop()
@@ -1121,7 +1147,18 @@ def run_target(
     return result
 
 
-def _record(result: Result, kind: str, what: str, data: bytes, trace: str, max_findings: int) -> None:
+def _attempt(run: Runner, data: bytes, allowed: tuple[type[BaseException], ...]) -> Exception | None:
+    """Run one input: None, or the exception that is not one of ``allowed``."""
+    try:
+        run(data)
+    except allowed:
+        pass
+    except Exception as exc:  # anything else is what we are looking for
+        return exc
+    return None
+
+
+def _record(result: Result, kind: str, what: str, data: bytes, *, trace: str = "", max_findings: int = 20) -> None:
     if kind == "crash":
         result.crashes += 1
     else:
@@ -1146,7 +1183,7 @@ def replay(name: str, data: bytes) -> int:
     except target.allowed as exc:
         print(f"{name}: documented error after {time.perf_counter() - t0:.3f} s: {type(exc).__name__}: {exc}")
         return 0
-    except Exception:  # noqa: BLE001
+    except Exception:
         traceback.print_exc()
         return 1
     print(f"{name}: accepted after {time.perf_counter() - t0:.3f} s")
@@ -1240,8 +1277,8 @@ class ServerProcess:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
+        for raw in self.proc.stdout:
+            line = raw.rstrip("\n")
             self.lines += 1
             self.tail.append(line)
             if "Traceback" in line and len(self.tracebacks) < 20:
@@ -1456,7 +1493,7 @@ def run_live(
             try:
                 reply, closed = _exchange(port, data, deadline_s * (3 if prefix else 1), prefix)
             except OSError as exc:
-                _record(result, "crash", f"could not connect: {exc}", data, "", max_findings)
+                _record(result, "crash", f"could not connect: {exc}", data, max_findings=max_findings)
                 result.inputs += 1
                 continue
             took = time.perf_counter() - t0
@@ -1464,8 +1501,8 @@ def run_live(
             if took > result.slowest_s:
                 result.slowest_s, result.slowest_input = took, data
             if not closed:
-                _record(result, "hang", f"connection still open {took:.1f} s after our side closed", data, "",
-                        max_findings)  # fmt: skip
+                what = f"connection still open {took:.1f} s after our side closed"
+                _record(result, "hang", what, data, max_findings=max_findings)
             if prefix:
                 hello = HandshakeReplyDecoder()
                 if hello.feed(reply) is None:
@@ -1474,7 +1511,7 @@ def run_live(
                     trace = str(frame.get("traceback") or "")
                     if trace and frame.get("type") not in _TRACEBACK_EXPECTED:
                         what = f"error frame {frame.get('type')}: {str(frame.get('message'))[:100]}"
-                        _record(result, "crash", what, data, trace[-4000:], max_findings)
+                        _record(result, "crash", what, data, trace=trace[-4000:], max_findings=max_findings)
     finally:
         if tracker_client is not None:
             tracker_client.close()
@@ -1494,16 +1531,17 @@ def honest_checks(servers: LiveServers, key: str = "fuzz", timeout: float = 30.0
         status = query_tracker("127.0.0.1", servers.tracker.port, timeout=timeout)
         assert any(row.key == key for row in status.keys), f"key {key!r} missing from {status.keys}"
         out["tracker query"] = "ok"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         out["tracker query"] = f"{type(exc).__name__}: {exc}"
     try:
-        with tether.connect_tracker("127.0.0.1", servers.tracker.port) as tracker, tracker.request(
-            key, timeout=timeout
-        ) as session:
+        with (
+            tether.connect_tracker("127.0.0.1", servers.tracker.port) as tracker,
+            tracker.request(key, timeout=timeout) as session,
+        ):
             session.upload(b"honest", "honest.txt")
             assert session.download("honest.txt") == b"honest"
         out["tracker grant + device session"] = "ok"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         out["tracker grant + device session"] = f"{type(exc).__name__}: {exc}"
     try:
         reply_len = 8 + len(b"client:honest")  # SUCCESS, the length and the other side's key
@@ -1521,7 +1559,7 @@ def honest_checks(servers: LiveServers, key: str = "fuzz", timeout: float = 30.0
                 server_side.sendall(b"pong")
                 assert _recv_exact(client_side, 4) == b"pong"
         out["proxy pair tcp + websocket"] = "ok"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         out["proxy pair tcp + websocket"] = f"{type(exc).__name__}: {exc}"
     for server in servers.all:
         out[f"{server.name} alive"] = "ok" if server.alive() else f"exited with {server.proc.returncode}"

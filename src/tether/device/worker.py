@@ -18,7 +18,6 @@ import hashlib
 import importlib
 import json
 import logging
-import math
 import os
 import socket
 import sys
@@ -426,7 +425,9 @@ class NativeSession:
 
     def _fill(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
         shape = header.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise RemoteError(f"shape must be a list of non-negative ints, not {shape!r:.200}", "ValueError")
         dtype = header.get("dtype")
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
