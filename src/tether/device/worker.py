@@ -445,8 +445,8 @@ class NativeSession:
             nbytes = shape_nbytes(shape, DTYPE_SIZES[dtype], limit + 1)  # None past the limit: never a huge product
             if nbytes is None:
                 raise RemoteError(
-                    f"a generated {dtype} tensor of shape {list(shape)!r:.200} would take more than {limit} bytes, "
-                    "the most this server makes (its payload limit)",
+                    f"a generated {dtype} tensor of shape {list(shape)!r:.200} would be larger than this server "
+                    f"makes: at most {limit} bytes (its payload limit)",
                     "ValueError",
                 )
         return fill_tensor(dtype, shape, kind, seed)
