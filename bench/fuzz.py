@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.errors import BadHeader, RemoteProtocolError
+from tether.errors import BadHeader, ConfigError, RemoteProtocolError
 from tether.protocol.constants import MAX_TRACKER_FRAME_BYTES, MAX_TRACKER_REPLY_BYTES, RPC_MAGIC, HandshakeCode
 from tether.protocol.framing import FrameDecoder, HandshakeDecoder, HandshakeReplyDecoder
 from tether.protocol.keys import parse_peer_key, proxied_keys, server_key_name
@@ -915,6 +915,22 @@ def make_http_response() -> Runner:
     return run
 
 
+def make_hostport() -> Runner:
+    """``HOST:PORT`` as the CLI reads ``--tracker`` and the like (documented: ConfigError)."""
+    from tether.aio.net import parse_hostport
+
+    def run(data: bytes) -> None:
+        text = data.decode("utf-8", "surrogateescape")
+        parse_hostport(text, 9190 if len(data) % 2 else None)
+
+    return run
+
+
+def gen_hostport(r: random.Random) -> bytes:
+    text = r.choice(("127.0.0.1:9190", "[::1]:9190", "host", "[fe80::1%eth0]:1", "h:0"))
+    return mutate_text(r, text, (":", "[", "]", "²", "٣", "65536", "-1", " ", "")).encode("utf-8", "surrogatepass")
+
+
 def make_ws_url() -> Runner:
     def run(data: bytes) -> None:
         parse_ws_url(data.decode("utf-8", "surrogateescape"))
@@ -942,6 +958,7 @@ TARGETS: dict[str, Target] = {
         Target("http_request", "the proxy's HTTP head and WebSocket upgrade", gen_http_request, make_http_request),
         Target("http_response", "the client's check of the upgrade response", gen_http_response, make_http_response),
         Target("ws_url", "ws:// URLs (documented: ValueError)", gen_ws_url, make_ws_url, (ValueError,)),
+        Target("hostport", "HOST:PORT flags (documented: ConfigError)", gen_hostport, make_hostport, (ConfigError,)),
     )
 }  # fmt: skip
 
@@ -976,7 +993,8 @@ class Result:
     hangs: int = 0
     seconds: float = 0.0
     slowest_s: float = 0.0
-    slowest_input: bytes = b""
+    slowest_input: bytes = b""  # its first 4 KiB
+    slowest_bytes: int = 0
     rss_growth_kib: int = 0
     traced_growth_bytes: int = 0
     traced_inputs: int = 0
@@ -989,6 +1007,7 @@ class Result:
         self.seconds = max(self.seconds, other.seconds)
         if other.slowest_s > self.slowest_s:
             self.slowest_s, self.slowest_input = other.slowest_s, other.slowest_input
+            self.slowest_bytes = other.slowest_bytes
         self.rss_growth_kib = max(self.rss_growth_kib, other.rss_growth_kib)
         self.traced_growth_bytes = max(self.traced_growth_bytes, other.traced_growth_bytes)
         self.traced_inputs = max(self.traced_inputs, other.traced_inputs)
@@ -1006,9 +1025,8 @@ class Result:
             "hangs": self.hangs,
             "seconds": round(self.seconds, 3),
             "slowest_ms": round(self.slowest_s * 1e3, 3),
-            "slowest_input": f"{self.target}:{self.slowest_input[:2048].hex()}"
-            + ("..." if len(self.slowest_input) > 2048 else ""),
-            "slowest_input_bytes": len(self.slowest_input),
+            "slowest_input_hex": self.slowest_input.hex() + ("..." if self.slowest_bytes > 4096 else ""),
+            "slowest_input_bytes": self.slowest_bytes,
             "rss_growth_kib": self.rss_growth_kib,
             "traced_growth_bytes": self.traced_growth_bytes,
             "traced_inputs": self.traced_inputs,
@@ -1104,6 +1122,7 @@ def run_target(
     try:
         for i in range(inputs):
             if i == inputs - traced:
+                _clear_caches()
                 gc.collect()
                 tracemalloc.start()
                 traced_base = tracemalloc.get_traced_memory()[0]
@@ -1121,8 +1140,8 @@ def run_target(
                     took = min(took, time.perf_counter() - t0)
             watchdog.current = None
             result.inputs += 1
-            if took > result.slowest_s:
-                result.slowest_s, result.slowest_input = took, data
+            if took > result.slowest_s:  # its first 4 KiB: what is kept must not weigh on the traced memory
+                result.slowest_s, result.slowest_input, result.slowest_bytes = took, data[:4096], len(data)
             if _error_log.records:
                 record = _error_log.records[0]
                 _error_log.records.clear()
@@ -1138,6 +1157,7 @@ def run_target(
         faulthandler.cancel_dump_traceback_later()
         watchdog.stop()
         if tracemalloc.is_tracing():
+            _clear_caches()
             gc.collect()
             result.traced_growth_bytes = tracemalloc.get_traced_memory()[0] - traced_base
             result.traced_inputs = traced
@@ -1145,6 +1165,13 @@ def run_target(
     result.seconds = time.perf_counter() - started
     result.rss_growth_kib = rss_kib() - rss_before
     return result
+
+
+def _clear_caches() -> None:
+    """The standard library's own bounded caches (urlsplit keeps 128 URLs) are not growth of tether's."""
+    import urllib.parse
+
+    urllib.parse.urlsplit.cache_clear()
 
 
 def _attempt(run: Runner, data: bytes, allowed: tuple[type[BaseException], ...]) -> Exception | None:
@@ -1499,7 +1526,7 @@ def run_live(
             took = time.perf_counter() - t0
             result.inputs += 1
             if took > result.slowest_s:
-                result.slowest_s, result.slowest_input = took, data
+                result.slowest_s, result.slowest_input, result.slowest_bytes = took, data[:4096], len(data)
             if not closed:
                 what = f"connection still open {took:.1f} s after our side closed"
                 _record(result, "hang", what, data, max_findings=max_findings)
@@ -1673,7 +1700,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{f.kind.upper()} in {f.target} ({f.count}x): {f.what}")
             if f.trace:
                 print("  " + f.trace.strip().replace("\n", "\n  "))
-            print(f"  reproducer: python bench/fuzz.py --replay {f.reproducer()[:20000]}")
+            repro = f.reproducer()
+            cut = " ... (cut: the whole input is in --json)" if len(repro) > 4000 else ""
+            print(f"  reproducer: python bench/fuzz.py --replay {repro[:4000]}{cut}")
     if args.json is not None:
         report = {"seed": args.seed, "inputs": total_inputs, "crashes": crashes, "hangs": hangs, "total_s": total_s,
                   "jobs": args.jobs, "deadline_s": args.deadline, "targets": [r.to_json() for r in results.values()],

@@ -76,6 +76,9 @@ REGRESSIONS = [
     # a shape whose byte count has more than 4,300 digits: computed at length, then unprintable
     ("session", _session(b'{"tensors": [{"name": "x", "dtype": "float32", "shape": [2, ' + b"9" * 4300 + b"]}]}", 2)),
     ("session", _session(b'{"tensors": [{"name": "x", "dtype": "int8", "shape": [' + b", ".join([b"9" * 4000] * 200) + b"]}]}", 2)),
+    ("http_response", "HTTP/1.1 4²6 Upgrade Required\r\n\r\n".encode("latin-1")),  # "4²6".isdigit() holds
+    ("hostport", "host:²".encode()),
+    ("hostport", b"host:" + b"9" * 5000),
 ]  # fmt: skip
 
 
