@@ -377,3 +377,13 @@ def test_ctrl_c_stops_a_command_started_with_sigint_ignored(tracker: TrackerThre
         proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.mark.parametrize("text", ["host:²", "host:٣", "host:" + "9" * 5000, "host:65536", "[::1]:x"])
+def test_bad_ports_in_addresses_are_config_errors(text: str) -> None:
+    """Found by bench/fuzz.py: "²".isdigit() holds and int("²") raises ValueError, as does int() of 5,000 digits."""
+    from tether.aio.net import parse_hostport
+    from tether.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="port"):
+        parse_hostport(text)

@@ -157,11 +157,25 @@ def test_ping_hello_and_session_event() -> None:
         b"[2]",
         b'[102, {"event": "maybe", "matchkey": "m"}]',
         b"\xff\xfe",
+        # found by bench/fuzz.py: each was a ValueError or OverflowError traceback in the tracker's log
+        '[3, "k", ["²", "m"]]'.encode(),  # "²".isdigit() holds, int("²") raises
+        '[3, "k", ["٣", "m"]]'.encode(),  # a port is ASCII digits
+        b'[3, "k", ["' + b"9" * 5000 + b'", "m"]]',  # int() of over 4,300 digits raises
+        b'[4, "k", "", ' + b"9" * 400 + b"]",  # an int no float holds: math.isfinite raised OverflowError
+        b'[4, "k", "", 1, {"timeout": ' + b"9" * 400 + b"}]",
+        b'[4, "k", "", 1, {"unservable_after": -' + b"9" * 400 + b"}]",
     ],
 )
 def test_bad_messages_raise_remote_protocol_error(wire: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
         decode_message(wire)
+
+
+def test_ports_as_strings_and_huge_numbers_that_fit() -> None:
+    assert decode_message(b'[3, "k", [" 9090 ", "m"]]') == Put("k", 9090, "m")  # C++/Java servers send a string
+    assert decode_message(b'[4, "k", "", 1' + b"0" * 300 + b"]") == Request("k", "", 10**300)  # fits a float
+    with pytest.raises(RemoteProtocolError, match="bad port"):
+        parse_request_reply([0, ["h", "²", "m"]])
 
 
 def test_request_replies() -> None:
@@ -330,3 +344,42 @@ def test_key_round_trip(role: str, name: str, options: dict[str, str]) -> None:
 
 def test_json_dumps_default_is_tvm_compatible() -> None:
     assert json.dumps([0, ["a", 1, "b"]]).encode() == encode_value([0, ["a", 1, "b"]])[4:]
+
+
+# -- native session frames ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"name": "x", "dtype": {"float32": 1}, "shape": [2]},  # unhashable: was a TypeError
+        {"name": "x", "dtype": ["float32"], "shape": [2]},
+        {"name": "x", "dtype": "float32", "shape": [2, int("9" * 4300)]},  # its byte count could not be printed
+        {"name": "x", "dtype": "float32", "shape": [1 << 61]},  # 2**63 bytes
+        {"name": 1, "dtype": "float32", "shape": [2]},
+        {"name": "x", "dtype": "float32", "shape": [True]},
+        {"name": "x", "dtype": "float32", "shape": [2], "nbytes": 9},
+    ],
+)
+def test_bad_tensor_descriptions_are_protocol_errors(raw: dict[str, object]) -> None:
+    from tether.protocol.session import tensor_desc
+
+    with pytest.raises(RemoteProtocolError):
+        tensor_desc(raw)
+
+
+def test_a_shape_of_huge_dims_is_refused_without_multiplying_them() -> None:
+    import time
+
+    from tether.protocol.session import MAX_TENSOR_BYTES, shape_nbytes, tensor_descs
+
+    huge = [int("9" * 4000)] * 200  # the product has 800,000 digits: seconds of bignum arithmetic
+    started = time.perf_counter()
+    with pytest.raises(RemoteProtocolError, match="or more"):
+        tensor_descs([{"name": "x", "dtype": "int8", "shape": huge}], 0)
+    assert time.perf_counter() - started < 0.5
+    assert shape_nbytes([2, 3], 4) == 24
+    assert shape_nbytes([0, *huge], 4) == 0  # an empty tensor, whatever its other dims
+    assert shape_nbytes([1 << 61], 4) is None
+    assert shape_nbytes([(1 << 61) - 1], 4) == MAX_TENSOR_BYTES - 4
+    assert shape_nbytes([3], 4, limit=12) is None

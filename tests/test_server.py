@@ -133,6 +133,39 @@ def test_upload_paths_that_escape_the_workspace_are_refused(device_server: Any, 
         sess.ping()
 
 
+@pytest.mark.parametrize(
+    ("op", "header", "kind"),
+    [
+        ("fill", {"shape": [2, True], "dtype": "float32"}, "ValueError"),  # was the runtime's BackendError
+        ("fill", {"shape": [2, 3], "dtype": "fk:12"}, "ValueError"),
+        ("fill", {"shape": [10**300], "dtype": "float32"}, "ValueError"),
+        ("listdir", {"path": 10**300}, "WorkspaceError"),  # was OSError: File name too long
+        ("upload", {"path": "a/" * 2100}, "WorkspaceError"),
+        ("put", {"tensors": [{"name": "x", "dtype": {}, "shape": [2]}]}, "ProtocolError"),  # was TypeError
+    ],
+)
+def test_malformed_requests_get_typed_errors_and_no_device_traceback(
+    device_server: Any, op: str, header: dict[str, Any], kind: str
+) -> None:
+    """Found by bench/fuzz.py: each was answered with a traceback of the device's own code."""
+    server = device_server(key="dev")
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        with pytest.raises(tether.RemoteError) as info:
+            sess._call(op, header)
+        assert (info.value.remote_type, info.value.remote_traceback) == (kind, "")
+        sess.ping()
+
+
+def test_workspace_names_the_file_system_cannot_take(tmp_path: Path) -> None:
+    from tether.device.workspace import Workspace
+
+    workspace = Workspace(tmp_path)
+    for name in ("\udbff", "x" * 256, "a/" * 2100):
+        with pytest.raises(tether.WorkspaceError):
+            workspace.resolve(name)
+    assert workspace.resolve("x" * 255) == tmp_path.resolve() / ("x" * 255)
+
+
 def test_session_timeout_is_typed_then_the_slot_is_free(device_server: Any, tmp_path: Path) -> None:
     server = device_server(key="dev")
     with tether.connect("127.0.0.1", server.port, key="dev", session_timeout=1) as sess:

@@ -547,6 +547,7 @@ def test_upgrade_request_round_trip() -> None:
             None,
         ),
         (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", RemoteProtocolError, None),
+        ("HTTP/1.1 4²6 Upgrade Required\r\n\r\n".encode("latin-1"), RemoteProtocolError, None),  # was ValueError
     ],
 )
 def test_check_upgrade_response_refuses(response: bytes, error: type[Exception], status: int | None) -> None:

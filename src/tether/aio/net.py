@@ -106,13 +106,12 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
         if default_port is None:
             raise ConfigError(f"address {text!r} needs a port (HOST:PORT)")
         return host, default_port
-    if not port_text.isdigit():
+    if not (port_text.isascii() and port_text.isdigit()):  # "²".isdigit() holds, int("²") raises
         what = "an empty port" if not port_text else f"port {port_text!r}, not a number"
         raise ConfigError(f"address {text!r} has {what} (HOST:PORT)")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port {port} out of range 0..65535 in {text!r}")
-    return host, port
+    if len(port_text) > 5 or not 0 <= int(port_text) <= 65535:  # int() of thousands of digits raises
+        raise ConfigError(f"port {port_text:.20} out of range 0..65535 in {text!r:.200}")
+    return host, int(port_text)
 
 
 def bind_listener(

@@ -24,7 +24,6 @@ import hashlib
 import importlib
 import json
 import logging
-import math
 import mmap
 import os
 import socket
@@ -48,7 +47,15 @@ from ..errors import (
     RemoteProtocolError,
     WorkspaceError,
 )
-from ..protocol.session import DTYPE_SIZES, MAX_PAYLOAD_BYTES, FrameHeader, FrameKind, TensorDesc, tensor_descs
+from ..protocol.session import (
+    DTYPE_SIZES,
+    MAX_PAYLOAD_BYTES,
+    FrameHeader,
+    FrameKind,
+    TensorDesc,
+    shape_nbytes,
+    tensor_descs,
+)
 from ..runtime import Model, RawTensor, backend_for_path, fill_shape, fill_tensor, get_backend
 from .cache import ContentCache, is_sha256
 from .workspace import Workspace
@@ -365,7 +372,8 @@ class NativeSession:
                 return
 
     def _send_error(self, head: FrameHeader, exc: BaseException, op: Any) -> None:
-        trace = "" if isinstance(exc, RemoteError) else traceback.format_exc(limit=20)
+        # a malformed request is the client's mistake: the message says it all, no device traceback
+        trace = "" if isinstance(exc, RemoteError | RemoteProtocolError) else traceback.format_exc(limit=20)
         if self._out_of_memory(exc):
             limit = self.quotas.memory
             allowed = f" (this server allows a worker {_mib(limit)} more than it starts with, --worker-memory-mb)"
@@ -537,10 +545,15 @@ class NativeSession:
 
     def _fill(self, header: dict[str, Any], payload: _Payload) -> tuple[dict[str, Any], list[Any]]:
         shape = header.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise RemoteError(f"shape must be a list of non-negative ints, not {shape!r}", "ValueError")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise RemoteError(f"shape must be a list of non-negative ints, not {shape!r:.200}", "ValueError")
+        dtype = header.get("dtype")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise RemoteError(f"unsupported dtype {dtype!r:.80}; known: {', '.join(DTYPE_SIZES)}", "ValueError")
         seed = header.get("seed")
-        tensor = self._generated(str(header.get("dtype")), tuple(shape), str(header.get("kind", "random")), seed)
+        tensor = self._generated(dtype, tuple(shape), str(header.get("kind", "random")), seed)
         handle = self._handle("t")
         self.tensors[handle] = tensor
         return {"tensor": handle}, []
@@ -548,11 +561,12 @@ class NativeSession:
     def _generated(self, dtype: str, shape: tuple[int, ...], kind: str, seed: Any) -> RawTensor:
         """A tensor made on the device, no larger than what the session may receive in one frame."""
         if all(isinstance(d, int) for d in shape) and dtype in DTYPE_SIZES:
-            nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-            if nbytes > self.max_request:
+            limit = self.max_request
+            nbytes = shape_nbytes(shape, DTYPE_SIZES[dtype], limit + 1)  # None past the limit: never a huge product
+            if nbytes is None:
                 raise RemoteError(
-                    f"a generated {dtype} tensor of shape {list(shape)} would take {nbytes} bytes; this server "
-                    f"makes at most {self.max_request} (its payload limit)",
+                    f"a generated {dtype} tensor of shape {list(shape)!r:.200} would be larger than this server "
+                    f"makes: at most {limit} bytes (its payload limit)",
                     "ValueError",
                 )
         return fill_tensor(dtype, shape, kind, seed)

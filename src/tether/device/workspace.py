@@ -17,6 +17,10 @@ from ..errors import WorkspaceError
 
 __all__ = ["Workspace"]
 
+#: Linux's limits on a path and on one of its names, in bytes (PATH_MAX counts the final NUL).
+_PATH_MAX = 4096
+_NAME_MAX = 255
+
 
 class Workspace:
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -26,6 +30,10 @@ class Workspace:
         """The real path of ``name`` inside the workspace."""
         if not isinstance(name, str) or not name or "\x00" in name:
             raise WorkspaceError(f"bad path {name!r}", "WorkspaceError")
+        try:
+            os.fsencode(name)
+        except UnicodeError:  # a lone surrogate from the client's JSON: no file can have that name
+            raise WorkspaceError(f"path {name!r:.200} cannot be a file name here", "WorkspaceError") from None
         pure = PurePosixPath(name.replace("\\", "/"))
         if pure.is_absolute() or Path(name).is_absolute() or Path(name).drive:
             raise WorkspaceError(f"path {name!r} is absolute: name files relative to the workspace", "WorkspaceError")
@@ -34,6 +42,9 @@ class Workspace:
         path = (self.root / pure).resolve()
         if path != self.root and self.root not in path.parents:
             raise WorkspaceError(f"path {name!r} resolves outside the workspace (a symlink)", "WorkspaceError")
+        raw = os.fsencode(path)  # what the file system cannot take is the client's mistake (ENAMETOOLONG)
+        if len(raw) >= _PATH_MAX or any(len(part) > _NAME_MAX for part in raw.split(b"/")):
+            raise WorkspaceError(f"path {name!r:.200} is too long for the file system", "WorkspaceError")
         if must_exist and not path.exists():
             raise WorkspaceError(f"no such file in the workspace: {name!r}", "WorkspaceError")
         return path

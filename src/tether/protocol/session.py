@@ -26,6 +26,7 @@ import enum
 import json
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -36,12 +37,14 @@ __all__ = [
     "FIXED_HEADER",
     "MAX_HEADER_BYTES",
     "MAX_PAYLOAD_BYTES",
+    "MAX_TENSOR_BYTES",
     "FrameHeader",
     "FrameKind",
     "TensorDesc",
     "encode_frame_head",
     "parse_fixed_header",
     "parse_json_header",
+    "shape_nbytes",
     "tensor_desc",
     "tensor_descs",
 ]
@@ -53,6 +56,8 @@ FIXED_HEADER: Final = struct.Struct("<2sBBIIQ")
 MAX_HEADER_BYTES: Final = 1 << 20
 #: Default bound on a frame's payload (a file or a set of tensors); servers may set their own.
 MAX_PAYLOAD_BYTES: Final = 16 << 30
+#: No tensor description may announce this many bytes (its payload must fit in a frame's u64 length).
+MAX_TENSOR_BYTES: Final = 1 << 63
 
 #: Element sizes of the dtypes the protocol carries (numpy's names).
 DTYPE_SIZES: Final[dict[str, int]] = {
@@ -161,14 +166,30 @@ def tensor_desc(raw: Any) -> TensorDesc:
     name, dtype, shape = raw.get("name", ""), raw.get("dtype"), raw.get("shape")
     if not isinstance(name, str):
         raise RemoteProtocolError("tensor name must be a string")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list or an object is not hashable
         raise RemoteProtocolError(f"unsupported dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise RemoteProtocolError(f"tensor shape must be a list of non-negative ints, not {shape!r}")
-    desc = TensorDesc(name, dtype, tuple(shape))
-    if raw.get("nbytes", desc.nbytes) != desc.nbytes:
-        raise RemoteProtocolError(f"tensor {name!r}: nbytes {raw.get('nbytes')} != {desc.nbytes} for its shape")
-    return desc
+        raise RemoteProtocolError(f"tensor shape must be a list of non-negative ints, not {shape!r:.200}")
+    nbytes = shape_nbytes(shape, DTYPE_SIZES[dtype])
+    if nbytes is None:
+        raise RemoteProtocolError(f"tensor {name!r:.80} of shape {shape!r:.200} has {MAX_TENSOR_BYTES} bytes or more")
+    if raw.get("nbytes", nbytes) != nbytes:
+        raise RemoteProtocolError(f"tensor {name!r:.80}: nbytes {raw.get('nbytes')!r:.40} != {nbytes} for its shape")
+    return TensorDesc(name, dtype, tuple(shape))
+
+
+def shape_nbytes(shape: Sequence[int], itemsize: int, limit: int = MAX_TENSOR_BYTES) -> int | None:
+    """Bytes of a tensor of ``shape``, or None when that is ``limit`` or more: the product is checked as it
+    grows (a peer's shape of a few thousand-digit dims must not cost a multiplication of a million digits,
+    nor an int too long to print)."""
+    if 0 in shape:
+        return 0
+    nbytes = itemsize
+    for dim in shape:
+        nbytes *= dim
+        if nbytes >= limit:
+            return None
+    return nbytes
 
 
 def tensor_descs(raw: Any, payload_len: int) -> list[TensorDesc]:

@@ -266,18 +266,29 @@ def _object(value: Any, what: str) -> dict[str, Any]:
 
 
 def _port(value: Any) -> int:
-    # Python servers send an int; C++/Java/iOS servers may send the port as a string.
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    # Python servers send an int; C++/Java/iOS servers may send the port as a string (of ASCII digits:
+    # str.isdigit() also holds for "²", which int() refuses, and int() of thousands of digits raises).
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit() and len(text) <= 5:
+            value = int(text)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise RemoteProtocolError(f"bad port {value!r:.80}")
     return value
 
 
 def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite_number(value):
         raise RemoteProtocolError(f"{what} must be a finite number, got {value!r:.80}")
     return value
+
+
+def _finite_number(value: float) -> bool:
+    """math.isfinite, also for an int too large for a float (which it raises OverflowError on)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _labels(value: Any) -> dict[str, str]:

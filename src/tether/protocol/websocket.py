@@ -619,7 +619,8 @@ def check_upgrade_response(head: bytes | bytearray, key: str) -> None:
         raise RemoteProtocolError(f"malformed HTTP response to the websocket upgrade: {exc.reason}") from None
     version, _, rest = start.partition(" ")
     status_text, _, _ = rest.partition(" ")
-    if not version.startswith("HTTP/") or len(status_text) != 3 or not status_text.isdigit():
+    three_digits = len(status_text) == 3 and status_text.isascii() and status_text.isdigit()  # "4²6".isdigit() too
+    if not version.startswith("HTTP/") or not three_digits:
         raise RemoteProtocolError(f"not an HTTP response to the websocket upgrade: {start[:80]!r}")
     status = int(status_text)
     if status != 101:
