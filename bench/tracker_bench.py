@@ -75,7 +75,9 @@ def _read_port(proc: subprocess.Popen[str]) -> int:
 @contextlib.contextmanager
 def tether_tracker() -> Iterator[TrackerProc]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tether", "tracker", "--port", "0", "--silent"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "tether", "tracker", "--port", "0", "--silent", "--max-connections-per-peer", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         port = _read_port(proc)

@@ -16,6 +16,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -24,8 +25,10 @@ from heapq import heappop as _heappop
 from heapq import heappush as _heappush
 from typing import Any
 
+from ..loglimit import PeerLogLimit
 from ..protocol.constants import TrackerCode
 from ..protocol.framing import encode_frame
+from ..protocol.keys import PROXY_PREFIX
 from ..protocol.tracker import (
     Cancel,
     GetPendingMatchkeys,
@@ -44,7 +47,7 @@ from .config import TrackerConfig
 from .registry import Connection, Held, Link, parse_tether_info, waiter_wire
 from .scheduler import PROTOCOL_TVM, Grant, Scheduler, Slot, Waiter
 
-__all__ = ["KNOWN_PROTOCOLS", "TrackerCore"]
+__all__ = ["KNOWN_PROTOCOLS", "TrackerCore", "cap_priority"]
 
 logger = logging.getLogger("tether.tracker")
 
@@ -72,6 +75,18 @@ class _KeyServers:
 
 
 _FAIL = encode_value(TrackerCode.FAIL.value)
+#: Handshake and idle checks run on whole seconds of the clock: at 10,000 connections, one timer a second
+#: at most, not one per connection (a deadline is kept up to this late).
+_IDLE_TICK_S = 1.0
+
+
+def cap_priority(priority: float, user: str, max_priority: float) -> float:
+    """The priority a request of ``user`` gets: ``priority`` clamped to ``[-max_priority, max_priority]``.
+    The one place that decides it: caps per user or role belong here. A request asking for more than the
+    cap waits at the cap, where users take turns (round robin), so it cannot starve the others there;
+    levels below are served whenever nobody waits at the cap (1e300 used to outrank every request)."""
+    del user  # every user has the same cap for now
+    return max(-max_priority, min(priority, max_priority))
 
 
 def _version() -> str:
@@ -118,6 +133,12 @@ class TrackerCore:
         #: Bumped by what changes who serves a key (PUT, UPDATE_INFO, WITHDRAW, SESSION, grants, departures)
         self._registry_epoch = 0
         self._index: tuple[int, dict[str, _KeyServers]] | None = None
+        #: (when, cid): each open connection's next handshake/idle check (one entry per connection)
+        self._idle: list[tuple[float, int]] = []
+        #: user -> requests of that user waiting now (``max_waiters_per_user``)
+        self._user_waiters: dict[str, int] = {}
+        #: one line per refusal (a request, a PUT, an idle close), a few per window in a flood
+        self.refusal_log = PeerLogLimit(clock=clock, logger=logger, about="refusals")
         self._handlers: dict[type, Callable[[Connection, Any], None]] = {
             Ping: self._on_ping,
             Stop: self._on_stop_msg,
@@ -134,20 +155,29 @@ class TrackerCore:
     # -- driver interface ----------------------------------------------------------------------
 
     def connect(self, link: Link, host: str, port: int) -> Connection:
-        """Register a new connection from ``host:port``."""
+        """Register a new connection from ``host:port``, before its magic (see :meth:`greeted`)."""
         now = self.clock()
         self._next_cid += 1
-        conn = Connection(self._next_cid, link, host, port, now, now)
+        conn = Connection(self._next_cid, link, host, port, now, now, active=now)
         conn.refresh_wire()
         self._conns[conn.cid] = conn
         self._epoch += 1
+        due = self._next_check(conn, now)
+        if due is not None:
+            self._schedule_check(conn, due)
         return conn
+
+    def greeted(self, conn: Connection) -> None:
+        """The connection sent the magic and got it back: its handshake deadline is over."""
+        if not conn.greeted:
+            conn.greeted = True
+            conn.active = self.clock()
 
     def receive(self, conn: Connection, msg: TrackerMessage) -> None:
         """Apply one message. Raises :class:`RemoteProtocolError` when its content is unacceptable;
         the driver then closes the connection."""
-        if conn.silence_limit is not None:
-            conn.last_seen = self.clock()
+        conn.greeted = True
+        conn.last_seen = conn.active = self.clock()
         if type(msg) not in _READ_ONLY:
             self._epoch += 1
             if type(msg) in _SERVER_SIDE:
@@ -171,6 +201,7 @@ class TrackerCore:
             self.scheduler.remove_slot(slot)
         for waiter in conn.waiters:
             self.scheduler.remove_waiter(waiter)
+            self._count_waiter(waiter.user, -1)
         if conn.slots or conn.held or conn.info:
             logger.info(
                 "connection %s (%s) closed: %d free slot(s) and %d grant(s) removed",
@@ -192,7 +223,7 @@ class TrackerCore:
         for waiter in self.scheduler.expire(now):
             owner = waiter.owner
             assert isinstance(owner, Connection)
-            owner.waiters.pop(waiter, None)
+            self._unlist(owner, waiter, now)
             self._note_key(waiter.key)
             logger.info(
                 "request %s for %r by %s timed out after %.3g s",
@@ -228,12 +259,84 @@ class TrackerCore:
                 conn.link.close()
             else:
                 _heappush(heap, (conn.last_seen + conn.silence_limit, cid))
+        self._check_idle(now)
         return self.next_deadline()
 
     def next_deadline(self) -> float | None:
         candidates = [self.scheduler.next_deadline()]
-        candidates += [heap[0][0] for heap in (self._liveness, self._grace) if heap]
+        candidates += [heap[0][0] for heap in (self._liveness, self._grace, self._idle) if heap]
         return min((c for c in candidates if c is not None), default=None)
+
+    # -- bounds: handshake and idle deadlines, shedding ----------------------------------------------
+
+    @staticmethod
+    def holds_something(conn: Connection) -> bool:
+        """True for a connection the tracker must keep however quiet it is: it offers free slots, serves
+        grants, has requests waiting, or promised heartbeats (its liveness check covers it)."""
+        return bool(conn.slots or conn.held or conn.waiters) or conn.silence_limit is not None
+
+    def _next_check(self, conn: Connection, now: float) -> float | None:
+        """When ``conn`` is due to be closed as things stand (``now`` + the idle time while it holds
+        something: looked at again then), or None when no deadline applies."""
+        cfg = self.config
+        if not conn.greeted and cfg.handshake_timeout_s > 0:
+            return conn.opened + cfg.handshake_timeout_s
+        if cfg.idle_timeout_s <= 0:
+            return None
+        if self.holds_something(conn):
+            return now + cfg.idle_timeout_s
+        return conn.active + cfg.idle_timeout_s
+
+    def _schedule_check(self, conn: Connection, due: float) -> None:
+        when = math.ceil(due / _IDLE_TICK_S) * _IDLE_TICK_S
+        _heappush(self._idle, (when, conn.cid))
+        self._wakeup(when)
+
+    def _check_idle(self, now: float) -> None:
+        heap = self._idle
+        while heap and heap[0][0] <= now:
+            _, cid = _heappop(heap)
+            conn = self._conns.get(cid)
+            if conn is None:
+                continue
+            due = self._next_check(conn, now)
+            if due is None:
+                continue
+            if due > now:
+                self._schedule_check(conn, due)
+                continue
+            if self.refusal_log.allow(conn.host):
+                if conn.greeted:
+                    logger.info("closing %s: idle for %.0f s, holding nothing", conn.address, now - conn.active)
+                else:
+                    logger.info("closing %s: no handshake within %.3g s", conn.address, now - conn.opened)
+            self.disconnect(conn)
+            conn.link.close()
+
+    def shed_idle(self, count: int, spare: Connection | None = None) -> int:
+        """Close up to ``count`` connections that hold nothing (see :meth:`holds_something`), idle longest
+        first (those that never finished the handshake among them), never ``spare``: room for new peers
+        when file descriptors run short. Returns how many were closed."""
+        if count <= 0:
+            return 0
+        idle = (c for c in self._conns.values() if c is not spare and not self.holds_something(c))
+        victims = heapq.nsmallest(count, idle, key=lambda c: c.active)
+        now = self.clock()
+        for conn in victims:
+            self.disconnect(conn)
+            conn.link.close()
+        if victims:
+            oldest = now - victims[0].active
+            logger.warning(
+                "%d connection(s) holding nothing closed to make room for new peers (idle up to %.0f s)",
+                len(victims),
+                oldest,
+            )
+        return len(victims)
+
+    def cap_priority(self, priority: float, user: str) -> float:
+        """The priority ``user``'s request gets (:func:`cap_priority` with ``config.max_priority``)."""
+        return cap_priority(priority, user, self.config.max_priority)
 
     @property
     def connections(self) -> list[Connection]:
@@ -267,6 +370,20 @@ class TrackerCore:
                 return
             self.scheduler.remove_slot(old)
             del conn.slots[msg.matchkey]
+        else:
+            proxy = conn.info_key.startswith(PROXY_PREFIX)
+            limit = self.config.max_proxy_slots if proxy else self.config.max_slots_per_connection
+            if limit and len(conn.slots) >= limit:
+                if self.refusal_log.allow(conn.host):
+                    logger.warning(
+                        "PUT of %r from %s refused: it already offers %d free slots (--max-%s)",
+                        msg.key,
+                        conn.address,
+                        len(conn.slots),
+                        "proxy-slots" if proxy else "slots-per-connection",
+                    )
+                conn.link.send(_FAIL)
+                return
         if conn.single_session:
             conn.held.clear()  # a plain TVM server offers itself again: its session is over
         else:
@@ -304,7 +421,17 @@ class TrackerCore:
         now = self.clock()
         opts = msg.options
         user = (opts.user if opts and opts.user else None) or msg.user or conn.host
-        waiter = Waiter(msg.key, user, msg.priority, owner=conn)
+        priority = self.cap_priority(msg.priority, user)
+        if priority != msg.priority and self.refusal_log.allow(conn.host):
+            logger.info(
+                "request for %r by %s from %s: priority %g capped to %g",
+                msg.key,
+                user,
+                conn.address,
+                msg.priority,
+                priority,
+            )
+        waiter = Waiter(msg.key, user, priority, owner=conn)
         if opts is not None:
             waiter.protocol = opts.protocol
             waiter.labels = opts.labels
@@ -320,7 +447,15 @@ class TrackerCore:
         if grant is not None:
             self._deliver(grant, now)
         elif waiter.waiting:
+            reason = self._too_many_waiters(conn, user)
+            if reason:
+                self.scheduler.remove_waiter(waiter)
+                if self.refusal_log.allow(conn.host):
+                    logger.warning("request for %r by %s from %s rejected: %s", msg.key, user, conn.address, reason)
+                self._fail(conn, waiter, "rejected", reason)
+                return
             conn.waiters[waiter] = waiter_wire(waiter)
+            self._count_waiter(user, 1)
             if waiter.deadline is not None:
                 self._wakeup(waiter.deadline)
             if opts is not None and opts.unservable_after is not None:
@@ -335,6 +470,28 @@ class TrackerCore:
         else:  # a zero timeout with nothing free
             self._fail(conn, waiter, "timeout", f"no free server of key {msg.key!r} (timeout 0)")
 
+    def _too_many_waiters(self, conn: Connection, user: str) -> str | None:
+        cfg = self.config
+        if cfg.max_waiters_per_connection and len(conn.waiters) >= cfg.max_waiters_per_connection:
+            return f"too many waiting requests on this connection (limit {cfg.max_waiters_per_connection})"
+        if cfg.max_waiters_per_user and self._user_waiters.get(user, 0) >= cfg.max_waiters_per_user:
+            return f"too many waiting requests of user {user!r} (limit {cfg.max_waiters_per_user})"
+        return None
+
+    def _count_waiter(self, user: str, delta: int) -> None:
+        n = self._user_waiters.get(user, 0) + delta
+        if n > 0:
+            self._user_waiters[user] = n
+        else:
+            self._user_waiters.pop(user, None)
+
+    def _unlist(self, conn: Connection, waiter: Waiter, now: float) -> None:
+        """``waiter`` no longer waits (granted, expired, judged, cancelled): off its connection's list,
+        whose idle time starts now if that was all it held."""
+        if conn.waiters.pop(waiter, None) is not None:
+            self._count_waiter(waiter.user, -1)
+            conn.active = now
+
     def _fail_if_unservable(self, waiter: Waiter, now: float) -> None:
         unservable, why = self._diagnose(waiter)
         if not unservable:
@@ -342,7 +499,7 @@ class TrackerCore:
         owner = waiter.owner
         assert isinstance(owner, Connection)
         self.scheduler.remove_waiter(waiter)
-        owner.waiters.pop(waiter, None)
+        self._unlist(owner, waiter, now)
         self._note_key(waiter.key)
         logger.info("request %s for %r by %s: %s", waiter.request_id, waiter.key, waiter.user, why)
         self._fail(owner, waiter, "unservable", why)
@@ -469,7 +626,7 @@ class TrackerCore:
         for waiter in conn.waiters:
             if waiter.request_id == msg.request_id:
                 self.scheduler.remove_waiter(waiter)
-                del conn.waiters[waiter]
+                self._unlist(conn, waiter, conn.active)
                 self._note_key(waiter.key)
                 self._fail(conn, waiter, "cancelled", "cancelled by the client")
                 conn.link.send(_OK)
@@ -507,7 +664,7 @@ class TrackerCore:
         self._note_key(waiter.key)
         requester, server = waiter.owner, slot.owner
         assert isinstance(requester, Connection) and isinstance(server, Connection)
-        requester.waiters.pop(waiter, None)
+        self._unlist(requester, waiter, now)
         server.slots.pop(slot.matchkey, None)
         server.remember(
             Held(slot.key, slot.matchkey, "granted", waiter.user, requester.address, now),
