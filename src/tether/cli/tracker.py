@@ -105,7 +105,9 @@ def _add_bounds(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("bounds", "what one peer can make the tracker hold")
     for flag, field, kind, metavar, text in _BOUNDS:
         default = getattr(defaults, field)
-        group.add_argument(flag, type=kind, default=default, metavar=metavar, help=f"{text} (default {default:g})")
+        group.add_argument(
+            flag, dest=field, type=kind, default=default, metavar=metavar, help=f"{text} (default {default:g})"
+        )
 
 
 def _is_loopback(host: str) -> bool:

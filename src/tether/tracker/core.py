@@ -325,7 +325,7 @@ class TrackerCore:
         for conn in victims:
             self.disconnect(conn)
             conn.link.close()
-        if victims:
+        if victims and self.refusal_log.allow("(making room)"):
             oldest = now - victims[0].active
             logger.warning(
                 "%d connection(s) holding nothing closed to make room for new peers (idle up to %.0f s)",

@@ -258,7 +258,7 @@ class TrackerServer:
             and sock is not None
             and sock.fileno() == self._listen_fd
         ):
-            closed = self.core.shed_idle(max(8, self.open_connections // 64))
+            closed = self.core.shed_idle(max(8, self.open_connections // 8))  # an emergency: room for many
             if self.refusal_log.allow("accept"):
                 logger.warning(
                     "accept failed (%s) with %d connections open: %d holding nothing closed; accepting again in 1 s",
