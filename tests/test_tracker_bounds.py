@@ -29,7 +29,7 @@ import tether
 from tether.client.query import query_tracker
 from tether.client.tracker import TrackerClient
 from tether.errors import RequestRejected
-from tether.protocol import RPC_TRACKER_MAGIC, Put, Request, RequestOptions, UpdateInfo
+from tether.protocol import RPC_TRACKER_MAGIC, Cancel, Put, Request, RequestOptions, SessionEvent, UpdateInfo, Withdraw
 from tether.proxy import ProxyConfig, ProxyThread
 from tether.tracker import TrackerConfig, TrackerThread
 from tether.tracker.core import cap_priority
@@ -88,8 +88,9 @@ def test_defaults() -> None:
     cfg = TrackerConfig()
     assert (cfg.handshake_timeout_s, cfg.idle_timeout_s) == (10.0, 60.0)
     assert (cfg.max_connections_per_peer, cfg.max_connections, cfg.fd_reserve) == (512, 0, 64)
-    assert (cfg.max_waiters_per_connection, cfg.max_waiters_per_user) == (1024, 4096)
-    assert (cfg.max_slots_per_connection, cfg.max_proxy_slots, cfg.max_priority) == (256, 4096, 1000.0)
+    assert (cfg.max_waiters_per_connection, cfg.max_waiters_per_user, cfg.max_waiters_per_peer) == (1024, 4096, 4096)
+    assert (cfg.max_slots_per_connection, cfg.max_proxy_slots, cfg.max_slots_per_peer) == (256, 4096, 8192)
+    assert cfg.max_priority == 1000.0
     proxy = ProxyConfig()
     assert (proxy.max_parked_per_peer, proxy.max_parked) == (64, 4096)
 
@@ -366,6 +367,29 @@ def test_waiting_requests_per_user_and_per_address() -> None:
         wait_until(lambda: tracker.call(lambda: dict(tracker.core._user_waiters)) == {}, what="every count back to 0")
 
 
+def test_waiting_requests_per_peer_address_whatever_their_users() -> None:
+    """User names cost nothing: 200,000 requests under as many names still come from one address."""
+    with tracker_with(max_waiters_per_peer=4) as tracker:
+        peers = [RawPeer(tracker.host, tracker.port) for _ in range(2)]
+        try:
+            for i in range(4):
+                peers[i % 2].send_json([4, "k", f"user{i}", 1])
+            wait_until(lambda: pending(tracker, "k") == 4, what="four requests queued")
+            reply = peers[1].call([4, "k", "someone else", 1])
+            assert reply[0] == -1 and "too many waiting requests from 127.0.0.1 (limit 4)" in reply[1]["message"]
+            other = second_loopback_address()
+            if other is not None:  # another address is not affected
+                with contextlib.closing(raw_socket(tracker, other)) as sock:
+                    sock.sendall(MAGIC)
+                    assert sock.recv(4) == MAGIC
+                    body = json.dumps([4, "k", "", 1]).encode()
+                    sock.sendall(struct.pack("<i", len(body)) + body)
+                    wait_until(lambda: pending(tracker, "k") == 5, what="the other address's request queued")
+        finally:
+            for p in peers:
+                p.close()
+
+
 def test_tvms_client_gets_a_clear_error_when_rejected() -> None:
     pytest.importorskip("tvm")
     from tvm import rpc
@@ -408,6 +432,22 @@ def test_free_slots_per_connection(tracker: TrackerThread, caplog: pytest.LogCap
         server.close()
         proxy.close()
     assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
+
+
+def test_free_slots_per_peer_address() -> None:
+    with tracker_with(max_slots_per_peer=3) as tracker:
+        peers = [RawPeer(tracker.host, tracker.port) for _ in range(2)]
+        try:
+            for i in range(3):
+                assert peers[i % 2].call([3, "k", [9000, f"k:{i}"], None]) == 0
+            assert peers[1].call([3, "k", [9000, "k:3"], None]) == -1
+            with TrackerClient.connect(tracker.host, tracker.port) as client:  # one is granted: room for one more
+                client.request_grant("k", timeout=5)
+            assert peers[1].call([3, "k", [9000, "k:3"], None]) == 0
+        finally:
+            for p in peers:
+                p.close()
+        wait_until(lambda: tracker.call(lambda: dict(tracker.core._peer_slots)) == {}, what="every count back to 0")
 
 
 # -- 7. priority ---------------------------------------------------------------------------------------
@@ -527,6 +567,46 @@ def test_core_waiter_limits_and_counts() -> None:
     assert h.core._user_waiters == {"alice": 1, "bob": 1}
     h.core.disconnect(b)
     assert h.core._user_waiters == {}
+
+
+def _assert_counts(core: Any) -> None:
+    """The per-user and per-address counts agree with what the connections hold."""
+    users: dict[str, int] = {}
+    waiters: dict[str, int] = {}
+    slots: dict[str, int] = {}
+    for conn in core.connections:
+        for waiter in conn.waiters:
+            users[waiter.user] = users.get(waiter.user, 0) + 1
+            waiters[conn.host] = waiters.get(conn.host, 0) + 1
+        if conn.slots:
+            slots[conn.host] = slots.get(conn.host, 0) + len(conn.slots)
+    assert (core._user_waiters, core._peer_waiters, core._peer_slots) == (users, waiters, slots)
+
+
+def test_core_counts_follow_every_way_in_and_out() -> None:
+    h = Harness()
+    server, _ = h.server("k", n=3, host="10.0.0.1", tether={"slots": 4, "heartbeat": 1.0})
+    _assert_counts(h.core)
+    client, clink = h.connect("10.0.0.2")
+    h.core.receive(client, tether_req("k", "g"))  # granted at once
+    h.core.receive(server, SessionEvent("start", "k:9090:1"))  # a session on a free slot: no longer free
+    h.core.receive(server, Withdraw("k:9090:2"))
+    _assert_counts(h.core)
+    h.core.receive(client, tether_req("k", "w1", timeout=5))
+    h.core.receive(client, tether_req("k", "w2", user="bob"))
+    h.core.receive(client, tether_req("k", "w3", user="carol"))
+    h.core.receive(client, Cancel("w3"))
+    _assert_counts(h.core)
+    h.advance(6.0)  # w1 expires; the silent server leaves
+    _assert_counts(h.core)
+    other, _ = h.server("k", host="10.0.0.3")  # w2 granted
+    h.core.receive(other, Put("k", 9090, "k:more"))
+    _assert_counts(h.core)
+    for conn in h.core.connections:
+        h.core.disconnect(conn)
+    _assert_counts(h.core)
+    assert h.core._peer_slots == h.core._peer_waiters == h.core._user_waiters == {}
+    assert clink.replies()
 
 
 def test_core_slot_limits() -> None:

@@ -83,6 +83,13 @@ _BOUNDS: list[tuple[str, str, Any, str, str]] = [
         "waiting requests per user (the request's user, else the peer's address; 0: no limit)",
     ),
     (
+        "--max-waiters-per-peer",
+        "max_waiters_per_peer",
+        non_negative,
+        "N",
+        "waiting requests from one address, whatever their users (0: no limit)",
+    ),
+    (
         "--max-slots-per-connection",
         "max_slots_per_connection",
         non_negative,
@@ -95,6 +102,13 @@ _BOUNDS: list[tuple[str, str, Any, str, str]] = [
         non_negative,
         "N",
         "free slots a proxy's connection (server:proxy[...]) may offer (0: no limit)",
+    ),
+    (
+        "--max-slots-per-peer",
+        "max_slots_per_peer",
+        non_negative,
+        "N",
+        "free slots offered from one address, all its connections together (0: no limit)",
     ),
     ("--max-priority", "max_priority", seconds, "P", "larger request priorities are clamped to this"),
 ]

@@ -71,12 +71,18 @@ class TrackerConfig:
     max_waiters_per_connection: int = 1024
     #: Waiting requests per user (the REQUEST's user, else the peer's address), over all connections.
     max_waiters_per_user: int = 4096
+    #: Waiting requests from one peer address, whatever users they name (a name costs nothing), over all
+    #: its connections. A bench of 10,000 waiters on one machine needs more.
+    max_waiters_per_peer: int = 4096
     #: Free slots one connection may offer (PUT); one more is answered -1 (TVM's FAIL).
     max_slots_per_connection: int = 256
     #: ...for a connection registered as a proxy (``server:proxy[...]``), which offers every server parked
     #: at it (tether's proxy parks at most 4096 by default). TVM's proxy sends its PUTs before its
     #: UPDATE_INFO: with more than ``max_slots_per_connection`` servers parked there, raise that too.
     max_proxy_slots: int = 4096
+    #: Free slots offered from one peer address, over all its connections (a proxy's and its neighbours').
+    #: A NAT in front of more devices, or a bench of 10,000 servers on one machine, needs more.
+    max_slots_per_peer: int = 8192
     #: Largest priority a REQUEST gets (a larger one is clamped, a smaller one than minus this too): TVM's
     #: clients and meta_schedule ask with 1. See :func:`tether.tracker.core.cap_priority`.
     max_priority: float = 1000.0

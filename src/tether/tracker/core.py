@@ -137,6 +137,9 @@ class TrackerCore:
         self._idle: list[tuple[float, int]] = []
         #: user -> requests of that user waiting now (``max_waiters_per_user``)
         self._user_waiters: dict[str, int] = {}
+        #: peer address -> its requests waiting now, and its free slots (``max_waiters_per_peer``, ``..._slots_...``)
+        self._peer_waiters: dict[str, int] = {}
+        self._peer_slots: dict[str, int] = {}
         #: one line per refusal (a request, a PUT, an idle close), a few per window in a flood
         self.refusal_log = PeerLogLimit(clock=clock, logger=logger, about="refusals")
         self._handlers: dict[type, Callable[[Connection, Any], None]] = {
@@ -201,7 +204,7 @@ class TrackerCore:
             self.scheduler.remove_slot(slot)
         for waiter in conn.waiters:
             self.scheduler.remove_waiter(waiter)
-            self._count_waiter(waiter.user, -1)
+            self._count_waiter(waiter.user, conn.host, -1)
         if conn.slots or conn.held or conn.info:
             logger.info(
                 "connection %s (%s) closed: %d free slot(s) and %d grant(s) removed",
@@ -212,6 +215,7 @@ class TrackerCore:
             )
         if conn.waiters:
             logger.info("connection %s closed: %d waiting request(s) withdrawn", conn.address, len(conn.waiters))
+        _count(self._peer_slots, conn.host, -len(conn.slots))
         conn.slots.clear()
         conn.held.clear()
         conn.waiters.clear()
@@ -371,19 +375,13 @@ class TrackerCore:
             self.scheduler.remove_slot(old)
             del conn.slots[msg.matchkey]
         else:
-            proxy = conn.info_key.startswith(PROXY_PREFIX)
-            limit = self.config.max_proxy_slots if proxy else self.config.max_slots_per_connection
-            if limit and len(conn.slots) >= limit:
+            reason = self._too_many_slots(conn)
+            if reason:
                 if self.refusal_log.allow(conn.host):
-                    logger.warning(
-                        "PUT of %r from %s refused: it already offers %d free slots (--max-%s)",
-                        msg.key,
-                        conn.address,
-                        len(conn.slots),
-                        "proxy-slots" if proxy else "slots-per-connection",
-                    )
+                    logger.warning("PUT of %r from %s refused: %s", msg.key, conn.address, reason)
                 conn.link.send(_FAIL)
                 return
+            _count(self._peer_slots, conn.host, 1)
         if conn.single_session:
             conn.held.clear()  # a plain TVM server offers itself again: its session is over
         else:
@@ -399,6 +397,17 @@ class TrackerCore:
         if grant is not None:
             self._deliver(grant, now)
         conn.link.send(_OK)
+
+    def _too_many_slots(self, conn: Connection) -> str | None:
+        cfg = self.config
+        proxy = conn.info_key.startswith(PROXY_PREFIX)
+        limit = cfg.max_proxy_slots if proxy else cfg.max_slots_per_connection
+        if limit and len(conn.slots) >= limit:
+            flag = "--max-proxy-slots" if proxy else "--max-slots-per-connection"
+            return f"it already offers {len(conn.slots)} free slots ({flag})"
+        if cfg.max_slots_per_peer and self._peer_slots.get(conn.host, 0) >= cfg.max_slots_per_peer:
+            return f"{conn.host} already offers {cfg.max_slots_per_peer} free slots (--max-slots-per-peer)"
+        return None
 
     def _forget_phantom_grants(self, conn: Connection, now: float, putting: int = 0) -> None:
         """A tether server declares its slot count; when it offers one more free slot than that count leaves
@@ -455,7 +464,7 @@ class TrackerCore:
                 self._fail(conn, waiter, "rejected", reason)
                 return
             conn.waiters[waiter] = waiter_wire(waiter)
-            self._count_waiter(user, 1)
+            self._count_waiter(user, conn.host, 1)
             if waiter.deadline is not None:
                 self._wakeup(waiter.deadline)
             if opts is not None and opts.unservable_after is not None:
@@ -476,20 +485,19 @@ class TrackerCore:
             return f"too many waiting requests on this connection (limit {cfg.max_waiters_per_connection})"
         if cfg.max_waiters_per_user and self._user_waiters.get(user, 0) >= cfg.max_waiters_per_user:
             return f"too many waiting requests of user {user!r} (limit {cfg.max_waiters_per_user})"
+        if cfg.max_waiters_per_peer and self._peer_waiters.get(conn.host, 0) >= cfg.max_waiters_per_peer:
+            return f"too many waiting requests from {conn.host} (limit {cfg.max_waiters_per_peer})"
         return None
 
-    def _count_waiter(self, user: str, delta: int) -> None:
-        n = self._user_waiters.get(user, 0) + delta
-        if n > 0:
-            self._user_waiters[user] = n
-        else:
-            self._user_waiters.pop(user, None)
+    def _count_waiter(self, user: str, host: str, delta: int) -> None:
+        _count(self._user_waiters, user, delta)
+        _count(self._peer_waiters, host, delta)
 
     def _unlist(self, conn: Connection, waiter: Waiter, now: float) -> None:
         """``waiter`` no longer waits (granted, expired, judged, cancelled): off its connection's list,
         whose idle time starts now if that was all it held."""
         if conn.waiters.pop(waiter, None) is not None:
-            self._count_waiter(waiter.user, -1)
+            self._count_waiter(waiter.user, conn.host, -1)
             conn.active = now
 
     def _fail_if_unservable(self, waiter: Waiter, now: float) -> None:
@@ -638,6 +646,7 @@ class TrackerCore:
         held = conn.held.pop(msg.matchkey, None)
         if slot is not None:
             self.scheduler.remove_slot(slot)
+            _count(self._peer_slots, conn.host, -1)
         conn.link.send(_OK if slot is not None or held is not None else _FAIL)
 
     def _on_session(self, conn: Connection, msg: SessionEvent) -> None:
@@ -650,6 +659,7 @@ class TrackerCore:
                 slot = conn.slots.pop(msg.matchkey, None)
                 if slot is not None:
                     self.scheduler.remove_slot(slot)
+                    _count(self._peer_slots, conn.host, -1)
                 conn.remember(held, self.config.max_held_per_connection)
             held.state, held.since, held.peer = "busy", now, msg.peer
         else:
@@ -665,7 +675,8 @@ class TrackerCore:
         requester, server = waiter.owner, slot.owner
         assert isinstance(requester, Connection) and isinstance(server, Connection)
         self._unlist(requester, waiter, now)
-        server.slots.pop(slot.matchkey, None)
+        if server.slots.pop(slot.matchkey, None) is not None:
+            _count(self._peer_slots, server.host, -1)
         server.remember(
             Held(slot.key, slot.matchkey, "granted", waiter.user, requester.address, now),
             self.config.max_held_per_connection,
@@ -834,6 +845,15 @@ class TrackerCore:
             "connections": len(self._conns),
         }
         return f'{_dumps(head)[:-1]}, "keys": {{{", ".join(keys)}}}, "servers": [{", ".join(servers)}]}}'
+
+
+def _count(counts: dict[str, int], name: str, delta: int) -> None:
+    """Add ``delta`` to ``counts[name]``; a count of 0 leaves the dict (memory only for what is held)."""
+    n = counts.get(name, 0) + delta
+    if n > 0:
+        counts[name] = n
+    else:
+        counts.pop(name, None)
 
 
 def _offers(conn: Connection, key: str) -> bool:
