@@ -317,13 +317,13 @@ class TrackerCore:
             self.disconnect(conn)
             conn.link.close()
 
-    def shed_idle(self, count: int, spare: Connection | None = None) -> int:
+    def shed_idle(self, count: int) -> int:
         """Close up to ``count`` connections that hold nothing (see :meth:`holds_something`), idle longest
-        first (those that never finished the handshake among them), never ``spare``: room for new peers
-        when file descriptors run short. Returns how many were closed."""
+        first (those that never finished the handshake among them): room for new peers when file
+        descriptors run short. Returns how many were closed."""
         if count <= 0:
             return 0
-        idle = (c for c in self._conns.values() if c is not spare and not self.holds_something(c))
+        idle = (c for c in self._conns.values() if not self.holds_something(c))
         victims = heapq.nsmallest(count, idle, key=lambda c: c.active)
         now = self.clock()
         for conn in victims:

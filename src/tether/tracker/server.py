@@ -178,6 +178,7 @@ class TrackerServer:
         #: ``config.max_connections``, or what the file descriptor limit allows (0: no limit); set by start()
         self.max_connections = 0
         self._listen_fd: int | None = None
+        self._emfile_at = float("-inf")  # loop time of the last EMFILE handled
         self._prev_handler: Any = None
 
     @property
@@ -258,6 +259,12 @@ class TrackerServer:
             and sock is not None
             and sock.fileno() == self._listen_fd
         ):
+            # asyncio reports it once per connection it tried to accept in that round (up to the backlog):
+            # make room once per round
+            now = loop.time()
+            if now - self._emfile_at < 0.5:
+                return
+            self._emfile_at = now
             closed = self.core.shed_idle(max(8, self.open_connections // 8))  # an emergency: room for many
             if self.refusal_log.allow("accept"):
                 logger.warning(
