@@ -7,6 +7,14 @@ The clock is injected, so tests drive time by hand.
 
 Replies follow TVM byte for byte for TVM's messages (``0``, ``-1``, ``[0, [host, port, matchkey]]``,
 ``[0, {"queue_info": ..., "server_info": ...}]``); see :mod:`tether.protocol.tracker` for tether's additions.
+
+Bounds (:class:`~tether.tracker.config.TrackerConfig`; what one peer can make the tracker hold): a connection
+that has not sent the magic within ``handshake_timeout_s`` is closed, and so is one that holds nothing (no
+free slot, no grant it serves, no waiting request, no heartbeat promised; :meth:`TrackerCore.holds_something`)
+and has been silent for ``idle_timeout_s``: both checked on whole seconds of the clock. Waiting requests are
+bounded per connection, per user and per peer address (one more is rejected), free slots per connection (a
+proxy's higher) and per address (one more PUT is answered -1), priorities by :func:`cap_priority`. The
+driver asks :meth:`TrackerCore.shed_idle` for room when file descriptors run short.
 """
 
 from __future__ import annotations
