@@ -40,6 +40,9 @@ SCENARIOS = [
     ("64 x 64", 64, 64),
     ("64 clients x 16 servers", 64, 16),
 ]
+#: Every peer of the bench is on loopback: 10,000 servers and 10,000 waiters from one address are more than
+#: tether's tracker takes from one peer by default (TVM's has no such limits).
+UNBOUNDED_PER_PEER = ["--max-connections-per-peer", "0", "--max-slots-per-peer", "0", "--max-waiters-per-peer", "0"]
 #: The same load with every frame in one send (tether's own client, and what a tuned peer does).
 ONE_SEND = [("64 x 64, one send per frame", 64, 64), ("1 x 1, one send per frame", 1, 1)]
 
@@ -75,7 +78,9 @@ def _read_port(proc: subprocess.Popen[str]) -> int:
 @contextlib.contextmanager
 def tether_tracker() -> Iterator[TrackerProc]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tether", "tracker", "--port", "0", "--silent"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "tether", "tracker", "--port", "0", "--silent", *UNBOUNDED_PER_PEER],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         port = _read_port(proc)

@@ -55,7 +55,8 @@ def _populate(tracker: TrackerThread) -> None:
 
 @pytest.fixture(scope="module")
 def big() -> Iterator[TrackerThread]:
-    with TrackerThread(TrackerConfig(host="127.0.0.1", port=0)) as tracker:
+    # 10,000 waiters from one address: more than a tracker takes from one peer by default
+    with TrackerThread(TrackerConfig(host="127.0.0.1", port=0, max_waiters_per_peer=0)) as tracker:
         tracker.call(lambda: _populate(tracker), timeout=60)
         yield tracker
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import time
 
@@ -65,6 +66,22 @@ class BlockingStream:
         if not data:
             raise ConnectionClosed("peer closed the connection")
         return data
+
+    def peer_closed(self) -> bool:
+        """True when the peer has closed the connection (an end of stream or a reset is waiting to be
+        read), without waiting and without consuming anything: a connection a server closed while it
+        sat idle is seen before a request is sent on it."""
+        sock = self._sock
+        if sock is None:
+            return True
+        try:
+            if not select.select([sock], [], [], 0)[0]:
+                return False
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return False
+        except (OSError, ValueError):
+            return True
 
     def interrupt(self) -> None:
         """Shut the socket down (both ways) so that a receive blocked in another thread returns now."""

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from ..errors import ConfigError
-from ._args import add_auth_flags, existing_file, hostport, port, seconds
+from ._args import add_auth_flags, existing_file, hostport, non_negative, port, seconds
 
 __all__ = ["add_parser", "run"]
 
@@ -48,6 +48,20 @@ def add_parser(sub: Any) -> None:
         help="tracker mode: seconds a handed-out matchkey may go unused before it is renamed (default 5)",
     )
     p.add_argument("--custom-addr", default=None, help="tracker mode: address the tracker hands to clients")
+    p.add_argument(
+        "--max-parked-per-peer",
+        type=non_negative,
+        default=64,
+        metavar="N",
+        help="servers waiting at once from one address; one more gets MISMATCH (default 64; 0: no limit)",
+    )
+    p.add_argument(
+        "--max-parked",
+        type=non_negative,
+        default=4096,
+        metavar="N",
+        help="servers waiting at once in all (default 4096; 0: no limit)",
+    )
     p.add_argument("--index-page", type=existing_file, default=None, help="HTML page served at / on the web port")
     add_auth_flags(p, "TVM servers and clients")
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
@@ -71,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
             index_page=args.index_page,
             auth_file=None if args.auth_file is None else str(args.auth_file),
             allow_tvm=tuple(args.allow_tvm),
+            max_parked_per_peer=args.max_parked_per_peer,
+            max_parked=args.max_parked,
         )
         asyncio.run(_serve(config))
     except ConfigError as exc:

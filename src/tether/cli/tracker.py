@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..tracker import TrackerConfig, TrackerServer
-from ._args import add_auth_flags, port, seconds
+from ._args import add_auth_flags, non_negative, port, seconds
 
 __all__ = ["add_parser", "run"]
 
@@ -31,9 +31,98 @@ def add_parser(sub: Any) -> None:
         metavar="S",
         help="after a start, seconds before a request is judged unservable: servers re-register meanwhile",
     )
+    _add_bounds(p)
     add_auth_flags(p, "TVM servers, clients and query_rpc_tracker")
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
     p.set_defaults(run=run)
+
+
+#: (flag, TrackerConfig field, type, metavar, help): what one peer can make the tracker hold
+_BOUNDS: list[tuple[str, str, Any, str, str]] = [
+    (
+        "--handshake-timeout",
+        "handshake_timeout_s",
+        seconds,
+        "S",
+        "seconds a new connection has to send the magic (0: no limit)",
+    ),
+    (
+        "--idle-timeout",
+        "idle_timeout_s",
+        seconds,
+        "S",
+        "close a connection silent this long that offers no slot, serves no grant, has no request waiting (0: never)",
+    ),
+    (
+        "--max-connections-per-peer",
+        "max_connections_per_peer",
+        non_negative,
+        "N",
+        "connections open at once from one address (0: no limit)",
+    ),
+    (
+        "--max-connections",
+        "max_connections",
+        non_negative,
+        "N",
+        "connections open at once; past it those holding nothing make room (0: the file descriptor limit less "
+        "--fd-reserve)",
+    ),
+    ("--fd-reserve", "fd_reserve", non_negative, "N", "file descriptors kept free when --max-connections is 0"),
+    (
+        "--max-waiters-per-connection",
+        "max_waiters_per_connection",
+        non_negative,
+        "N",
+        "waiting requests per connection, more are rejected (0: no limit)",
+    ),
+    (
+        "--max-waiters-per-user",
+        "max_waiters_per_user",
+        non_negative,
+        "N",
+        "waiting requests per user (the request's user, else the peer's address; 0: no limit)",
+    ),
+    (
+        "--max-waiters-per-peer",
+        "max_waiters_per_peer",
+        non_negative,
+        "N",
+        "waiting requests from one address, whatever their users (0: no limit)",
+    ),
+    (
+        "--max-slots-per-connection",
+        "max_slots_per_connection",
+        non_negative,
+        "N",
+        "free slots one connection may offer (PUT; 0: no limit)",
+    ),
+    (
+        "--max-proxy-slots",
+        "max_proxy_slots",
+        non_negative,
+        "N",
+        "free slots a proxy's connection (server:proxy[...]) may offer (0: no limit)",
+    ),
+    (
+        "--max-slots-per-peer",
+        "max_slots_per_peer",
+        non_negative,
+        "N",
+        "free slots offered from one address, all its connections together (0: no limit)",
+    ),
+    ("--max-priority", "max_priority", seconds, "P", "larger request priorities are clamped to this"),
+]
+
+
+def _add_bounds(p: argparse.ArgumentParser) -> None:
+    defaults = TrackerConfig()
+    group = p.add_argument_group("bounds", "what one peer can make the tracker hold")
+    for flag, field, kind, metavar, text in _BOUNDS:
+        default = getattr(defaults, field)
+        group.add_argument(
+            flag, dest=field, type=kind, default=default, metavar=metavar, help=f"{text} (default {default:g})"
+        )
 
 
 def _is_loopback(host: str) -> bool:
@@ -54,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         registration_grace_s=args.registration_grace,
         auth_file=None if args.auth_file is None else str(args.auth_file),
         allow_tvm=tuple(args.allow_tvm),
+        **{field: getattr(args, field) for _, field, *_ in _BOUNDS},
     )
     try:
         asyncio.run(_serve(config))

@@ -133,6 +133,9 @@ class Tracker:
         while True:
             if self._stop.is_set():
                 raise ConnectionClosed(f"the request for {key!r} was interrupted")
+            if self.client.peer_closed():  # closed while it sat idle: connect again before asking
+                closed = ConnectionClosed("the tracker closed the connection")
+                self._reconnect_or_raise(closed, key, timeout, deadline, quiet=True)
             try:
                 asked += 1
                 grant = self._grant(
@@ -189,12 +192,18 @@ class Tracker:
             unservable_after=unservable,
         )
 
-    def _reconnect_or_raise(self, exc: TransportError, key: str, timeout: float | None, deadline: float | None) -> None:
-        """After the tracker link broke: a new connection within ``deadline``, or the right error."""
+    def _reconnect_or_raise(
+        self, exc: TransportError, key: str, timeout: float | None, deadline: float | None, *, quiet: bool = False
+    ) -> None:
+        """After the tracker link broke: a new connection within ``deadline``, or the right error.
+        ``quiet``: the link was found closed before the request was sent (a tracker closes idle ones)."""
         self.client.close()
         if self._stop.is_set():
             raise exc
-        logger.warning("tracker %s:%d: %s; reconnecting to ask again for %r", self.host, self.port, exc, key)
+        if quiet:
+            logger.debug("tracker %s:%d: %s; connecting again to ask for %r", self.host, self.port, exc, key)
+        else:
+            logger.warning("tracker %s:%d: %s; reconnecting to ask again for %r", self.host, self.port, exc, key)
         try:
             self.client = _connect(self.host, self.port, deadline, self._stop, self._token)
         except ConnectFailed as failed:
@@ -240,8 +249,17 @@ class Tracker:
             )
         )
 
+    def _fresh_if_closed(self) -> None:
+        """The tracker closed this connection while it sat idle (or went away): connect again before use,
+        quietly (a request on the old one would fail and be sent again, with a warning)."""
+        if not self._stop.is_set() and self.client.peer_closed():
+            logger.debug("tracker %s:%d closed the idle connection: connecting again", self.host, self.port)
+            self.client.close()
+            self.client = _connect(self.host, self.port, time.monotonic() + 5.0, self._stop)
+
     def _call(self, op: Callable[[TrackerClient], _T]) -> _T:
         """``op(client)``, once more on a fresh connection if the old one broke (a tracker restart)."""
+        self._fresh_if_closed()
         try:
             return op(self.client)
         except TransportError:

@@ -172,6 +172,11 @@ class TrackerClient:
     def closed(self) -> bool:
         return self._stream.closed
 
+    def peer_closed(self) -> bool:
+        """True when the tracker has closed this connection (a tracker closes connections that sit idle,
+        holding nothing, and restarts); checked without waiting, before reuse."""
+        return self._stream.peer_closed()
+
     def interrupt(self) -> None:
         """Wake a call blocked on this connection from another thread (it raises ConnectionClosed)."""
         self._stream.interrupt()

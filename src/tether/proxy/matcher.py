@@ -12,6 +12,10 @@ Peers arrive with a handshake key (``server:K ...`` or ``client:K ...``); the ma
 
 Keys that name nothing (``client:``, ``server:   ``, no role) are refused at once: TVM's proxy hangs on
 them. Peers are opaque objects, compared by identity.
+
+Servers parked (waiting) at once are bounded, per peer address (``max_servers_per_host``) and in all
+(``max_servers``): one more gets MISMATCH, so sockets posing as servers cannot pile up forever (nor
+appear as slots at the tracker). 0 turns a limit off.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class _Waiting:
     matchkey: str
     deadline: float | None
     granted_since: float | None = None  # tracker mode: when the tracker stopped listing it as pending
+    host: str = ""  # the peer's address (servers: counted against ``max_servers_per_host``)
 
 
 @dataclass(slots=True)
@@ -94,56 +99,99 @@ class Matcher:
     timeout_server: float = 600.0
     alloc_timeout: float = 5.0
     new_matchkey: Callable[[str], str] = random_matchkey
+    #: servers parked at once from one peer address, and in all (0: no limit)
+    max_servers_per_host: int = 0
+    max_servers: int = 0
     _servers: dict[str, _Waiting] = field(default_factory=dict)
     _clients: dict[str, _Waiting] = field(default_factory=dict)
     _by_peer: dict[Hashable, _Waiting] = field(default_factory=dict)
+    _parked_by_host: dict[str, int] = field(default_factory=dict)
 
-    def arrive(self, peer: Hashable, raw_key: str, now: float) -> Pair | Wait | Refuse:
-        """A peer completed its handshake with ``raw_key``."""
+    def arrive(self, peer: Hashable, raw_key: str, now: float, host: str = "") -> Pair | Wait | Refuse:
+        """A peer from address ``host`` completed its handshake with ``raw_key``."""
         key = lenient_key(raw_key)
         if key is None:
             return Refuse(HandshakeCode.MISMATCH, f"key {raw_key!r:.80} is not 'client:NAME' or 'server:NAME'")
         if self.tracker_mode:
-            return self._arrive_tracker(peer, key, now)
+            return self._arrive_tracker(peer, key, host)
         if key.role == "server":
             own, other, timeout = self._servers, self._clients, self.timeout_server
         else:
             own, other, timeout = self._clients, self._servers, self.timeout_client
         match = other.pop(key.name, None)
         if match is not None:
-            del self._by_peer[match.peer]
+            self._unpark(match)
             return Pair(match.peer, match.key, key.name)
         if key.name in own:
             return Refuse(HandshakeCode.DUPLICATE, f"another {key.role} already waits with key {key.name!r}")
-        return self._wait(own, peer, key, key.name, now + timeout)
+        full = self._full(key, host)
+        if full is not None:
+            return full
+        return self._wait(own, peer, key, key.name, now + timeout, host=host)
 
-    def _arrive_tracker(self, peer: Hashable, key: PeerKey, now: float) -> Pair | Wait | Refuse:
+    def _arrive_tracker(self, peer: Hashable, key: PeerKey, host: str) -> Pair | Wait | Refuse:
         if key.role == "server":
             if len(key.name.encode()) > MAX_TRACKED_NAME_BYTES:
                 return Refuse(HandshakeCode.MISMATCH, f"key names over {MAX_TRACKED_NAME_BYTES} bytes are not offered")
+            full = self._full(key, host)
+            if full is not None:
+                return full
             matchkey = self.new_matchkey(key.name)
             while matchkey in self._servers:
                 matchkey = self.new_matchkey(key.name)
-            return self._wait(self._servers, peer, key, matchkey, None)
+            return self._wait(self._servers, peer, key, matchkey, None, host=host)
         match = self._servers.pop(key.name, None)
         if match is None:
             return Refuse(HandshakeCode.MISMATCH, f"no server waits with matchkey {key.name!r}")
-        del self._by_peer[match.peer]
+        self._unpark(match)
         return Pair(match.peer, match.key, key.name)
 
+    def _full(self, key: PeerKey, host: str) -> Refuse | None:
+        """MISMATCH when one more server may not park (clients are not counted)."""
+        if key.role != "server":
+            return None
+        if self.max_servers and len(self._servers) >= self.max_servers:
+            return Refuse(HandshakeCode.MISMATCH, f"{len(self._servers)} servers parked, the limit (--max-parked)")
+        parked = self._parked_by_host.get(host, 0)
+        if self.max_servers_per_host and parked >= self.max_servers_per_host:
+            return Refuse(
+                HandshakeCode.MISMATCH, f"{parked} servers parked from {host}, the limit (--max-parked-per-peer)"
+            )
+        return None
+
     def _wait(
-        self, pool: dict[str, _Waiting], peer: Hashable, key: PeerKey, matchkey: str, deadline: float | None
+        self,
+        pool: dict[str, _Waiting],
+        peer: Hashable,
+        key: PeerKey,
+        matchkey: str,
+        deadline: float | None,
+        *,
+        host: str,
     ) -> Wait:
-        entry = _Waiting(peer, key, key.role, matchkey, deadline)
+        entry = _Waiting(peer, key, key.role, matchkey, deadline, host=host)
         pool[matchkey] = entry
         self._by_peer[peer] = entry
+        if entry.role == "server":
+            self._parked_by_host[host] = self._parked_by_host.get(host, 0) + 1
         return Wait(matchkey, deadline)
+
+    def _unpark(self, entry: _Waiting) -> None:
+        """``entry`` left its pool (paired or gone): forget its peer, and count its server no more."""
+        del self._by_peer[entry.peer]
+        if entry.role == "server":
+            n = self._parked_by_host.get(entry.host, 0) - 1
+            if n > 0:
+                self._parked_by_host[entry.host] = n
+            else:
+                self._parked_by_host.pop(entry.host, None)
 
     def leave(self, peer: Hashable) -> str | None:
         """A waiting peer went away (or was refused); returns the matchkey it held, if it was waiting."""
-        entry = self._by_peer.pop(peer, None)
+        entry = self._by_peer.get(peer)
         if entry is None:
             return None
+        self._unpark(entry)
         pool = self._servers if entry.role == "server" else self._clients
         if pool.get(entry.matchkey) is entry:
             del pool[entry.matchkey]

@@ -98,6 +98,7 @@ class Registrar:
         self.tether_version: str | None = None
         self.connects = 0
         self.last_error: str | None = None
+        self.refused_puts = 0  # PUTs the tracker answered -1 (at its limit)
         self.offered: set[str] = set()  # matchkeys this tracker connection holds for us
         self._ops: collections.deque[tuple[str, ...]] = collections.deque()
         self._sessions: dict[Relay, tuple[str, str]] = {}  # relay -> (matchkey, key name)
@@ -132,6 +133,7 @@ class Registrar:
             "offered": len(self.offered),
             "connects": self.connects,
             "last_error": self.last_error,
+            "refused_puts": self.refused_puts,
         }
 
     # -- queued by the proxy ----------------------------------------------------------------------
@@ -289,6 +291,17 @@ class Registrar:
         if self.tether_version:
             protocols, labels = server_terms(key)
         reply = await self._call(Put(key.name, self.proxy.port, matchkey, self.custom_addr, protocols, labels or None))
+        if reply == -1:  # tether's tracker at its limit of slots per proxy: the server waits unoffered
+            self.refused_puts += 1
+            if self.refused_puts == 1 or self.refused_puts % 1000 == 0:
+                logger.warning(
+                    "tracker %s refused to take server %r (%d refused so far): it takes no more slots from one "
+                    "proxy (tether tracker --max-proxy-slots)",
+                    self.where,
+                    key.name,
+                    self.refused_puts,
+                )
+            return
         if reply != 0:
             raise RemoteProtocolError(f"PUT answered {reply!r:.80}")
         self.offered.add(matchkey)

@@ -30,6 +30,7 @@ from typing import Any
 from ..aio.loop_thread import LoopThread
 from ..aio.net import Keepalive, bind_listener, format_hostport, tune_socket
 from ..errors import AuthError, ConfigError, RemoteProtocolError
+from ..loglimit import PeerLogLimit
 from ..protocol.auth import (
     AUTH_OPTION,
     MAX_STEP_BYTES,
@@ -95,6 +96,11 @@ class ProxyConfig:
     tracker_period: float = 1.0
     index_page: Path | None = None
     backlog: int = 1024
+    #: servers parked (waiting for a client) at once from one peer address; one more gets MISMATCH and a
+    #: log line (0: no limit). TVM's proxy keeps every one forever, and offers each to the tracker.
+    max_parked_per_peer: int = 64
+    #: servers parked at once in all (0: no limit); tether's tracker takes 4096 slots from a proxy
+    max_parked: int = 4096
     #: Keyring file (``name role secret`` a line): servers must prove a server token (``-token=1``) before
     #: they wait here, and in plain mode must authenticate their clients themselves (``-auth=1``); TVM
     #: peers only from ``allow_tvm``. None: anyone may park a server or reach one, as at TVM's proxy.
@@ -133,8 +139,9 @@ class _Peer:
         "timer",
     )
 
-    def __init__(self, sock: socket.socket, addr: str, kind: str) -> None:
+    def __init__(self, sock: socket.socket, addr: str, kind: str, host: str = "") -> None:
         self.addr = addr
+        self.host = host  # the address alone, without the port
         self.kind = kind  # "tcp" or "ws"
         self.ep = Endpoint(sock, f"{kind} {addr}")
         self.hello = HandshakeDecoder()
@@ -143,7 +150,6 @@ class _Peer:
         self.state = "http" if kind == "ws" else "hello"  # then "waiting", "paired", "closed"
         self.timer: asyncio.TimerHandle | None = None
         self.relay: Relay | None = None
-        self.host = ""
         #: state "auth": the exchange (None: authentication is off, the hello is answered "off"), the bytes
         #: of steps received so far, and the key that waits for the exchange's outcome
         self.auth: Responder | None = None
@@ -168,6 +174,8 @@ class ProxyServer:
             timeout_client=cfg.timeout_client,
             timeout_server=cfg.timeout_server,
             alloc_timeout=cfg.timeout_alloc,
+            max_servers_per_host=cfg.max_parked_per_peer,
+            max_servers=cfg.max_parked,
         )
         self.host = cfg.host
         self.port = 0
@@ -181,6 +189,8 @@ class ProxyServer:
         self._lingering: set[Endpoint] = set()  # unpaired sockets finishing a last answer
         self._stopped: asyncio.Event | None = None
         self._keepalive = Keepalive(30, 10, 3)
+        #: one line per refused handshake, a few per window when one address floods
+        self._refusal_log = PeerLogLimit(logger=logger, about="refused handshakes")
         #: how late the loop ran a timer due every ``_PROBE_S``: a stalled loop stalls every relay
         self.loop_lag = {"probes": 0, "max_ms": 0.0, "over_5ms": 0}
         self._probe_handle: asyncio.TimerHandle | None = None
@@ -335,8 +345,7 @@ class ProxyServer:
                 if _BIG_BUFFERS:  # only where the system allows them; else the kernel's autotuning does better
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            peer = _Peer(sock, format_hostport(str(addr[0]), int(addr[1])), kind)
-            peer.host = str(addr[0])
+            peer = _Peer(sock, format_hostport(str(addr[0]), int(addr[1])), kind, str(addr[0]))
             self.stats["accepted"] += 1
             self._peers.add(peer)
             peer.timer = self._loop.call_later(self.config.handshake_timeout, self._handshake_timeout, peer)
@@ -612,11 +621,12 @@ class ProxyServer:
         if peer.timer is not None:
             peer.timer.cancel()
             peer.timer = None
-        decision = self.matcher.arrive(peer, raw_key, self._loop.time())
+        decision = self.matcher.arrive(peer, raw_key, self._loop.time(), peer.host)
         if isinstance(decision, Refuse):
             peer.key = None
             self.stats["refused"] += 1
-            logger.info("%s %s: %s", peer.describe(), decision.code.name, decision.reason)
+            if self._refusal_log.allow(peer.host):
+                logger.info("%s %r %s: %s", peer.describe(), raw_key[:80], decision.code.name, decision.reason)
             self._reply(peer, encode_handshake_reply(decision.code))
             self._drop(peer, decision.code.name, quiet=True)
             return

@@ -48,6 +48,44 @@ class TrackerConfig:
     #: A SUMMARY asked again within this many seconds, with nothing changed since, gets the same answer
     #: (its ages then lag by as much): a query storm at 10,000 servers costs one summary, not one each.
     summary_reuse_s: float = 0.25
+    # -- resource bounds: what one peer can make the tracker hold (0 turns a count limit off) -------------
+    #: Seconds a new connection has to send the 4-byte magic; then it is closed (TVM waits forever).
+    handshake_timeout_s: float = 10.0
+    #: Seconds of silence after which a connection that holds nothing is closed: no free slot (PUT), no
+    #: grant it serves, no waiting request, no heartbeat promised. Queries, clients between requests
+    #: (tether's and TVM's clients reconnect), a TVM server's tracker link (it PUTs and keeps a slot or a
+    #: grant) stay unharmed. 0: never.
+    idle_timeout_s: float = 60.0
+    #: Connections open at once from one peer address (IP, any port); the next is closed at once with a
+    #: log line. Half the usual 1024 descriptors: one address alone cannot fill a tracker started under
+    #: ``ulimit -n 1024``. Loopback is not exempt: a NAT in front of many devices, or a bench of 10,000
+    #: servers on one machine, needs more. 0: no limit.
+    max_connections_per_peer: int = 512
+    #: Connections open at once in all; 0: the process's file descriptor limit (RLIMIT_NOFILE, soft)
+    #: less ``fd_reserve``. At the limit a new peer is still answered: the connections idle longest that
+    #: hold nothing (not servers, not waiters) are closed to make room.
+    max_connections: int = 0
+    #: File descriptors kept free for everything else (listener, logs, the loop) when ``max_connections`` is 0.
+    fd_reserve: int = 64
+    #: Waiting requests per connection; one more is rejected (``[-1, {"error": "rejected", ...}]``).
+    max_waiters_per_connection: int = 1024
+    #: Waiting requests per user (the REQUEST's user, else the peer's address), over all connections.
+    max_waiters_per_user: int = 4096
+    #: Waiting requests from one peer address, whatever users they name (a name costs nothing), over all
+    #: its connections. A bench of 10,000 waiters on one machine needs more.
+    max_waiters_per_peer: int = 4096
+    #: Free slots one connection may offer (PUT); one more is answered -1 (TVM's FAIL).
+    max_slots_per_connection: int = 256
+    #: ...for a connection registered as a proxy (``server:proxy[...]``), which offers every server parked
+    #: at it (tether's proxy parks at most 4096 by default). TVM's proxy sends its PUTs before its
+    #: UPDATE_INFO: with more than ``max_slots_per_connection`` servers parked there, raise that too.
+    max_proxy_slots: int = 4096
+    #: Free slots offered from one peer address, over all its connections (a proxy's and its neighbours').
+    #: A NAT in front of more devices, or a bench of 10,000 servers on one machine, needs more.
+    max_slots_per_peer: int = 8192
+    #: Largest priority a REQUEST gets (a larger one is clamped, a smaller one than minus this too): TVM's
+    #: clients and meta_schedule ask with 1. See :func:`tether.tracker.core.cap_priority`.
+    max_priority: float = 1000.0
     #: Keyring file (``name role secret`` a line): authentication on. None: off, as TVM's tracker.
     auth_file: str | None = None
     #: With ``auth_file``: networks (CIDR) whose unauthenticated TVM peers are still served.

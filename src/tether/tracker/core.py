@@ -7,6 +7,14 @@ The clock is injected, so tests drive time by hand.
 
 Replies follow TVM byte for byte for TVM's messages (``0``, ``-1``, ``[0, [host, port, matchkey]]``,
 ``[0, {"queue_info": ..., "server_info": ...}]``); see :mod:`tether.protocol.tracker` for tether's additions.
+
+Bounds (:class:`~tether.tracker.config.TrackerConfig`; what one peer can make the tracker hold): a connection
+that has not sent the magic within ``handshake_timeout_s`` is closed, and so is one that holds nothing (no
+free slot, no grant it serves, no waiting request, no heartbeat promised; :meth:`TrackerCore.holds_something`)
+and has been silent for ``idle_timeout_s``: both checked on whole seconds of the clock. Waiting requests are
+bounded per connection, per user and per peer address (one more is rejected), free slots per connection (a
+proxy's higher) and per address (one more PUT is answered -1), priorities by :func:`cap_priority`. The
+driver asks :meth:`TrackerCore.shed_idle` for room when file descriptors run short.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -24,9 +33,11 @@ from heapq import heappop as _heappop
 from heapq import heappush as _heappush
 from typing import Any
 
+from ..loglimit import PeerLogLimit
 from ..protocol.auth import Keyring
 from ..protocol.constants import TrackerCode
 from ..protocol.framing import encode_frame
+from ..protocol.keys import PROXY_PREFIX
 from ..protocol.tracker import (
     Auth,
     Cancel,
@@ -47,7 +58,7 @@ from .config import TrackerConfig
 from .registry import Connection, Held, Link, parse_tether_info, waiter_wire
 from .scheduler import PROTOCOL_TVM, Grant, Scheduler, Slot, Waiter
 
-__all__ = ["KNOWN_PROTOCOLS", "TrackerCore"]
+__all__ = ["KNOWN_PROTOCOLS", "TrackerCore", "cap_priority"]
 
 logger = logging.getLogger("tether.tracker")
 
@@ -75,6 +86,20 @@ class _KeyServers:
 
 
 _FAIL = encode_value(TrackerCode.FAIL.value)
+#: Handshake and idle checks run on whole seconds of the clock: at 10,000 connections, one timer a second
+#: at most, not one per connection (a deadline is kept up to this late).
+_IDLE_TICK_S = 1.0
+
+
+def cap_priority(priority: float, user: str, max_priority: float, user_cap: float | None = None) -> float:
+    """The priority a request of ``user`` gets: ``priority`` clamped to ``[-max_priority, max_priority]``,
+    and to ``user_cap`` (an authenticated user's ``max_priority`` in the auth file) when there is one.
+    The one place that decides it. A request asking for more than the cap waits at the cap, where users
+    take turns (round robin), so it cannot starve the others there; levels below are served whenever
+    nobody waits at the cap (1e300 used to outrank every request)."""
+    del user  # the cap comes with the user's credential (user_cap), not its claimed name
+    capped = max(-max_priority, min(priority, max_priority))
+    return capped if user_cap is None else min(capped, user_cap)
 
 
 def _version() -> str:
@@ -124,6 +149,15 @@ class TrackerCore:
         #: Bumped by what changes who serves a key (PUT, UPDATE_INFO, WITHDRAW, SESSION, grants, departures)
         self._registry_epoch = 0
         self._index: tuple[int, dict[str, _KeyServers]] | None = None
+        #: (when, cid): each open connection's next handshake/idle check (one entry per connection)
+        self._idle: list[tuple[float, int]] = []
+        #: user -> requests of that user waiting now (``max_waiters_per_user``)
+        self._user_waiters: dict[str, int] = {}
+        #: peer address -> its requests waiting now, and its free slots (``max_waiters_per_peer``, ``..._slots_...``)
+        self._peer_waiters: dict[str, int] = {}
+        self._peer_slots: dict[str, int] = {}
+        #: one line per refusal (a request, a PUT, an idle close), a few per window in a flood
+        self.refusal_log = PeerLogLimit(clock=clock, logger=logger, about="refusals")
         self._handlers: dict[type, Callable[[Connection, Any], None]] = {
             Ping: self._on_ping,
             Stop: self._on_stop_msg,
@@ -141,15 +175,24 @@ class TrackerCore:
     # -- driver interface ----------------------------------------------------------------------
 
     def connect(self, link: Link, host: str, port: int) -> Connection:
-        """Register a new connection from ``host:port``."""
+        """Register a new connection from ``host:port``, before its magic (see :meth:`greeted`)."""
         now = self.clock()
         self._next_cid += 1
-        conn = Connection(self._next_cid, link, host, port, now, now)
+        conn = Connection(self._next_cid, link, host, port, now, now, active=now)
         self.access.admit(conn)
         conn.refresh_wire()
         self._conns[conn.cid] = conn
         self._epoch += 1
+        due = self._next_check(conn, now)
+        if due is not None:
+            self._schedule_check(conn, due)
         return conn
+
+    def greeted(self, conn: Connection) -> None:
+        """The connection sent the magic and got it back: its handshake deadline is over."""
+        if not conn.greeted:
+            conn.greeted = True
+            conn.active = self.clock()
 
     def receive(self, conn: Connection, msg: TrackerMessage) -> None:
         """Apply one message. Raises :class:`RemoteProtocolError` when its content is unacceptable, and
@@ -157,8 +200,8 @@ class TrackerCore:
         then closes the connection."""
         if conn.access is not None:
             self.access.check(conn, msg)
-        if conn.silence_limit is not None:
-            conn.last_seen = self.clock()
+        conn.greeted = True
+        conn.last_seen = conn.active = self.clock()
         if type(msg) not in _READ_ONLY:
             self._epoch += 1
             if type(msg) in _SERVER_SIDE:
@@ -182,6 +225,7 @@ class TrackerCore:
             self.scheduler.remove_slot(slot)
         for waiter in conn.waiters:
             self.scheduler.remove_waiter(waiter)
+            self._count_waiter(waiter.user, conn.host, -1)
         if conn.slots or conn.held or conn.info:
             logger.info(
                 "connection %s (%s) closed: %d free slot(s) and %d grant(s) removed",
@@ -192,6 +236,7 @@ class TrackerCore:
             )
         if conn.waiters:
             logger.info("connection %s closed: %d waiting request(s) withdrawn", conn.address, len(conn.waiters))
+        _count(self._peer_slots, conn.host, -len(conn.slots))
         conn.slots.clear()
         conn.held.clear()
         conn.waiters.clear()
@@ -203,7 +248,7 @@ class TrackerCore:
         for waiter in self.scheduler.expire(now):
             owner = waiter.owner
             assert isinstance(owner, Connection)
-            owner.waiters.pop(waiter, None)
+            self._unlist(owner, waiter, now)
             self._note_key(waiter.key)
             logger.info(
                 "request %s for %r by %s timed out after %.3g s",
@@ -239,12 +284,84 @@ class TrackerCore:
                 conn.link.close()
             else:
                 _heappush(heap, (conn.last_seen + conn.silence_limit, cid))
+        self._check_idle(now)
         return self.next_deadline()
 
     def next_deadline(self) -> float | None:
         candidates = [self.scheduler.next_deadline()]
-        candidates += [heap[0][0] for heap in (self._liveness, self._grace) if heap]
+        candidates += [heap[0][0] for heap in (self._liveness, self._grace, self._idle) if heap]
         return min((c for c in candidates if c is not None), default=None)
+
+    # -- bounds: handshake and idle deadlines, shedding ----------------------------------------------
+
+    @staticmethod
+    def holds_something(conn: Connection) -> bool:
+        """True for a connection the tracker must keep however quiet it is: it offers free slots, serves
+        grants, has requests waiting, or promised heartbeats (its liveness check covers it)."""
+        return bool(conn.slots or conn.held or conn.waiters) or conn.silence_limit is not None
+
+    def _next_check(self, conn: Connection, now: float) -> float | None:
+        """When ``conn`` is due to be closed as things stand (``now`` + the idle time while it holds
+        something: looked at again then), or None when no deadline applies."""
+        cfg = self.config
+        if not conn.greeted and cfg.handshake_timeout_s > 0:
+            return conn.opened + cfg.handshake_timeout_s
+        if cfg.idle_timeout_s <= 0:
+            return None
+        if self.holds_something(conn):
+            return now + cfg.idle_timeout_s
+        return conn.active + cfg.idle_timeout_s
+
+    def _schedule_check(self, conn: Connection, due: float) -> None:
+        when = math.ceil(due / _IDLE_TICK_S) * _IDLE_TICK_S
+        _heappush(self._idle, (when, conn.cid))
+        self._wakeup(when)
+
+    def _check_idle(self, now: float) -> None:
+        heap = self._idle
+        while heap and heap[0][0] <= now:
+            _, cid = _heappop(heap)
+            conn = self._conns.get(cid)
+            if conn is None:
+                continue
+            due = self._next_check(conn, now)
+            if due is None:
+                continue
+            if due > now:
+                self._schedule_check(conn, due)
+                continue
+            if self.refusal_log.allow(conn.host):
+                if conn.greeted:
+                    logger.info("closing %s: idle for %.0f s, holding nothing", conn.address, now - conn.active)
+                else:
+                    logger.info("closing %s: no handshake within %.3g s", conn.address, now - conn.opened)
+            self.disconnect(conn)
+            conn.link.close()
+
+    def shed_idle(self, count: int) -> int:
+        """Close up to ``count`` connections that hold nothing (see :meth:`holds_something`), idle longest
+        first (those that never finished the handshake among them): room for new peers when file
+        descriptors run short. Returns how many were closed."""
+        if count <= 0:
+            return 0
+        idle = (c for c in self._conns.values() if not self.holds_something(c))
+        victims = heapq.nsmallest(count, idle, key=lambda c: c.active)
+        now = self.clock()
+        for conn in victims:
+            self.disconnect(conn)
+            conn.link.close()
+        if victims and self.refusal_log.allow("(making room)"):
+            oldest = now - victims[0].active
+            logger.warning(
+                "%d connection(s) holding nothing closed to make room for new peers (idle up to %.0f s)",
+                len(victims),
+                oldest,
+            )
+        return len(victims)
+
+    def cap_priority(self, priority: float, user: str, user_cap: float | None = None) -> float:
+        """The priority ``user``'s request gets (:func:`cap_priority` with ``config.max_priority``)."""
+        return cap_priority(priority, user, self.config.max_priority, user_cap)
 
     @property
     def connections(self) -> list[Connection]:
@@ -289,6 +406,14 @@ class TrackerCore:
                 return
             self.scheduler.remove_slot(old)
             del conn.slots[msg.matchkey]
+        else:
+            reason = self._too_many_slots(conn)
+            if reason:
+                if self.refusal_log.allow(conn.host):
+                    logger.warning("PUT of %r from %s refused: %s", msg.key, conn.address, reason)
+                conn.link.send(_FAIL)
+                return
+            _count(self._peer_slots, conn.host, 1)
         if conn.single_session:
             conn.held.clear()  # a plain TVM server offers itself again: its session is over
         else:
@@ -304,6 +429,17 @@ class TrackerCore:
         if grant is not None:
             self._deliver(grant, now)
         conn.link.send(_OK)
+
+    def _too_many_slots(self, conn: Connection) -> str | None:
+        cfg = self.config
+        proxy = conn.info_key.startswith(PROXY_PREFIX)
+        limit = cfg.max_proxy_slots if proxy else cfg.max_slots_per_connection
+        if limit and len(conn.slots) >= limit:
+            flag = "--max-proxy-slots" if proxy else "--max-slots-per-connection"
+            return f"it already offers {len(conn.slots)} free slots ({flag})"
+        if cfg.max_slots_per_peer and self._peer_slots.get(conn.host, 0) >= cfg.max_slots_per_peer:
+            return f"{conn.host} already offers {cfg.max_slots_per_peer} free slots (--max-slots-per-peer)"
+        return None
 
     def _forget_phantom_grants(self, conn: Connection, now: float, putting: int = 0) -> None:
         """A tether server declares its slot count; when it offers one more free slot than that count leaves
@@ -327,10 +463,16 @@ class TrackerCore:
         opts = msg.options
         verified = self.access.user_of(conn)
         user = verified or (opts.user if opts and opts.user else None) or msg.user or conn.host
-        priority = msg.priority
-        cap = self.access.priority_cap(conn)
-        if cap is not None and priority > cap:
-            priority = cap
+        priority = self.cap_priority(msg.priority, user, self.access.priority_cap(conn))
+        if priority != msg.priority and self.refusal_log.allow(conn.host):
+            logger.info(
+                "request for %r by %s from %s: priority %g capped to %g",
+                msg.key,
+                user,
+                conn.address,
+                msg.priority,
+                priority,
+            )
         waiter = Waiter(msg.key, user, priority, owner=conn)
         if opts is not None:
             waiter.protocol = opts.protocol
@@ -347,7 +489,15 @@ class TrackerCore:
         if grant is not None:
             self._deliver(grant, now)
         elif waiter.waiting:
+            reason = self._too_many_waiters(conn, user)
+            if reason:
+                self.scheduler.remove_waiter(waiter)
+                if self.refusal_log.allow(conn.host):
+                    logger.warning("request for %r by %s from %s rejected: %s", msg.key, user, conn.address, reason)
+                self._fail(conn, waiter, "rejected", reason)
+                return
             conn.waiters[waiter] = waiter_wire(waiter)
+            self._count_waiter(user, conn.host, 1)
             if waiter.deadline is not None:
                 self._wakeup(waiter.deadline)
             if opts is not None and opts.unservable_after is not None:
@@ -362,6 +512,27 @@ class TrackerCore:
         else:  # a zero timeout with nothing free
             self._fail(conn, waiter, "timeout", f"no free server of key {msg.key!r} (timeout 0)")
 
+    def _too_many_waiters(self, conn: Connection, user: str) -> str | None:
+        cfg = self.config
+        if cfg.max_waiters_per_connection and len(conn.waiters) >= cfg.max_waiters_per_connection:
+            return f"too many waiting requests on this connection (limit {cfg.max_waiters_per_connection})"
+        if cfg.max_waiters_per_user and self._user_waiters.get(user, 0) >= cfg.max_waiters_per_user:
+            return f"too many waiting requests of user {user!r} (limit {cfg.max_waiters_per_user})"
+        if cfg.max_waiters_per_peer and self._peer_waiters.get(conn.host, 0) >= cfg.max_waiters_per_peer:
+            return f"too many waiting requests from {conn.host} (limit {cfg.max_waiters_per_peer})"
+        return None
+
+    def _count_waiter(self, user: str, host: str, delta: int) -> None:
+        _count(self._user_waiters, user, delta)
+        _count(self._peer_waiters, host, delta)
+
+    def _unlist(self, conn: Connection, waiter: Waiter, now: float) -> None:
+        """``waiter`` no longer waits (granted, expired, judged, cancelled): off its connection's list,
+        whose idle time starts now if that was all it held."""
+        if conn.waiters.pop(waiter, None) is not None:
+            self._count_waiter(waiter.user, conn.host, -1)
+            conn.active = now
+
     def _fail_if_unservable(self, waiter: Waiter, now: float) -> None:
         unservable, why = self._diagnose(waiter)
         if not unservable:
@@ -369,7 +540,7 @@ class TrackerCore:
         owner = waiter.owner
         assert isinstance(owner, Connection)
         self.scheduler.remove_waiter(waiter)
-        owner.waiters.pop(waiter, None)
+        self._unlist(owner, waiter, now)
         self._note_key(waiter.key)
         logger.info("request %s for %r by %s: %s", waiter.request_id, waiter.key, waiter.user, why)
         self._fail(owner, waiter, "unservable", why)
@@ -496,7 +667,7 @@ class TrackerCore:
         for waiter in conn.waiters:
             if waiter.request_id == msg.request_id:
                 self.scheduler.remove_waiter(waiter)
-                del conn.waiters[waiter]
+                self._unlist(conn, waiter, conn.active)
                 self._note_key(waiter.key)
                 self._fail(conn, waiter, "cancelled", "cancelled by the client")
                 conn.link.send(_OK)
@@ -508,6 +679,7 @@ class TrackerCore:
         held = conn.held.pop(msg.matchkey, None)
         if slot is not None:
             self.scheduler.remove_slot(slot)
+            _count(self._peer_slots, conn.host, -1)
         conn.link.send(_OK if slot is not None or held is not None else _FAIL)
 
     def _on_session(self, conn: Connection, msg: SessionEvent) -> None:
@@ -520,6 +692,7 @@ class TrackerCore:
                 slot = conn.slots.pop(msg.matchkey, None)
                 if slot is not None:
                     self.scheduler.remove_slot(slot)
+                    _count(self._peer_slots, conn.host, -1)
                 conn.remember(held, self.config.max_held_per_connection)
             held.state, held.since, held.peer = "busy", now, msg.peer
         else:
@@ -534,8 +707,9 @@ class TrackerCore:
         self._note_key(waiter.key)
         requester, server = waiter.owner, slot.owner
         assert isinstance(requester, Connection) and isinstance(server, Connection)
-        requester.waiters.pop(waiter, None)
-        server.slots.pop(slot.matchkey, None)
+        self._unlist(requester, waiter, now)
+        if server.slots.pop(slot.matchkey, None) is not None:
+            _count(self._peer_slots, server.host, -1)
         server.remember(
             Held(slot.key, slot.matchkey, "granted", waiter.user, requester.address, now),
             self.config.max_held_per_connection,
@@ -704,6 +878,15 @@ class TrackerCore:
             "connections": len(self._conns),
         }
         return f'{_dumps(head)[:-1]}, "keys": {{{", ".join(keys)}}}, "servers": [{", ".join(servers)}]}}'
+
+
+def _count(counts: dict[str, int], name: str, delta: int) -> None:
+    """Add ``delta`` to ``counts[name]``; a count of 0 leaves the dict (memory only for what is held)."""
+    n = counts.get(name, 0) + delta
+    if n > 0:
+        counts[name] = n
+    else:
+        counts.pop(name, None)
 
 
 def _offers(conn: Connection, key: str) -> bool:

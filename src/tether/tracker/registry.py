@@ -130,6 +130,11 @@ class Connection:
     waiters: dict[Waiter, str] = field(default_factory=dict)
     silence_limit: float | None = None
     liveness_scheduled: bool = False
+    #: the magic exchange is done (the driver says so; any message implies it)
+    greeted: bool = False
+    #: when it last sent a message or stopped holding something (a request granted, expired...), on the
+    #: tracker's clock: a connection that holds nothing is idle from then (``idle_timeout_s``)
+    active: float = 0.0
     closed: bool = False
     #: SUMMARY's pieces that change only with UPDATE_INFO, as JSON text (:meth:`refresh_wire`): the
     #: ``server_info`` entry, and the opening of this connection's ``tether.servers`` entry.

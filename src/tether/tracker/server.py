@@ -4,23 +4,30 @@ One ``asyncio.Protocol`` per connection; each reply is one ``transport.write`` (
 together) on a ``TCP_NODELAY`` socket, and ``TCP_QUICKACK`` is set while a peer is mid-frame, so a
 TVM client that writes length and body in two sends is not held up by delayed ACKs. A peer that sends
 garbage gets one log line and a closed connection; nothing it sends can stop the tracker.
+
+Bounds kept here, where connections are accepted: at most ``max_connections_per_peer`` open from one
+address (the next is closed at once), and at most ``max_connections`` in all (by default the file
+descriptor limit less a reserve): past it the connections that hold nothing, idle longest, are closed to
+make room, so a new peer is still answered when silent sockets fill the table. When ``accept`` fails for
+want of descriptors anyway (EMFILE: descriptors used elsewhere in the process), the same happens and
+asyncio accepts again a second later. The handshake and idle deadlines live in the core.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 
 from ..aio.loop_thread import LoopThread
 from ..aio.net import Keepalive, bind_listener, format_hostport, quickack, tune_socket
 from ..errors import AuthError, ConfigError, RemoteProtocolError
+from ..loglimit import PeerLogLimit
 from ..protocol.auth import Keyring, parse_networks
 from ..protocol.tracker import TrackerServerStream
 from .access import Access
@@ -28,7 +35,7 @@ from .config import TrackerConfig
 from .core import TrackerCore
 from .registry import Connection
 
-__all__ = ["TrackerServer", "TrackerThread", "run_tracker"]
+__all__ = ["PeerLogLimit", "TrackerServer", "TrackerThread", "run_tracker"]
 
 logger = logging.getLogger("tether.tracker")
 
@@ -41,7 +48,7 @@ MAX_UNREAD_REPLY_BYTES = 16 * 1024 * 1024
 
 
 class _TrackerProtocol(asyncio.Protocol):
-    __slots__ = ("_conn", "_core", "_greet", "_server", "_sock", "_stream", "_transport")
+    __slots__ = ("_conn", "_core", "_greet", "_host", "_server", "_sock", "_stream", "_transport")
 
     def __init__(self, server: TrackerServer) -> None:
         self._server = server
@@ -51,6 +58,7 @@ class _TrackerProtocol(asyncio.Protocol):
         self._conn: Connection | None = None
         self._stream = TrackerServerStream(server.config.max_frame_bytes)
         self._greet = True  # until the magic echo has been sent
+        self._host: str | None = None  # the peer's address while it counts against the limits
 
     # asyncio callbacks
 
@@ -58,11 +66,16 @@ class _TrackerProtocol(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
         sock = transport.get_extra_info("socket")
         peer = transport.get_extra_info("peername") or ("?", 0)
+        host = str(peer[0])
+        if not self._server.admit(host):
+            self._transport.abort()
+            return
+        self._host = host
         if sock is not None:
             self._sock = sock
             if not _OPTIONS_INHERITED:
                 tune_socket(sock, self._server.keepalive)
-        self._conn = self._core.connect(self, str(peer[0]), int(peer[1]))
+        self._conn = self._core.connect(self, host, int(peer[1]))
 
     def data_received(self, data: bytes) -> None:
         conn = self._conn
@@ -75,6 +88,7 @@ class _TrackerProtocol(asyncio.Protocol):
                 if greeting:
                     self._greet = False
                     self.send(greeting)
+                    self._core.greeted(conn)
             for msg in messages:
                 self._core.receive(conn, msg)
                 if conn.is_closed():  # a STOP, or a liveness drop
@@ -104,7 +118,13 @@ class _TrackerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
             self._core.disconnect(self._conn)
+        self._release()
         self._server.forget(self)
+
+    def _release(self) -> None:
+        if self._host is not None:
+            self._server.release(self._host)
+            self._host = None
 
     # Link, for the core
 
@@ -123,6 +143,7 @@ class _TrackerProtocol(asyncio.Protocol):
             transport.abort()  # connection_lost() then withdraws its slots and requests
 
     def close(self) -> None:
+        self._release()  # its descriptor is about to be free: room for the next peer
         if self._transport is not None:
             self._transport.close()
 
@@ -131,49 +152,6 @@ class _TrackerProtocol(asyncio.Protocol):
             self._core.disconnect(self._conn)
         if self._transport is not None:
             self._transport.abort()
-
-
-@dataclass(slots=True)
-class _Window:
-    start: float
-    logged: int = 0
-    left_out: int = 0
-
-
-class PeerLogLimit:
-    """At most ``lines`` log lines per ``window_s`` seconds for each peer host; a line past the limit is
-    counted, and the first line of the next window says how many were left out. A fuzzer or a broken
-    peer that sends bad frames on connection after connection costs one line per frame at first, then a
-    few per window. At most ``max_hosts`` hosts are remembered (the oldest window is forgotten first)."""
-
-    def __init__(
-        self,
-        lines: int = 5,
-        window_s: float = 10.0,
-        *,
-        max_hosts: int = 4096,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.lines, self.window_s, self.max_hosts, self._clock = lines, window_s, max_hosts, clock
-        self._hosts: dict[str, _Window] = {}
-
-    def allow(self, host: str) -> bool:
-        """True when a line about ``host`` may be logged now."""
-        now = self._clock()
-        window = self._hosts.get(host)
-        if window is None or now - window.start >= self.window_s:
-            if window is not None:
-                del self._hosts[host]
-                if window.left_out:
-                    logger.warning("%d more line(s) about bad input from %s were left out", window.left_out, host)
-            if len(self._hosts) >= self.max_hosts:
-                del self._hosts[next(iter(self._hosts))]
-            self._hosts[host] = window = _Window(now)
-        if window.logged < self.lines:
-            window.logged += 1
-            return True
-        window.left_out += 1
-        return False
 
 
 class TrackerServer:
@@ -203,6 +181,16 @@ class TrackerServer:
         cfg = self.config
         self.keepalive = Keepalive(cfg.keepalive_idle_s, cfg.keepalive_interval_s, cfg.keepalive_probes)
         self.log_limit = PeerLogLimit()
+        #: one line per refused connection, a few per window in a flood
+        self.refusal_log = PeerLogLimit(logger=logger, about="refused connections")
+        #: connections admitted and not closed, in all and per peer address
+        self.open_connections = 0
+        self._per_host: dict[str, int] = {}
+        #: ``config.max_connections``, or what the file descriptor limit allows (0: no limit); set by start()
+        self.max_connections = 0
+        self._listen_fd: int | None = None
+        self._emfile_at = float("-inf")  # loop time of the last EMFILE handled
+        self._prev_handler: Any = None
 
     @property
     def stop_key(self) -> str:
@@ -233,6 +221,10 @@ class TrackerServer:
         tune_socket(sock, self.keepalive)  # inherited by accepted sockets on Linux
         sockname = sock.getsockname()
         self.host, self.port = str(sockname[0]), int(sockname[1])
+        self.max_connections = connection_limit(cfg)
+        self._listen_fd = sock.fileno()
+        self._prev_handler = self._loop.get_exception_handler()
+        self._loop.set_exception_handler(self._on_loop_exception)
         self._server = await self._loop.create_server(self._new_protocol, sock=sock, backlog=cfg.backlog)
 
     def _new_protocol(self) -> _TrackerProtocol:
@@ -242,6 +234,74 @@ class TrackerServer:
 
     def forget(self, proto: _TrackerProtocol) -> None:
         self._protocols.discard(proto)
+
+    # -- connection limits -------------------------------------------------------------------------
+
+    def admit(self, host: str) -> bool:
+        """Whether a new connection from ``host`` may stay (False: the caller closes it). At the total
+        limit, connections holding nothing make room (:meth:`TrackerCore.shed_idle`)."""
+        cfg = self.config
+        n = self._per_host.get(host, 0)
+        if cfg.max_connections_per_peer and n >= cfg.max_connections_per_peer:
+            if self.refusal_log.allow(host):
+                logger.warning(
+                    "refused a connection from %s: %d already open from that address (--max-connections-per-peer)",
+                    host,
+                    n,
+                )
+            return False
+        limit = self.max_connections
+        if limit and self.open_connections >= limit:
+            # a few more at once: a flood of connects does not pay for a scan of every connection each
+            self.core.shed_idle(self.open_connections - limit + 1 + limit // 64)
+            if self.open_connections >= limit:
+                if self.refusal_log.allow(host):
+                    logger.warning(
+                        "refused a connection from %s: %d connections open (the limit), each a server or a waiter",
+                        host,
+                        self.open_connections,
+                    )
+                return False
+        self._per_host[host] = n + 1
+        self.open_connections += 1
+        return True
+
+    def release(self, host: str) -> None:
+        """A connection admitted from ``host`` is closing."""
+        self.open_connections -= 1
+        n = self._per_host.get(host, 0) - 1
+        if n > 0:
+            self._per_host[host] = n
+        else:
+            self._per_host.pop(host, None)
+
+    def _on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc, sock = context.get("exception"), context.get("socket")
+        if (
+            isinstance(exc, OSError)
+            and exc.errno in (errno.EMFILE, errno.ENFILE)
+            and sock is not None
+            and sock.fileno() == self._listen_fd
+        ):
+            # asyncio reports it once per connection it tried to accept in that round (up to the backlog):
+            # make room once per round
+            now = loop.time()
+            if now - self._emfile_at < 0.5:
+                return
+            self._emfile_at = now
+            closed = self.core.shed_idle(max(8, self.open_connections // 8))  # an emergency: room for many
+            if self.refusal_log.allow("accept"):
+                logger.warning(
+                    "accept failed (%s) with %d connections open: %d holding nothing closed; accepting again in 1 s",
+                    exc.strerror,
+                    self.open_connections,
+                    closed,
+                )
+            return
+        if self._prev_handler is not None:
+            self._prev_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
     async def serve_until_stopped(self) -> None:
         assert self._stopped is not None, "start() first"
@@ -256,6 +316,8 @@ class TrackerServer:
     async def _shutdown(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._loop is not None and self._loop.get_exception_handler() == self._on_loop_exception:
+            self._loop.set_exception_handler(self._prev_handler)
         if self._server is not None:
             self._server.close()
         for proto in list(self._protocols):
@@ -284,6 +346,21 @@ class TrackerServer:
             nxt = self.core.clock() + 1.0
         if nxt is not None:
             self._wakeup(nxt)
+
+
+def connection_limit(config: TrackerConfig) -> int:
+    """Connections the tracker keeps open at once: ``config.max_connections``, else the soft
+    RLIMIT_NOFILE less ``config.fd_reserve`` (at least 1); 0 when neither limits them."""
+    if config.max_connections:
+        return config.max_connections
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(1, soft - config.fd_reserve)
 
 
 async def run_tracker(config: TrackerConfig, ready: Callable[[TrackerServer], None] | None = None) -> None:
