@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ._args import existing_file, hostport, port, seconds
+from ._tls import add_server_tls_flags, tls_from_args
 
 __all__ = ["add_parser", "run"]
 
@@ -50,6 +51,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--custom-addr", default=None, help="tracker mode: address the tracker hands to clients")
     p.add_argument("--index-page", type=existing_file, default=None, help="HTML page served at / on the web port")
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
+    add_server_tls_flags(p, "proxy")
     p.set_defaults(run=run)
 
 
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             timeout_alloc=args.timeout_alloc,
             custom_addr=args.custom_addr,
             index_page=args.index_page,
+            tls=tls_from_args(args),
         )
         asyncio.run(_serve(config))
     except ConfigError as exc:

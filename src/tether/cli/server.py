@@ -15,6 +15,7 @@ from typing import Any
 from ..aio.net import format_hostport, parse_hostport
 from ..errors import ConfigError
 from ._args import label
+from ._tls import add_server_tls_flags, tls_from_args
 
 __all__ = ["add_parser", "run"]
 
@@ -73,6 +74,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--no-prestart", action="store_true", help="start each session's worker only when it is granted")
     p.add_argument("--no-tvm", action="store_true", help="serve tether clients only, even when tvm is importable")
+    add_server_tls_flags(p, "server")
     p.set_defaults(run=run)
 
 
@@ -102,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         prestart=not args.no_prestart,
         fork=not args.no_fork,
         serve_tvm=not args.no_tvm,
+        tls=tls_from_args(args),
     )
 
 
@@ -122,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     if not args.through_proxy and not args.proxy_url:
-        print(f"listening on {format_hostport(args.host, server.port)}", flush=True)
+        tls = " (TLS sessions)" if server.tls_context is not None else ""
+        print(f"listening on {format_hostport(args.host, server.port)}{tls}", flush=True)
     try:
         while not done.wait(3600):
             pass

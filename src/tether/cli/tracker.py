@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..tracker import TrackerConfig, TrackerServer
 from ._args import port, seconds
+from ._tls import add_server_tls_flags, tls_from_args
 
 __all__ = ["add_parser", "run"]
 
@@ -32,7 +33,18 @@ def add_parser(sub: Any) -> None:
         help="after a start, seconds before a request is judged unservable: servers re-register meanwhile",
     )
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
+    _add_tls_flags(p)
     p.set_defaults(run=run)
+
+
+def _add_tls_flags(p: Any) -> None:
+    add_server_tls_flags(p, "tracker")
+    p.add_argument(
+        "--plain-port",
+        type=port,
+        default=None,
+        help="with --tls-cert: also listen in the clear on this port, for TVM's servers and clients (0: any)",
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -51,7 +63,12 @@ def run(args: argparse.Namespace) -> int:
         port_end=args.port_end,
         stop_key=args.stop_key,
         registration_grace_s=args.registration_grace,
+        tls=tls_from_args(args),
+        plain_port=args.plain_port,
     )
+    if config.plain_port is not None and config.tls is None:
+        print("tether tracker: --plain-port goes with --tls-cert (without TLS, --port is plain)", file=sys.stderr)
+        return 2
     try:
         asyncio.run(_serve(config))
     except ConfigError as exc:
@@ -66,7 +83,9 @@ async def _serve(config: TrackerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.stop)
-    print(f"listening on {server.address}", flush=True)
+    print(f"listening on {server.address}{' (TLS)' if config.tls else ''}", flush=True)
+    if server.plain_port is not None:
+        print(f"listening in the clear on {server.host}:{server.plain_port}", flush=True)
     if _is_loopback(server.host):
         hint = f"tether tracker --host 0.0.0.0 --port {server.port}"
         print(f"only this machine can reach this tracker; to accept devices from the network: {hint}", flush=True)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..aio.tls import TLSLike
 from ..errors import (
     ConnectFailed,
     ConnectionClosed,
@@ -24,6 +25,7 @@ from ..errors import (
     RemoteProtocolError,
     RequestTimeout,
     SessionRefused,
+    TLSError,
     TransportError,
 )
 from ..protocol.tracker import Grant
@@ -46,28 +48,38 @@ _ids = itertools.count(1)
 _T = TypeVar("_T")
 
 
-def connect_tracker(host: str | None = None, port: int | None = None, timeout: float = 5.0) -> Tracker:
+def connect_tracker(
+    host: str | None = None, port: int | None = None, timeout: float = 5.0, *, tls: TLSLike | None = None
+) -> Tracker:
     """Connect to a tracker (``TVM_TRACKER_HOST``/``TVM_TRACKER_PORT`` when not given).
 
     A refused or broken connection is tried again with backoff for up to ``timeout`` seconds (a tracker
     that is restarting), then :class:`~tether.errors.ConnectFailed` names the last error.
+
+    ``tls`` (a :class:`~tether.aio.tls.TLSConfig` or an ``ssl.SSLContext``): TLS to the tracker, and to
+    every server it grants (TLS after the session's handshake, end to end through a proxy). A TLS
+    failure raises :class:`~tether.errors.TLSError` at once, without retries.
     """
     host, port = tracker_address_from_env(host, port)
     stop = threading.Event()
-    return Tracker(_connect(host, port, time.monotonic() + timeout, stop), stop=stop)
+    return Tracker(_connect(host, port, time.monotonic() + timeout, stop, tls), stop=stop, tls=tls)
 
 
-def _connect(host: str, port: int, deadline: float | None, stop: threading.Event) -> TrackerClient:
+def _connect(
+    host: str, port: int, deadline: float | None, stop: threading.Event, tls: TLSLike | None = None
+) -> TrackerClient:
     """A tracker connection, retried with backoff until ``deadline`` (None: forever) or ``stop``."""
     delay = _BACKOFF_FIRST_S
     first_failure: float | None = None
     while True:
         attempt = 5.0 if deadline is None else max(0.1, min(5.0, deadline - time.monotonic()))
         try:
-            client = TrackerClient.connect(host, port, timeout=attempt)
+            client = TrackerClient.connect(host, port, timeout=attempt, tls=tls)
             if stop.is_set():  # interrupted while connecting: nobody would interrupt this new connection
                 client.close()
                 raise ConnectFailed(f"tracker {host}:{port}: interrupted")
+        except TLSError:
+            raise  # a configuration to fix: no retry makes it work
         except (TransportError, RemoteProtocolError) as exc:
             now = time.monotonic()
             if first_failure is None:
@@ -87,10 +99,14 @@ def _connect(host: str, port: int, deadline: float | None, stop: threading.Event
 class Tracker:
     """Requests sessions on servers by key; also a context manager. One request at a time."""
 
-    def __init__(self, client: TrackerClient, *, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self, client: TrackerClient, *, stop: threading.Event | None = None, tls: TLSLike | None = None
+    ) -> None:
         self.client = client
         self.host, self.port = client.host, client.port
         self._stop = stop or threading.Event()
+        #: TLS for the tracker link (again after a reconnect) and the sessions it grants.
+        self.tls = tls
 
     def request(
         self,
@@ -131,6 +147,8 @@ class Tracker:
                 if asked > 1 and timeout is not None:  # asked again after a restart: say the whole wait
                     raise RequestTimeout(f"no free server of key {key!r} within {timeout:g} s ({exc})") from None
                 raise
+            except TLSError:
+                raise
             except TransportError as exc:  # the tracker connection broke: a restart, or the network
                 # (backing off also between a tracker that accepts and then drops each request, and the next)
                 self._stop.wait(min(_BACKOFF_FIRST_S * 2 ** min(asked, 10), _BACKOFF_MAX_S, self._left(deadline)))
@@ -143,6 +161,7 @@ class Tracker:
                     grant.matchkey,
                     session_timeout=session_timeout or None,
                     timeout=connect_timeout,
+                    tls=self.tls,
                 )
             except (SessionRefused, ConnectFailed) as exc:
                 refused += 1
@@ -184,7 +203,7 @@ class Tracker:
             raise exc
         logger.warning("tracker %s:%d: %s; reconnecting to ask again for %r", self.host, self.port, exc, key)
         try:
-            self.client = _connect(self.host, self.port, deadline, self._stop)
+            self.client = _connect(self.host, self.port, deadline, self._stop, self.tls)
         except ConnectFailed as failed:
             if self._stop.is_set():
                 raise exc from None
@@ -236,7 +255,7 @@ class Tracker:
             if self._stop.is_set():
                 raise
             self.client.close()
-            self.client = _connect(self.host, self.port, time.monotonic() + 5.0, self._stop)
+            self.client = _connect(self.host, self.port, time.monotonic() + 5.0, self._stop, self.tls)
             return op(self.client)
 
     def interrupt(self) -> None:

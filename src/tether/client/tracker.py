@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..aio.stream import BlockingStream
+from ..aio.tls import TLSLike, looks_like_tls
 from ..errors import (
     ConnectionClosed,
     NotTetherTracker,
@@ -29,6 +30,7 @@ from ..errors import (
     RequestCancelled,
     RequestRejected,
     RequestTimeout,
+    TLSError,
     Unservable,
 )
 from ..protocol.constants import TrackerCode
@@ -84,15 +86,23 @@ class TrackerClient:
         self._hello_done = False
 
     @classmethod
-    def connect(cls, host: str, port: int, timeout: float = 5.0) -> TrackerClient:
-        """Connect and exchange the magic, all within ``timeout`` seconds."""
-        stream = BlockingStream.connect(host, port, timeout)
+    def connect(cls, host: str, port: int, timeout: float = 5.0, tls: TLSLike | None = None) -> TrackerClient:
+        """Connect and exchange the magic, all within ``timeout`` seconds; with ``tls`` (a
+        :class:`~tether.aio.tls.TLSConfig` or an ``ssl.SSLContext``) over TLS, to a tracker's TLS port.
+        :class:`~tether.errors.TLSError` when TLS fails, or is spoken on one side only."""
+        stream = BlockingStream.connect(host, port, timeout, tls=tls)
         client = cls(stream, host, port)
         try:
             stream.send(TrackerClientStream.initial_bytes())
             deadline = time.monotonic() + timeout
             while not client._codec.connected:
-                client._replies.extend(client._codec.receive_data(stream.recv(deadline)))
+                data = stream.recv(deadline)
+                if tls is None and looks_like_tls(data):
+                    raise TLSError(
+                        f"{host}:{port} is a TLS port: connect with TLS (tls=TLSConfig(ca=...), --tls-ca), "
+                        "or to the tracker's plain port"
+                    )
+                client._replies.extend(client._codec.receive_data(data))
         except TimeoutError as exc:
             stream.close()
             raise RemoteProtocolError(f"{host}:{port} did not answer the tracker magic within {timeout} s") from exc

@@ -39,8 +39,9 @@ from typing import Any
 
 from .. import __version__
 from ..aio.net import bind_listener, connect_tcp, finish_sending, format_hostport
+from ..aio.tls import TLS_OPTION, TLSConfig, client_context, server_context, start_server_tls
 from ..client.tracker import TrackerClient
-from ..errors import ConfigError, RemoteProtocolError, TetherError
+from ..errors import ConfigError, RemoteProtocolError, TetherError, TLSError
 from ..protocol.constants import DEFAULT_HEARTBEAT_S, HandshakeCode
 from ..protocol.framing import HandshakeDecoder, HandshakeReplyDecoder, encode_handshake, encode_handshake_reply
 from ..protocol.keys import PeerKey, format_peer_key, parse_peer_key
@@ -110,6 +111,10 @@ class ServerConfig:
     max_payload: int = MAX_PAYLOAD_BYTES
     #: The content-addressed cache of uploads shared by sessions (``<work_dir>/cache``); 0 turns it off.
     cache_bytes: int = 1 << 30
+    #: TLS. With ``cert``: every session is TLS after its handshake (tether clients only: TVM's cannot speak
+    #: it), client certificates required when ``ca`` is set. With any of it: TLS to the tracker (``ca`` its
+    #: CA, ``cert``/``key`` this server's client certificate), and to a ``wss://`` proxy.
+    tls: TLSConfig | None = None
 
     def __post_init__(self) -> None:
         if self.proxy_url:
@@ -187,6 +192,10 @@ class DeviceServer:
         self.sessions_served = 0
         #: Set when the tracker has this server's slots (a test waits on it; re-set after each reconnect).
         self.registered = threading.Event()
+        #: Sessions' TLS (None: plain sessions). TVM's clients cannot speak TLS: a TLS server serves tether's only.
+        self.tls_context = server_context(config.tls) if config.tls is not None and config.tls.cert else None
+        if self.tls_context is not None and PROTOCOL_TVM in self.protocols:
+            self.protocols.remove(PROTOCOL_TVM)
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -355,10 +364,13 @@ class DeviceServer:
             conn.close()
             return
         options = {"tether": "1"} if client.is_tether else None
+        if options is not None and self.tls_context is not None:
+            options[TLS_OPTION] = "1"  # TLS starts now (or, if the client did not ask for it, it learns why not)
         try:
             conn.sendall(
                 encode_handshake_reply(HandshakeCode.SUCCESS, format_peer_key("server", self.config.key, options))
             )
+            conn = self._start_tls(conn, client, peer)
             self._start_session(slot, conn, client, peer)
         except Exception as exc:
             logger.warning("could not start a session for %s: %s", peer, exc)
@@ -371,6 +383,11 @@ class DeviceServer:
     def _claim(self, client: PeerKey) -> tuple[str, _Slot | None]:
         if client.role != "client":
             return f"role {client.role!r} is not a client", None
+        if self.tls_context is not None and not client.is_tether:
+            return (
+                "a plain TVM client, and this server requires TLS (--tls-cert), which TVM's clients cannot speak",
+                None,
+            )
         try:
             client.session_timeout  # noqa: B018 - validates -timeout=
         except RemoteProtocolError as exc:
@@ -432,6 +449,19 @@ class DeviceServer:
             with self._lock:
                 self._queued.remove(ticket)
                 self._slot_freed.notify_all()  # the next in line may go
+
+    def _start_tls(self, conn: socket.socket, client: PeerKey, peer: str) -> socket.socket:
+        """After the handshake reply: the socket that carries the session, a TLS relay's local end when the
+        session is TLS (:mod:`tether.aio.tls`). Raises :class:`TLSError` when only one side speaks TLS (the
+        reply told the client, which raises it too) or the TLS handshake fails."""
+        wants = client.options.get(TLS_OPTION, "0") not in ("", "0")
+        if self.tls_context is None:
+            if wants:
+                raise TLSError(f"{peer} asked for TLS, and this server has no certificate (--tls-cert)")
+            return conn
+        if not wants:
+            raise TLSError(f"{peer} did not ask for TLS, and this server requires it (--tls-cert)")
+        return start_server_tls(conn, self.tls_context, self.config.handshake_timeout_s, peer)
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -574,7 +604,7 @@ class DeviceServer:
         while not self._stop.is_set():
             tracker = None
             try:
-                tracker = TrackerClient.connect(host, port, timeout=5.0)
+                tracker = TrackerClient.connect(host, port, timeout=5.0, tls=self.config.tls)
                 is_tether = tracker.tether_version is not None
                 tracker.update_info(self._info())
                 with self._lock:
@@ -655,13 +685,16 @@ class DeviceServer:
         if cfg.proxy_url:
             from ..aio.ws import ws_open_socket
 
-            return ws_open_socket(cfg.proxy_url, timeout=5.0)
+            context = client_context(cfg.tls) if cfg.tls is not None and cfg.proxy_url.startswith("wss:") else None
+            return ws_open_socket(cfg.proxy_url, timeout=5.0, ssl_context=context)
         return connect_tcp(cfg.host, cfg.port, timeout=5.0)
 
     def _proxy_key(self) -> str:
         """``server:K -tether=1 -protocols=tether,tvm [-labels=k=v&...]``: a proxy in tracker mode offers the
         slot with these protocols and labels (TVM's proxy forwards the string and ignores the options)."""
         options = {"tether": "1", "protocols": ",".join(self.protocols)}
+        if self.tls_context is not None:
+            options[TLS_OPTION] = "1"
         if self.config.labels:
             options["labels"] = urllib.parse.urlencode(sorted(self.config.labels.items()))
         return format_peer_key("server", self.config.key, options)
@@ -710,6 +743,7 @@ class DeviceServer:
                     slot.reserved = False
                 continue
             try:
+                conn = self._start_tls(conn, client, f"proxy:{client.raw}")
                 self._start_session(slot, conn, client, f"proxy:{client.raw}")
             except Exception as exc:
                 logger.warning("could not start a session through the proxy: %s", exc)

@@ -29,6 +29,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from ..aio.net import format_hostport
+from ..aio.tls import client_context, server_name
 from ..errors import RemoteProtocolError
 from ..protocol.keys import PROXY_PREFIX, PeerKey
 from ..protocol.tracker import (
@@ -178,7 +179,12 @@ class Registrar:
 
     async def _connect(self) -> None:
         host, port = self.addr
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), _CONNECT_TIMEOUT_S)
+        tls = self.proxy.config.tls  # with TLS settings, the tracker's port is a TLS port
+        options: dict[str, Any] = {}
+        if tls is not None:
+            options = {"ssl": client_context(tls), "server_hostname": server_name(tls, host)}
+            options["ssl_handshake_timeout"] = _CONNECT_TIMEOUT_S
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, **options), _CONNECT_TIMEOUT_S)
         self._reader, self._writer = reader, writer
         sock = writer.get_extra_info("socket")
         if sock is not None:

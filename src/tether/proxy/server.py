@@ -29,6 +29,7 @@ from typing import Any
 
 from ..aio.loop_thread import LoopThread
 from ..aio.net import Keepalive, bind_listener, format_hostport, tune_socket
+from ..aio.tls import TLSConfig
 from ..errors import ConfigError, RemoteProtocolError
 from ..protocol.constants import MAX_HANDSHAKE_KEY_BYTES, HandshakeCode
 from ..protocol.framing import HandshakeDecoder, encode_handshake_reply
@@ -80,6 +81,11 @@ class ProxyConfig:
     tracker_period: float = 1.0
     index_page: Path | None = None
     backlog: int = 1024
+    #: TLS: with any of it, the tracker link is TLS (``ca`` checks the tracker, ``cert``/``key`` are the
+    #: proxy's client certificate); with ``cert``, the web port serves ``wss://`` (client certificates
+    #: required when ``ca`` is set). Sessions relayed are not touched: a client and a server with TLS speak
+    #: it end to end, after the handshake the proxy reads.
+    tls: TLSConfig | None = None
 
 
 def _sysctl(name: str) -> int:

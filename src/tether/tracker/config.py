@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..aio.tls import TLSConfig
 from ..protocol.constants import MAX_TRACKER_FRAME_BYTES
 
 __all__ = ["TrackerConfig"]
@@ -48,3 +49,8 @@ class TrackerConfig:
     #: A SUMMARY asked again within this many seconds, with nothing changed since, gets the same answer
     #: (its ages then lag by as much): a query storm at 10,000 servers costs one summary, not one each.
     summary_reuse_s: float = 0.25
+    #: TLS: with a certificate, ``port`` speaks TLS only (client certificates required when ``tls.ca`` is
+    #: set); TVM's peers cannot speak TLS, see ``plain_port``.
+    tls: TLSConfig | None = None
+    #: With ``tls``: also listen in the clear on this port (0: the OS chooses), for TVM's servers and clients.
+    plain_port: int | None = None

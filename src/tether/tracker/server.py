@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from ..aio.loop_thread import LoopThread
 from ..aio.net import Keepalive, bind_listener, format_hostport, quickack, tune_socket
+from ..aio.tls import TlsListener, server_context
 from ..errors import RemoteProtocolError
 from ..protocol.tracker import TrackerServerStream
 from .config import TrackerConfig
@@ -192,6 +193,9 @@ class TrackerServer:
         cfg = self.config
         self.keepalive = Keepalive(cfg.keepalive_idle_s, cfg.keepalive_interval_s, cfg.keepalive_probes)
         self.log_limit = PeerLogLimit()
+        #: With TLS: the port served in the clear (``TrackerConfig.plain_port``), else None.
+        self.plain_port: int | None = None
+        self._tls_listener: TlsListener | None = None
 
     @property
     def stop_key(self) -> str:
@@ -209,7 +213,32 @@ class TrackerServer:
         tune_socket(sock, self.keepalive)  # inherited by accepted sockets on Linux
         sockname = sock.getsockname()
         self.host, self.port = str(sockname[0]), int(sockname[1])
-        self._server = await self._loop.create_server(self._new_protocol, sock=sock, backlog=cfg.backlog)
+        plain: socket.socket | None = sock
+        if cfg.tls is not None:
+            plain = self._start_tls(sock)  # the TLS port; the plain one, if any, is served below
+        if plain is not None:
+            self._server = await self._loop.create_server(self._new_protocol, sock=plain, backlog=cfg.backlog)
+
+    def _start_tls(self, sock: socket.socket) -> socket.socket | None:
+        """Serve TLS on ``sock``; the plain listener of ``plain_port`` (None without one)."""
+        cfg = self.config
+        assert cfg.tls is not None and self._loop is not None
+        try:
+            context = server_context(cfg.tls)
+            plain = None
+            if cfg.plain_port is not None:
+                plain = bind_listener(cfg.host, cfg.plain_port, None, cfg.backlog)
+                tune_socket(plain, self.keepalive)
+                self.plain_port = int(plain.getsockname()[1])
+        except BaseException:
+            sock.close()
+            raise
+        self._tls_listener = TlsListener(self._loop, sock, self._new_protocol, context, on_failure=self._tls_failed)
+        return plain
+
+    def _tls_failed(self, where: str, reason: str) -> None:
+        if self.log_limit.allow(where.rpartition(":")[0]):
+            logger.info("refused %s on the TLS port: %s", where, reason)
 
     def _new_protocol(self) -> _TrackerProtocol:
         proto = _TrackerProtocol(self)
@@ -234,6 +263,8 @@ class TrackerServer:
             self._timer.cancel()
         if self._server is not None:
             self._server.close()
+        if self._tls_listener is not None:
+            self._tls_listener.close()
         for proto in list(self._protocols):
             proto.close()
         if self._server is not None:
