@@ -55,6 +55,7 @@ __all__ = [
     "TlsListener",
     "TlsStream",
     "client_context",
+    "dropped_after_handshake",
     "looks_like_tls",
     "relay",
     "server_context",
@@ -237,6 +238,19 @@ def tls_error(exc: BaseException, where: str, tls: TLSLike | None = None) -> TLS
     return TLSError(f"{where}: TLS failed: {exc}")
 
 
+def dropped_after_handshake(where: str, tls: TLSLike | None) -> TLSError:
+    """The :class:`TLSError` for a peer that closed right after the TLS handshake, before its first
+    word: with TLS 1.3 that is how a server refuses a client's certificate (or its lack of one)."""
+    has_cert = isinstance(tls, TLSConfig) and bool(tls.cert)
+    what = (
+        "refused this side's client certificate: use one signed by the CA it trusts (its --tls-ca)"
+        if has_cert
+        else "requires a client certificate: give one signed by a CA it trusts (TLSConfig(cert=..., key=...), "
+        "--tls-cert/--tls-key)"
+    )
+    return TLSError(f"{where} closed the connection right after the TLS handshake: it probably {what}")
+
+
 def wrap_client_socket(
     sock: socket.socket, tls: TLSLike, host: str, where: str, timeout: float | None
 ) -> ssl.SSLSocket:
@@ -402,7 +416,7 @@ def start_client_tls(sock: socket.socket, tls: TLSLike, host: str, where: str, t
         raise tls_error(exc, where, tls) from None
     if n != 1 or bytes(got) != READY:
         sock.close()
-        raise TLSError(f"{where} closed the session right after the TLS handshake: it refused this side's certificate?")
+        raise dropped_after_handshake(where, tls)
     return relay(stream, f"tls {where}")
 
 

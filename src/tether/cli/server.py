@@ -125,8 +125,10 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     if not args.through_proxy and not args.proxy_url:
-        tls = " (TLS sessions)" if server.tls_context is not None else ""
-        print(f"listening on {format_hostport(args.host, server.port)}{tls}", flush=True)
+        print(f"listening on {format_hostport(args.host, server.port)}", flush=True)
+    if server.tls_context is not None:
+        certs = "client certificates required" if args.tls_ca else "no client certificates asked"
+        print(f"sessions are TLS ({certs}); tether clients only", flush=True)
     try:
         while not done.wait(3600):
             pass

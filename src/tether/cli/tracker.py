@@ -9,6 +9,7 @@ import signal
 import sys
 from typing import Any
 
+from ..aio.net import format_hostport
 from ..errors import ConfigError
 from ..tracker import TrackerConfig, TrackerServer
 from ._args import port, seconds
@@ -77,15 +78,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_tls(server: TrackerServer, config: TrackerConfig) -> None:
+    assert config.tls is not None
+    clients = "client certificates required" if config.tls.ca else "no client certificates asked"
+    if server.plain_port is None:
+        plain = "no plain port (TVM's servers and clients cannot speak TLS: --plain-port)"
+    else:
+        plain = f"in the clear on {format_hostport(server.host, server.plain_port)}"
+    print(f"TLS on that port ({clients}); {plain}", flush=True)
+
+
 async def _serve(config: TrackerConfig) -> None:
     server = TrackerServer(config)
     await server.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.stop)
-    print(f"listening on {server.address}{' (TLS)' if config.tls else ''}", flush=True)
-    if server.plain_port is not None:
-        print(f"listening in the clear on {server.host}:{server.plain_port}", flush=True)
+    print(f"listening on {server.address}", flush=True)
+    if config.tls is not None:
+        _print_tls(server, config)
     if _is_loopback(server.host):
         hint = f"tether tracker --host 0.0.0.0 --port {server.port}"
         print(f"only this machine can reach this tracker; to accept devices from the network: {hint}", flush=True)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..aio.tls import TLSLike
+from ..aio.tls import TLSLike, client_context
 from ..errors import (
     ConnectFailed,
     ConnectionClosed,
@@ -61,6 +61,8 @@ def connect_tracker(
     failure raises :class:`~tether.errors.TLSError` at once, without retries.
     """
     host, port = tracker_address_from_env(host, port)
+    if tls is not None:
+        client_context(tls)  # files that do not load: ConfigError now, not after connecting
     stop = threading.Event()
     return Tracker(_connect(host, port, time.monotonic() + timeout, stop, tls), stop=stop, tls=tls)
 

@@ -352,6 +352,7 @@ class Session:
             options["timeout"] = f"{session_timeout:g}"
         if tls is not None:
             options[TLS_OPTION] = "1"
+            client_context(tls)  # files that do not load: ConfigError now, not after connecting
         if host.startswith(("ws://", "wss://")):  # a proxy's WebSocket endpoint: bridged to a local socket
             from ..aio.ws import ws_open_socket
 

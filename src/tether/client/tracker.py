@@ -21,8 +21,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..aio.net import format_hostport
 from ..aio.stream import BlockingStream
-from ..aio.tls import TLSLike, looks_like_tls
+from ..aio.tls import TLSLike, dropped_after_handshake, looks_like_tls
 from ..errors import (
     ConnectionClosed,
     NotTetherTracker,
@@ -96,7 +97,7 @@ class TrackerClient:
             stream.send(TrackerClientStream.initial_bytes())
             deadline = time.monotonic() + timeout
             while not client._codec.connected:
-                data = stream.recv(deadline)
+                data = stream.recv(deadline) if tls is None else _recv_tls(stream, deadline, host, port, tls)
                 if tls is None and looks_like_tls(data):
                     raise TLSError(
                         f"{host}:{port} is a TLS port: connect with TLS (tls=TLSConfig(ca=...), --tls-ca), "
@@ -287,6 +288,15 @@ class TrackerClient:
     def _expect_ok(reply: Any, what: str) -> None:
         if reply != TrackerCode.SUCCESS:
             raise RemoteProtocolError(f"tracker answered {reply!r:.80} to {what}")
+
+
+def _recv_tls(stream: BlockingStream, deadline: float, host: str, port: int, tls: TLSLike) -> bytes:
+    """The tracker's first answer over TLS; a close before it is the tracker refusing this client's
+    certificate (asyncio's TLS drops the connection without telling why)."""
+    try:
+        return stream.recv(deadline)
+    except ConnectionClosed:
+        raise dropped_after_handshake(format_hostport(host, port), tls) from None
 
 
 def _grant_or_raise(outcome: Grant | dict[str, Any], key: str) -> Grant:

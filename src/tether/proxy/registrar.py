@@ -114,6 +114,8 @@ class Registrar:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._writer is not None and self.proxy.config.tls is not None:
+            self._writer.transport.abort()  # a TLS close would need the loop that is about to stop
         self._close()
 
     def status(self) -> dict[str, Any]:
