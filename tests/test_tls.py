@@ -283,3 +283,18 @@ def test_cli_tracker_and_query_with_tls(pki: Pki, cli: Callable[..., Any]) -> No
     plain.wait_eof(30)
     assert plain.proc.wait(10) == 2
     assert any("is a TLS port" in line and "--tls-ca" in line for line in plain.seen), plain.seen
+
+
+def test_proxy_web_port_serves_wss(
+    pki: Pki, proxy: Callable[..., ProxyThread], device_server: Any, tmp_path: Path
+) -> None:
+    """With a certificate the proxy's web port is ``wss://``: a server and a client reach it over TLS (the
+    session inside is TLS end to end as well)."""
+    p = proxy(web_port=0, tls=server_tls(pki, clients=False))
+    assert p.ws_url is not None and p.ws_url.startswith("wss://")
+    device_server(key="web", proxy_url=p.ws_url, tls=server_tls(pki))
+    wait_until(lambda: p.status()["waiting"], what="the server waiting at the proxy")
+    with tether.connect(p.ws_url, key="web", timeout=30, tls=client_tls(pki)) as sess:
+        round_trip(sess, tmp_path)
+    plain_url = p.ws_url.replace("wss://", "ws://")
+    raises_fast(tether.ProtocolError, "speaks TLS: use wss:", lambda: tether.connect(plain_url, key="web", timeout=30))

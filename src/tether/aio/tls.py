@@ -82,6 +82,10 @@ _WRITE_SLICE: Final = 1 << 18
 _PAIR_BUFFER: Final = 4 << 20
 #: A fatal TLS alert (unexpected_message): the answer of a TLS port to a peer that does not speak TLS.
 PLAIN_PEER_ALERT: Final = b"\x15\x03\x03\x00\x02\x02\x0a"
+#: The answer of a TLS web port to a plain HTTP request.
+_HTTP_TO_TLS_PORT: Final = (
+    b"HTTP/1.1 400 This port speaks TLS: use wss:// (or https://)\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+)
 #: OpenSSL's verify codes for a certificate that does not name the host (DNS name, IP address).
 _NAME_MISMATCH: Final = (62, 64)
 
@@ -385,20 +389,27 @@ class TlsStream:
             self._flush()
 
 
-def start_server_tls(sock: socket.socket, context: ssl.SSLContext, timeout: float | None, peer: str) -> socket.socket:
+def start_server_tls(
+    sock: socket.socket, context: ssl.SSLContext, timeout: float | None, peer: str, *, ready: bool = True
+) -> socket.socket:
     """The server's side of a session's TLS, after the handshake reply: TLS handshake (within ``timeout``
-    seconds), :data:`READY`, then :func:`relay`. Returns the local socket that carries the session in the
-    clear. Raises :class:`TLSError`; ``sock`` is closed then."""
+    seconds), :data:`READY` (unless ``ready=False``: TLS from the first byte, as for ``wss://``), then
+    :func:`relay`. Returns the local socket that carries the session in the clear. Raises
+    :class:`TLSError`; ``sock`` is closed then."""
     stream = TlsStream(sock, context, server_side=True)
     try:
         stream.handshake(None if timeout is None else time.monotonic() + timeout)
-        stream.sendall(READY)
+        if ready:
+            stream.sendall(READY)
     except TimeoutError:
         sock.close()
         raise TLSError(f"no TLS handshake from {peer} within {timeout} s") from None
     except (ssl.SSLError, OSError) as exc:
-        sock.close()
         reason = getattr(exc, "reason", None) or exc
+        if reason == "HTTP_REQUEST" and not ready:  # ws:// or http:// to a wss:// port: say so, in HTTP
+            with contextlib.suppress(OSError):
+                sock.sendall(_HTTP_TO_TLS_PORT)
+        sock.close()
         raise TLSError(f"TLS handshake with {peer} failed: {reason}") from None
     return relay(stream, f"tls {peer}")
 
