@@ -298,3 +298,23 @@ def test_proxy_web_port_serves_wss(
         round_trip(sess, tmp_path)
     plain_url = p.ws_url.replace("wss://", "ws://")
     raises_fast(tether.ProtocolError, "speaks TLS: use wss:", lambda: tether.connect(plain_url, key="web", timeout=30))
+
+
+def test_cli_run_and_bench_over_tls(
+    pki: Pki, tls_tracker: TrackerThread, device_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tether.cli import main
+
+    device_server(key="cli", tracker=(tls_tracker.host, tls_tracker.port), tls=server_tls(pki))
+    spec = {"name": "x", "dtype": "float32", "shape": [2, 3]}
+    model = tmp_path / "m.json"
+    write_reference_model(model, [spec], [{**spec, "name": "y"}], [{"op": "affine", "input": "x", "output": "y"}])
+    where = ["--tracker", f"{tls_tracker.host}:{tls_tracker.port}", "--key", "cli", "--timeout", "30"]
+    tls = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+    assert main(["run", str(model), *where, *tls, "--repeat", "2"]) == 0, capsys.readouterr().err
+    assert "device timing" in capsys.readouterr().out
+    assert main(["bench", str(model), *where, *tls, "--repeat", "2", "--quiet"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["run", str(model), *where, "--tls-ca", str(pki.ca)]) == 2  # no client certificate
+    err = capsys.readouterr().err
+    assert "requires a client certificate" in err and "--tls-cert" in err, err
