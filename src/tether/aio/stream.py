@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 import time
 
 from ..errors import ConnectionClosed
 from .net import DEFAULT_KEEPALIVE, Keepalive, connect_tcp, format_hostport
-from .tls import TLSLike, tls_error, wrap_client_socket
+from .tls import SSL_ERRORS, TLSLike, tls_error, wrap_client_socket
 
 __all__ = ["BlockingStream"]
 
@@ -72,7 +71,7 @@ class BlockingStream:
             data = sock.recv(size)
         except TimeoutError:
             raise
-        except ssl.SSLError as exc:  # a TLS alert: a client certificate the server refused or wanted
+        except SSL_ERRORS as exc:  # a TLS alert: a client certificate the server refused or wanted
             raise tls_error(exc, _peer(sock)) from exc
         except OSError as exc:
             raise ConnectionClosed(f"receive failed: {exc}") from exc

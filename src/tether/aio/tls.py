@@ -38,17 +38,22 @@ import contextlib
 import functools
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final, TypeAlias, cast
 
 from ..errors import ConfigError, TLSError
 
+try:
+    import ssl
+except ImportError:  # pragma: no cover - a Python built without OpenSSL (some devices): plain only
+    ssl = None  # type: ignore[assignment]
+
 __all__ = [
     "READY",
+    "SSL_ERRORS",
     "TLS_OPTION",
     "TLSConfig",
     "TLSLike",
@@ -72,7 +77,8 @@ logger = logging.getLogger(__name__)
 TLS_OPTION: Final = "tls"
 #: What a server sends inside TLS once its handshake is done and the client is accepted.
 READY: Final = b"\x01"
-MIN_VERSION: Final = ssl.TLSVersion.TLSv1_2
+#: What ``except`` clauses catch as TLS failures (nothing on a Python without the ssl module).
+SSL_ERRORS: Final[tuple[type[BaseException], ...]] = () if ssl is None else (ssl.SSLError,)
 #: Largest plaintext chunk a relay moves per step, each way.
 RELAY_CHUNK: Final = 1 << 20
 #: Seconds a relay whose one direction ended waits for the other before forcing it.
@@ -114,7 +120,12 @@ class TLSConfig:
 
 
 #: What clients accept for ``tls=``: file names, or a context built elsewhere.
-TLSLike = TLSConfig | ssl.SSLContext
+TLSLike: TypeAlias = "TLSConfig | ssl.SSLContext"
+
+
+def _require_ssl() -> None:
+    if ssl is None:  # pragma: no cover - see the import
+        raise ConfigError("this Python has no ssl module (built without OpenSSL): TLS is not available here")
 
 
 def _load_chain(ctx: ssl.SSLContext, cert: str, key: str | None) -> None:
@@ -144,8 +155,9 @@ def server_context(cfg: TLSConfig) -> ssl.SSLContext:
     Raises :class:`ConfigError` naming a file that does not load."""
     if not cfg.cert:
         raise ConfigError("TLS on a server needs its certificate (--tls-cert, and --tls-key unless it holds the key)")
+    _require_ssl()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = MIN_VERSION
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     _load_chain(ctx, cfg.cert, cfg.key)
     if cfg.ca:
         _load_ca(ctx, cfg.ca)
@@ -157,6 +169,7 @@ def client_context(tls: TLSLike) -> ssl.SSLContext:
     """A client's context: ``tls`` itself when it is one; else TLS 1.2 or later, the server verified
     against ``ca`` (or the system's CAs), hostname checked unless turned off, a client certificate when
     given. Contexts are built once per configuration. Raises :class:`ConfigError`."""
+    _require_ssl()
     if isinstance(tls, ssl.SSLContext):
         return tls
     return _client_context(tls)
@@ -170,7 +183,7 @@ def _client_context(cfg: TLSConfig) -> ssl.SSLContext:
         raise ConfigError(f"TLS CA file {cfg.ca} does not load ({exc.reason or exc}): a PEM certificate?") from None
     except OSError as exc:
         raise ConfigError(f"cannot read TLS CA file {cfg.ca}: {exc.strerror or exc}") from None
-    ctx.minimum_version = MIN_VERSION
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = cfg.check_hostname
     if cfg.cert:
         _load_chain(ctx, cfg.cert, cfg.key)
