@@ -318,3 +318,18 @@ def test_cli_run_and_bench_over_tls(
     assert main(["run", str(model), *where, "--tls-ca", str(pki.ca)]) == 2  # no client certificate
     err = capsys.readouterr().err
     assert "requires a client certificate" in err and "--tls-cert" in err, err
+
+
+def test_batch_measures_over_tls(pki: Pki, tls_tracker: TrackerThread, device_server: Any, tmp_path: Path) -> None:
+    from tether.client.batch import Candidate, MeasureSettings, measure_candidates
+
+    device_server(key="batch", tracker=(tls_tracker.host, tls_tracker.port), tls=server_tls(pki))
+    spec = {"name": "x", "dtype": "float32", "shape": [2, 3]}
+    model = tmp_path / "m.json"
+    write_reference_model(model, [spec], [{**spec, "name": "y"}], [{"op": "affine", "input": "x", "output": "y"}])
+    where = (tls_tracker.host, tls_tracker.port)
+    settings = MeasureSettings(number=1, repeat=2, timeout=30, queue_timeout=30)
+    results = measure_candidates(where, "batch", [Candidate(str(model))] * 2, settings, tls=client_tls(pki))
+    assert all(r.ok for r in results), [r.error for r in results]
+    wrong = measure_candidates(where, "batch", [Candidate(str(model))], settings, tls=client_tls(pki, cert=False))
+    assert wrong[0].error is not None and "client certificate" in wrong[0].error.message

@@ -26,6 +26,8 @@ Where TLS sits, role by role (README, "TLS"):
   the other (a :class:`TlsStream` on memory BIOs under a lock: OpenSSL forbids one connection's read and
   write on two threads at once). The client does the same, so the session code (``sendmsg``,
   ``sendfile``, ``recv_into``) runs unchanged on a plain socket at both ends.
+- **proxy**: its web port serves ``wss://`` with a certificate, through the same relay (the clear end is
+  an ordinary WebSocket peer of the proxy's loop); its TCP port stays as it is, for the reason above.
 
 :class:`TLSConfig` names files (CA, certificate, key) and, for clients, the name expected in the server's
 certificate; where an ``ssl.SSLContext`` is accepted instead, it is used as given.
