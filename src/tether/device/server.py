@@ -171,6 +171,10 @@ class DeviceServer:
         self.preload = default_preload() if config.preload is None else list(config.preload)
         if PROTOCOL_TVM not in self.protocols and "tvm" in self.preload:
             self.preload.remove("tvm")
+        #: Sessions' TLS (None: plain sessions). TVM's clients cannot speak TLS: a TLS server serves tether's only.
+        self.tls_context = server_context(config.tls) if config.tls is not None and config.tls.cert else None
+        if self.tls_context is not None and PROTOCOL_TVM in self.protocols:
+            self.protocols.remove(PROTOCOL_TVM)
         self.facts = device_facts()
         self._lock = threading.Lock()
         #: Notified (under ``_lock``) whenever a slot may have come free, or the server stops.
@@ -192,10 +196,6 @@ class DeviceServer:
         self.sessions_served = 0
         #: Set when the tracker has this server's slots (a test waits on it; re-set after each reconnect).
         self.registered = threading.Event()
-        #: Sessions' TLS (None: plain sessions). TVM's clients cannot speak TLS: a TLS server serves tether's only.
-        self.tls_context = server_context(config.tls) if config.tls is not None and config.tls.cert else None
-        if self.tls_context is not None and PROTOCOL_TVM in self.protocols:
-            self.protocols.remove(PROTOCOL_TVM)
 
     # -- life cycle ----------------------------------------------------------------------------
 
