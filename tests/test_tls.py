@@ -93,7 +93,7 @@ def round_trip(sess: tether.Session, tmp_path: Path, payload: int = 1 << 20) -> 
     assert hashlib.sha256(sess.download("blob.bin")).digest() == hashlib.sha256(blob).digest()
 
 
-def raises_fast(exc: type[BaseException], match: str, call: Callable[[], Any], within: float = 5.0) -> None:
+def raises_fast(exc: type[BaseException], match: str, call: Callable[[], Any], within: float = 10.0) -> None:
     start = time.monotonic()
     with pytest.raises(exc, match=match):
         call()
@@ -333,3 +333,16 @@ def test_batch_measures_over_tls(pki: Pki, tls_tracker: TrackerThread, device_se
     assert all(r.ok for r in results), [r.error for r in results]
     wrong = measure_candidates(where, "batch", [Candidate(str(model))], settings, tls=client_tls(pki, cert=False))
     assert wrong[0].error is not None and "client certificate" in wrong[0].error.message
+
+
+def test_cli_server_and_proxy_with_tls(pki: Pki, cli: Callable[..., Any], tmp_path: Path) -> None:
+    certs = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    server = cli("server", "--host", "127.0.0.1", "--port", "0", "--key", "c", "--preload", "none",
+                 "--work-dir", str(tmp_path / "w"), *certs, "--tls-ca", str(pki.ca))  # fmt: skip
+    _, port = server.listening()
+    server.wait_line("sessions are TLS (client certificates required); tether clients only")
+    with tether.connect("127.0.0.1", port, key="c", timeout=30, tls=client_tls(pki)) as sess:
+        assert sess.info()["key"] == "c"
+    proxy = cli("proxy", "--host", "127.0.0.1", "--port", "0", "--web-port", "0", *certs)
+    proxy.listening()
+    assert proxy.wait_line("websocket on ").split("websocket on ")[1].startswith("wss://127.0.0.1:")
