@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .aio.tls import TLSConfig
 from .client.api import Tracker, connect_tracker
 from .client.query import TrackerStatus, query_tracker
 from .client.session import BenchmarkResult, RemoteModel, RemoteTensor, Session, connect
@@ -34,6 +35,7 @@ from .errors import (
     SessionRefused,
     SessionTimeout,
     TetherError,
+    TLSError,
     TrackerError,
     TransportError,
     Unservable,
@@ -78,6 +80,8 @@ __all__ = [
     "AuthError",
     "AuthFailed",
     "PermissionDenied",
+    "TLSConfig",
+    "TLSError",
     "__version__",
     "query_tracker",
 ]

@@ -13,7 +13,8 @@
     │   ├── ConnectFailed             could not connect to any address of a host
     │   ├── ConnectionClosed          the peer closed while we waited for a reply
     │   │   └── SessionLost           the session's worker died or its connection broke mid-request
-    │   └── SessionRefused            the server or proxy answered the handshake with MISMATCH/DUPLICATE
+    │   ├── SessionRefused            the server or proxy answered the handshake with MISMATCH/DUPLICATE
+    │   └── TLSError                  TLS failed: a certificate not trusted, one missing, TLS on one side only
     ├── TrackerError                  the tracker answered, and the answer is no
     │   ├── RequestTimeout            no server was granted within the request's timeout (also TimeoutError)
     │   ├── RequestCancelled          the request was cancelled before a grant
@@ -35,7 +36,8 @@
     └── ConfigError                   invalid configuration (bad flag, port range)
 
 Only :class:`TransportError` is worth a retry: everything else says something that a new attempt
-will say again.
+will say again. :class:`TLSError` is the exception: a configuration to fix (its message says what), so
+tether's own retries give up on it at once.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ __all__ = [
     "SessionLost",
     "SessionRefused",
     "SessionTimeout",
+    "TLSError",
     "TetherError",
     "TrackerError",
     "TransportError",
@@ -175,6 +178,12 @@ class SessionLost(ConnectionClosed):
 
 class SessionRefused(TransportError):
     """The server or proxy refused the handshake (MISMATCH: wrong or stale key, busy; DUPLICATE)."""
+
+
+class TLSError(TransportError):
+    """TLS failed between this side and a peer: a certificate this side cannot verify (pass the CA that
+    signed it), a name the certificate does not hold, a client certificate missing or refused, or TLS on
+    one side only. The message says which and what to pass; retrying does not help."""
 
 
 class RemoteError(TetherError):

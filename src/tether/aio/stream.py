@@ -8,7 +8,8 @@ import socket
 import time
 
 from ..errors import ConnectionClosed
-from .net import DEFAULT_KEEPALIVE, Keepalive, connect_tcp
+from .net import DEFAULT_KEEPALIVE, Keepalive, connect_tcp, format_hostport
+from .tls import SSL_ERRORS, TLSLike, tls_error, wrap_client_socket
 
 __all__ = ["BlockingStream"]
 
@@ -26,9 +27,19 @@ class BlockingStream:
 
     @classmethod
     def connect(
-        cls, host: str, port: int, timeout: float | None = 5.0, keepalive: Keepalive | None = DEFAULT_KEEPALIVE
+        cls,
+        host: str,
+        port: int,
+        timeout: float | None = 5.0,
+        keepalive: Keepalive | None = DEFAULT_KEEPALIVE,
+        tls: TLSLike | None = None,
     ) -> BlockingStream:
-        return cls(connect_tcp(host, port, timeout, keepalive))
+        """Connect; with ``tls``, TLS from the first byte (the handshake within ``timeout`` too):
+        :class:`~tether.errors.TLSError` when it fails."""
+        sock = connect_tcp(host, port, timeout, keepalive)
+        if tls is not None:
+            sock = wrap_client_socket(sock, tls, host, format_hostport(host, port), timeout)
+        return cls(sock)
 
     @property
     def closed(self) -> bool:
@@ -61,6 +72,8 @@ class BlockingStream:
             data = sock.recv(size)
         except TimeoutError:
             raise
+        except SSL_ERRORS as exc:  # a TLS alert: a client certificate the server refused or wanted
+            raise tls_error(exc, _peer(sock)) from exc
         except OSError as exc:
             raise ConnectionClosed(f"receive failed: {exc}") from exc
         if not data:
@@ -102,3 +115,11 @@ class BlockingStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except (OSError, ValueError):
+        return "the peer"
+    return format_hostport(str(host), int(port))

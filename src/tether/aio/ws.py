@@ -451,6 +451,6 @@ def ws_bridge(conn: WebSocketConnection) -> socket.socket:
     return outer
 
 
-def ws_open_socket(url: str, timeout: float = 10.0) -> socket.socket:
+def ws_open_socket(url: str, timeout: float = 10.0, *, ssl_context: ssl.SSLContext | None = None) -> socket.socket:
     """:func:`ws_connect` to ``url`` and :func:`ws_bridge` it: a plain socket tunnelled over a WebSocket."""
-    return ws_bridge(ws_connect(url, timeout))
+    return ws_bridge(ws_connect(url, timeout, ssl_context=ssl_context))

@@ -253,6 +253,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-v", "--verbose", action="store_true", help="a device's error in full, with its traceback (default: one line)"
     )
+    from ._tls import add_client_tls_flags  # (it imports this module)
+
+    add_client_tls_flags(p)
 
 
 def unservable_after(args: argparse.Namespace) -> float | None:

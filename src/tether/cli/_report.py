@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import ConfigError, ConnectFailed, RemoteError
+from ..errors import ConfigError, ConnectFailed, RemoteError, TLSError
 
 __all__ = ["error_line", "exit_code", "fail"]
 
 
 def exit_code(exc: BaseException) -> int:
-    """2 for bad usage or an unreachable peer, 1 for an operation that failed."""
-    return 2 if isinstance(exc, ConfigError | ConnectFailed) else 1
+    """2 for bad usage or an unreachable peer (TLS that fails is either), 1 for an operation that failed."""
+    return 2 if isinstance(exc, ConfigError | ConnectFailed | TLSError) else 1
 
 
 def error_line(exc: BaseException, device: str | None = None) -> str:

@@ -24,6 +24,7 @@ from ._args import (
     seconds,
     unservable_after,
 )
+from ._tls import tls_from_args
 
 if TYPE_CHECKING:
     from ..client.bench import BenchEvent, BenchRecord
@@ -195,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
             timeout=args.timeout or None,
             unservable_after=unservable_after(args),
             on_event=progress,
+            tls=tls_from_args(args),
         )
     except BenchInterrupted as exc:  # keep what finished: the table and the files
         records, code = exc.records, 130

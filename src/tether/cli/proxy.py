@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ._args import add_auth_flags, existing_file, hostport, non_negative, port, seconds
+from ._tls import add_server_tls_flags, tls_from_args
 
 __all__ = ["add_parser", "run"]
 
@@ -65,6 +66,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--index-page", type=existing_file, default=None, help="HTML page served at / on the web port")
     add_auth_flags(p, "TVM servers and clients")
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
+    add_server_tls_flags(p, "proxy")
     p.set_defaults(run=run)
 
 
@@ -87,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             allow_tvm=tuple(args.allow_tvm),
             max_parked_per_peer=args.max_parked_per_peer,
             max_parked=args.max_parked,
+            tls=tls_from_args(args),
         )
         asyncio.run(_serve(config))
     except ConfigError as exc:

@@ -14,6 +14,7 @@ from typing import Any
 from ..client.query import TrackerStatus, query_tracker
 from ..errors import ProtocolError, TransportError
 from ._args import port, seconds, tracker_address
+from ._tls import add_client_tls_flags, tls_from_args
 
 __all__ = ["add_parser", "render", "run"]
 
@@ -24,13 +25,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--port", type=port, default=None, help="tracker port (default $TVM_TRACKER_PORT or 9190)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--timeout", type=seconds, default=5.0, help="seconds to wait for the tracker (default 5)")
+    add_client_tls_flags(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     host, port = tracker_address(args.host, args.port)
     try:
-        status = query_tracker(host, port, timeout=args.timeout)
+        status = query_tracker(host, port, timeout=args.timeout, tls=tls_from_args(args))
     except (TransportError, ProtocolError, TimeoutError, OSError) as exc:
         reason = str(exc) or type(exc).__name__
         print(f"tether query: cannot read the tracker at {host}:{port}: {reason}", file=sys.stderr)

@@ -30,6 +30,7 @@ from ._args import (
     unservable_after,
 )
 from ._report import fail
+from ._tls import tls_from_args
 
 __all__ = ["add_parser", "describe_array", "run"]
 
@@ -79,11 +80,11 @@ def run(args: argparse.Namespace) -> int:
     timed = {"number": args.number, "min_repeat_ms": args.min_repeat_ms, "cooldown_ms": args.cooldown_ms}
     feed: dict[str, Any] = {"fill": args.fill, "seed": 0, "timeout": args.run_timeout or None}
     try:
-        with connect_tracker(host, port) as tracker:
+        with connect_tracker(host, port, tls=tls_from_args(args)) as tracker:
             t0 = time.perf_counter()
             request_id = f"run-{os.getpid()}"
             progress = Progress(sys.stderr, tty=sys.stderr.isatty())
-            watch = QueueWatch(host, port, args.key, progress, poll_s=1.0)
+            watch = QueueWatch(host, port, args.key, progress, poll_s=1.0, tls=tracker.tls)
             watch.start([request_id])
             try:
                 sess = tracker.request(

@@ -15,6 +15,7 @@ from typing import Any
 from ..aio.net import format_hostport, parse_hostport
 from ..errors import ConfigError
 from ._args import add_auth_flags, label
+from ._tls import add_server_tls_flags, tls_from_args
 
 __all__ = ["add_parser", "run"]
 
@@ -108,6 +109,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-prestart", action="store_true", help="start each session's worker only when it is granted")
     p.add_argument("--no-tvm", action="store_true", help="serve tether clients only, even when tvm is importable")
     add_auth_flags(p, "plain TVM clients")
+    add_server_tls_flags(p, "server")
     p.set_defaults(run=run)
 
 
@@ -144,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         serve_tvm=not args.no_tvm,
         auth_file=None if args.auth_file is None else str(args.auth_file),
         allow_tvm=tuple(args.allow_tvm),
+        tls=tls_from_args(args),
     )
 
 
@@ -167,6 +170,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.through_proxy and not args.proxy_url:
         print(f"listening on {format_hostport(args.host, server.port)}", flush=True)
     print(server.describe_auth(), flush=True)
+    if server.tls_context is not None:
+        certs = "client certificates required" if args.tls_ca else "no client certificates asked"
+        print(f"sessions are TLS ({certs}); tether clients only", flush=True)
     try:
         while not done.wait(3600):
             pass

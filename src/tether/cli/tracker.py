@@ -9,9 +9,11 @@ import signal
 import sys
 from typing import Any
 
+from ..aio.net import format_hostport
 from ..errors import ConfigError
 from ..tracker import TrackerConfig, TrackerServer
 from ._args import add_auth_flags, non_negative, port, seconds
+from ._tls import add_server_tls_flags, tls_from_args
 
 __all__ = ["add_parser", "run"]
 
@@ -34,6 +36,7 @@ def add_parser(sub: Any) -> None:
     _add_bounds(p)
     add_auth_flags(p, "TVM servers, clients and query_rpc_tracker")
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
+    _add_tls_flags(p)
     p.set_defaults(run=run)
 
 
@@ -125,6 +128,16 @@ def _add_bounds(p: argparse.ArgumentParser) -> None:
         )
 
 
+def _add_tls_flags(p: Any) -> None:
+    add_server_tls_flags(p, "tracker")
+    p.add_argument(
+        "--plain-port",
+        type=port,
+        default=None,
+        help="with --tls-cert: also listen in the clear on this port, for TVM's servers and clients (0: any)",
+    )
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -144,13 +157,28 @@ def run(args: argparse.Namespace) -> int:
         auth_file=None if args.auth_file is None else str(args.auth_file),
         allow_tvm=tuple(args.allow_tvm),
         **{field: getattr(args, field) for _, field, *_ in _BOUNDS},
+        tls=tls_from_args(args),
+        plain_port=args.plain_port,
     )
+    if config.plain_port is not None and config.tls is None:
+        print("tether tracker: --plain-port goes with --tls-cert (without TLS, --port is plain)", file=sys.stderr)
+        return 2
     try:
         asyncio.run(_serve(config))
     except ConfigError as exc:
         print(f"tether tracker: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _print_tls(server: TrackerServer, config: TrackerConfig) -> None:
+    assert config.tls is not None
+    clients = "client certificates required" if config.tls.ca else "no client certificates asked"
+    if server.plain_port is None:
+        plain = "no plain port (TVM's servers and clients cannot speak TLS: --plain-port)"
+    else:
+        plain = f"in the clear on {format_hostport(server.host, server.plain_port)}"
+    print(f"TLS on that port ({clients}); {plain}", flush=True)
 
 
 async def _serve(config: TrackerConfig) -> None:
@@ -162,6 +190,8 @@ async def _serve(config: TrackerConfig) -> None:
     loop.add_signal_handler(signal.SIGHUP, server.reload_auth)
     print(f"listening on {server.address}", flush=True)
     print(server.core.access.describe(), flush=True)
+    if config.tls is not None:
+        _print_tls(server, config)
     if _is_loopback(server.host):
         hint = f"tether tracker --host 0.0.0.0 --port {server.port}"
         print(f"only this machine can reach this tracker; to accept devices from the network: {hint}", flush=True)

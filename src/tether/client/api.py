@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..aio.tls import TLSLike, client_context
 from ..errors import (
     ConnectFailed,
     ConnectionClosed,
@@ -24,6 +25,7 @@ from ..errors import (
     RemoteProtocolError,
     RequestTimeout,
     SessionRefused,
+    TLSError,
     TransportError,
 )
 from ..protocol.auth import Token, token_from_env
@@ -48,7 +50,12 @@ _T = TypeVar("_T")
 
 
 def connect_tracker(
-    host: str | None = None, port: int | None = None, timeout: float = 5.0, *, token: Token | str | None = None
+    host: str | None = None,
+    port: int | None = None,
+    timeout: float = 5.0,
+    *,
+    token: Token | str | None = None,
+    tls: TLSLike | None = None,
 ) -> Tracker:
     """Connect to a tracker (``TVM_TRACKER_HOST``/``TVM_TRACKER_PORT`` when not given).
 
@@ -56,15 +63,29 @@ def connect_tracker(
     that is restarting), then :class:`~tether.errors.ConnectFailed` names the last error. ``token``
     (``name:secret``, default ``$TETHER_TOKEN``) authenticates where the tracker asks for it
     (:class:`~tether.errors.AuthFailed` when it is refused, never retried).
+
+    ``tls`` (a :class:`~tether.aio.tls.TLSConfig` or an ``ssl.SSLContext``): TLS to the tracker, and to
+    every server it grants (TLS after the session's handshake, end to end through a proxy). A TLS
+    failure raises :class:`~tether.errors.TLSError` at once, without retries.
     """
     host, port = tracker_address_from_env(host, port)
+    if tls is not None:
+        client_context(tls)  # files that do not load: ConfigError now, not after connecting
     stop = threading.Event()
     creds = token_from_env(token)
-    return Tracker(_connect(host, port, time.monotonic() + timeout, stop, creds), stop=stop, token=creds)
+    return Tracker(
+        _connect(host, port, time.monotonic() + timeout, stop, tls, token=creds), stop=stop, tls=tls, token=creds
+    )
 
 
 def _connect(
-    host: str, port: int, deadline: float | None, stop: threading.Event, token: Token | None = None
+    host: str,
+    port: int,
+    deadline: float | None,
+    stop: threading.Event,
+    tls: TLSLike | None = None,
+    *,
+    token: Token | None = None,
 ) -> TrackerClient:
     """A tracker connection, retried with backoff until ``deadline`` (None: forever) or ``stop``."""
     delay = _BACKOFF_FIRST_S
@@ -72,10 +93,12 @@ def _connect(
     while True:
         attempt = 5.0 if deadline is None else max(0.1, min(5.0, deadline - time.monotonic()))
         try:
-            client = TrackerClient.connect(host, port, timeout=attempt, token=token)
+            client = TrackerClient.connect(host, port, timeout=attempt, tls=tls, token=token)
             if stop.is_set():  # interrupted while connecting: nobody would interrupt this new connection
                 client.close()
                 raise ConnectFailed(f"tracker {host}:{port}: interrupted")
+        except TLSError:
+            raise  # a configuration to fix: no retry makes it work
         except (TransportError, RemoteProtocolError) as exc:
             now = time.monotonic()
             if first_failure is None:
@@ -96,12 +119,19 @@ class Tracker:
     """Requests sessions on servers by key; also a context manager. One request at a time."""
 
     def __init__(
-        self, client: TrackerClient, *, stop: threading.Event | None = None, token: Token | None = None
+        self,
+        client: TrackerClient,
+        *,
+        stop: threading.Event | None = None,
+        tls: TLSLike | None = None,
+        token: Token | None = None,
     ) -> None:
         self.client = client
         self._token = token
         self.host, self.port = client.host, client.port
         self._stop = stop or threading.Event()
+        #: TLS for the tracker link (again after a reconnect) and the sessions it grants.
+        self.tls = tls
 
     def request(
         self,
@@ -145,6 +175,8 @@ class Tracker:
                 if asked > 1 and timeout is not None:  # asked again after a restart: say the whole wait
                     raise RequestTimeout(f"no free server of key {key!r} within {timeout:g} s ({exc})") from None
                 raise
+            except TLSError:
+                raise
             except TransportError as exc:  # the tracker connection broke: a restart, or the network
                 # (backing off also between a tracker that accepts and then drops each request, and the next)
                 self._stop.wait(min(_BACKOFF_FIRST_S * 2 ** min(asked, 10), _BACKOFF_MAX_S, self._left(deadline)))
@@ -157,6 +189,7 @@ class Tracker:
                     grant.matchkey,
                     session_timeout=session_timeout or None,
                     timeout=connect_timeout,
+                    tls=self.tls,
                     token=self._token,
                 )
             except (SessionRefused, ConnectFailed) as exc:
@@ -205,7 +238,7 @@ class Tracker:
         else:
             logger.warning("tracker %s:%d: %s; reconnecting to ask again for %r", self.host, self.port, exc, key)
         try:
-            self.client = _connect(self.host, self.port, deadline, self._stop, self._token)
+            self.client = _connect(self.host, self.port, deadline, self._stop, self.tls, token=self._token)
         except ConnectFailed as failed:
             if self._stop.is_set():
                 raise exc from None
@@ -266,7 +299,9 @@ class Tracker:
             if self._stop.is_set():
                 raise
             self.client.close()
-            self.client = _connect(self.host, self.port, time.monotonic() + 5.0, self._stop, self._token)
+            self.client = _connect(
+                self.host, self.port, time.monotonic() + 5.0, self._stop, self.tls, token=self._token
+            )
             return op(self.client)
 
     def interrupt(self) -> None:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..aio.tls import TLSLike
 from ..errors import (
     ConnectionClosed,
     ModelLoadError,
@@ -51,6 +52,7 @@ from ..errors import (
     RunTimeout,
     SessionTimeout,
     TetherError,
+    TLSError,
     TrackerError,
     TransportError,
 )
@@ -248,7 +250,9 @@ class _Batch:
         devices: int,
         labels: Mapping[str, str] | None,
         on_result: Callable[[Measurement], None] | None,
+        tls: TLSLike | None = None,
     ) -> None:
+        self.tls = tls
         self.host, self.port = tracker
         self.key = key
         self.candidates = list(candidates)
@@ -326,7 +330,7 @@ class _Batch:
         """A session on a free device of the key; raises TrackerError (no device) or TransportError."""
         s = self.settings
         if tracker is None or tracker.client.closed:
-            tracker = connect_tracker(self.host, self.port)
+            tracker = connect_tracker(self.host, self.port, tls=self.tls)
         with self.lock:
             self.waiting.add(tracker)
             finished = self.left == 0
@@ -371,6 +375,9 @@ class _Batch:
                         lease = self._lease(tracker)
                         lease_failures = 0
                     except TrackerError as exc:  # no device in time: this thread is done
+                        why = exc
+                        return
+                    except TLSError as exc:  # a configuration to fix: no device will do better
                         why = exc
                         return
                     except TransportError as exc:  # a granted server that is gone, the tracker restarting
@@ -506,12 +513,21 @@ def submit_candidates(
     devices: int = 1,
     labels: Mapping[str, str] | None = None,
     on_result: Callable[[Measurement], None] | None = None,
+    tls: TLSLike | None = None,
 ) -> list[concurrent.futures.Future[Measurement]]:
-    """Start measuring in the background; one future per candidate, in order, each set as it ends."""
+    """Start measuring in the background; one future per candidate, in order, each set as it ends. ``tls``:
+    TLS to the tracker and the devices (:func:`~tether.client.api.connect_tracker`)."""
     if devices < 1:
         raise ValueError("devices must be at least 1")
     batch = _Batch(
-        tracker, key, candidates, settings or MeasureSettings(), devices=devices, labels=labels, on_result=on_result
+        tracker,
+        key,
+        candidates,
+        settings or MeasureSettings(),
+        devices=devices,
+        labels=labels,
+        on_result=on_result,
+        tls=tls,
     )
     batch.start()
     return batch.futures
@@ -526,7 +542,10 @@ def measure_candidates(
     devices: int = 1,
     labels: Mapping[str, str] | None = None,
     on_result: Callable[[Measurement], None] | None = None,
+    tls: TLSLike | None = None,
 ) -> list[Measurement]:
     """Measure every candidate on up to ``devices`` devices of ``key`` at once; results in order."""
-    futures = submit_candidates(tracker, key, candidates, settings, devices=devices, labels=labels, on_result=on_result)
+    futures = submit_candidates(
+        tracker, key, candidates, settings, devices=devices, labels=labels, on_result=on_result, tls=tls
+    )
     return [f.result() for f in futures]

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..aio.tls import TLSLike
 from ..errors import ConfigError, RemoteError, TetherError
 from ..runtime import TensorSpec, fill_shape
 from .api import Tracker, connect_tracker
@@ -183,10 +184,12 @@ class BenchRecord:
         }
 
 
-def devices_of(host: str, port: int, key: str, labels: dict[str, str] | None = None) -> int:
+def devices_of(
+    host: str, port: int, key: str, labels: dict[str, str] | None = None, *, tls: TLSLike | None = None
+) -> int:
     """How many servers (slots) of ``key`` the tracker knows, free or busy. Labels narrow it down only
     on tether's tracker, where servers are listed with their labels."""
-    status = query_tracker(host, port)
+    status = query_tracker(host, port, tls=tls)
     if labels:
         return sum(
             1
@@ -249,7 +252,9 @@ class QueueWatch:
         *,
         poll_s: float,
         clock: Callable[[], float] = time.monotonic,
+        tls: TLSLike | None = None,
     ) -> None:
+        self._tls = tls
         self._host, self._port, self._key = host, port, key
         self._emit, self._poll_s, self._clock = emit, poll_s, clock
         self._cond = threading.Condition()
@@ -288,7 +293,7 @@ class QueueWatch:
                 event = None
                 try:
                     if tether and client is None:  # (again after a failure: the tracker may have restarted)
-                        client = TrackerClient.connect(self._host, self._port)
+                        client = TrackerClient.connect(self._host, self._port, tls=self._tls)
                         tether = client.tether_version is not None
                         if not tether:  # TVM's tracker: nothing to ask it
                             client.close()
@@ -343,10 +348,11 @@ def _measure_device(
     granted: Callable[[str], None],
     on_event: Callable[[BenchEvent], None],
     stop: _Stop,
+    tls: TLSLike | None = None,
 ) -> list[BenchRecord]:
     # one tracker connection per device: a connection's replies come in its own order, not per thread
     try:
-        tracker = connect_tracker(host, port)
+        tracker = connect_tracker(host, port, tls=tls)
         try:
             stop.register(tracker)  # (its interrupt also stops it reconnecting)
             sess = tracker.request(
@@ -448,6 +454,7 @@ def bench(
     unservable_after: float | None = None,
     on_event: Callable[[BenchEvent], None] | None = None,
     poll_s: float = 0.5,
+    tls: TLSLike | None = None,
 ) -> list[BenchRecord]:
     """Measure every model on ``devices`` servers of ``key`` at once (None: every server the tracker
     lists). Each device gets its own session, held for all the models; ``timeout`` is queue time;
@@ -468,8 +475,8 @@ def bench(
             raise FileNotFoundError(f"no model file {path}")
         if settings.reference == "onnxruntime" and path.suffix.lower() != ".onnx":
             raise ConfigError(f"{path.name}: only .onnx models can be checked against a local onnxruntime run")
-    connect_tracker(host, port).close()  # an unreachable tracker: ConnectFailed now (after 5 s of retries)
-    count = devices if devices is not None else devices_of(host, port, key, labels)
+    connect_tracker(host, port, tls=tls).close()  # an unreachable tracker: ConnectFailed now (after 5 s of retries)
+    count = devices if devices is not None else devices_of(host, port, key, labels, tls=tls)
     if count < 1:
         raise TetherError(f"the tracker at {host}:{port} lists no server of key {key!r}")
     lock = threading.Lock()
@@ -481,7 +488,7 @@ def bench(
 
     started = time.monotonic()
     request_ids = [f"bench-{os.getpid()}-{next(_request_ids)}" for _ in range(count)]
-    watch = QueueWatch(host, port, key, event, poll_s=poll_s)
+    watch = QueueWatch(host, port, key, event, poll_s=poll_s, tls=tls)
     stop = _Stop()
     if on_event is not None:
         watch.start(request_ids)
@@ -502,6 +509,7 @@ def bench(
                     granted=watch.done,
                     on_event=event,
                     stop=stop,
+                    tls=tls,
                 )
                 for rid in request_ids
             ]

@@ -32,6 +32,7 @@ from typing import Any
 from ..aio.auth import prove_token, recv_step
 from ..aio.channel import Channel
 from ..aio.net import connect_tcp, format_hostport
+from ..aio.tls import TLS_OPTION, TLSLike, client_context, start_client_tls
 from ..errors import (
     AuthFailed,
     ConnectionClosed,
@@ -43,12 +44,13 @@ from ..errors import (
     SessionRefused,
     SessionTimeout,
     TetherError,
+    TLSError,
     remote_error,
 )
 from ..protocol.auth import AUTH_OPTION, Token, token_from_env
 from ..protocol.constants import HandshakeCode
 from ..protocol.framing import HandshakeReplyDecoder, encode_handshake
-from ..protocol.keys import format_peer_key, parse_peer_key
+from ..protocol.keys import PeerKey, format_peer_key, parse_peer_key
 from ..protocol.session import DTYPE_SIZES, FrameKind, tensor_descs
 from ..runtime.base import BackendError, numpy_dtype
 
@@ -77,14 +79,42 @@ def connect(
     session_timeout: float | None = None,
     timeout: float = 10.0,
     *,
+    tls: TLSLike | None = None,
     token: Token | str | None = None,
 ) -> Session:
     """Open a native session with a tether server directly (no tracker): ``key`` is the server's key.
 
     Through a proxy in plain mode, ``host:port`` is the proxy's (or ``host`` its ``ws://.../ws`` URL) and
-    ``key`` the key the server gave the proxy. ``token`` (``name:secret``, default ``$TETHER_TOKEN``):
-    proven to a server that requires authentication."""
-    return Session.connect(host, port, key or "tether", session_timeout=session_timeout, timeout=timeout, token=token)
+    ``key`` the key the server gave the proxy. ``tls``: see :meth:`Session.connect`. ``token``
+    (``name:secret``, default ``$TETHER_TOKEN``): proven to a server that requires authentication."""
+    return Session.connect(
+        host, port, key or "tether", session_timeout=session_timeout, timeout=timeout, tls=tls, token=token
+    )
+
+
+def _start_tls(
+    sock: socket.socket, tls: TLSLike | None, server: PeerKey, *, address: str, host: str, timeout: float
+) -> socket.socket:
+    """TLS after the handshake when both sides speak it (the server marks its answer ``-tls=1``); the
+    socket that carries the session (a local relay's with TLS). :class:`TLSError` when one side only does."""
+    server_tls = server.options.get(TLS_OPTION, "0") not in ("", "0")
+    if tls is None and server_tls:
+        raise TLSError(
+            f"{address} requires TLS: connect with it (tls=TLSConfig(ca=...), --tls-ca and, where it asks for "
+            "client certificates, --tls-cert/--tls-key)"
+        )
+    if tls is not None and not server_tls:
+        raise TLSError(
+            f"{address} does not speak TLS (it answered {server.raw!r}): a tether server with --tls-cert "
+            "does; connect without TLS to this one"
+        )
+    if tls is None:
+        return sock
+    if host.startswith(("ws://", "wss://")):
+        from ..protocol.websocket import parse_ws_url
+
+        host = parse_ws_url(host)[1]
+    return start_client_tls(sock, tls, host, address, timeout)
 
 
 def file_digest(data: str | os.PathLike[str] | bytes) -> str:
@@ -329,20 +359,28 @@ class Session:
         *,
         session_timeout: float | None = None,
         timeout: float = 10.0,
+        tls: TLSLike | None = None,
         token: Token | str | None = None,
     ) -> Session:
         """Handshake as ``client:<name> -tether=1`` (``name``: the server's key, or a tracker's matchkey).
 
-        ``host`` may be a proxy's WebSocket URL (``ws://proxy:8888/ws``; ``port`` is then ignored). A server
-        that answers ``-auth=1`` requires ``token`` (default ``$TETHER_TOKEN``): :class:`AuthFailed` when
-        there is none, it is refused, or the server cannot prove it knows it (an impostor)."""
+        ``host`` may be a proxy's WebSocket URL (``ws://proxy:8888/ws``; ``port`` is then ignored).
+        ``tls`` (a :class:`~tether.aio.tls.TLSConfig` or an ``ssl.SSLContext``): TLS with the server after
+        the handshake, end to end through a proxy (``wss://`` to a proxy uses it too);
+        :class:`~tether.errors.TLSError` when TLS fails or only one side speaks it. A server that answers
+        ``-auth=1`` requires ``token`` (default ``$TETHER_TOKEN``): :class:`AuthFailed` when there is none, it
+        is refused, or the server cannot prove it knows it (an impostor)."""
         options = {"tether": "1"}
         if session_timeout:
             options["timeout"] = f"{session_timeout:g}"
+        if tls is not None:
+            options[TLS_OPTION] = "1"
+            client_context(tls)  # files that do not load: ConfigError now, not after connecting
         if host.startswith(("ws://", "wss://")):  # a proxy's WebSocket endpoint: bridged to a local socket
             from ..aio.ws import ws_open_socket
 
-            address, sock = host, ws_open_socket(host, timeout)
+            context = client_context(tls) if tls is not None and host.startswith("wss://") else None
+            address, sock = host, ws_open_socket(host, timeout, ssl_context=context)
         else:
             address = format_hostport(host, port)
             sock = connect_tcp(host, port, timeout)  # ConnectFailed names every address tried
@@ -367,10 +405,14 @@ class Session:
                     f"{address} is a plain TVM server (it answered {reply.key!r}); it speaks only TVM's session "
                     "protocol: use tvm.rpc.connect for it, or run `tether server` on the device"
                 )
-            if sock.family != socket.AF_UNIX:  # a WebSocket bridge is a local socket pair
+            sock = _start_tls(sock, tls, server, address=address, host=host, timeout=timeout)
+            if sock.family != socket.AF_UNIX:  # a WebSocket bridge, a TLS relay: a local socket pair
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests must not wait for Nagle
-            if server.options.get(AUTH_OPTION) == "1":
+            if server.options.get(AUTH_OPTION) == "1":  # inside TLS when there is TLS
                 _authenticate(sock, address, token, time.monotonic() + timeout)
+        except TLSError:
+            sock.close()
+            raise
         except TimeoutError:
             sock.close()
             raise ConnectionClosed(

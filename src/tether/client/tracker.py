@@ -21,7 +21,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..aio.net import format_hostport
 from ..aio.stream import BlockingStream
+from ..aio.tls import TLSLike, dropped_after_handshake, looks_like_tls
 from ..errors import (
     AuthFailed,
     ConnectionClosed,
@@ -30,6 +32,7 @@ from ..errors import (
     RequestCancelled,
     RequestRejected,
     RequestTimeout,
+    TLSError,
     Unservable,
 )
 from ..protocol.auth import Initiator, Role, Token, token_from_env
@@ -92,20 +95,30 @@ class TrackerClient:
         self.role: Role | None = None
 
     @classmethod
-    def connect(cls, host: str, port: int, timeout: float = 5.0, *, token: Token | str | None = None) -> TrackerClient:
-        """Connect and exchange the magic, all within ``timeout`` seconds.
+    def connect(
+        cls, host: str, port: int, timeout: float = 5.0, tls: TLSLike | None = None, *, token: Token | str | None = None
+    ) -> TrackerClient:
+        """Connect and exchange the magic, all within ``timeout`` seconds; with ``tls`` (a
+        :class:`~tether.aio.tls.TLSConfig` or an ``ssl.SSLContext``) over TLS, to a tracker's TLS port.
+        :class:`~tether.errors.TLSError` when TLS fails, or is spoken on one side only.
 
         ``token`` (``name:secret``; default ``$TETHER_TOKEN``): when the tracker requires authentication,
         prove who we are and check that the tracker knows our secret too. Raises
         :class:`~tether.errors.AuthFailed` when either fails."""
         token = token_from_env(token)
-        stream = BlockingStream.connect(host, port, timeout)
+        stream = BlockingStream.connect(host, port, timeout, tls=tls)
         client = cls(stream, host, port)
         try:
             stream.send(TrackerClientStream.initial_bytes())
             deadline = time.monotonic() + timeout
             while not client._codec.connected:
-                client._replies.extend(client._codec.receive_data(stream.recv(deadline)))
+                data = stream.recv(deadline) if tls is None else _recv_tls(stream, deadline, host, port, tls)
+                if tls is None and looks_like_tls(data):
+                    raise TLSError(
+                        f"{host}:{port} is a TLS port: connect with TLS (tls=TLSConfig(ca=...), --tls-ca), "
+                        "or to the tracker's plain port"
+                    )
+                client._replies.extend(client._codec.receive_data(data))
             if token is not None:
                 client._authenticate(token, deadline)
         except TimeoutError as exc:
@@ -318,6 +331,15 @@ class TrackerClient:
     def _expect_ok(reply: Any, what: str) -> None:
         if reply != TrackerCode.SUCCESS:
             raise RemoteProtocolError(f"tracker answered {reply!r:.80} to {what}")
+
+
+def _recv_tls(stream: BlockingStream, deadline: float, host: str, port: int, tls: TLSLike) -> bytes:
+    """The tracker's first answer over TLS; a close before it is the tracker refusing this client's
+    certificate (asyncio's TLS drops the connection without telling why)."""
+    try:
+        return stream.recv(deadline)
+    except ConnectionClosed:
+        raise dropped_after_handshake(format_hostport(host, port), tls) from None
 
 
 def _grant_or_raise(outcome: Grant | dict[str, Any], key: str) -> Grant:

@@ -48,8 +48,9 @@ from typing import Any
 from .. import __version__
 from ..aio.auth import prove_token, verify_peer
 from ..aio.net import bind_listener, connect_tcp, finish_sending, format_hostport
+from ..aio.tls import TLS_OPTION, TLSConfig, client_context, server_context, start_server_tls
 from ..client.tracker import TrackerClient
-from ..errors import AuthError, ConfigError, RemoteProtocolError, TetherError
+from ..errors import AuthError, ConfigError, RemoteProtocolError, TetherError, TLSError
 from ..protocol.auth import (
     AUTH_OPTION,
     TOKEN_OPTION,
@@ -161,6 +162,10 @@ class ServerConfig:
     #: This server's own token (``name:secret``, role server) for the tracker and the proxy; None:
     #: ``$TETHER_TOKEN`` if set.
     token: str | None = field(default=None, repr=False)
+    #: TLS. With ``cert``: every session is TLS after its handshake (tether clients only: TVM's cannot speak
+    #: it), client certificates required when ``ca`` is set. With any of it: TLS to the tracker (``ca`` its
+    #: CA, ``cert``/``key`` this server's client certificate), and to a ``wss://`` proxy.
+    tls: TLSConfig | None = None
 
     def __post_init__(self) -> None:
         if self.proxy_url:
@@ -246,6 +251,10 @@ class DeviceServer:
         self.preload = default_preload() if config.preload is None else list(config.preload)
         if PROTOCOL_TVM not in self.protocols and "tvm" in self.preload:
             self.preload.remove("tvm")
+        #: Sessions' TLS (None: plain sessions). TVM's clients cannot speak TLS: a TLS server serves tether's only.
+        self.tls_context = server_context(config.tls) if config.tls is not None and config.tls.cert else None
+        if self.tls_context is not None and PROTOCOL_TVM in self.protocols:
+            self.protocols.remove(PROTOCOL_TVM)
         self.facts = device_facts()
         self.keyring = Keyring.load(config.auth_file) if config.auth_file else None
         self.allow_tvm = parse_networks(config.allow_tvm)
@@ -529,9 +538,16 @@ class DeviceServer:
                     conn.close()
                     return
             else:
-                reply = format_peer_key("server", self.config.key, {"tether": "1", AUTH_OPTION: "1"})
+                options = {"tether": "1", AUTH_OPTION: "1"}
+                if self.tls_context is not None:
+                    options[TLS_OPTION] = "1"
                 try:
-                    conn.sendall(encode_handshake_reply(HandshakeCode.SUCCESS, reply))
+                    conn.sendall(
+                        encode_handshake_reply(
+                            HandshakeCode.SUCCESS, format_peer_key("server", self.config.key, options)
+                        )
+                    )
+                    conn = self._start_tls(conn, client, peer)  # the exchange runs inside TLS when there is TLS
                     self._authenticate_client(conn, peer, deadline)
                 except (OSError, TetherError) as exc:
                     if not handshake.shed:
@@ -571,13 +587,16 @@ class DeviceServer:
             conn.close()
             return
         options = {"tether": "1"} if client.is_tether else None
+        if options is not None and self.tls_context is not None:
+            options[TLS_OPTION] = "1"  # TLS starts now (or, if the client did not ask for it, it learns why not)
         try:
-            if authed:
+            if authed:  # the handshake reply (and TLS) came before the client proved its token
                 conn.sendall(encode_step({"ready": True}))
             else:
                 conn.sendall(
                     encode_handshake_reply(HandshakeCode.SUCCESS, format_peer_key("server", self.config.key, options))
                 )
+                conn = self._start_tls(conn, client, peer)
             self._start_session(slot, conn, client, peer)
         except Exception as exc:
             logger.warning("could not start a session for %s: %s", peer, exc)
@@ -590,6 +609,11 @@ class DeviceServer:
     def _claim(self, client: PeerKey) -> tuple[str, _Slot | None]:
         if client.role != "client":
             return f"role {client.role!r} is not a client", None
+        if self.tls_context is not None and not client.is_tether:
+            return (
+                "a plain TVM client, and this server requires TLS (--tls-cert), which TVM's clients cannot speak",
+                None,
+            )
         try:
             client.session_timeout  # noqa: B018 - validates -timeout=
         except RemoteProtocolError as exc:
@@ -651,6 +675,19 @@ class DeviceServer:
             with self._lock:
                 self._queued.remove(ticket)
                 self._slot_freed.notify_all()  # the next in line may go
+
+    def _start_tls(self, conn: socket.socket, client: PeerKey, peer: str) -> socket.socket:
+        """After the handshake reply: the socket that carries the session, a TLS relay's local end when the
+        session is TLS (:mod:`tether.aio.tls`). Raises :class:`TLSError` when only one side speaks TLS (the
+        reply told the client, which raises it too) or the TLS handshake fails."""
+        wants = client.options.get(TLS_OPTION, "0") not in ("", "0")
+        if self.tls_context is None:
+            if wants:
+                raise TLSError(f"{peer} asked for TLS, and this server has no certificate (--tls-cert)")
+            return conn
+        if not wants:
+            raise TLSError(f"{peer} did not ask for TLS, and this server requires it (--tls-cert)")
+        return start_server_tls(conn, self.tls_context, self.config.handshake_timeout_s, peer)
 
     # -- sessions ------------------------------------------------------------------------------
 
@@ -865,7 +902,7 @@ class DeviceServer:
         while not self._stop.is_set():
             tracker = None
             try:
-                tracker = TrackerClient.connect(host, port, timeout=5.0, token=self.token)
+                tracker = TrackerClient.connect(host, port, timeout=5.0, tls=self.config.tls, token=self.token)
                 is_tether = tracker.tether_version is not None
                 tracker.update_info(self._info())
                 with self._lock:
@@ -946,13 +983,16 @@ class DeviceServer:
         if cfg.proxy_url:
             from ..aio.ws import ws_open_socket
 
-            return ws_open_socket(cfg.proxy_url, timeout=5.0)
+            context = client_context(cfg.tls) if cfg.tls is not None and cfg.proxy_url.startswith("wss:") else None
+            return ws_open_socket(cfg.proxy_url, timeout=5.0, ssl_context=context)
         return connect_tcp(cfg.host, cfg.port, timeout=5.0)
 
     def _proxy_key(self) -> str:
         """``server:K -tether=1 -protocols=tether,tvm [-labels=k=v&...]``: a proxy in tracker mode offers the
         slot with these protocols and labels (TVM's proxy forwards the string and ignores the options)."""
         options = {"tether": "1", "protocols": ",".join(self.protocols)}
+        if self.tls_context is not None:
+            options[TLS_OPTION] = "1"
         if self.config.labels:
             options["labels"] = urllib.parse.urlencode(sorted(self.config.labels.items()))
         if self.keyring is not None:
@@ -1001,15 +1041,18 @@ class DeviceServer:
             with self._lock:
                 slot.reserved = True
             protocol = PROTOCOL_TETHER if client.is_tether else PROTOCOL_TVM
+            where = f"proxy:{client.raw}"
             refusal = None
             if protocol not in self.protocols:
                 refusal = "proxy paired a plain TVM client, and this server cannot serve TVM sessions"
             elif self.keyring is not None and not client.is_tether and not self.allow_tvm:
                 refusal = "proxy paired a plain TVM client: authentication is on and --allow-tvm is not set"
-            elif self.keyring is not None:
+            else:
                 try:
-                    self._authenticate_client(conn, f"proxy:{client.raw}", time.monotonic() + cfg.handshake_timeout_s)
-                    conn.sendall(encode_step({"ready": True}))
+                    conn = self._start_tls(conn, client, where)  # the exchange runs inside TLS when there is TLS
+                    if self.keyring is not None and client.is_tether:
+                        self._authenticate_client(conn, where, time.monotonic() + cfg.handshake_timeout_s)
+                        conn.sendall(encode_step({"ready": True}))
                 except (OSError, TetherError) as exc:
                     refusal = f"client through the proxy refused: {exc}"
             if refusal is not None:
@@ -1019,7 +1062,7 @@ class DeviceServer:
                     slot.reserved = False
                 continue
             try:
-                self._start_session(slot, conn, client, f"proxy:{client.raw}")
+                self._start_session(slot, conn, client, where)
             except Exception as exc:
                 logger.warning("could not start a session through the proxy: %s", exc)
                 conn.close()

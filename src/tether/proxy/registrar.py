@@ -29,6 +29,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from ..aio.net import format_hostport
+from ..aio.tls import client_context, server_name
 from ..errors import AuthError, AuthFailed, RemoteProtocolError
 from ..protocol.auth import Initiator, Token
 from ..protocol.keys import PROXY_PREFIX, PeerKey
@@ -123,6 +124,8 @@ class Registrar:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._writer is not None and self.proxy.config.tls is not None:
+            self._writer.transport.abort()  # a TLS close would need the loop that is about to stop
         self._close()
 
     def status(self) -> dict[str, Any]:
@@ -189,7 +192,12 @@ class Registrar:
 
     async def _connect(self) -> None:
         host, port = self.addr
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), _CONNECT_TIMEOUT_S)
+        tls = self.proxy.config.tls  # with TLS settings, the tracker's port is a TLS port
+        options: dict[str, Any] = {}
+        if tls is not None:
+            options = {"ssl": client_context(tls), "server_hostname": server_name(tls, host)}
+            options["ssl_handshake_timeout"] = _CONNECT_TIMEOUT_S
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, **options), _CONNECT_TIMEOUT_S)
         self._reader, self._writer = reader, writer
         sock = writer.get_extra_info("socket")
         if sock is not None:

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any
 
 from ..aio.loop_thread import LoopThread
 from ..aio.net import Keepalive, bind_listener, format_hostport, tune_socket
+from ..aio.tls import TLSConfig, server_context, start_server_tls
 from ..errors import AuthError, ConfigError, RemoteProtocolError
 from ..loglimit import PeerLogLimit
 from ..protocol.auth import (
@@ -108,6 +111,11 @@ class ProxyConfig:
     allow_tvm: tuple[str, ...] = ()
     #: The proxy's own token for a tracker that requires one (``name:secret``); None: ``$TETHER_TOKEN``.
     token: str | None = field(default=None, repr=False)
+    #: TLS: with any of it, the tracker link is TLS (``ca`` checks the tracker, ``cert``/``key`` are the
+    #: proxy's client certificate); with ``cert``, the web port serves ``wss://`` (client certificates
+    #: required when ``ca`` is set). Sessions relayed are not touched: a client and a server with TLS speak
+    #: it end to end, after the handshake the proxy reads.
+    tls: TLSConfig | None = None
 
 
 def _sysctl(name: str) -> int:
@@ -194,6 +202,7 @@ class ProxyServer:
         #: how late the loop ran a timer due every ``_PROBE_S``: a stalled loop stalls every relay
         self.loop_lag = {"probes": 0, "max_ms": 0.0, "over_5ms": 0}
         self._probe_handle: asyncio.TimerHandle | None = None
+        self._web_tls: ssl.SSLContext | None = None
         self.keyring = Keyring.load(cfg.auth_file) if cfg.auth_file else None
         self.allow_tvm = parse_networks(cfg.allow_tvm)
         self.token = token_from_env(cfg.token)
@@ -222,7 +231,8 @@ class ProxyServer:
 
     @property
     def ws_url(self) -> str | None:
-        return None if self.web_port is None else f"ws://{format_hostport(self.host, self.web_port)}/ws"
+        scheme = "wss" if self.config.tls is not None and self.config.tls.cert else "ws"
+        return None if self.web_port is None else f"{scheme}://{format_hostport(self.host, self.web_port)}/ws"
 
     async def start(self) -> None:
         cfg = self.config
@@ -241,7 +251,7 @@ class ProxyServer:
                 sock.close()
                 raise
             self.web_port = int(web.getsockname()[1])
-            self._listen(web, "ws")
+            self._listen(web, self._web_kind())
         if cfg.tracker is not None:
             self.registrar = Registrar(self, cfg.tracker, cfg.tracker_period, cfg.custom_addr, self.token)
             self.registrar.start(loop)
@@ -339,6 +349,9 @@ class ProxyServer:
                 self._loop.remove_reader(listener.fileno())
                 self._loop.call_later(_ACCEPT_PAUSE_S, self._resume_accepts, listener, kind)
                 return
+            if kind == "wss":
+                self._accept_tls(sock, format_hostport(str(addr[0]), int(addr[1])))
+                continue
             sock.setblocking(False)
             with contextlib.suppress(OSError):
                 tune_socket(sock, self._keepalive)
@@ -350,6 +363,49 @@ class ProxyServer:
             self._peers.add(peer)
             peer.timer = self._loop.call_later(self.config.handshake_timeout, self._handshake_timeout, peer)
             self._loop.add_reader(peer.ep.fd, self._on_readable, peer)
+
+    # -- the web port over TLS ---------------------------------------------------------------------
+
+    def _web_kind(self) -> str:
+        """``wss`` when the web port speaks TLS (a certificate was given), else ``ws``."""
+        tls = self.config.tls
+        if tls is None or not tls.cert:
+            return "ws"
+        self._web_tls = server_context(tls)
+        return "wss"
+
+    def _accept_tls(self, sock: socket.socket, where: str) -> None:
+        """A connection to the TLS web port: its TLS handshake on a worker thread, then (the TLS kept by a
+        relay's two threads, :mod:`tether.aio.tls`) its clear side is served like any WebSocket peer. The
+        one place the proxy uses threads: TLS peers of the web port are devices and browsers, not many."""
+        assert self._loop is not None and self._web_tls is not None
+        loop = self._loop
+        sock.setblocking(True)
+        handshake = functools.partial(
+            start_server_tls, sock, self._web_tls, self.config.handshake_timeout, where, ready=False
+        )
+        future = loop.run_in_executor(None, handshake)
+
+        def done(fut: asyncio.Future[socket.socket]) -> None:
+            if fut.cancelled():
+                sock.close()
+                return
+            exc = fut.exception()
+            if exc is not None:
+                logger.info("web port: %s", exc)
+                return
+            local = fut.result()
+            if self._stopped is None or self._stopped.is_set():
+                local.close()
+                return
+            local.setblocking(False)
+            peer = _Peer(local, where, "ws")
+            self.stats["accepted"] += 1
+            self._peers.add(peer)
+            peer.timer = loop.call_later(self.config.handshake_timeout, self._handshake_timeout, peer)
+            loop.add_reader(peer.ep.fd, self._on_readable, peer)
+
+        future.add_done_callback(done)
 
     def _resume_accepts(self, listener: socket.socket, kind: str) -> None:
         assert self._loop is not None

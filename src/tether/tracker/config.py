@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..aio.tls import TLSConfig
 from ..protocol.constants import MAX_TRACKER_FRAME_BYTES
 
 __all__ = ["TrackerConfig"]
@@ -90,3 +91,8 @@ class TrackerConfig:
     auth_file: str | None = None
     #: With ``auth_file``: networks (CIDR) whose unauthenticated TVM peers are still served.
     allow_tvm: tuple[str, ...] = ()
+    #: TLS: with a certificate, ``port`` speaks TLS only (client certificates required when ``tls.ca`` is
+    #: set); TVM's peers cannot speak TLS, see ``plain_port``.
+    tls: TLSConfig | None = None
+    #: With ``tls``: also listen in the clear on this port (0: the OS chooses), for TVM's servers and clients.
+    plain_port: int | None = None

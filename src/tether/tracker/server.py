@@ -26,6 +26,7 @@ from typing import Any, cast
 
 from ..aio.loop_thread import LoopThread
 from ..aio.net import Keepalive, bind_listener, format_hostport, quickack, tune_socket
+from ..aio.tls import TlsListener, server_context
 from ..errors import AuthError, ConfigError, RemoteProtocolError
 from ..loglimit import PeerLogLimit
 from ..protocol.auth import Keyring, parse_networks
@@ -191,6 +192,9 @@ class TrackerServer:
         self._listen_fd: int | None = None
         self._emfile_at = float("-inf")  # loop time of the last EMFILE handled
         self._prev_handler: Any = None
+        #: With TLS: the port served in the clear (``TrackerConfig.plain_port``), else None.
+        self.plain_port: int | None = None
+        self._tls_listener: TlsListener | None = None
 
     @property
     def stop_key(self) -> str:
@@ -225,7 +229,32 @@ class TrackerServer:
         self._listen_fd = sock.fileno()
         self._prev_handler = self._loop.get_exception_handler()
         self._loop.set_exception_handler(self._on_loop_exception)
-        self._server = await self._loop.create_server(self._new_protocol, sock=sock, backlog=cfg.backlog)
+        plain: socket.socket | None = sock
+        if cfg.tls is not None:
+            plain = self._start_tls(sock)  # the TLS port; the plain one, if any, is served below
+        if plain is not None:
+            self._server = await self._loop.create_server(self._new_protocol, sock=plain, backlog=cfg.backlog)
+
+    def _start_tls(self, sock: socket.socket) -> socket.socket | None:
+        """Serve TLS on ``sock``; the plain listener of ``plain_port`` (None without one)."""
+        cfg = self.config
+        assert cfg.tls is not None and self._loop is not None
+        try:
+            context = server_context(cfg.tls)
+            plain = None
+            if cfg.plain_port is not None:
+                plain = bind_listener(cfg.host, cfg.plain_port, None, cfg.backlog)
+                tune_socket(plain, self.keepalive)
+                self.plain_port = int(plain.getsockname()[1])
+        except BaseException:
+            sock.close()
+            raise
+        self._tls_listener = TlsListener(self._loop, sock, self._new_protocol, context, on_failure=self._tls_failed)
+        return plain
+
+    def _tls_failed(self, where: str, reason: str) -> None:
+        if self.log_limit.allow(where.rpartition(":")[0]):
+            logger.info("refused %s on the TLS port: %s", where, reason)
 
     def _new_protocol(self) -> _TrackerProtocol:
         proto = _TrackerProtocol(self)
@@ -320,6 +349,8 @@ class TrackerServer:
             self._loop.set_exception_handler(self._prev_handler)
         if self._server is not None:
             self._server.close()
+        if self._tls_listener is not None:
+            self._tls_listener.close()
         for proto in list(self._protocols):
             proto.close()
         if self._server is not None:
