@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.errors import BadHeader, ConfigError, RemoteProtocolError
+from tether.errors import AuthError, BadHeader, ConfigError, RemoteProtocolError
 from tether.protocol.constants import MAX_TRACKER_FRAME_BYTES, MAX_TRACKER_REPLY_BYTES, RPC_MAGIC, HandshakeCode
 from tether.protocol.framing import FrameDecoder, HandshakeDecoder, HandshakeReplyDecoder
 from tether.protocol.keys import parse_peer_key, proxied_keys, server_key_name
@@ -400,6 +400,17 @@ TRACKER_MESSAGES: list[Any] = [
     [102, {"event": "start", "matchkey": "k:abc", "peer": "1.2.3.4:5"}],
     [102, {"event": "end", "matchkey": "k:1"}],
     [103, "k:abc"],
+    [104, {"auth": 1, "name": "alice", "nonce": "ab" * 32}],
+    [104, {"proof": "cd" * 32}],
+]
+#: steps of the authentication exchange (tether.protocol.auth), as a responder receives them
+AUTH_STEPS: list[Any] = [
+    {"auth": 1, "name": "alice", "nonce": "ab" * 32},
+    {"auth": 1, "name": "nobody", "nonce": "00" * 32},
+    {"proof": "cd" * 32},
+    {"proof": ""},
+    {"error": "off"},
+    {"ok": True, "proof": "ef" * 32, "name": "alice", "role": "user"},
 ]
 TRACKER_REPLIES: list[Any] = [
     0,
@@ -460,6 +471,14 @@ HTTP_RESPONSES = (
     "HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 13\r\n\r\n",
 )
 WS_URLS = ("ws://127.0.0.1:8888/ws", "wss://[::1]:443/ws?x=1", "ws://host/", "ws://h:0/ws#", "WSS://example.com")
+
+
+def gen_auth_steps(r: random.Random) -> bytes:
+    """A hello and a proof (sometimes more, sometimes fewer) as length-prefixed steps."""
+    steps = [r.choice(AUTH_STEPS[:2]), r.choice(AUTH_STEPS[2:])][: r.choice((1, 2, 2, 2))]
+    steps += [r.choice(AUTH_STEPS)] * r.choice((0, 0, 1))
+    data = b"".join(length_prefixed(r, json_bytes(r, step)) for step in steps)
+    return mutate_bytes(r, data) if r.random() < 0.2 else data
 
 
 def gen_tracker_payload(r: random.Random) -> bytes:
@@ -699,6 +718,68 @@ def make_tracker_server() -> Runner:
                 json.loads(core.summary_json(False))
             core.disconnect(conn)
             core.on_timer()
+
+    return run
+
+
+def make_tracker_server_auth() -> Runner:
+    """The tracker with an auth file: every message of an unauthenticated peer (and AUTH steps) through
+    the access rules and the core, as ``server.py`` drives them."""
+    from tether.protocol.auth import Keyring
+    from tether.tracker.access import Access
+    from tether.tracker.config import TrackerConfig
+    from tether.tracker.core import TrackerCore
+
+    now = [1000.0]
+    keyring = Keyring.parse("alice user alice-secret-0123456789\ndev server dev-secret-0123456789abc\n")
+    access = Access(keyring, ())
+    core = TrackerCore(TrackerConfig(stop_key="tracker:stop"), clock=lambda: now[0], wall=lambda: 0.0, access=access)
+
+    def run(data: bytes) -> None:
+        now[0] += 0.37
+        r = input_rng(data)
+        stream = TrackerServerStream()
+        conn = core.connect(_Link(), "10.0.0.2" if r.random() < 0.5 else "127.0.0.1", 5555)
+        try:
+            for chunk in chunks(data, r):
+                for msg in stream.receive_data(chunk):
+                    core.receive(conn, msg)
+                    if conn.is_closed():
+                        return
+                stream.data_to_send()
+        except (RemoteProtocolError, AuthError):
+            pass
+        finally:
+            json.loads(core.summary_json(True))
+            core.disconnect(conn)
+            core.on_timer()
+
+    return run
+
+
+def make_auth_steps() -> Runner:
+    """A responder (device server, proxy) reading an initiator's steps: length, JSON, hello, proof."""
+    from tether.protocol.auth import Keyring, Responder, decode_step, step_length
+
+    keyring = Keyring.parse("alice user alice-secret-0123456789\n")
+
+    def run(data: bytes) -> None:
+        exchange = Responder(keyring, "server")
+        buf = bytearray()
+        r = input_rng(data)
+        for chunk in chunks(data, r):
+            buf += chunk
+            while len(buf) >= 4:
+                length = step_length(bytes(buf[:4]))
+                if len(buf) < 4 + length:
+                    break
+                step = decode_step(bytes(buf[4 : 4 + length]))
+                del buf[: 4 + length]
+                if exchange.claimed is None:
+                    exchange.challenge(step)
+                else:
+                    exchange.verify(step)
+                    return
 
     return run
 
@@ -946,6 +1027,10 @@ TARGETS: dict[str, Target] = {
                make_tracker_messages),
         Target("tracker_server", "tracker connection: magic, frames, messages, core, SUMMARY", gen_tracker_stream,
                make_tracker_server),
+        Target("tracker_server_auth", "tracker with an auth file: access rules, AUTH steps, core", gen_tracker_stream,
+               make_tracker_server_auth, (RemoteProtocolError, AuthError)),
+        Target("auth_steps", "authentication steps as a device server or proxy reads them", gen_auth_steps,
+               make_auth_steps, (RemoteProtocolError, AuthError)),
         Target("tracker_client", "tracker replies: magic echo, frames, REQUEST replies", gen_tracker_replies,
                make_tracker_client),
         Target("handshake", "TVM handshake as the device server and proxy read it, key, matcher", gen_handshake,

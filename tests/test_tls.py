@@ -346,3 +346,53 @@ def test_cli_server_and_proxy_with_tls(pki: Pki, cli: Callable[..., Any], tmp_pa
     proxy = cli("proxy", "--host", "127.0.0.1", "--port", "0", "--web-port", "0", *certs)
     proxy.listening()
     assert proxy.wait_line("websocket on ").split("websocket on ")[1].startswith("wss://127.0.0.1:")
+
+
+# -- with authentication on too ---------------------------------------------------------------------------
+
+AUTH = {"alice": "alice-secret-0123456789abcdef", "dev": "device-secret-0123456789abcdef"}
+
+
+@pytest.fixture
+def auth_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("TETHER_TOKEN", raising=False)
+    path = tmp_path / "keyring"
+    path.write_text(f"alice user {AUTH['alice']}\ndev server {AUTH['dev']}\n")
+    return path
+
+
+def test_authentication_inside_tls_tracker_server_and_proxy(
+    pki: Pki, proxy: Callable[..., ProxyThread], device_server: Any, auth_file: Path, tmp_path: Path
+) -> None:
+    """Auth and TLS together: tokens are proven inside TLS, at the tracker, at a direct server, and end to
+    end through a proxy; a client without its token is refused inside TLS too."""
+    alice, dev = f"alice:{AUTH['alice']}", f"dev:{AUTH['dev']}"
+    tls = client_tls(pki)
+    direct = device_server(key="d", tls=server_tls(pki), auth_file=str(auth_file))
+    with tether.connect("127.0.0.1", direct.port, key="d", tls=tls, token=alice, timeout=30) as sess:
+        round_trip(sess, tmp_path, payload=1 << 16)
+    with pytest.raises(tether.AuthFailed, match="requires a token"):
+        tether.connect("127.0.0.1", direct.port, key="d", tls=tls, timeout=30)
+    cfg = TrackerConfig(host="127.0.0.1", port=0, tls=server_tls(pki), auth_file=str(auth_file))
+    with TrackerThread(cfg) as t:
+        p = proxy(
+            tracker=(t.host, t.port), tracker_period=0.2, tls=server_tls(pki), auth_file=str(auth_file), token=dev
+        )
+        device_server(
+            key="far",
+            host=p.host,
+            port=p.port,
+            through_proxy=True,
+            tls=server_tls(pki),
+            token=dev,
+            auth_file=str(auth_file),
+        )
+        with TrackerClient.connect(t.host, t.port, tls=tls, token=alice) as client:
+            assert client.user == "alice"
+        with tether.connect_tracker(t.host, t.port, tls=tls, token=alice) as pool, pool.request("far", timeout=20) as s:
+            round_trip(s, tmp_path, payload=1 << 16)
+        with (
+            pytest.raises(tether.AuthFailed, match="requires a token"),
+            TrackerClient.connect(t.host, t.port, tls=tls) as c,
+        ):
+            c.request_grant("far", timeout=5)

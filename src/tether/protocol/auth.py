@@ -118,15 +118,24 @@ class Token:
     secret: str = field(repr=False)
 
 
+def _valid_name(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 64
+        and name.isascii()
+        and all(c.isalnum() or c in "-_.@" for c in name)
+    )
+
+
 def _check_name(name: str, where: str) -> None:
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_.@" for c in name):
-        raise ConfigError(f"{where}: a token name is 1-64 letters, digits or -_.@, got {name[:64]!r}")
+    if not _valid_name(name):
+        raise ConfigError(f"{where}: a token name is 1-64 ASCII letters, digits or -_.@, got {name[:64]!r}")
 
 
 def _check_secret(secret: str, where: str) -> None:
-    if len(secret) < MIN_SECRET_CHARS or any(c.isspace() for c in secret):
+    if len(secret) < MIN_SECRET_CHARS or any(c.isspace() for c in secret) or not secret.isascii():
         raise ConfigError(
-            f"{where}: a secret must be at least {MIN_SECRET_CHARS} characters without spaces "
+            f"{where}: a secret must be at least {MIN_SECRET_CHARS} ASCII characters without spaces "
             "(`tether token NAME ROLE` makes one)"
         )
 
@@ -240,6 +249,17 @@ def _nonce(value: Any, what: str) -> str:
     return value.lower()
 
 
+def _same_mac(proof: object, expected: str) -> bool:
+    """Constant-time equality of a received proof with ours; anything but 64 ASCII characters is unequal
+    (``hmac.compare_digest`` refuses non-ASCII strings)."""
+    return (
+        isinstance(proof, str)
+        and len(proof) == len(expected)
+        and proof.isascii()
+        and hmac.compare_digest(proof, expected)
+    )
+
+
 def _field(step: Mapping[str, Any], name: str) -> Any:
     if not isinstance(step, Mapping) or name not in step:
         raise AuthFailed(f"authentication step without {name!r}")
@@ -275,7 +295,7 @@ class Initiator:
         assert self._transcript is not None, "answer() first"
         proof = _field(verdict, "proof")
         expected = _mac(self._token.secret.encode(), self._transcript, b"responder")
-        if not isinstance(proof, str) or not hmac.compare_digest(proof, expected):
+        if not _same_mac(proof, expected):
             raise AuthFailed(
                 f"the {self._context} could not prove it knows token {self._token.name!r}: "
                 "it is not the one your token was issued for (an impostor?), or its auth file changed"
@@ -311,7 +331,7 @@ class Responder:
         if not isinstance(hello, Mapping) or hello.get("auth") != 1:
             raise AuthFailed("expected an authentication hello")
         name = _field(hello, "name")
-        if not isinstance(name, str) or not 0 < len(name) <= 64:
+        if not _valid_name(name):
             raise AuthFailed("bad token name in the authentication hello")
         self._name = self.claimed = name
         self._nonce_i = _nonce(_field(hello, "nonce"), "nonce")
@@ -325,7 +345,7 @@ class Responder:
         secret = cred.secret.encode() if cred is not None else _DUMMY_SECRET
         transcript = _transcript(self._context, self._name, self._nonce_i, self._nonce)
         expected = _mac(secret, transcript, b"initiator")
-        good = isinstance(proof, str) and hmac.compare_digest(proof, expected)
+        good = _same_mac(proof, expected)
         if cred is None or not good:
             raise AuthFailed(f"token {self._name[:64]!r} is unknown here or its secret is wrong")
         verdict = {
