@@ -1119,6 +1119,7 @@ def run_target(
     rss_before = rss_kib()
     started = time.perf_counter()
     traced_base = 0
+    data = b""
     try:
         for i in range(inputs):
             if i == inputs - traced:
@@ -1157,6 +1158,8 @@ def run_target(
         faulthandler.cancel_dump_traceback_later()
         watchdog.stop()
         if tracemalloc.is_tracing():
+            data = b""  # the last input is not growth
+            watchdog.current = None
             _clear_caches()
             gc.collect()
             result.traced_growth_bytes = tracemalloc.get_traced_memory()[0] - traced_base
@@ -1171,7 +1174,9 @@ def _clear_caches() -> None:
     """The standard library's own bounded caches (urlsplit keeps 128 URLs) are not growth of tether's."""
     import urllib.parse
 
-    urllib.parse.urlsplit.cache_clear()
+    clear = getattr(urllib.parse.urlsplit, "cache_clear", None)  # 3.11 and later
+    if clear is not None:
+        clear()
 
 
 def _attempt(run: Runner, data: bytes, allowed: tuple[type[BaseException], ...]) -> Exception | None:
