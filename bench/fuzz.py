@@ -1618,17 +1618,33 @@ def fuzz_live(inputs: int, seed: int | str, *, deadline_s: float = 2.0, names: S
             results[name] = res = run_live(servers, name, inputs, seed, deadline_s=deadline_s)
             if progress:
                 _progress(res)
+        rss_fuzzed = {s.name: s.rss_kib for s in servers.all}
+        probe = idle_key_probe(servers.tracker)
         checks = honest_checks(servers)
-        report = {
+        report: dict[str, Any] = {
             s.name: {
                 "rss_kib_before": rss_before[s.name],
+                "rss_kib_after_fuzz": rss_fuzzed[s.name],
                 "rss_kib_after": s.rss_kib,
                 "log_lines": s.lines,
                 "tracebacks": list(s.tracebacks),
             }
             for s in servers.all
         }
+        report["tracker"]["idle_key_probe"] = probe
     return results, checks, report
+
+
+def idle_key_probe(tracker: ServerProcess, peers: int = 64, key_bytes: int = (1 << 20) - 64) -> dict[str, int]:
+    """What a tracker keeps of peers gone: ``peers`` connections each ask for a key of ``key_bytes`` (as long
+    as a frame allows) and leave; its RSS before and after (it lists idle keys for a while, up to a bound)."""
+    before = tracker.rss_kib
+    for i in range(peers):
+        key = f"idle-{i:04d}-".ljust(key_bytes, "k")
+        payload = json.dumps([4, key, "", 1]).encode()
+        frame = MAGIC_BYTES + struct.pack("<i", len(payload)) + payload
+        _exchange(tracker.port, frame, 5.0)
+    return {"peers": peers, "key_bytes": key_bytes, "rss_kib_before": before, "rss_kib_after": tracker.rss_kib}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1692,8 +1708,12 @@ def main(argv: list[str] | None = None) -> int:
     hangs = sum(r.hangs for r in results.values())
     print(f"{'total':18} {total_inputs:>9} {crashes:>8} {hangs:>6}   in {total_s:.0f} s")
     for name, server in servers.items():
-        print(f"{name}: RSS {server['rss_kib_before']} -> {server['rss_kib_after']} KiB, {server['log_lines']} log "
-              f"lines, {len(server['tracebacks'])} traceback(s)")  # fmt: skip
+        print(f"{name}: RSS {server['rss_kib_before']} -> {server['rss_kib_after_fuzz']} KiB after the fuzz, "
+              f"{server['log_lines']} log lines, {len(server['tracebacks'])} traceback(s)")  # fmt: skip
+        if "idle_key_probe" in server:
+            p = server["idle_key_probe"]
+            print(f"  {p['peers']} peers asked for keys of {p['key_bytes']} bytes and left: RSS "
+                  f"{p['rss_kib_before']} -> {p['rss_kib_after']} KiB")  # fmt: skip
         for trace in server["tracebacks"]:
             print("  " + trace.replace("\n", "\n  "))
     for what, verdict in checks.items():
