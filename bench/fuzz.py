@@ -21,9 +21,9 @@ batch of inputs).
 process on loopback port 0, and sends each of them N inputs over real sockets (tracker frames, handshakes,
 native session frames after a real grant, HTTP and WebSocket to the proxy's web port), closing its side
 after each: a connection the server does not close within the deadline is a hang, a traceback in the
-server's log or in an error frame is a crash. After that, each must still serve an honest request (a
-grant and a session through the tracker, a pair through the proxy over TCP and WebSocket). Last, 64 peers
-ask the tracker for keys of a frame's 1 MiB each and leave: its RSS after says what it keeps of them.
+server's log or in an error frame is a crash. Then 64 peers ask the tracker for keys of a frame's 1 MiB
+each and leave (its RSS says what it keeps of them). After all that, each server must still serve an honest
+request (a grant and a session through the tracker, a pair through the proxy over TCP and WebSocket).
 
 Exit status 1 when anything crashed or hung: each finding is printed with its target and the input in
 hex; ``--replay NAME:HEX`` runs that one input again (the tracker and handshake targets keep state across
