@@ -21,8 +21,9 @@ batch of inputs).
 process on loopback port 0, and sends each of them N inputs over real sockets (tracker frames, handshakes,
 native session frames after a real grant, HTTP and WebSocket to the proxy's web port), closing its side
 after each: a connection the server does not close within the deadline is a hang, a traceback in the
-server's log or in an error frame is a crash. After that, each must still serve an honest request (a
-grant and a session through the tracker, a pair through the proxy over TCP and WebSocket).
+server's log or in an error frame is a crash. Then 64 peers ask the tracker for keys of a frame's 1 MiB
+each and leave (its RSS says what it keeps of them). After all that, each server must still serve an honest
+request (a grant and a session through the tracker, a pair through the proxy over TCP and WebSocket).
 
 Exit status 1 when anything crashed or hung: each finding is printed with its target and the input in
 hex; ``--replay NAME:HEX`` runs that one input again (the tracker and handshake targets keep state across
@@ -59,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.errors import AuthError, BadHeader, ConfigError, RemoteProtocolError
+from tether.errors import AuthError, BadHeader, ConfigError, RemoteProtocolError, TetherError
 from tether.protocol.constants import MAX_TRACKER_FRAME_BYTES, MAX_TRACKER_REPLY_BYTES, RPC_MAGIC, HandshakeCode
 from tether.protocol.framing import FrameDecoder, HandshakeDecoder, HandshakeReplyDecoder
 from tether.protocol.keys import parse_peer_key, proxied_keys, server_key_name
@@ -1204,6 +1205,7 @@ def run_target(
     rss_before = rss_kib()
     started = time.perf_counter()
     traced_base = 0
+    data = b""
     try:
         for i in range(inputs):
             if i == inputs - traced:
@@ -1242,6 +1244,8 @@ def run_target(
         faulthandler.cancel_dump_traceback_later()
         watchdog.stop()
         if tracemalloc.is_tracing():
+            data = b""  # the last input is not growth
+            watchdog.current = None
             _clear_caches()
             gc.collect()
             result.traced_growth_bytes = tracemalloc.get_traced_memory()[0] - traced_base
@@ -1256,7 +1260,9 @@ def _clear_caches() -> None:
     """The standard library's own bounded caches (urlsplit keeps 128 URLs) are not growth of tether's."""
     import urllib.parse
 
-    urllib.parse.urlsplit.cache_clear()
+    clear = getattr(urllib.parse.urlsplit, "cache_clear", None)  # 3.11 and later
+    if clear is not None:
+        clear()
 
 
 def _attempt(run: Runner, data: bytes, allowed: tuple[type[BaseException], ...]) -> Exception | None:
@@ -1596,8 +1602,13 @@ def run_live(
             elif name == "live_session":
                 if tracker_client is None:
                     tracker_client = TrackerClient.connect("127.0.0.1", servers.tracker.port, 10.0)
-                grant = tracker_client.request_grant(key, timeout=30.0, protocol="tether")
-                port, data = grant.port, gen_session(rng)
+                data = gen_session(rng)
+                try:
+                    grant = tracker_client.request_grant(key, timeout=30.0, protocol="tether")
+                except TetherError as exc:  # the device server stopped serving: the findings so far stand
+                    _record(result, "crash", f"no grant of {key!r}: {type(exc).__name__}: {exc}", data)
+                    break
+                port = grant.port
                 prefix = encode_handshake(f"client:{grant.matchkey} -tether=1")
             else:
                 raise ValueError(f"unknown live target {name!r}")
@@ -1698,17 +1709,33 @@ def fuzz_live(inputs: int, seed: int | str, *, deadline_s: float = 2.0, names: S
             results[name] = res = run_live(servers, name, inputs, seed, deadline_s=deadline_s)
             if progress:
                 _progress(res)
+        rss_fuzzed = {s.name: s.rss_kib for s in servers.all}
+        probe = idle_key_probe(servers.tracker)
         checks = honest_checks(servers)
-        report = {
+        report: dict[str, Any] = {
             s.name: {
                 "rss_kib_before": rss_before[s.name],
+                "rss_kib_after_fuzz": rss_fuzzed[s.name],
                 "rss_kib_after": s.rss_kib,
                 "log_lines": s.lines,
                 "tracebacks": list(s.tracebacks),
             }
             for s in servers.all
         }
+        report["tracker"]["idle_key_probe"] = probe
     return results, checks, report
+
+
+def idle_key_probe(tracker: ServerProcess, peers: int = 64, key_bytes: int = (1 << 20) - 64) -> dict[str, int]:
+    """What a tracker keeps of peers gone: ``peers`` connections each ask for a key of ``key_bytes`` (as long
+    as a frame allows) and leave; its RSS before and after (it lists idle keys for a while, up to a bound)."""
+    before = tracker.rss_kib
+    for i in range(peers):
+        key = f"idle-{i:04d}-".ljust(key_bytes, "k")
+        payload = json.dumps([4, key, "", 1]).encode()
+        frame = MAGIC_BYTES + struct.pack("<i", len(payload)) + payload
+        _exchange(tracker.port, frame, 5.0)
+    return {"peers": peers, "key_bytes": key_bytes, "rss_kib_before": before, "rss_kib_after": tracker.rss_kib}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1772,8 +1799,12 @@ def main(argv: list[str] | None = None) -> int:
     hangs = sum(r.hangs for r in results.values())
     print(f"{'total':18} {total_inputs:>9} {crashes:>8} {hangs:>6}   in {total_s:.0f} s")
     for name, server in servers.items():
-        print(f"{name}: RSS {server['rss_kib_before']} -> {server['rss_kib_after']} KiB, {server['log_lines']} log "
-              f"lines, {len(server['tracebacks'])} traceback(s)")  # fmt: skip
+        print(f"{name}: RSS {server['rss_kib_before']} -> {server['rss_kib_after_fuzz']} KiB after the fuzz, "
+              f"{server['log_lines']} log lines, {len(server['tracebacks'])} traceback(s)")  # fmt: skip
+        if "idle_key_probe" in server:
+            p = server["idle_key_probe"]
+            print(f"  {p['peers']} peers asked for keys of {p['key_bytes']} bytes and left: RSS "
+                  f"{p['rss_kib_before']} -> {p['rss_kib_after']} KiB")  # fmt: skip
         for trace in server["tracebacks"]:
             print("  " + trace.replace("\n", "\n  "))
     for what, verdict in checks.items():

@@ -402,6 +402,20 @@ def test_idle_keys_are_forgotten_beyond_the_cap() -> None:
     assert len(queue_info) <= 8 and "kept" in queue_info
 
 
+def test_idle_keys_are_forgotten_beyond_their_total_size() -> None:
+    """Found by bench/fuzz.py: 200 requests of 1 MB keys from peers that then left kept 192 MiB for
+    idle_key_s (up to 4 GiB at max_idle_keys); keys in use are never forgotten."""
+    h = Harness(max_idle_key_bytes=100_000)
+    h.server("kept" * 10_000)
+    for i in range(40):
+        conn, _ = h.connect()
+        h.core.receive(conn, Request(f"{i:02d}" + "k" * 10_000, "", 1, RequestOptions(timeout=0)))
+        h.core.disconnect(conn)
+    queue_info = h.summary()["queue_info"]
+    assert sum(map(len, queue_info)) <= 100_000 and "kept" * 10_000 in queue_info
+    assert h.core._known_bytes == sum(map(len, h.core._known_keys))
+
+
 def test_a_key_with_nothing_left_leaves_the_summary_after_a_while() -> None:
     """A misspelt key (a waiter that timed out) or a key whose servers left is listed for idle_key_s more,
     then no longer (TVM's tracker lists it forever); a key that is served stays, however old."""

@@ -35,8 +35,11 @@ class TrackerConfig:
     #: A key with no server, grant or waiter leaves SUMMARY (and ``tether query``) after this many seconds
     #: (TVM's tracker lists it forever: a misspelt key stays in the table)...
     idle_key_s: float = 300.0
-    #: ...or sooner, when more than this many idle keys accumulate (the oldest go first).
+    #: ...or sooner, when more than this many idle keys accumulate (the oldest go first)...
     max_idle_keys: int = 4096
+    #: ...or their characters add up to more than this: keys of a frame's 1 MiB each, asked for and left
+    #: by a peer, held 4 GiB until they were forgotten.
+    max_idle_key_bytes: int = 16 << 20
     #: TCP keepalive on every accepted connection: idle time, probe interval, probes.
     keepalive_idle_s: int = 30
     keepalive_interval_s: int = 10

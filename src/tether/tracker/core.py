@@ -136,6 +136,8 @@ class TrackerCore:
         self._conns: dict[int, Connection] = {}
         #: every key SUMMARY lists -> when it last had a server, a grant or a waiter (clock)
         self._known_keys: dict[str, float] = {}
+        #: their length in all (a peer can ask for keys of up to a frame's 1 MiB each, then leave)
+        self._known_bytes = 0
         self._liveness: list[tuple[float, int]] = []
         #: (when, seq, waiter): requests to check for a server that could serve them (``unservable_after``)
         self._grace: list[tuple[float, int, Waiter]] = []
@@ -734,8 +736,10 @@ class TrackerCore:
         known = self._known_keys
         fresh = key not in known
         known[key] = self.clock()
-        if fresh and len(known) > self.config.max_idle_keys:
-            self._forget_idle_keys()
+        if fresh:
+            self._known_bytes += len(key)
+            if len(known) > self.config.max_idle_keys or self._known_bytes > self.config.max_idle_key_bytes:
+                self._forget_idle_keys()
 
     def _registered_keys(self) -> set[str]:
         """Keys some connection serves now: registered as ``server:K``, or holding a grant of it."""
@@ -758,7 +762,7 @@ class TrackerCore:
             if free or pending or key in registered:
                 self._known_keys[key] = now
             elif now - last > idle_s:
-                del self._known_keys[key]
+                self._forget_key(key)
                 continue
             queue_info[key] = {"free": free, "pending": pending}
         return queue_info
@@ -767,11 +771,16 @@ class TrackerCore:
         active = self._registered_keys()
         active.update(k for k in self._known_keys if any(self.scheduler.counts(k)))
         target = self.config.max_idle_keys * 3 // 4
+        byte_target = self.config.max_idle_key_bytes * 3 // 4
         for key in list(self._known_keys):
-            if len(self._known_keys) <= target:
+            if len(self._known_keys) <= target and self._known_bytes <= byte_target:
                 break
             if key not in active:
-                del self._known_keys[key]
+                self._forget_key(key)
+
+    def _forget_key(self, key: str) -> None:
+        del self._known_keys[key]
+        self._known_bytes -= len(key)
 
     @staticmethod
     def _server_facts(conn: Connection, slot: Slot | None = None) -> dict[str, Any]:
