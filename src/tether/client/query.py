@@ -14,6 +14,7 @@ from typing import Any
 
 from ..aio.net import format_hostport
 from ..aio.tls import TLSLike
+from ..protocol.auth import Token
 from ..protocol.keys import proxied_keys, server_key_name
 from .tracker import TrackerClient
 
@@ -76,13 +77,16 @@ class TrackerStatus:
         return asdict(self)
 
 
-def query_tracker(host: str, port: int, timeout: float = 5.0, *, tls: TLSLike | None = None) -> TrackerStatus:
-    """Connect (over TLS with ``tls``), read one detailed summary, close; every step within ``timeout`` seconds.
+def query_tracker(
+    host: str, port: int, timeout: float = 5.0, *, tls: TLSLike | None = None, token: Token | str | None = None
+) -> TrackerStatus:
+    """Connect (over TLS with ``tls``; authenticated with ``token``, default ``$TETHER_TOKEN``), read one
+    detailed summary, close; every step within ``timeout`` seconds.
 
     Raises :class:`~tether.errors.ConnectFailed`, :class:`~tether.errors.RemoteProtocolError` (not a
     tracker) or :class:`TimeoutError`.
     """
-    with TrackerClient.connect(host, port, timeout, tls=tls) as client:
+    with TrackerClient.connect(host, port, timeout, tls=tls, token=token) as client:
         summary = client.summary(detail=True, timeout=timeout)
     return status_from_summary(summary, format_hostport(host, port))
 
