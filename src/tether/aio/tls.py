@@ -618,6 +618,9 @@ class TlsListener:
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
             conn.close()
             self._failed(where, f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}")
+        except asyncio.CancelledError:  # close() while its handshake ran: the socket must not outlive it
+            conn.close()
+            raise
 
     def close(self) -> None:
         """Stop accepting; drop connections still being peeked at or in their TLS handshake."""
@@ -629,3 +632,8 @@ class TlsListener:
             conn.close()
         for task in list(self._tasks):
             task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until the handshakes cancelled by :meth:`close` have closed their sockets."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

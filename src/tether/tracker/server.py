@@ -143,10 +143,13 @@ class _TrackerProtocol(asyncio.Protocol):
             )
             transport.abort()  # connection_lost() then withdraws its slots and requests
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         self._release()  # its descriptor is about to be free: room for the next peer
         if self._transport is not None:
-            self._transport.close()
+            if abort:
+                self._transport.abort()
+            else:
+                self._transport.close()
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -351,11 +354,20 @@ class TrackerServer:
             self._server.close()
         if self._tls_listener is not None:
             self._tls_listener.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._tls_listener.wait_closed(), 2.0)
         for proto in list(self._protocols):
-            proto.close()
+            proto.close()  # gracefully: a last reply (STOP's) still goes out
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        while self._protocols and loop.time() < deadline:  # closing transports let go of their sockets
+            await asyncio.sleep(0.01)
+        for proto in list(self._protocols):  # a TLS goodbye that did not finish: its socket must not leak
+            proto.close(abort=True)
+        await asyncio.sleep(0)
         logger.info("tracker on %s stopped", self.address)
 
     # timers: one handle, re-armed to the core's earliest deadline
