@@ -7,14 +7,26 @@ exchange belongs to the session) and ends by ``deadline`` (``time.monotonic()``)
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import time
 from typing import Any
 
-from ..errors import AuthError, AuthFailed, ConnectionClosed
-from ..protocol.auth import OFF, Initiator, Keyring, Responder, Role, Token, decode_step, encode_step, step_length
+from ..errors import AuthError, AuthFailed, ConfigError, ConnectionClosed
+from ..protocol.auth import (
+    OFF,
+    AuthSettings,
+    Initiator,
+    Keyring,
+    Responder,
+    Role,
+    Token,
+    decode_step,
+    encode_step,
+    step_length,
+)
 
-__all__ = ["prove_token", "recv_step", "send_step", "verify_peer"]
+__all__ = ["prove_token", "recv_step", "reload_auth_file", "send_step", "verify_peer"]
 
 
 def send_step(sock: socket.socket, step: dict[str, Any]) -> None:
@@ -68,3 +80,15 @@ def verify_peer(sock: socket.socket, keyring: Keyring, context: str, deadline: f
         raise
     send_step(sock, verdict)
     return cred.name
+
+
+def reload_auth_file(auth: AuthSettings, log: logging.Logger) -> None:
+    """SIGHUP at a device server or proxy: the auth file again, one log line either way (a file that does
+    not parse leaves the old keyring)."""
+    try:
+        count = auth.reload()
+    except ConfigError as exc:
+        log.error("auth file not reloaded, the old keyring stays: %s", exc)
+        return
+    if count is not None:
+        log.info("auth file reloaded: %d credential(s)", count)

@@ -396,6 +396,19 @@ class TlsStream:
                     out = self._outgoing.read()
                 self.sock.sendall(out)
 
+    # what a plain socket's user also calls (the WebSocket client wraps either)
+    def settimeout(self, value: float | None, /) -> None:
+        self.sock.settimeout(value)
+
+    def shutdown(self, how: int, /) -> None:
+        self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
     def close_notify(self) -> None:
         """Tell the peer that nothing more comes (TLS's close_notify); errors are ignored."""
         with contextlib.suppress(ssl.SSLError, OSError):

@@ -18,7 +18,7 @@ import logging
 import socket
 import ssl
 import threading
-from typing import Protocol, cast
+from typing import Protocol
 
 from ..errors import ConnectFailed, ConnectionClosed
 from ..protocol.websocket import (
@@ -38,6 +38,7 @@ from ..protocol.websocket import (
     parse_ws_url,
 )
 from .net import connect_tcp, format_hostport
+from .tls import TlsStream
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -58,7 +59,7 @@ _PAIR_BUFFER = 4 << 20  # socketpair buffers: fewer wake-ups per MiB pumped
 
 
 class _Stream(Protocol):
-    """What :class:`WebSocketConnection` needs from its transport (a socket, or :class:`_TlsStream`)."""
+    """What :class:`WebSocketConnection` needs from its transport (a socket, or :class:`TlsStream`)."""
 
     def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, /) -> int: ...
     def sendall(self, data: bytes, /) -> None: ...
@@ -66,95 +67,6 @@ class _Stream(Protocol):
     def shutdown(self, how: int, /) -> None: ...
     def close(self) -> None: ...
     def fileno(self) -> int: ...
-
-
-class _TlsStream:
-    """TLS over a connected socket through memory BIOs: reads and writes may run in two threads.
-
-    ``_ssl_lock`` guards the SSL object; ``_wire_lock`` keeps ciphertext leaving in the order it was
-    produced (whoever drains the outgoing BIO sends what it drained before anyone drains again).
-    """
-
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_hostname: str) -> None:
-        self._sock = sock
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._obj = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
-        self._ssl_lock = threading.Lock()
-        self._wire_lock = threading.Lock()
-        self._eof = False
-
-    def handshake(self) -> None:
-        while True:
-            try:
-                with self._ssl_lock:
-                    self._obj.do_handshake()
-            except ssl.SSLWantReadError:
-                self._flush()
-                data = self._sock.recv(_RECV_SIZE)
-                if not data:
-                    raise ConnectionError("connection closed during the TLS handshake") from None
-                with self._ssl_lock:
-                    self._incoming.write(data)
-            else:
-                self._flush()
-                return
-
-    def _flush(self) -> None:
-        with self._wire_lock:
-            with self._ssl_lock:
-                data = self._outgoing.read()
-            if data:
-                self._sock.sendall(data)
-
-    def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, /) -> int:
-        view = memoryview(buffer)
-        size = nbytes or len(view)
-        while True:
-            got = 0
-            with self._ssl_lock:
-                try:
-                    while got < size:  # several records per call when they are here
-                        # With a buffer, read() returns a byte count (typeshed says bytes).
-                        n = cast("int", self._obj.read(size - got, view[got:size]))
-                        if not n:
-                            break
-                        got += n
-                except ssl.SSLWantReadError:
-                    pass
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    self._eof = True
-                pending = self._outgoing.pending
-            if pending:  # e.g. a TLS 1.3 key update answered while reading
-                self._flush()
-            if got or self._eof:
-                return got
-            data = self._sock.recv(_RECV_SIZE)
-            with self._ssl_lock:
-                if data:
-                    self._incoming.write(data)
-                else:
-                    self._incoming.write_eof()
-                    self._eof = True
-
-    def sendall(self, data: bytes, /) -> None:
-        with self._wire_lock:
-            with self._ssl_lock:
-                self._obj.write(data)
-                out = self._outgoing.read()
-            self._sock.sendall(out)
-
-    def settimeout(self, value: float | None, /) -> None:
-        self._sock.settimeout(value)
-
-    def shutdown(self, how: int, /) -> None:
-        self._sock.shutdown(how)
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
 
 
 class WebSocketConnection:
@@ -170,7 +82,7 @@ class WebSocketConnection:
 
     def __init__(
         self,
-        sock: socket.socket | _TlsStream,
+        sock: socket.socket | TlsStream,
         *,
         client: bool = True,
         unused: bytes = b"",
@@ -344,12 +256,12 @@ def ws_connect(
     """
     tls, host, port, path = parse_ws_url(url)
     sock = connect_tcp(host, port, timeout)
-    stream: socket.socket | _TlsStream = sock
+    stream: socket.socket | TlsStream = sock
     try:
         sock.settimeout(timeout)
         if tls:
             context = ssl_context if ssl_context is not None else ssl.create_default_context()
-            tls_stream = _TlsStream(sock, context, host)
+            tls_stream = TlsStream(sock, context, server_hostname=host)
             try:
                 tls_stream.handshake()
             except (OSError, ssl.SSLError) as exc:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import __version__
-from ..aio.auth import prove_token, verify_peer
+from ..aio.auth import prove_token, reload_auth_file, verify_peer
 from ..aio.net import bind_listener, connect_tcp, finish_sending, format_hostport
 from ..aio.tls import TLS_OPTION, TLSConfig, client_context, server_context, start_server_tls
 from ..client.tracker import TrackerClient
@@ -54,11 +54,10 @@ from ..errors import AuthError, ConfigError, RemoteProtocolError, TetherError, T
 from ..protocol.auth import (
     AUTH_OPTION,
     TOKEN_OPTION,
+    AuthSettings,
     Keyring,
     Role,
-    address_in,
     encode_step,
-    parse_networks,
     token_from_env,
 )
 from ..protocol.constants import DEFAULT_HEARTBEAT_S, HandshakeCode
@@ -256,8 +255,7 @@ class DeviceServer:
         if self.tls_context is not None and PROTOCOL_TVM in self.protocols:
             self.protocols.remove(PROTOCOL_TVM)
         self.facts = device_facts()
-        self.keyring = Keyring.load(config.auth_file) if config.auth_file else None
-        self.allow_tvm = parse_networks(config.allow_tvm)
+        self.auth = AuthSettings(config.auth_file, config.allow_tvm)
         self.token = token_from_env(config.token)
         self._lock = threading.Lock()
         #: Notified (under ``_lock``) whenever a slot may have come free, or the server stops.
@@ -317,23 +315,19 @@ class DeviceServer:
 
     def describe_auth(self) -> str:
         """The startup line's account of who may start a session here."""
-        if self.keyring is None:
-            if self.config.tracker:
-                return "authentication off: clients need a matchkey granted by the tracker"
-            return "authentication off: anyone who reaches this server may run code on it (TVM compatible)"
-        tvm = ", ".join(str(n) for n in self.allow_tvm) or "none"
-        return f"authentication on ({len(self.keyring)} credential(s)); TVM clients allowed from: {tvm}"
+        if self.config.tracker:
+            off = "authentication off: clients need a matchkey granted by the tracker"
+        else:
+            off = "authentication off: anyone who reaches this server may run code on it (TVM compatible)"
+        return self.auth.describe(off, "TVM clients")
 
     def reload_auth(self) -> None:
         """Read ``auth_file`` again (SIGHUP); a file that does not parse leaves the keyring as it was."""
-        if not self.config.auth_file:
-            return
-        try:
-            self.keyring = Keyring.load(self.config.auth_file)
-        except ConfigError as exc:
-            logger.error("auth file not reloaded, the old keyring stays: %s", exc)
-            return
-        logger.info("auth file reloaded: %d credential(s)", len(self.keyring))
+        reload_auth_file(self.auth, logger)
+
+    @property
+    def keyring(self) -> Keyring | None:
+        return self.auth.keyring
 
     def serve_forever(self) -> None:
         self.start()
@@ -531,7 +525,7 @@ class DeviceServer:
         authed = False
         if self.keyring is not None and not self.config.tracker:  # with a tracker, the matchkey is the proof
             if not client.is_tether:
-                if not address_in(_host_of(conn), self.allow_tvm):
+                if not self.auth.tvm_allowed(_host_of(conn)):
                     logger.warning("refused TVM client %s: authentication is on and it is not in --allow-tvm", peer)
                     with contextlib.suppress(OSError):
                         conn.sendall(encode_handshake_reply(HandshakeCode.MISMATCH))
@@ -1045,7 +1039,7 @@ class DeviceServer:
             refusal = None
             if protocol not in self.protocols:
                 refusal = "proxy paired a plain TVM client, and this server cannot serve TVM sessions"
-            elif self.keyring is not None and not client.is_tether and not self.allow_tvm:
+            elif self.keyring is not None and not client.is_tether and not self.auth.allow_tvm:
                 refusal = "proxy paired a plain TVM client: authentication is on and --allow-tvm is not set"
             else:
                 try:

@@ -48,6 +48,7 @@ from ..errors import AuthFailed, ConfigError, RemoteProtocolError
 
 __all__ = [
     "AUTH_OPTION",
+    "AuthSettings",
     "MAX_STEP_BYTES",
     "MIN_SECRET_CHARS",
     "OFF",
@@ -387,6 +388,37 @@ def decode_step(body: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise RemoteProtocolError("authentication step must be a JSON object")
     return value
+
+
+# -- a role's settings ----------------------------------------------------------------------------
+
+
+class AuthSettings:
+    """What a device server or proxy knows of authentication: the keyring read from ``path`` (None: off)
+    and the ``--allow-tvm`` networks. :meth:`reload` reads the file again (SIGHUP)."""
+
+    def __init__(self, path: str | None, allow_tvm: Iterable[str] = ()) -> None:
+        self.path = path
+        self.keyring = Keyring.load(path) if path else None
+        self.allow_tvm = parse_networks(allow_tvm)
+
+    def reload(self) -> int | None:
+        """Read the file again: how many credentials it holds now (None: authentication is off). Raises
+        :class:`ConfigError` when it does not parse; the old keyring then stays."""
+        if not self.path:
+            return None
+        self.keyring = Keyring.load(self.path)
+        return len(self.keyring)
+
+    def tvm_allowed(self, host: str) -> bool:
+        return address_in(host, self.allow_tvm)
+
+    def describe(self, off: str, tvm_peers: str) -> str:
+        """The startup line: ``off`` without a keyring, else the count and where ``tvm_peers`` may come from."""
+        if self.keyring is None:
+            return off
+        nets = ", ".join(str(n) for n in self.allow_tvm) or "none"
+        return f"authentication on ({len(self.keyring)} credential(s)); {tvm_peers} allowed from: {nets}"
 
 
 # -- networks allowed to skip authentication (TVM peers) ------------------------------------------

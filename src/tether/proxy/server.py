@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..aio.auth import reload_auth_file
 from ..aio.loop_thread import LoopThread
 from ..aio.net import Keepalive, bind_listener, format_hostport, tune_socket
 from ..aio.tls import TLSConfig, server_context, start_server_tls
@@ -39,13 +40,12 @@ from ..protocol.auth import (
     MAX_STEP_BYTES,
     OFF,
     TOKEN_OPTION,
+    AuthSettings,
     Keyring,
     Responder,
     Role,
-    address_in,
     decode_step,
     encode_step,
-    parse_networks,
     step_length,
     token_from_env,
 )
@@ -203,27 +203,22 @@ class ProxyServer:
         self.loop_lag = {"probes": 0, "max_ms": 0.0, "over_5ms": 0}
         self._probe_handle: asyncio.TimerHandle | None = None
         self._web_tls: ssl.SSLContext | None = None
-        self.keyring = Keyring.load(cfg.auth_file) if cfg.auth_file else None
-        self.allow_tvm = parse_networks(cfg.allow_tvm)
+        self.auth = AuthSettings(cfg.auth_file, cfg.allow_tvm)
         self.token = token_from_env(cfg.token)
 
     def describe_auth(self) -> str:
         """The startup line's account of who may park servers and reach them."""
-        if self.keyring is None:
-            return "authentication off: anyone may park a server here or reach one (TVM compatible)"
-        tvm = ", ".join(str(n) for n in self.allow_tvm) or "none"
-        return f"authentication on ({len(self.keyring)} credential(s)); TVM peers allowed from: {tvm}"
+        return self.auth.describe(
+            "authentication off: anyone may park a server here or reach one (TVM compatible)", "TVM peers"
+        )
 
     def reload_auth(self) -> None:
         """Read ``auth_file`` again (SIGHUP); a file that does not parse leaves the keyring as it was."""
-        if not self.config.auth_file:
-            return
-        try:
-            self.keyring = Keyring.load(self.config.auth_file)
-        except ConfigError as exc:
-            logger.error("auth file not reloaded, the old keyring stays: %s", exc)
-            return
-        logger.info("auth file reloaded: %d credential(s)", len(self.keyring))
+        reload_auth_file(self.auth, logger)
+
+    @property
+    def keyring(self) -> Keyring | None:
+        return self.auth.keyring
 
     @property
     def address(self) -> str:
@@ -612,7 +607,7 @@ class ProxyServer:
 
     def _refusal(self, peer: _Peer, key: PeerKey, exchange: bool) -> str | None:
         """Why a peer may not go on with authentication on (None: it may)."""
-        tvm_ok = address_in(peer.host, self.allow_tvm)
+        tvm_ok = self.auth.tvm_allowed(peer.host)
         plain = self.config.tracker is None
         if key.role == "server":
             if plain and key.options.get(AUTH_OPTION) != "1":
