@@ -4,7 +4,8 @@ Every message goes out as two sends (length, then body) on a socket without TCP_
 ``tvm.rpc.base.sendjson`` does. Usage (prints one JSON object)::
 
     python bench/loadgen.py [--one-send] grants HOST PORT KEY CLIENTS SERVERS SECONDS [TRACKER_PID]
-        (with LOADGEN_SERVER_TOKEN / LOADGEN_CLIENT_TOKEN=name:secret, each connection authenticates first)
+        (with LOADGEN_SERVER_TOKEN / LOADGEN_CLIENT_TOKEN=name:secret, each connection authenticates first;
+        with LOADGEN_TLS_CA=ca.pem, each connection is TLS, checked against that CA)
     python bench/loadgen.py burst HOST PORT CONNECTS IN_FLIGHT
     python bench/loadgen.py register HOST PORT KEY SERVERS   # then waits for "close" on stdin
 """
@@ -12,6 +13,7 @@ Every message goes out as two sends (length, then body) on a socket without TCP_
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import socket
 import struct
@@ -64,6 +66,9 @@ class Peer:
         data = self.sock.recv(65536)
         if not data:
             raise ConnectionError("tracker closed a connection")
+        pending = getattr(self.sock, "pending", None)  # TLS: decrypted bytes the selector cannot see
+        while pending is not None and pending():
+            data += self.sock.recv(65536)
         buf = self.buf
         buf += data
         while len(buf) >= 4:
@@ -77,6 +82,11 @@ class Peer:
 
 def connect(host: str, port: int, token: str | None = None) -> socket.socket:
     sock = socket.create_connection((host, port), timeout=30)
+    ca = os.environ.get("LOADGEN_TLS_CA")
+    if ca:  # a tracker's TLS port: every connection does its TLS handshake first
+        import ssl
+
+        sock = ssl.create_default_context(cafile=ca).wrap_socket(sock, server_hostname=host)
     handshake(sock)
     if token:
         authenticate(sock, token)
@@ -177,8 +187,6 @@ def grants(  # noqa: PLR0917 - mirrors the command line
         request(peer)
 
     server_peers = []
-    import os
-
     server_token, client_token = os.environ.get("LOADGEN_SERVER_TOKEN"), os.environ.get("LOADGEN_CLIENT_TOKEN")
     for i in range(nservers):
         sock = connect(host, port, server_token)
