@@ -542,3 +542,23 @@ def test_proxy_plain_mode_with_auth_needs_servers_that_authenticate_clients(
         wait_until(lambda: connect(None), timeout=15, what="a pairing")
     with wait_until(lambda: connect(token("alice")), timeout=15, what="a session through the proxy") as sess:
         assert run_add(sess, model) == 3.0
+
+
+def test_a_server_proves_its_token_to_the_proxy_over_websocket(
+    proxy: Callable[..., ProxyThread],
+    auth_tracker: Callable[..., TrackerThread],
+    auth_file: Path,
+    device_server: Any,
+    tmp_path: Path,
+) -> None:
+    """A server behind a firewall that reaches the proxy only over HTTP (``--proxy-url ws://...``) proves its
+    token in WebSocket messages; a user's session through the tracker then reaches it."""
+    t = auth_tracker()
+    p = proxy(tracker=(t.host, t.port), auth_file=str(auth_file), token=token("dev1"), web_port=0)
+    assert p.ws_url is not None
+    device_server(key="ws-phone", proxy_url=p.ws_url, token=token("dev1"))
+    with (
+        tether.connect_tracker(t.host, t.port, token=token("alice")) as pool,
+        pool.request("ws-phone", timeout=20) as s,
+    ):
+        assert run_add(s, add_model(tmp_path)) == 3.0
