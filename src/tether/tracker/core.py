@@ -55,6 +55,7 @@ from ..protocol.tracker import (
 )
 from .access import Access
 from .config import TrackerConfig
+from .events import EventBus
 from .registry import Connection, Held, Link, parse_tether_info, waiter_wire
 from .scheduler import PROTOCOL_TVM, Grant, Scheduler, Slot, Waiter
 
@@ -124,6 +125,8 @@ class TrackerCore:
         self.config = config or TrackerConfig()
         #: Who may do what (:mod:`.access`); without a keyring, everyone everything.
         self.access = access or Access()
+        #: What happens here, for the rooms beside the core (journal, web side, metrics, health): :mod:`.events`
+        self.events = EventBus(wall)
         self.stop_key = self.config.stop_key or "tracker:" + secrets.token_hex(16)
         self.scheduler = Scheduler()
         self.grants = 0
