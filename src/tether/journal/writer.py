@@ -71,6 +71,10 @@ class _Flush:
         self.done = threading.Event()
 
 
+class _Prune(_Flush):
+    __slots__ = ()
+
+
 _STOP: Final = object()
 
 
@@ -80,7 +84,8 @@ class Journal(JournalReader):
     ``retention_days``: rows older than this are deleted (0: no age limit). ``max_events``,
     ``max_sessions``: row caps (0: none); the disk used is bounded by them (sizes in :mod:`.schema`).
     ``queue_max``: events waiting for the writer before :meth:`record` drops. ``batch_max``: events per
-    transaction. ``wall``: the clock (``time.time``) for retention and the run's times.
+    transaction. ``prune_interval_s``: seconds between pruning rounds (0: only :meth:`prune_now`).
+    ``wall``: the clock (``time.time``) for retention and the run's times.
 
     Raises :class:`JournalError` (a :class:`~tether.errors.ConfigError`) when the file cannot be used;
     :class:`ValueError` for a negative setting.
@@ -181,14 +186,22 @@ class Journal(JournalReader):
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every event recorded before this call is written (or failed); False when
         ``timeout`` seconds passed first or the journal is closed."""
+        return self._wait_for(_Flush(), timeout)
+
+    def prune_now(self, timeout: float = 30.0) -> bool:
+        """Apply retention and the row caps now (every round, after what is queued); False when
+        ``timeout`` seconds passed first or the journal is closed."""
+        return self._wait_for(_Prune(), timeout)
+
+    def _wait_for(self, marker: _Flush, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
         if self._closed:
             return False
-        marker = _Flush()
         try:
             self._queue.put(marker, timeout=timeout)
         except queue.Full:
             return False
-        return marker.done.wait(timeout)
+        return marker.done.wait(max(0.0, deadline - time.monotonic()))
 
     def stats(self) -> JournalStats:
         return JournalStats(self._queue.qsize(), self._written, self._dropped, self._failed)
@@ -228,7 +241,7 @@ class Journal(JournalReader):
     # -- the writer thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        next_prune = time.monotonic()  # once at the start
+        next_prune = time.monotonic() if self.prune_interval_s else float("inf")  # once at the start
         stop = False
         while not stop:
             wait = max(0.0, min(next_prune - time.monotonic(), 1.0))
@@ -249,6 +262,9 @@ class Journal(JournalReader):
                     stop = True
             if events:
                 self._write(events)
+            if any(isinstance(m, _Prune) for m in flushes):
+                while self._prune():
+                    pass
             if time.monotonic() >= next_prune and not stop:
                 more = self._prune()
                 next_prune = time.monotonic() + (0.0 if more else self.prune_interval_s)
