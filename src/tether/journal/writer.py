@@ -8,7 +8,7 @@ Invariants:
   event loop (:mod:`tether.tracker.events`): this is all the loop pays.
 - The writer thread takes what is queued, up to ``batch_max`` events, and writes it in one transaction
   (:func:`.fold.apply`). A batch that fails (disk full, I/O error) is rolled back, logged and counted
-  (:attr:`JournalStats.failed`); the thread goes on.
+  (:attr:`JournalStats.failed`); the thread goes on (a few error lines a minute at most).
 - Retention runs in the writer thread, every ``prune_interval_s`` seconds: rows older than
   ``retention_days`` go, then the oldest beyond the row caps (``max_events``, ``max_sessions``), at most
   :data:`PRUNE_CHUNK` rows per table per round (rounds repeat between batches until done), so a large
@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from ..loglimit import PeerLogLimit
 from ..tracker.events import EventBus, TrackerEvent
 from .fold import apply, close_orphans
 from .reader import JournalReader
@@ -132,6 +133,7 @@ class Journal(JournalReader):
         self._written = self._dropped = self._failed = 0
         self._warned_at = float("-inf")
         self._dropped_since_warning = 0
+        self._errors = PeerLogLimit(lines=3, window_s=WARN_EVERY_S, logger=logger, about="journal errors")
         self._unsubscribe: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="tether-journal", daemon=True)
         self._thread.start()
@@ -291,12 +293,14 @@ class Journal(JournalReader):
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._failed += len(events)
-            logger.error("journal %s: %d event(s) not written: %s", self.path, len(events), exc)
+            if self._errors.allow("write"):
+                logger.error("journal %s: %d event(s) not written: %s", self.path, len(events), exc)
         except Exception:  # a bug in folding: the tracker's history must not stop for it
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             self._failed += len(events)
-            logger.exception("journal %s: %d event(s) not written", self.path, len(events))
+            if self._errors.allow("write"):
+                logger.exception("journal %s: %d event(s) not written", self.path, len(events))
         else:
             self._written += len(events)
 
@@ -323,7 +327,8 @@ class Journal(JournalReader):
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            logger.error("journal %s: old rows not deleted: %s", self.path, exc)
+            if self._errors.allow("prune"):
+                logger.error("journal %s: old rows not deleted: %s", self.path, exc)
             return False
         return more
 
@@ -336,9 +341,13 @@ class Journal(JournalReader):
         return cur.rowcount >= PRUNE_CHUNK
 
     def _finish(self) -> None:
-        rest = [item for item in self._take(self._queue.qsize() + 1) if isinstance(item, TrackerEvent)]
+        items = self._take(self._queue.qsize() + 1)
+        rest = [item for item in items if isinstance(item, TrackerEvent)]
         if rest:  # recorded while close() ran
             self._write(rest)
+        for item in items:
+            if isinstance(item, _Flush):
+                item.done.set()
         try:
             self._conn.execute("UPDATE runs SET stopped = ? WHERE id = ?", (self._wall(), self._run_id))
         except sqlite3.Error as exc:
