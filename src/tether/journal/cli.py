@@ -74,16 +74,28 @@ def opened(args: argparse.Namespace) -> Iterator[Journal | None]:
 
 
 def attach(server: TrackerServer, journal: Journal | None) -> None:
-    """Record ``server``'s events in ``journal`` and expose it as ``server.journal`` (for the web side
-    and the health state a restart restores). Nothing without a journal."""
+    """Record ``server``'s events in ``journal``, expose it as ``server.journal`` (for the web side) and
+    give the core the health standings the journal kept (cordoned, draining, quarantined servers stay so
+    across a restart). Nothing without a journal."""
     if journal is None:
         return
+    for sid, standing in journal.health_states().items():
+        server.core.health.restore(sid, standing["state"], standing["reason"], standing["by"], standing["since"])
     journal.attach(server.core.events)
     server.journal = journal
 
 
 def describe(journal: Journal) -> str:
-    """The startup line: where the history goes."""
+    """The startup line: where the history goes, and what a restart took back from it."""
     keep = f"{journal.retention_days:g} days" if journal.retention_days else "no age limit"
-    closed = f"; {journal.orphans_closed} session(s) left open by the last run closed as unknown"
-    return f"history in {journal.path} (kept {keep}){closed if journal.orphans_closed else ''}"
+    notes = [f"kept {keep}"]
+    withheld = journal.health_states()
+    if withheld:
+        notes.append(
+            f"{len(withheld)} server(s) not ok as before: "
+            + ", ".join(f"{sid} {s['state']}" for sid, s in list(withheld.items())[:5])
+            + (" ..." if len(withheld) > 5 else "")
+        )
+    if journal.orphans_closed:
+        notes.append(f"{journal.orphans_closed} session(s) the last run left open closed as unknown")
+    return f"history in {journal.path} ({'; '.join(notes)})"

@@ -3,8 +3,10 @@ arithmetic over :class:`Span` records (fetched by :func:`fetch`); times are wall
 
 Definitions, for a window ``[start, end)``:
 
-- a **session** is a granted row whose grant falls in the window; a **failure** is one whose outcome is
-  not ``ok``, ``released`` or ``unknown`` (the tracker stopped first: not the device's fault), nor open;
+- a **session** is a granted row whose grant falls in the window; a **failure** is one whose outcome
+  device health counts as one (:data:`tether.tracker.health.FAILURE_OUTCOMES`: ``failed``,
+  ``no_request``, ``server_lost``): not ``ok``, ``released``, ``never_started`` (the client never came)
+  or ``unknown`` (the tracker stopped first);
 - a **request that never got a device** is an ungranted row ending in the window (any outcome:
   timeout, cancelled, rejected, unservable, closed);
 - **busy seconds** are the parts of every granted session's time (grant to end; an open session to
@@ -24,11 +26,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from ..tracker.health import FAILURE_OUTCOMES
+
 __all__ = ["BY", "Span", "fetch", "percentile", "series", "summarize", "waits"]
 
 BY: Final = ("user", "key", "server", "all")
 By = Literal["user", "key", "server", "all"]
-NOT_FAILURES: Final = frozenset({"ok", "released", "unknown"})
+#: the outcomes counted as failures (as device health counts them)
+FAILURES: Final = FAILURE_OUTCOMES
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +131,7 @@ def summarize(
             g.outcomes[span.outcome] += 1
         if span.granted:
             g.sessions += 1
-            g.failures += span.outcome is not None and span.outcome not in NOT_FAILURES
+            g.failures += span.outcome in FAILURES
         else:
             g.never_granted += 1
         if span.waited_s is not None and (span.granted or span.outcome == "timeout"):
