@@ -41,6 +41,9 @@ __all__ = ["SCHEMA_VERSION", "JournalError", "open_reader", "open_writer"]
 
 SCHEMA_VERSION: Final = 1
 
+#: The writer's page cache (KiB): the indexes a batch touches stay in memory.
+CACHE_KIB: Final = 16 * 1024
+
 #: Seconds a connection waits for another's lock before it gives up (the writer holds one briefly).
 BUSY_TIMEOUT_S: Final = 5.0
 
@@ -155,6 +158,7 @@ def open_writer(path: str | os.PathLike[str]) -> sqlite3.Connection:
         if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
             raise JournalError(f"{name}: the journal needs WAL mode, which this file system does not allow")
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         conn.execute("BEGIN IMMEDIATE")
         if version is None:
             # one statement at a time: executescript would commit the transaction
