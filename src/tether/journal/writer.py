@@ -43,7 +43,7 @@ __all__ = ["DEFAULT_MAX_EVENTS", "DEFAULT_MAX_SESSIONS", "Journal", "JournalStat
 
 logger = logging.getLogger("tether.journal")
 
-#: Row caps by default: about 0.6 GB of events and 0.2 GB of sessions at the sizes in :mod:`.schema`.
+#: Row caps by default: about 0.75 GB of events and 0.25 GB of sessions at the sizes in :mod:`.schema`.
 DEFAULT_MAX_EVENTS: Final = 5_000_000
 DEFAULT_MAX_SESSIONS: Final = 1_000_000
 DEFAULT_QUEUE_MAX: Final = 100_000
