@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import TetherError
-from . import bench, demo, pack, proxy, query, run, server, token, tracker, usage
+from . import admin, bench, demo, pack, proxy, query, run, server, token, tracker, usage
 from ._report import fail
 
 __all__ = ["main"]
@@ -33,6 +33,7 @@ _COMMANDS = {
     "pack": pack,
     "token": token,
     "usage": usage,
+    "admin": admin,
     "demo": demo,
 }
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
