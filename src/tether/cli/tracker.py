@@ -11,6 +11,8 @@ from typing import Any
 
 from ..aio.net import format_hostport
 from ..errors import ConfigError
+from ..journal import Journal
+from ..journal import cli as journal_cli
 from ..tracker import TrackerConfig, TrackerServer
 from ._args import add_auth_flags, non_negative, port, seconds
 from ._tls import add_server_tls_flags, tls_from_args
@@ -38,6 +40,7 @@ def add_parser(sub: Any) -> None:
     add_auth_flags(p, "TVM servers, clients and query_rpc_tracker")
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
     _add_tls_flags(p)
+    journal_cli.add_flags(p)
     p.set_defaults(run=run)
 
 
@@ -188,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
         print("tether tracker: --plain-port goes with --tls-cert (without TLS, --port is plain)", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(config))
+        with journal_cli.opened(args) as journal:
+            asyncio.run(_serve(config, journal))
     except ConfigError as exc:
         print(f"tether tracker: {exc}", file=sys.stderr)
         return 2
@@ -205,8 +209,9 @@ def _print_tls(server: TrackerServer, config: TrackerConfig) -> None:
     print(f"TLS on that port ({clients}); {plain}", flush=True)
 
 
-async def _serve(config: TrackerConfig) -> None:
+async def _serve(config: TrackerConfig, journal: Journal | None = None) -> None:
     server = TrackerServer(config)
+    journal_cli.attach(server, journal)
     await server.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -214,6 +219,8 @@ async def _serve(config: TrackerConfig) -> None:
     loop.add_signal_handler(signal.SIGHUP, server.reload_auth)
     print(f"listening on {server.address}", flush=True)
     print(server.core.access.describe(), flush=True)
+    if journal is not None:
+        print(journal_cli.describe(journal), flush=True)
     if config.tls is not None:
         _print_tls(server, config)
     if _is_loopback(server.host):

@@ -22,7 +22,7 @@ import logging
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..aio.loop_thread import LoopThread
 from ..aio.net import Keepalive, bind_listener, format_hostport, quickack, tune_socket
@@ -35,6 +35,9 @@ from .access import Access
 from .config import TrackerConfig
 from .core import TrackerCore
 from .registry import Connection
+
+if TYPE_CHECKING:
+    from ..journal import Journal
 
 __all__ = ["PeerLogLimit", "TrackerServer", "TrackerThread", "run_tracker"]
 
@@ -198,6 +201,8 @@ class TrackerServer:
         #: With TLS: the port served in the clear (``TrackerConfig.plain_port``), else None.
         self.plain_port: int | None = None
         self._tls_listener: TlsListener | None = None
+        #: The history journal (``tether tracker --db``; :mod:`tether.journal`), set before start(); None without
+        self.journal: Journal | None = None
 
     @property
     def stop_key(self) -> str:
