@@ -7,13 +7,17 @@ import asyncio
 import ipaddress
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..aio.net import format_hostport
 from ..errors import ConfigError
 from ..tracker import TrackerConfig, TrackerServer
 from ._args import add_auth_flags, non_negative, port, seconds
 from ._tls import add_server_tls_flags, tls_from_args
+from ._web import add_web_flags, hub_config_from_args, start_hub
+
+if TYPE_CHECKING:
+    from ..hub import HubConfig
 
 __all__ = ["add_parser", "run"]
 
@@ -37,6 +41,7 @@ def add_parser(sub: Any) -> None:
     add_auth_flags(p, "TVM servers, clients and query_rpc_tracker")
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
     _add_tls_flags(p)
+    add_web_flags(p)
     p.set_defaults(run=run)
 
 
@@ -164,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         print("tether tracker: --plain-port goes with --tls-cert (without TLS, --port is plain)", file=sys.stderr)
         return 2
     try:
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, hub_config_from_args(args)))
     except ConfigError as exc:
         print(f"tether tracker: {exc}", file=sys.stderr)
         return 2
@@ -181,7 +186,7 @@ def _print_tls(server: TrackerServer, config: TrackerConfig) -> None:
     print(f"TLS on that port ({clients}); {plain}", flush=True)
 
 
-async def _serve(config: TrackerConfig) -> None:
+async def _serve(config: TrackerConfig, web: HubConfig | None = None) -> None:
     server = TrackerServer(config)
     await server.start()
     loop = asyncio.get_running_loop()
@@ -195,4 +200,16 @@ async def _serve(config: TrackerConfig) -> None:
     if _is_loopback(server.host):
         hint = f"tether tracker --host 0.0.0.0 --port {server.port}"
         print(f"only this machine can reach this tracker; to accept devices from the network: {hint}", flush=True)
-    await server.serve_until_stopped()
+    hub = None
+    if web is not None:
+        try:
+            hub = await start_hub(server, web)
+        except BaseException:
+            server.stop()
+            await server.serve_until_stopped()
+            raise
+    try:
+        await server.serve_until_stopped()
+    finally:
+        if hub is not None:
+            await hub.close()
