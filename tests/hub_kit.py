@@ -73,9 +73,14 @@ class Device:
         assert self.peer.call([3, self.key, [self.port, self.matchkey], None]) == 0
         return self.matchkey
 
-    def session(self, event: str, client: str = "127.0.0.1:40000") -> None:
-        """Report the granted session started or ended (tether's SESSION message)."""
-        assert self.peer.call([102, {"event": event, "matchkey": self.matchkey, "peer": client}]) == 0
+    def session(
+        self, event: str, client: str = "127.0.0.1:40000", outcome: str | None = None, detail: str = ""
+    ) -> None:
+        """Report the granted session started or ended, and how (tether's SESSION message)."""
+        body: dict[str, Any] = {"event": event, "matchkey": self.matchkey, "peer": client}
+        if outcome is not None:
+            body.update(outcome=outcome, detail=detail)
+        assert self.peer.call([102, body]) == 0
 
     def close(self) -> None:
         self.peer.close()

@@ -67,7 +67,7 @@ def test_servers_show_what_each_server_registered(hub: TrackerHubThread, devices
     assert first["device"] == DEVICE
     assert first["version"] == "test"
     assert first["peer"].startswith("127.0.0.1:")
-    assert first["health"] == {"state": "ok", "reason": None, "since": None, "failures": 0}
+    assert first["health"] == {"state": "ok", "reason": None, "since": None, "by": None, "failures": 0}
     assert first["recent_failures"] == []
     assert first["slots"] == {"total": 1, "free": 1, "granted": 0, "busy": 0}
     assert abs(first["since"] - time.time()) < 30
@@ -102,6 +102,59 @@ def test_a_grant_shows_the_holder_then_the_session(hub: TrackerHubThread, device
     row = server_row(hub, device.id)
     assert row is not None and row["state"] == "free" and row["holder"] is None
     assert get_ok(hub.web_url, "/api/v1/sessions")["total"] == 0
+
+
+def test_finished_sessions_reach_the_history(hub: TrackerHubThread, devices: list[Device]) -> None:
+    device = Device(hub, "k", 9001)
+    devices.append(device)
+    with TrackerClient.connect(hub.host, hub.port) as client:
+        for outcome in ("ok", "failed"):
+            client.request_grant("k", user="alice", timeout=5)
+            device.session("start")
+            device.session("end", outcome=outcome, detail="worker lost" if outcome == "failed" else "")
+            device.offer()
+    rows = wait_until(lambda: get_ok(hub.web_url, "/api/v1/history")["sessions"], what="history rows")
+    failed, ok = rows
+    assert (failed["key"], failed["server"], failed["user"], failed["outcome"]) == ("k", device.id, "alice", "failed")
+    assert failed["detail"] == "worker lost" and failed["started"] is True
+    assert ok["outcome"] == "ok" and ok["waited_s"] >= 0 and ok["held_s"] >= 0 and ok["ended"] <= failed["ended"]
+    assert device.matchkey not in json.dumps(rows)
+    server = server_row(hub, device.id)
+    assert server is not None and server["health"]["failures"] == 1
+    assert server["recent_failures"][0]["outcome"] == "failed"
+
+
+def test_an_admins_cordon_shows_everywhere(hub: TrackerHubThread, devices: list[Device]) -> None:
+    device = Device(hub, "k", 9001)
+    devices.append(device)
+    devices.append(Device(hub, "k", 9002))
+    reader = EventReader(hub.web_url)
+    try:
+        wait_until(lambda: get_ok(hub.web_url, "/api/v1/summary")["web"]["streams"] == 1, what="stream open")
+        hub.call(lambda: hub.core.admin("cordon", device.id, "lead", "new firmware"))
+        event = reader.next_event("health")
+        assert (event["server"], event["state"], event["by"]) == (device.id, "cordoned", "lead")
+    finally:
+        reader.close()
+    (row,) = get_ok(hub.web_url, "/api/v1/health")["servers"]
+    assert (row["id"], row["state"], row["reason"], row["by"], row["connected"]) == (
+        device.id,
+        "cordoned",
+        "new firmware",
+        "lead",
+        True,
+    )
+    server = server_row(hub, device.id)
+    assert server is not None and server["state"] == "cordoned" and server["health"]["reason"] == "new firmware"
+    assert get_ok(hub.web_url, "/api/v1/servers?state=cordoned")["total"] == 1
+    assert get_ok(hub.web_url, "/api/v1/summary")["by_state"]["cordoned"] == 1
+    device.close()
+    devices.remove(device)
+    row = wait_until(
+        lambda: next((r for r in get_ok(hub.web_url, "/api/v1/health")["servers"] if not r["connected"]), None),
+        what="the cordoned server listed while away",
+    )
+    assert row["id"] == device.id and row["state"] == "cordoned"
 
 
 def test_queues_show_waiters_then_not(hub: TrackerHubThread, devices: list[Device]) -> None:

@@ -58,7 +58,8 @@ class History:
                 "waited_s": None if waited is None else round(waited, 3),
                 "held_s": None if held_s is None else round(held_s, 3),
                 "outcome": fields.get("outcome"),
-                "detail": fields.get("detail"),
+                "detail": fields.get("detail") or None,
+                "started": fields.get("started"),
             }
         )
 

@@ -161,14 +161,18 @@ def is_server(conn: Connection) -> bool:
 
 
 def server_id_of(conn: Connection) -> str:
-    """The id of the server on ``conn``: the ``host:port`` its clients connect to (its UPDATE_INFO's
-    ``addr``, else its first slot's), as :func:`~tether.tracker.events.server_id` writes it; the
-    connection's own address when it told neither."""
-    addr = conn.info.get("addr") if conn.info else None
-    if isinstance(addr, list | tuple) and len(addr) == 2 and isinstance(addr[1], int):
-        return server_id(str(addr[0] if addr[0] is not None else conn.host), addr[1])
-    for slot in conn.slots.values():
-        return server_id(slot.host, slot.port)
+    """The id of the server on ``conn``, as the core names it in events and standings: the ``host:port``
+    its first PUT offered (:func:`~tether.tracker.events.server_id`); before any PUT, its UPDATE_INFO's
+    ``addr``; else the connection's own address. A proxy's connection (its slots are other servers, named
+    ``host:port/key`` by the core) is named by its own address."""
+    if conn.server_id is not None:
+        return conn.server_id
+    if conn.server_key is not None:
+        for slot in conn.slots.values():
+            return server_id(slot.host, slot.port)
+        addr = conn.info.get("addr") if conn.info else None
+        if isinstance(addr, list | tuple) and len(addr) == 2 and isinstance(addr[1], int):
+            return server_id(str(addr[0] if addr[0] is not None else conn.host), addr[1])
     return conn.address
 
 
@@ -203,7 +207,14 @@ def _base_state(conn: Connection) -> str:
 
 def _standing(standing: Standing | None, sid: str) -> dict[str, Any]:
     """The core's word on a server's health, normalised; "ok" when the core keeps no health."""
-    out: dict[str, Any] = {"state": "ok", "reason": None, "since": None, "failures": 0, "recent_failures": []}
+    out: dict[str, Any] = {
+        "state": "ok",
+        "reason": None,
+        "since": None,
+        "by": None,
+        "failures": 0,
+        "recent_failures": [],
+    }
     if standing is None:
         return out
     got = standing(sid)
@@ -267,7 +278,7 @@ def server_row(conn: Connection, clocks: Clocks, health_now: Mapping[str, Any]) 
         "version": tether.version if tether is not None else None,
         "connected_since": clocks.to_wall(conn.opened),
         "last_seen_s": clocks.age(conn.last_seen),
-        "health": {k: health_now[k] for k in ("state", "reason", "since", "failures")},
+        "health": {k: health_now[k] for k in ("state", "reason", "since", "by", "failures")},
         "recent_failures": list(health_now["recent_failures"]),
     }
 
@@ -368,7 +379,7 @@ def sessions(core: TrackerCore, clocks: Clocks, filters: Filters, paging: Paging
                 continue
             if filters.user is not None and held.user != filters.user:
                 continue
-            found.append((held.since, sid, held))
+            found.append((held.since, held.server or sid, held))
     found.sort(key=lambda item: (item[0], item[1]))
     page = found[paging.offset : paging.offset + paging.limit]
     rows = [
@@ -380,6 +391,7 @@ def sessions(core: TrackerCore, clocks: Clocks, filters: Filters, paging: Paging
             "since": clocks.to_wall(since),
             "held_s": clocks.age(since),
             "client": held.peer or held.requester,
+            "waited_s": round(held.waited_s, 3),
         }
         for since, sid, held in page
     ]
@@ -387,18 +399,32 @@ def sessions(core: TrackerCore, clocks: Clocks, filters: Filters, paging: Paging
 
 
 def health(core: TrackerCore, clocks: Clocks, filters: Filters, standing: Standing | None) -> dict[str, Any]:
-    """``/api/v1/health``: the servers whose standing is not "ok", with the reasons (empty while the core
-    keeps no health: no ``standing``)."""
-    rows = []
+    """``/api/v1/health``: the servers whose standing is not "ok", with the reasons: those connected, and
+    those the core remembers while they are away (a quarantined server that left stays quarantined:
+    ``connected`` false). Empty while the core keeps no health (no ``standing``)."""
+    rows: dict[str, dict[str, Any]] = {}
     if standing is not None:
         for conn in core.connections:
             if not is_server(conn) or not _matches(conn, filters):
                 continue
-            now = _standing(standing, server_id_of(conn))
+            sid = server_id_of(conn)
+            now = _standing(standing, sid)
             if now["state"] != "ok":
-                rows.append({"id": server_id_of(conn), "key": _row_key(conn), **now})
-    rows.sort(key=lambda r: (r["key"], r["id"]))
-    return {"time": clocks.wall, "checked": standing is not None, "servers": rows}
+                rows[sid] = {"id": sid, "key": _row_key(conn), "connected": True, **now}
+        if not filters.labels and filters.user is None:
+            for sid in _not_ok(core):
+                now = _standing(standing, sid)
+                if sid not in rows and now["state"] != "ok" and filters.key is None:
+                    rows[sid] = {"id": sid, "key": None, "connected": False, **now}
+    out = sorted(rows.values(), key=lambda r: (r["key"] or "", r["id"]))
+    return {"time": clocks.wall, "checked": standing is not None, "servers": out}
+
+
+def _not_ok(core: TrackerCore) -> list[str]:
+    """Ids of the servers whose standing the core keeps as not "ok" (connected or not)."""
+    health = getattr(core, "health", None)
+    not_ok = getattr(health, "not_ok", None)
+    return list(not_ok()) if callable(not_ok) else []
 
 
 def summary(core: TrackerCore, clocks: Clocks, standing: Standing | None, **extra: Any) -> dict[str, Any]:
