@@ -49,7 +49,7 @@ class Device:
         labels: dict[str, str] | None = None,
         device: dict[str, Any] | None = None,
     ) -> None:
-        self.key, self.port = key, port
+        self.key, self.port, self.labels = key, port, labels or {}
         self.peer = RawPeer(tracker.host, tracker.port)
         self.id = f"127.0.0.1:{port}"
         self.n = 0
