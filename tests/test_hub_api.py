@@ -325,33 +325,27 @@ def test_health_without_a_health_check_is_all_ok(hub: TrackerHubThread, devices:
         assert body["checked"] is True and body["servers"] == []
 
 
-def test_health_shows_the_standing_the_core_gives(
-    hub: TrackerHubThread, devices: list[Device], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The core's ``standing(server_id)`` (device health) is what the API shows, whatever sets it."""
-    devices.append(Device(hub, "k", 9001))
+def test_a_quarantined_server_shows_with_its_reason(hub: TrackerHubThread, devices: list[Device]) -> None:
+    """Failed sessions in a row quarantine a server (the core's device health): the API says so, and why."""
+    bad = Device(hub, "k", 9001)
+    devices.append(bad)
+    after = hub.core.config.quarantine_after
+    with TrackerClient.connect(hub.host, hub.port) as client:
+        for _ in range(after):
+            client.request_grant("k", user="alice", timeout=5)
+            bad.session("start")
+            bad.session("end", outcome="failed", detail="worker lost")
+            bad.offer()
     devices.append(Device(hub, "k", 9002))
-    bad = {
-        "state": "quarantined",
-        "reason": "3 sessions in a row failed",
-        "since": 1.0,
-        "failures": 3,
-        "recent_failures": [{"outcome": "failed", "detail": "worker lost"}],
-    }
-    standings = {"127.0.0.1:9002": bad}
-
-    def standing(sid: str) -> dict[str, Any]:
-        return standings.get(sid, {"state": "ok", "reason": None, "since": None, "failures": 0, "recent_failures": []})
-
-    monkeypatch.setattr(hub.core, "standing", standing, raising=False)
     (row,) = get_ok(hub.web_url, "/api/v1/health")["servers"]
-    assert row["id"] == "127.0.0.1:9002" and row["state"] == "quarantined" and row["failures"] == 3
-    server = server_row(hub, "127.0.0.1:9002")
-    assert server is not None and server["state"] == "quarantined"
-    assert server["health"]["reason"] == "3 sessions in a row failed"
-    assert server["recent_failures"] == [{"outcome": "failed", "detail": "worker lost"}]
-    assert [r["id"] for r in get_ok(hub.web_url, "/api/v1/servers?state=quarantined")["servers"]] == ["127.0.0.1:9002"]
-    assert get_ok(hub.web_url, "/api/v1/servers?state=free")["total"] == 1
+    assert (row["id"], row["state"], row["by"], row["connected"]) == (bad.id, "quarantined", "tracker", True)
+    assert "failed sessions in a row" in row["reason"] and row["failures"] == after
+    server = server_row(hub, bad.id)
+    assert server is not None and server["state"] == "quarantined" and server["holder"] is None
+    assert server["health"]["state"] == "quarantined"
+    assert [f["outcome"] for f in server["recent_failures"]] == ["failed"] * after
+    assert [r["id"] for r in get_ok(hub.web_url, "/api/v1/servers?state=quarantined")["servers"]] == [bad.id]
+    assert [r["id"] for r in get_ok(hub.web_url, "/api/v1/servers?state=free")["servers"]] == ["127.0.0.1:9002"]
     assert get_ok(hub.web_url, "/api/v1/summary")["by_state"]["quarantined"] == 1
 
 

@@ -41,7 +41,9 @@ __all__ = [
     "BadParam",
     "Clocks",
     "Filters",
+    "HealthView",
     "Paging",
+    "ServerOrder",
     "health",
     "parse_filters",
     "parse_limit",
@@ -200,31 +202,63 @@ def _serves_key(conn: Connection, key: str) -> bool:
 
 def _base_state(conn: Connection) -> str:
     held = conn.held
-    if held:
-        return "busy" if any(h.state == "busy" for h in held.values()) else "granted"
-    return "free" if conn.slots else "unavailable"
+    if not held:
+        return "free" if conn.slots else "unavailable"
+    for h in held.values():
+        if h.state == "busy":
+            return "busy"
+    return "granted"
 
 
-def _standing(standing: Standing | None, sid: str) -> dict[str, Any]:
-    """The core's word on a server's health, normalised; "ok" when the core keeps no health."""
-    out: dict[str, Any] = {
-        "state": "ok",
-        "reason": None,
-        "since": None,
-        "by": None,
-        "failures": 0,
-        "recent_failures": [],
-    }
-    if standing is None:
+_OK_STANDING: Final[dict[str, Any]] = {
+    "state": "ok",
+    "reason": None,
+    "since": None,
+    "by": None,
+    "failures": 0,
+    "recent_failures": [],
+}
+
+
+class HealthView:
+    """The core's standings for one answer: ``state(sid)`` is a dict lookup (the core's ``health.not_ok()``,
+    read once), ``full(sid)`` the whole standing, for the rows shown. Without health in the core, every
+    server is "ok" (``checked`` False)."""
+
+    def __init__(self, core: TrackerCore) -> None:
+        self._standing: Standing | None = getattr(core, "standing", None)
+        not_ok = getattr(getattr(core, "health", None), "not_ok", None)
+        self._not_ok: dict[str, str] | None = None
+        if callable(not_ok):
+            self._not_ok = {sid: str(getattr(st, "state", "ok")) for sid, st in not_ok().items()}
+
+    @property
+    def checked(self) -> bool:
+        return self._standing is not None
+
+    def not_ok_ids(self) -> list[str]:
+        """Servers whose standing is not "ok", connected or not (as far as the core tells)."""
+        return list(self._not_ok or ())
+
+    def state(self, sid: str) -> str:
+        if self._not_ok is not None:
+            return self._not_ok.get(sid, "ok")
+        return str(self.full(sid)["state"])
+
+    def state_of(self, conn: Connection) -> str:
+        """:meth:`state` of the server on ``conn`` (no id computed while every server is "ok")."""
+        if self._not_ok is not None and not self._not_ok:
+            return "ok"
+        return self.state(server_id_of(conn))
+
+    def full(self, sid: str) -> dict[str, Any]:
+        """Server ``sid``'s standing: state, reason, since (wall), by, failures (in a row), recent_failures."""
+        got = self._standing(sid) if self._standing is not None else None
+        if not isinstance(got, Mapping):
+            return {**_OK_STANDING, "recent_failures": []}
+        out = {name: got.get(name, default) for name, default in _OK_STANDING.items()}
+        out["recent_failures"] = list(out["recent_failures"] or ())
         return out
-    got = standing(sid)
-    if isinstance(got, Mapping):
-        for name in out:
-            if name in got:
-                out[name] = got[name]
-        if out["state"] not in HEALTH_STATES:
-            out["state"] = str(out["state"])
-    return out
 
 
 def _matches(conn: Connection, filters: Filters) -> bool:
@@ -283,24 +317,53 @@ def server_row(conn: Connection, clocks: Clocks, health_now: Mapping[str, Any]) 
     }
 
 
+class ServerOrder:
+    """All servers in page order (key, then id), kept between answers and sorted again only when it may
+    have changed: after :meth:`changed` (the hub calls it on ``register``/``unregister`` events), when the
+    number of connections moved, or ``max_age_s`` after the last sort (for changes that send no event,
+    such as a proxy's first PUT). Closed connections are skipped on the way out."""
+
+    def __init__(self, max_age_s: float = 1.0) -> None:
+        self.max_age_s = max_age_s
+        self._generation = 0
+        self._signature: tuple[int, int] | None = None
+        self._sorted_at = 0.0
+        self._conns: list[Connection] = []
+
+    def changed(self) -> None:
+        self._generation += 1
+
+    def get(self, core: TrackerCore, now: float) -> list[Connection]:
+        conns = core.connections
+        signature = (self._generation, len(conns))
+        if signature != self._signature or now - self._sorted_at > self.max_age_s:
+            picked = [c for c in conns if is_server(c)]
+            picked.sort(key=lambda c: (_row_key(c), server_id_of(c), c.cid))
+            self._conns, self._signature, self._sorted_at = picked, signature, now
+        return [c for c in self._conns if not c.closed]
+
+
 def servers(
-    core: TrackerCore, clocks: Clocks, filters: Filters, paging: Paging, standing: Standing | None
+    core: TrackerCore,
+    clocks: Clocks,
+    filters: Filters,
+    paging: Paging,
+    health: HealthView,
+    *,
+    order: ServerOrder | None = None,
 ) -> dict[str, Any]:
     """``/api/v1/servers``: one page of the servers matching ``filters``, ordered by key then id, with
-    the number matching in all (``total``)."""
-    picked = [c for c in core.connections if is_server(c) and _matches(c, filters)]
-    order = sorted(((_row_key(c), server_id_of(c), c.cid), c) for c in picked)
-    conns = [c for _, c in order]
-    if filters.state is not None:
-        wanted = filters.state
-        if wanted in HEALTH_STATES:
-            conns = [c for c in conns if _standing(standing, server_id_of(c))["state"] == wanted]
-        else:
-            conns = [
-                c for c in conns if _base_state(c) == wanted and _standing(standing, server_id_of(c))["state"] == "ok"
-            ]
+    the number matching in all (``total``). Rows are built for the page only."""
+    conns = (order or ServerOrder()).get(core, clocks.now)
+    if filters.key is not None or filters.labels or filters.user is not None:
+        conns = [c for c in conns if _matches(c, filters)]
+    wanted = filters.state
+    if wanted in HEALTH_STATES:
+        conns = [c for c in conns if health.state_of(c) == wanted]
+    elif wanted is not None:
+        conns = [c for c in conns if _base_state(c) == wanted and health.state_of(c) == "ok"]
     page = conns[paging.offset : paging.offset + paging.limit]
-    rows = [server_row(c, clocks, _standing(standing, server_id_of(c))) for c in page]
+    rows = [server_row(c, clocks, health.full(server_id_of(c))) for c in page]
     return {"time": clocks.wall, "total": len(conns), "offset": paging.offset, "limit": paging.limit, "servers": rows}
 
 
@@ -320,27 +383,35 @@ def _waiter_row(waiter: Waiter, clocks: Clocks) -> dict[str, Any]:
 
 
 def queues(core: TrackerCore, clocks: Clocks, filters: Filters) -> dict[str, Any]:
-    """``/api/v1/queues``: per key, its servers (total, free, granted, busy) and its waiting requests in the
+    """``/api/v1/queues``: per key, its servers (``servers`` in all; ``free``: those the tracker may grant now,
+    so not a cordoned or quarantined one's; ``granted``, ``busy``) and its waiting requests in the
     order they would be served (the first :data:`MAX_WAITERS_LISTED` listed, all counted), the oldest
     one's wait. With ``user``: only keys where that user waits, and only that user's requests."""
-    counts: dict[str, dict[str, int]] = {}
+    # [servers, granted, busy] per key, in one pass; free slots are the scheduler's (those it may grant)
+    counts: dict[str, list[int]] = {}
     for conn in core.connections:
-        if conn.server_key is not None:
-            row = counts.setdefault(conn.server_key, {"servers": 0, "free": 0, "granted": 0, "busy": 0})
-            row["servers"] += 1
-        for slot in conn.slots.values():
-            row = counts.setdefault(slot.key, {"servers": 0, "free": 0, "granted": 0, "busy": 0})
-            row["free"] += 1
-            if conn.server_key is None:
-                row["servers"] += 1  # a server behind a proxy: one slot each
+        own = conn.server_key
+        if own is not None:
+            row = counts.get(own)
+            if row is None:
+                row = counts[own] = [0, 0, 0]
+            row[0] += 1
+        elif conn.slots:
+            for slot in conn.slots.values():  # servers behind a proxy: one slot each
+                row = counts.get(slot.key)
+                if row is None:
+                    row = counts[slot.key] = [0, 0, 0]
+                row[0] += 1
         for held in conn.held.values():
-            row = counts.setdefault(held.key, {"servers": 0, "free": 0, "granted": 0, "busy": 0})
-            row[held.state if held.state in ("granted", "busy") else "busy"] += 1
-            if conn.server_key is None:
-                row["servers"] += 1
+            row = counts.get(held.key)
+            if row is None:
+                row = counts[held.key] = [0, 0, 0]
+            row[1 if held.state == "granted" else 2] += 1
+            if own is None:
+                row[0] += 1
     queued = core.scheduler.keys()  # (a list, not a dict's view)
     for key in queued:
-        counts.setdefault(key, {"servers": 0, "free": 0, "granted": 0, "busy": 0})
+        counts.setdefault(key, [0, 0, 0])
     out = []
     for key in sorted(counts):
         if filters.key is not None and key != filters.key:
@@ -350,11 +421,14 @@ def queues(core: TrackerCore, clocks: Clocks, filters: Filters) -> dict[str, Any
         if filters.user is not None and not mine:
             continue
         oldest = min((w.since for w in mine), default=None)
-        row = counts[key]
+        nservers, granted, busy = counts[key]
         out.append(
             {
                 "key": key,
-                **row,
+                "servers": nservers,
+                "free": core.scheduler.counts(key)[0],
+                "granted": granted,
+                "busy": busy,
                 "waiting": len(mine),
                 "oldest_wait_s": None if oldest is None else clocks.age(oldest),
                 "waiters": [_waiter_row(w, clocks) for w in mine[:MAX_WAITERS_LISTED]],
@@ -398,36 +472,28 @@ def sessions(core: TrackerCore, clocks: Clocks, filters: Filters, paging: Paging
     return {"time": clocks.wall, "total": len(found), "offset": paging.offset, "limit": paging.limit, "sessions": rows}
 
 
-def health(core: TrackerCore, clocks: Clocks, filters: Filters, standing: Standing | None) -> dict[str, Any]:
+def health(core: TrackerCore, clocks: Clocks, filters: Filters, health: HealthView) -> dict[str, Any]:
     """``/api/v1/health``: the servers whose standing is not "ok", with the reasons: those connected, and
     those the core remembers while they are away (a quarantined server that left stays quarantined:
-    ``connected`` false). Empty while the core keeps no health (no ``standing``)."""
+    ``connected`` false; shown without a key, label or user filter). Empty while the core keeps no health."""
     rows: dict[str, dict[str, Any]] = {}
-    if standing is not None:
+    if health.checked:
         for conn in core.connections:
-            if not is_server(conn) or not _matches(conn, filters):
+            if not is_server(conn):
+                continue
+            if health.state_of(conn) == "ok" or not _matches(conn, filters):
                 continue
             sid = server_id_of(conn)
-            now = _standing(standing, sid)
-            if now["state"] != "ok":
-                rows[sid] = {"id": sid, "key": _row_key(conn), "connected": True, **now}
-        if not filters.labels and filters.user is None:
-            for sid in _not_ok(core):
-                now = _standing(standing, sid)
-                if sid not in rows and now["state"] != "ok" and filters.key is None:
-                    rows[sid] = {"id": sid, "key": None, "connected": False, **now}
+            rows[sid] = {"id": sid, "key": _row_key(conn), "connected": True, **health.full(sid)}
+        if filters.key is None and not filters.labels and filters.user is None:
+            for sid in health.not_ok_ids():
+                if sid not in rows:
+                    rows[sid] = {"id": sid, "key": None, "connected": False, **health.full(sid)}
     out = sorted(rows.values(), key=lambda r: (r["key"] or "", r["id"]))
-    return {"time": clocks.wall, "checked": standing is not None, "servers": out}
+    return {"time": clocks.wall, "checked": health.checked, "servers": out}
 
 
-def _not_ok(core: TrackerCore) -> list[str]:
-    """Ids of the servers whose standing the core keeps as not "ok" (connected or not)."""
-    health = getattr(core, "health", None)
-    not_ok = getattr(health, "not_ok", None)
-    return list(not_ok()) if callable(not_ok) else []
-
-
-def summary(core: TrackerCore, clocks: Clocks, standing: Standing | None, **extra: Any) -> dict[str, Any]:
+def summary(core: TrackerCore, clocks: Clocks, health: HealthView, **extra: Any) -> dict[str, Any]:
     """``/api/v1/summary``: counts of servers by state, keys, waiting requests, sessions, grants."""
     by_state = dict.fromkeys(SERVER_STATES, 0)
     keys: set[str] = set()
@@ -436,12 +502,12 @@ def summary(core: TrackerCore, clocks: Clocks, standing: Standing | None, **extr
         if not is_server(conn):
             continue
         nservers += 1
-        keys.add(_row_key(conn))
+        keys.add(conn.server_key if conn.server_key is not None else _row_key(conn))
         state = _base_state(conn)
-        if standing is not None:
-            health_state = _standing(standing, server_id_of(conn))["state"]
-            if health_state != "ok":
-                state = health_state
+        if health.checked:
+            standing = health.state_of(conn)
+            if standing != "ok":
+                state = standing
         by_state[state] = by_state.get(state, 0) + 1
         for held in conn.held.values():
             if held.state == "busy":

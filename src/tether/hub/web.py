@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..aio.net import bind_listener, format_hostport
 from ..tracker.core import TrackerCore
+from ..tracker.events import TrackerEvent
 from . import views
 from .config import HUB_INSTALL_HINT, HubConfig, HubUnavailable
 from .history import History
@@ -118,6 +119,7 @@ class Hub:
         self._runner: Any = None
         self._unsubscribe: list[Callable[[], None]] = []
         self._page: tuple[bytes, str] | None = None
+        self._order = views.ServerOrder()
 
     @property
     def url(self) -> str:
@@ -152,7 +154,9 @@ class Hub:
             raise
         self._runner = runner
         events = self.core.events
-        self._unsubscribe = [events.subscribe(self.history.on_event), events.subscribe(self.streams.on_event)]
+        self._unsubscribe = [
+            events.subscribe(f) for f in (self._on_event, self.history.on_event, self.streams.on_event)
+        ]
         logger.debug("web page on %s", self.url)
 
     async def close(self) -> None:
@@ -200,9 +204,9 @@ class Hub:
     def _clocks(self) -> views.Clocks:
         return views.Clocks(self.core.clock(), self._wall())
 
-    def _standing(self) -> views.Standing | None:
-        standing: views.Standing | None = getattr(self.core, "standing", None)
-        return standing
+    def _on_event(self, event: TrackerEvent) -> None:
+        if event.kind in ("register", "unregister"):
+            self._order.changed()
 
     def _paging(self, request: web.Request) -> views.Paging:
         cfg = self.config
@@ -219,7 +223,7 @@ class Hub:
     async def _servers(self, request: web.Request) -> dict[str, Any]:
         filters = views.parse_filters(request.query.items(), _FILTERS, extra=_PAGING)
         paging = self._paging(request)
-        return views.servers(self.core, self._clocks(), filters, paging, self._standing())
+        return views.servers(self.core, self._clocks(), filters, paging, views.HealthView(self.core), order=self._order)
 
     async def _queues(self, request: web.Request) -> dict[str, Any]:
         filters = views.parse_filters(request.query.items(), ("key", "user"))
@@ -248,12 +252,12 @@ class Hub:
 
     async def _health(self, request: web.Request) -> dict[str, Any]:
         filters = views.parse_filters(request.query.items(), ("key", "label"))
-        return views.health(self.core, self._clocks(), filters, self._standing())
+        return views.health(self.core, self._clocks(), filters, views.HealthView(self.core))
 
     async def _summary(self, request: web.Request) -> dict[str, Any]:
         views.parse_filters(request.query.items(), ())
         extra = {"streams": len(self.streams), "history": len(self.history), "journal": self.journal is not None}
-        return views.summary(self.core, self._clocks(), self._standing(), web=extra)
+        return views.summary(self.core, self._clocks(), views.HealthView(self.core), web=extra)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         from aiohttp import web
