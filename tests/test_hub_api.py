@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -509,3 +510,23 @@ def test_without_aiohttp_the_web_port_says_what_to_install() -> None:
         timeout=30,
     )
     assert done.returncode == 0 and "--web-port" in done.stdout
+
+
+def test_more_routes_are_served_beside_the_api() -> None:
+    """How ``/metrics`` (or anything else) joins the page's port: :meth:`Hub.add_route` before the start."""
+    from aiohttp import web
+
+    from tether.aio.loop_thread import LoopThread
+    from tether.hub.service import TrackerHub
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="tether_up 1\n")
+
+    service = TrackerHub(TrackerConfig(host="127.0.0.1", port=0), HubConfig(host="127.0.0.1", port=0))
+    service.hub.add_route("GET", "/metrics", metrics)
+    with LoopThread(service, "tracker-hub"):
+        with urllib.request.urlopen(service.hub.url + "metrics", timeout=5) as resp:
+            assert resp.read() == b"tether_up 1\n"
+        assert get_ok(service.hub.url, "/api/v1/summary")["servers"] == 0
+        with pytest.raises(RuntimeError, match="before start"):
+            service.hub.add_route("GET", "/late", metrics)

@@ -7,13 +7,14 @@ runs on the standard library alone.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ._args import port
 
 if TYPE_CHECKING:
     from ..hub.config import HubConfig
-    from ..hub.web import Hub, SessionJournal
+    from ..hub.web import Handler, Hub, SessionJournal
     from ..tracker import TrackerServer
 
 __all__ = ["add_web_flags", "hub_config_from_args", "start_hub"]
@@ -41,11 +42,20 @@ def hub_config_from_args(args: argparse.Namespace) -> HubConfig | None:
     return HubConfig(host=args.web_host or args.host, port=args.web_port)
 
 
-async def start_hub(server: TrackerServer, config: HubConfig, journal: SessionJournal | None = None) -> Hub:
-    """Start the web side on the running loop (the tracker's) and print ``web page on http://HOST:PORT/``."""
+async def start_hub(
+    server: TrackerServer,
+    config: HubConfig,
+    journal: SessionJournal | None = None,
+    routes: Sequence[tuple[str, str, Handler]] = (),
+) -> Hub:
+    """Start the web side on the running loop (the tracker's) and print ``web page on http://HOST:PORT/``.
+    ``journal``: finished sessions are read from it; ``routes``: (method, path, aiohttp handler) served
+    beside the page and the API (``/metrics``, say)."""
     from ..hub.web import Hub
 
     hub = Hub(server.core, config, journal=journal)
+    for method, path, handler in routes:
+        hub.add_route(method, path, handler)
     await hub.start()
     print(f"web page on {hub.url}", flush=True)
     return hub

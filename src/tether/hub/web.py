@@ -48,7 +48,7 @@ from .stream import EventStreams
 if TYPE_CHECKING:
     from aiohttp import web
 
-__all__ = ["Hub", "SessionJournal", "require_aiohttp"]
+__all__ = ["Handler", "Hub", "SessionJournal", "require_aiohttp"]
 
 logger = logging.getLogger("tether.hub")
 
