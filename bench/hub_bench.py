@@ -10,6 +10,9 @@ free server. Then, for each endpoint the page reads, ``--requests`` GETs one aft
 from 8 clients at once: the latency percentiles seen by the client (p50, p99, max; milliseconds) and the
 time the view took on the tracker's loop (the loop is blocked meanwhile: that is what the tracker pays).
 
+``--browser N``: then Debian's chromium (headless, Selenium) shows the page, and N grants of a probe server
+(on the first page, among all the others) are timed from the request to the holder shown on the page.
+
 Nothing is asserted: numbers to read (the issue's target is p99 under 200 ms).
 """
 
@@ -26,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tether.client.tracker import TrackerClient
 from tether.hub import HubConfig, views
 from tether.hub.service import TrackerHubThread
 from tether.protocol.tracker import Put, Request, RequestOptions, SessionEvent, UpdateInfo
@@ -140,9 +144,57 @@ def serve(args: argparse.Namespace) -> int:
         populate(t, args.servers, args.waiters)
         made_s = time.perf_counter() - started
         loop = {path: loop_cost(t, path) for path in ENDPOINTS}
-        print(json.dumps({"url": t.web_url, "made_s": made_s, "loop_ms": loop}), flush=True)
+        ready = {"url": t.web_url, "tracker": [t.host, t.port], "made_s": made_s, "loop_ms": loop}
+        print(json.dumps(ready), flush=True)
         sys.stdin.read()
     return 0
+
+
+def page_latency(url: str, tracker: tuple[str, int], grants: int) -> dict[str, float]:
+    """Milliseconds from a grant at the tracker to the page showing its holder, ``grants`` times (the
+    page's own work included: the event, its 200 ms throttle, the fetches, the rendering). The probe
+    server's key sorts first, so it is on the first page of 100 among all the others."""
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver"), options=options)
+    cell = "const r = document.querySelector('#servers tbody tr[data-id=\"10.255.0.1:9999\"] td.holder'); return r ? r.textContent : null;"
+    samples: list[float] = []
+    refresh: list[float] = []  # what the page's last refresh took (its fetches and rendering), ms
+    try:
+        with TrackerClient.connect(*tracker) as server, TrackerClient.connect(*tracker) as client:
+            info = {"key": "server:a-probe", "addr": ["10.255.0.1", 9999], "tether": {"protocols": ["tvm", "tether"]}}
+            server.call(UpdateInfo(info))
+            server.put("a-probe", 9999, "a-probe:0", "10.255.0.1")
+            driver.get(url)
+            deadline = time.monotonic() + 30
+            while driver.execute_script(cell) != "" and time.monotonic() < deadline:
+                time.sleep(0.05)  # (waiting for the first render, not timing it)
+            for i in range(grants):
+                user = f"probe{i}"
+                started = time.perf_counter()
+                grant = client.request_grant("a-probe", user=user, timeout=10)
+                while driver.execute_script(cell) != user:
+                    if time.perf_counter() - started > 10:
+                        raise TimeoutError("the page did not show the grant within 10 s")
+                samples.append((time.perf_counter() - started) * 1000)
+                refresh.append(float(driver.execute_script("return document.body.dataset.refreshMs || 0")))
+                server.call(SessionEvent("end", grant.matchkey, outcome="ok"))
+                server.put("a-probe", 9999, f"a-probe:{i + 1}", "10.255.0.1")
+                while driver.execute_script(cell) != "":
+                    time.sleep(0.01)
+    finally:
+        driver.quit()
+    out = percentiles(samples)
+    out["refresh_p50_ms"] = round(statistics.median(refresh), 1)
+    print(
+        f"page: a grant shown after p50 {out['p50_ms']:.0f} ms, p99 {out['p99_ms']:.0f} ms, max {out['max_ms']:.0f} ms "
+        f"(one refresh of the page: p50 {out['refresh_p50_ms']:.0f} ms)"
+    )
+    return out
 
 
 def main() -> int:
@@ -151,6 +203,9 @@ def main() -> int:
     parser.add_argument("--waiters", type=int, default=1000)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--browser", type=int, default=0, metavar="N", help="then N grants watched on the page in Debian's chromium"
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -188,6 +243,8 @@ def main() -> int:
                 f"{path:42} {size:8d} {row['loop_ms']:8.2f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f} "
                 f"{c['p50_ms']:8.2f} {c['p99_ms']:8.2f} {c['max_ms']:8.2f}"
             )
+        if args.browser:
+            results["page"] = page_latency(ready["url"], tuple(ready["tracker"]), args.browser)
     finally:
         child.stdin.close()
         child.wait(30)
