@@ -7,7 +7,7 @@ import asyncio
 import ipaddress
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..aio.net import format_hostport
 from ..errors import ConfigError
@@ -16,6 +16,10 @@ from ..journal import cli as journal_cli
 from ..tracker import TrackerConfig, TrackerServer
 from ._args import add_auth_flags, non_negative, port, seconds
 from ._tls import add_server_tls_flags, tls_from_args
+from ._web import add_web_flags, hub_config_from_args, start_hub
+
+if TYPE_CHECKING:
+    from ..hub import HubConfig
 
 __all__ = ["add_parser", "run"]
 
@@ -41,6 +45,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
     _add_tls_flags(p)
     journal_cli.add_flags(p)
+    add_web_flags(p)
     p.set_defaults(run=run)
 
 
@@ -191,8 +196,9 @@ def run(args: argparse.Namespace) -> int:
         print("tether tracker: --plain-port goes with --tls-cert (without TLS, --port is plain)", file=sys.stderr)
         return 2
     try:
+        web = hub_config_from_args(args)
         with journal_cli.opened(args) as journal:
-            asyncio.run(_serve(config, journal))
+            asyncio.run(_serve(config, journal, web))
     except ConfigError as exc:
         print(f"tether tracker: {exc}", file=sys.stderr)
         return 2
@@ -209,7 +215,7 @@ def _print_tls(server: TrackerServer, config: TrackerConfig) -> None:
     print(f"TLS on that port ({clients}); {plain}", flush=True)
 
 
-async def _serve(config: TrackerConfig, journal: Journal | None = None) -> None:
+async def _serve(config: TrackerConfig, journal: Journal | None = None, web: HubConfig | None = None) -> None:
     server = TrackerServer(config)
     journal_cli.attach(server, journal)
     await server.start()
@@ -226,4 +232,16 @@ async def _serve(config: TrackerConfig, journal: Journal | None = None) -> None:
     if _is_loopback(server.host):
         hint = f"tether tracker --host 0.0.0.0 --port {server.port}"
         print(f"only this machine can reach this tracker; to accept devices from the network: {hint}", flush=True)
-    await server.serve_until_stopped()
+    hub = None
+    if web is not None:
+        try:
+            hub = await start_hub(server, web, journal=journal)
+        except BaseException:
+            server.stop()
+            await server.serve_until_stopped()
+            raise
+    try:
+        await server.serve_until_stopped()
+    finally:
+        if hub is not None:
+            await hub.close()

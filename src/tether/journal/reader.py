@@ -79,6 +79,38 @@ class JournalReader:
         with self._connect() as conn:
             return [_row(r) for r in conn.execute(sql, (*args, limit))]
 
+    def finished(self, *, limit: int, key: str | None = None, user: str | None = None) -> list[dict[str, Any]]:
+        """The last ``limit`` granted sessions that have ended, newest end first, in the shape the web side's
+        ``/api/v1/history`` answers (``key, server, user, granted, ended, waited_s, held_s, outcome, detail,
+        started``): what :class:`~tether.hub.web.SessionJournal` asks of a journal."""
+        where, args = ["matchkey IS NOT NULL", "ended_at IS NOT NULL"], []
+        for column, value in (("key", key), ("user", user)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = f"SELECT * FROM sessions WHERE {' AND '.join(where)} ORDER BY ended_at DESC, id DESC LIMIT ?"
+        with self._connect() as conn:
+            rows = conn.execute(sql, (*args, limit)).fetchall()
+
+        def rounded(value: Any) -> Any:
+            return round(value, 3) if isinstance(value, float) else value
+
+        return [
+            {
+                "key": r["key"],
+                "server": r["server"],
+                "user": r["user"],
+                "granted": rounded(r["granted_at"]),
+                "ended": rounded(r["ended_at"]),
+                "waited_s": rounded(r["waited_s"]),
+                "held_s": rounded(r["held_s"]),
+                "outcome": r["outcome"],
+                "detail": r["detail"] or None,
+                "started": r["started_at"] is not None,
+            }
+            for r in rows
+        ]
+
     def events(
         self,
         since: float | None = None,
