@@ -1,0 +1,563 @@
+"""The tracker's Prometheus metrics: what ``GET /metrics`` serves (``pip install 'tether[hub]'``).
+
+:class:`TrackerMetrics` keeps its own :class:`prometheus_client.CollectorRegistry` (never the process-wide
+one). Two kinds of numbers:
+
+- *read at scrape time* from the core, in one pass over its connections (a few milliseconds at 5,000
+  servers): servers and slots by key and state, queue depth and the oldest waiter's age per key, open
+  connections by kind, uptime;
+- *fed by the core's events* (:mod:`tether.tracker.events`; :meth:`TrackerMetrics.attach`): grants, wait and
+  hold time histograms per key, session outcomes, requests that ended without a grant, registrations,
+  health changes; and the event loop's lag, from a task of its own (:meth:`TrackerMetrics.start`).
+
+Every name starts with ``tether_tracker_``; times are seconds (:data:`METRICS` lists them all):
+
+===========================================  =========  ==============================================================
+name                                          type       labels, meaning
+===========================================  =========  ==============================================================
+``servers``                                   gauge      key, state: a server's state: ``free`` (offers a slot),
+                                                         ``granted`` (handed out, its client not yet connected),
+                                                         ``busy`` (a session runs), ``unavailable`` (registered,
+                                                         nothing offered), or its standing when not "ok"
+                                                         (``cordoned``, ``draining``, ``quarantined``)
+``slots``                                     gauge      key, state (free, granted, busy): places, a server may have
+                                                         several
+``queue_depth``                               gauge      key: requests waiting
+``oldest_waiter_seconds``                     gauge      key: how long the longest-waiting request has waited
+``connections``                               gauge      kind: ``server``, ``proxy``, ``client`` (requests waiting),
+                                                         ``other`` (clients between requests, queries)
+``uptime_seconds``                            gauge      since the metrics were attached (with the tracker)
+``key_labels``                                gauge      distinct ``key`` label values in use (at most ``max_keys``)
+``grants_total``                              counter    key
+``wait_seconds``                              histogram  key: a granted request's wait, 1 ms to 1 h
+``hold_seconds``                              histogram  key: a session's hold time, grant to end, 0.1 s to 1 day
+``sessions_total``                            counter    key, outcome (``ok``, ``failed``, ``no_request``,
+                                                         ``never_started``, ``server_lost``, ``released``)
+``requests_total``                            counter    requests that started waiting
+``requests_ended_total``                      counter    outcome: ended without a grant (``timeout``, ``cancelled``,
+                                                         ``rejected``, ``unservable``, ``closed``)
+``registrations_total``                       counter    servers registered (or their info changed)
+``unregistrations_total``                     counter    reason (``closed``, ``silent``)
+``health_changes_total``                      counter    state: standing changes (``ok``, ``cordoned``, ...)
+``loop_lag_seconds``                          gauge      how late the event loop last woke a 0.5 s sleep
+``loop_lag_samples_seconds``                  histogram  the same, every sample
+===========================================  =========  ==============================================================
+
+Label cardinality is bounded: keys come from untrusted peers, so at most ``max_keys`` distinct ``key``
+values are kept (1,000 by default) and keys longer than ``max_key_chars`` are not used; the rest are counted
+under ``key="_other"``. A key earns its own label when a server registers with it or is granted from it
+(``register``, ``grant``, ``session_*`` and ``health`` events; servers and slots seen at a scrape): requests
+alone, which anyone can make up, never take one, so queue depth and oldest waiter of a key nobody serves are
+reported under ``_other``. Outcome, reason and state labels take only the documented values (else ``other``).
+
+Threading: everything here runs on the tracker's event loop thread (events are emitted there; :meth:`render`
+reads the core, so call it there too: the hub's handler does, and so does :func:`serve_metrics`).
+
+The hub's app mounts ``/metrics`` with :func:`metrics_handler` (aiohttp); :func:`serve_metrics` serves it
+alone on a port of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from ..protocol.keys import PROXY_PREFIX
+from ..tracker.events import SESSION_OUTCOMES, TrackerEvent, server_id
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client.metrics_core import Metric
+
+    from ..tracker.core import TrackerCore
+    from ..tracker.registry import Connection
+
+__all__ = [
+    "CONTENT_TYPE",
+    "HOLD_BUCKETS_S",
+    "LAG_BUCKETS_S",
+    "METRICS",
+    "OTHER",
+    "WAIT_BUCKETS_S",
+    "MetricsServer",
+    "TrackerMetrics",
+    "metrics_handler",
+    "serve_metrics",
+]
+
+logger = logging.getLogger("tether.hub.metrics")
+
+PREFIX: Final = "tether_tracker_"
+#: Prometheus' text format 0.0.4: what every Prometheus version and scraper reads.
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+#: The ``key`` label of keys past the cap (and ``outcome``/``reason``/``state`` of values not documented).
+OTHER: Final = "_other"
+#: Wait time buckets, seconds: 1 ms to 1 h.
+WAIT_BUCKETS_S: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    600.0, 1800.0, 3600.0,
+)  # fmt: skip
+#: Hold time buckets, seconds: 0.1 s to a day.
+HOLD_BUCKETS_S: Final = (
+    0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+    28800.0, 86400.0,
+)  # fmt: skip
+#: Event loop lag buckets, seconds: 1 ms to 10 s.
+LAG_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+#: ``request_end`` outcomes (:mod:`tether.tracker.events`); anything else is counted as "other".
+REQUEST_OUTCOMES: Final = frozenset({"timeout", "cancelled", "rejected", "unservable", "closed"})
+UNREGISTER_REASONS: Final = frozenset({"closed", "silent"})
+HEALTH_STATES: Final = frozenset({"ok", "cordoned", "draining", "quarantined"})
+#: A server's states from its slots, before its standing (see the module's docstring).
+SLOT_STATES: Final = ("free", "granted", "busy")
+
+#: Every metric's full name (as exposed, histograms and counters without their suffixes), for dashboards and
+#: tests: name -> (type, labels).
+METRICS: Final[Mapping[str, tuple[str, tuple[str, ...]]]] = {
+    PREFIX + "servers": ("gauge", ("key", "state")),
+    PREFIX + "slots": ("gauge", ("key", "state")),
+    PREFIX + "queue_depth": ("gauge", ("key",)),
+    PREFIX + "oldest_waiter_seconds": ("gauge", ("key",)),
+    PREFIX + "connections": ("gauge", ("kind",)),
+    PREFIX + "uptime_seconds": ("gauge", ()),
+    PREFIX + "key_labels": ("gauge", ()),
+    PREFIX + "grants": ("counter", ("key",)),
+    PREFIX + "wait_seconds": ("histogram", ("key",)),
+    PREFIX + "hold_seconds": ("histogram", ("key",)),
+    PREFIX + "sessions": ("counter", ("key", "outcome")),
+    PREFIX + "requests": ("counter", ()),
+    PREFIX + "requests_ended": ("counter", ("outcome",)),
+    PREFIX + "registrations": ("counter", ()),
+    PREFIX + "unregistrations": ("counter", ("reason",)),
+    PREFIX + "health_changes": ("counter", ("state",)),
+    PREFIX + "loop_lag_seconds": ("gauge", ()),
+    PREFIX + "loop_lag_samples_seconds": ("histogram", ()),
+}
+
+
+def _known(value: Any, allowed: frozenset[str]) -> str:
+    return value if isinstance(value, str) and value in allowed else "other"
+
+
+def _seconds(value: Any) -> float | None:
+    """A duration field of an event, or None when it is missing or not a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if 0.0 <= value < float("inf") else None
+
+
+@dataclass(slots=True)
+class _KeySeries:
+    """One key label's children of the per-key series, looked up once (``labels()`` costs a lock and a dict)."""
+
+    grants: Any
+    wait: Any
+    hold: Any
+
+
+class TrackerMetrics:
+    """Prometheus metrics of one :class:`~tether.tracker.core.TrackerCore` (see the module's docstring).
+
+    ``TrackerMetrics(core)`` registers its metrics in a registry of its own (or ``registry``);
+    :meth:`attach` subscribes to ``core.events``; :meth:`start` starts the loop lag probe on the tracker's
+    loop; :meth:`render` returns ``(body, content_type)`` for ``GET /metrics``; :meth:`close` undoes
+    ``attach`` and ``start``. ``max_keys``: distinct ``key`` label values kept (more go to ``_other``);
+    ``max_key_chars``: longer keys go to ``_other``; ``lag_interval_s``: seconds between lag samples.
+    Raises :class:`ImportError` without prometheus-client (``pip install 'tether[hub]'``).
+    """
+
+    def __init__(
+        self,
+        core: TrackerCore,
+        *,
+        registry: CollectorRegistry | None = None,
+        max_keys: int = 1000,
+        max_key_chars: int = 200,
+        lag_interval_s: float = 0.5,
+    ) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.core = core
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.max_keys = max_keys
+        self.max_key_chars = max_key_chars
+        self.lag_interval_s = lag_interval_s
+        #: when the metrics were made (``time.monotonic()``): ``uptime_seconds`` counts from here
+        self.started_at = time.monotonic()
+        self._keys: set[str] = set()  # key label values in use (besides _other)
+        self._series: dict[str, _KeySeries] = {}
+        self._sessions: dict[tuple[str, str], Any] = {}
+        self._unsubscribe: Callable[[], None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
+        self._lag_loop: asyncio.AbstractEventLoop | None = None
+        reg = self.registry
+
+        def counter(name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=reg)
+
+        def histogram(name: str, doc: str, buckets: Iterable[float], labels: Iterable[str] = ()) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, registry=reg, buckets=tuple(buckets))
+
+        self._grants = counter("grants", "Requests granted a slot.", ["key"])
+        self._wait = histogram("wait_seconds", "Seconds a granted request waited.", WAIT_BUCKETS_S, ["key"])
+        self._hold = histogram(
+            "hold_seconds", "Seconds a session held its slot, grant to end.", HOLD_BUCKETS_S, ["key"]
+        )
+        self._session_outcomes = counter("sessions", "Sessions ended, by outcome.", ["key", "outcome"])
+        self._requests = counter("requests", "Requests that started waiting.")
+        self._requests_ended = counter("requests_ended", "Requests that ended without a grant.", ["outcome"])
+        self._registrations = counter("registrations", "Servers registered or re-described (UPDATE_INFO, first PUT).")
+        self._unregistrations = counter("unregistrations", "Server connections gone.", ["reason"])
+        self._health = counter("health_changes", "Changes of a server's standing.", ["state"])
+        self._lag: Gauge = Gauge(
+            PREFIX + "loop_lag_seconds", "How late the event loop last woke a timed sleep.", registry=reg
+        )
+        self._lag_samples: Histogram = histogram(
+            "loop_lag_samples_seconds", "How late the event loop woke timed sleeps.", LAG_BUCKETS_S
+        )
+        self._handlers: dict[str, Callable[[TrackerEvent], None]] = {
+            "grant": self._on_grant,
+            "session_end": self._on_session_end,
+            "request": self._on_request,
+            "request_end": self._on_request_end,
+            "register": self._on_register,
+            "unregister": self._on_unregister,
+            "health": self._on_health,
+            "session_start": self._on_session_start,
+        }
+        reg.register(_PoolCollector(self))
+
+    # -- wiring --------------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Subscribe to ``core.events`` (again: no effect)."""
+        if self._unsubscribe is None:
+            self._unsubscribe = self.core.events.subscribe(self.on_event)
+
+    def detach(self) -> None:
+        """Unsubscribe from ``core.events`` (not attached: no effect)."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the loop lag probe on ``loop`` (default: the running loop). From another thread, pass the
+        tracker's loop: the task is created there. A second call does nothing while the probe runs."""
+        if self._lag_loop is not None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        target = loop or running
+        if target is None:
+            raise RuntimeError("TrackerMetrics.start() needs a loop: pass the tracker's, or call it from there")
+        self._lag_loop = target
+        if target is running:
+            self._spawn_probe()
+        else:
+            target.call_soon_threadsafe(self._spawn_probe)
+
+    def _spawn_probe(self) -> None:
+        if self._lag_task is None and self._lag_loop is not None:
+            self._lag_task = self._lag_loop.create_task(self._probe_lag(), name="tether-metrics-loop-lag")
+
+    def close(self) -> None:
+        """Stop the lag probe and unsubscribe. Call from the tracker's loop thread, or after it stopped."""
+        self.detach()
+        loop, task = self._lag_loop, self._lag_task
+        self._lag_loop = self._lag_task = None
+        if task is not None and loop is not None and not loop.is_closed():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                task.cancel()
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(task.cancel)
+
+    async def _probe_lag(self) -> None:
+        """Sleep ``lag_interval_s`` at a time; how much later than asked the loop woke is its lag."""
+        loop = asyncio.get_running_loop()
+        interval = self.lag_interval_s
+        while True:
+            asked = loop.time() + interval
+            await asyncio.sleep(interval)
+            lag = max(0.0, loop.time() - asked)
+            self._lag.set(lag)
+            self._lag_samples.observe(lag)
+
+    # -- exposition ----------------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The metrics in Prometheus' text format: ``(body, content_type)``. Call on the tracker's loop."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE
+
+    # -- key labels ----------------------------------------------------------------------------
+
+    def key_label(self, key: str | None, admit: bool = True) -> str:
+        """The ``key`` label value for ``key``: itself when it has one already, or when ``admit`` and fewer
+        than ``max_keys`` are in use (and it is at most ``max_key_chars`` long); else ``_other``."""
+        if key is None:
+            return OTHER
+        if key in self._keys:
+            return key
+        if admit and len(self._keys) < self.max_keys and len(key) <= self.max_key_chars and key != OTHER:
+            self._keys.add(key)
+            return key
+        return OTHER
+
+    @property
+    def key_labels(self) -> int:
+        """Distinct ``key`` label values in use, ``_other`` aside."""
+        return len(self._keys)
+
+    def _series_of(self, key: str | None) -> _KeySeries:
+        label = self.key_label(key)
+        series = self._series.get(label)
+        if series is None:
+            series = self._series[label] = _KeySeries(
+                self._grants.labels(label), self._wait.labels(label), self._hold.labels(label)
+            )
+        return series
+
+    # -- events --------------------------------------------------------------------------------
+
+    def on_event(self, event: TrackerEvent) -> None:
+        """Count one event (the ``core.events`` subscriber; quick: a dict lookup and a counter or two)."""
+        handler = self._handlers.get(event.kind)
+        if handler is not None:
+            handler(event)
+
+    def _on_grant(self, event: TrackerEvent) -> None:
+        series = self._series_of(event.key)
+        series.grants.inc()
+        waited = _seconds(event.fields.get("waited_s"))
+        if waited is not None:
+            series.wait.observe(waited)
+
+    def _on_session_end(self, event: TrackerEvent) -> None:
+        label = self.key_label(event.key)
+        held = _seconds(event.fields.get("held_s"))
+        if held is not None:
+            self._series_of(label).hold.observe(held)
+        outcome = _known(event.fields.get("outcome"), SESSION_OUTCOMES)
+        child = self._sessions.get((label, outcome))
+        if child is None:
+            child = self._sessions[label, outcome] = self._session_outcomes.labels(label, outcome)
+        child.inc()
+
+    def _on_session_start(self, event: TrackerEvent) -> None:
+        self.key_label(event.key)  # a granted key: it has a server
+
+    def _on_request(self, event: TrackerEvent) -> None:
+        self._requests.inc()
+
+    def _on_request_end(self, event: TrackerEvent) -> None:
+        self._requests_ended.labels(_known(event.fields.get("outcome"), REQUEST_OUTCOMES)).inc()
+
+    def _on_register(self, event: TrackerEvent) -> None:
+        self.key_label(event.key)
+        self._registrations.inc()
+
+    def _on_unregister(self, event: TrackerEvent) -> None:
+        self._unregistrations.labels(_known(event.fields.get("reason"), UNREGISTER_REASONS)).inc()
+
+    def _on_health(self, event: TrackerEvent) -> None:
+        self.key_label(event.key)
+        self._health.labels(_known(event.fields.get("state"), HEALTH_STATES)).inc()
+
+
+class _PoolCollector:
+    """The gauges read from the core at each scrape, in one pass over its connections."""
+
+    def __init__(self, metrics: TrackerMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        """The names (no samples): the registry checks them against duplicates once, at registration."""
+        return self._families()
+
+    def _families(self) -> list[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        def gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+            return GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+
+        return [
+            gauge(
+                "servers", "Servers by key and state (a standing other than ok replaces the state).", ["key", "state"]
+            ),
+            gauge("slots", "Server slots (places) by key and state.", ["key", "state"]),
+            gauge("queue_depth", "Requests waiting, by key.", ["key"]),
+            gauge("oldest_waiter_seconds", "Seconds the longest-waiting request of a key has waited.", ["key"]),
+            gauge("connections", "Open tracker connections by kind.", ["kind"]),
+            gauge("uptime_seconds", "Seconds since the metrics were attached to the tracker."),
+            gauge("key_labels", "Distinct key label values in use (the rest count as key=_other)."),
+        ]
+
+    def collect(self) -> Iterable[Metric]:
+        metrics = self._metrics
+        core = metrics.core
+        now = core.clock()
+        label = metrics.key_label
+        standing: Callable[[str], Any] | None = getattr(core, "standing", None)
+        servers: dict[tuple[str, str], int] = {}
+        slots: dict[tuple[str, str], int] = {}
+        oldest: dict[str, float] = {}
+        kinds = {"server": 0, "proxy": 0, "client": 0, "other": 0}
+        for conn in core.connections:
+            own = conn.server_key
+            if own is not None:
+                kinds["server"] += 1
+            elif conn.info_key.startswith(PROXY_PREFIX):
+                kinds["proxy"] += 1
+            elif conn.waiters:
+                kinds["client"] += 1
+            else:
+                kinds["other"] += 1
+            if conn.slots or conn.held:
+                _count_slots(conn, label, slots)
+            if own is not None:
+                state = _server_state(conn)
+                if standing is not None:
+                    state = _standing_state(standing, _direct_id(conn)) or state
+                _bump(servers, (label(own), state))
+            elif conn.slots or conn.held:  # a proxy (or a peer that PUTs without registering): a server per slot
+                for slot in conn.slots.values():
+                    state = "free"
+                    if standing is not None:
+                        state = _standing_state(standing, server_id(slot.host, slot.port)) or state
+                    _bump(servers, (label(slot.key), state))
+                for held in conn.held.values():
+                    _bump(servers, (label(held.key), held.state))
+            for waiter in conn.waiters:
+                name = label(waiter.key, admit=False)
+                since = oldest.get(name)
+                if since is None or waiter.since < since:
+                    oldest[name] = waiter.since
+        depth: dict[str, int] = {}
+        scheduler = core.scheduler
+        keys: list[str] = scheduler.keys()
+        for key in keys:
+            pending = scheduler.counts(key)[1]
+            if pending:
+                _bump(depth, label(key, admit=False), pending)
+        families = self._families()
+        servers_f, slots_f, depth_f, oldest_f, conns_f, uptime_f, keys_f = families
+        # the three slot states of every key with a server, zero or not: continuous series for the dashboard
+        for name in {k for k, _ in servers} | {k for k, _ in slots}:
+            for state in SLOT_STATES:
+                servers.setdefault((name, state), 0)
+                slots.setdefault((name, state), 0)
+        for (name, state), n in sorted(servers.items()):
+            servers_f.add_metric([name, state], n)
+        for (name, state), n in sorted(slots.items()):
+            slots_f.add_metric([name, state], n)
+        for name in sorted(depth.keys() | oldest.keys()):
+            depth_f.add_metric([name], depth.get(name, 0))
+            oldest_f.add_metric([name], max(0.0, now - oldest[name]) if name in oldest else 0.0)
+        for kind, n in kinds.items():
+            conns_f.add_metric([kind], n)
+        uptime_f.add_metric([], time.monotonic() - metrics.started_at)
+        keys_f.add_metric([], metrics.key_labels)
+        return families
+
+
+def _bump(counts: dict[Any, int], name: Any, n: int = 1) -> None:
+    counts[name] = counts.get(name, 0) + n
+
+
+def _count_slots(conn: Connection, label: Callable[[str], str], slots: dict[tuple[str, str], int]) -> None:
+    for slot in conn.slots.values():
+        _bump(slots, (label(slot.key), "free"))
+    for held in conn.held.values():
+        _bump(slots, (label(held.key), held.state))
+
+
+def _server_state(conn: Connection) -> str:
+    """A registered server's state from its slots: busy over granted over free; ``unavailable`` with none."""
+    state = "free" if conn.slots else "unavailable"
+    for held in conn.held.values():
+        if held.state == "busy":
+            return "busy"
+        state = "granted"
+    return state
+
+
+def _direct_id(conn: Connection) -> str:
+    """The server id of a registered server: the address its clients connect to (``info["addr"]``)."""
+    addr = conn.info.get("addr") if conn.info else None
+    if isinstance(addr, list) and len(addr) == 2 and isinstance(addr[1], int):
+        return server_id(str(addr[0] if addr[0] is not None else conn.host), addr[1])
+    return conn.address
+
+
+def _standing_state(standing: Callable[[str], Any], sid: str) -> str | None:
+    """The server's standing when it is not "ok" (or unknown), else None."""
+    try:
+        record = standing(sid)
+    except (KeyError, LookupError):
+        return None
+    state = record.get("state") if isinstance(record, Mapping) else None
+    if not isinstance(state, str) or state == "ok":
+        return None
+    return state if state in HEALTH_STATES else "other"
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+
+def metrics_handler(metrics: TrackerMetrics) -> Callable[[web.Request], Any]:
+    """An aiohttp handler for ``GET /metrics`` (mount it on the tracker's loop: it reads the core)."""
+    from aiohttp import web
+
+    async def handle(request: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    return handle
+
+
+@dataclass(slots=True)
+class MetricsServer:
+    """``/metrics`` served by :func:`serve_metrics`; ``await close()`` stops it."""
+
+    host: str
+    port: int
+    runner: Any
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def serve_metrics(metrics: TrackerMetrics, host: str = "127.0.0.1", port: int = 0) -> MetricsServer:
+    """Serve ``GET /metrics`` alone on ``host:port`` (0: any free port; read it back from the result), on
+    the running loop, which must be the tracker's. Raises :class:`OSError` when the port cannot be bound."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler(metrics))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    addresses = runner.addresses  # (host, port, ...) of each bound socket
+    bound = int(addresses[0][1]) if addresses else port
+    return MetricsServer(host, bound, runner)
