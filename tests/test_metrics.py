@@ -19,15 +19,15 @@ import pytest
 pytest.importorskip("prometheus_client")
 pytest.importorskip("aiohttp")
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families
 
-from tether.client.tracker import TrackerClient  # noqa: E402
-from tether.errors import RequestTimeout  # noqa: E402
-from tether.hub.metrics import METRICS, OTHER, TrackerMetrics, serve_metrics  # noqa: E402
-from tether.tracker import TrackerConfig, TrackerCore, TrackerThread  # noqa: E402
-from tether.tracker.events import SESSION_OUTCOMES, TrackerEvent  # noqa: E402
+from tether.client.tracker import TrackerClient
+from tether.errors import RequestTimeout
+from tether.hub.metrics import METRICS, OTHER, TrackerMetrics, serve_metrics
+from tether.tracker import TrackerConfig, TrackerCore, TrackerThread
+from tether.tracker.events import SESSION_OUTCOMES, TrackerEvent
 
-from .conftest import RawPeer, wait_until  # noqa: E402
+from .conftest import RawPeer, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -327,7 +327,7 @@ def _core_source_emits() -> bool:
     """Whether the core emits events yet (the lead's emit calls in tracker/core.py)."""
     import inspect
 
-    import tether.tracker.core as core
+    from tether.tracker import core
 
     return "events.emit(" in inspect.getsource(core)
 
@@ -349,9 +349,11 @@ def test_event_counters_over_real_sockets(metered: Metered, peers: Callable[[], 
         assert server.call([102, {"event": "end", "matchkey": matchkey}]) == 0
         if i < rounds - 1:
             assert server.call([3, "phone", [9000, matchkey], None]) == 0
-    with TrackerClient.connect(metered.tracker.host, metered.tracker.port) as tether_client:
-        with pytest.raises(RequestTimeout):
-            tether_client.request_grant("phone", timeout=0.05)
+    with (
+        TrackerClient.connect(metered.tracker.host, metered.tracker.port) as tether_client,
+        pytest.raises(RequestTimeout),
+    ):
+        tether_client.request_grant("phone", timeout=0.05)
     s = metered.scrape_until(
         lambda s: value(s, "tether_tracker_requests_ended_total", outcome="timeout") == 1, "the timeout"
     )
