@@ -63,6 +63,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -72,7 +73,7 @@ from ..tracker.events import SESSION_OUTCOMES, TrackerEvent, server_id
 
 if TYPE_CHECKING:
     from aiohttp import web
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import Metric
 
     from ..tracker.core import TrackerCore
@@ -148,29 +149,59 @@ def _known(value: Any, allowed: frozenset[str]) -> str:
 
 def _seconds(value: Any) -> float | None:
     """A duration field of an event, or None when it is missing or not a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if type(value) is not float and (type(value) is not int):
         return None
-    value = float(value)
-    return value if 0.0 <= value < float("inf") else None
+    return float(value) if 0.0 <= value < _INF else None
 
 
-@dataclass(slots=True)
-class _KeySeries:
-    """One key label's children of the per-key series, looked up once (``labels()`` costs a lock and a dict)."""
+_INF: Final = float("inf")
 
-    grants: Any
-    wait: Any
-    hold: Any
+
+class _Histogram:
+    """Counts per bucket (not cumulative; the last is +Inf) and the sum of what was observed, in plain
+    Python: the tracker's loop is the only thread that touches it, so no lock is taken per event."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * (buckets + 1)
+        self.total = 0.0
+
+    def observe(self, bounds: tuple[float, ...], value: float) -> None:
+        self.counts[bisect_left(bounds, value)] += 1  # the first bucket whose bound is >= value
+        self.total += value
+
+    def cumulative(self, les: list[str]) -> list[tuple[str, float]]:
+        """(le, count of observations <= le) per bucket, +Inf last: Prometheus' buckets."""
+        out, running = [], 0
+        for le, n in zip(les, self.counts, strict=True):
+            running += n
+            out.append((le, float(running)))
+        return out
+
+
+class _KeyStats:
+    """What the events add up to for one ``key`` label value."""
+
+    __slots__ = ("grants", "hold", "wait")
+
+    def __init__(self) -> None:
+        self.grants = 0
+        self.wait = _Histogram(len(WAIT_BUCKETS_S))
+        self.hold = _Histogram(len(HOLD_BUCKETS_S))
 
 
 class TrackerMetrics:
     """Prometheus metrics of one :class:`~tether.tracker.core.TrackerCore` (see the module's docstring).
 
-    ``TrackerMetrics(core)`` registers its metrics in a registry of its own (or ``registry``);
+    ``TrackerMetrics(core)`` registers one collector in a registry of its own (or ``registry``);
     :meth:`attach` subscribes to ``core.events``; :meth:`start` starts the loop lag probe on the tracker's
     loop; :meth:`render` returns ``(body, content_type)`` for ``GET /metrics``; :meth:`close` undoes
     ``attach`` and ``start``. ``max_keys``: distinct ``key`` label values kept (more go to ``_other``);
     ``max_key_chars``: longer keys go to ``_other``; ``lag_interval_s``: seconds between lag samples.
+
+    Counts are kept in plain Python and turned into Prometheus' families only at a scrape: an event costs
+    about a microsecond of the tracker's loop, not the locks of ``prometheus_client``'s metric objects.
     Raises :class:`ImportError` without prometheus-client (``pip install 'tether[hub]'``).
     """
 
@@ -183,7 +214,7 @@ class TrackerMetrics:
         max_key_chars: int = 200,
         lag_interval_s: float = 0.5,
     ) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry
 
         self.core = core
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -193,36 +224,20 @@ class TrackerMetrics:
         #: when the metrics were made (``time.monotonic()``): ``uptime_seconds`` counts from here
         self.started_at = time.monotonic()
         self._keys: set[str] = set()  # key label values in use (besides _other)
-        self._series: dict[str, _KeySeries] = {}
-        self._sessions: dict[tuple[str, str], Any] = {}
+        #: the counts, by key label value, outcome...: read by the collector at a scrape
+        self.by_key: dict[str, _KeyStats] = {}
+        self.sessions: dict[tuple[str, str], int] = {}
+        self.requests = 0
+        self.requests_ended: dict[str, int] = {}
+        self.registrations = 0
+        self.unregistrations: dict[str, int] = {}
+        self.health_changes: dict[str, int] = {}
+        #: the loop's last lag (seconds) and every sample
+        self.lag_s = 0.0
+        self.lag = _Histogram(len(LAG_BUCKETS_S))
         self._unsubscribe: Callable[[], None] | None = None
         self._lag_task: asyncio.Task[None] | None = None
         self._lag_loop: asyncio.AbstractEventLoop | None = None
-        reg = self.registry
-
-        def counter(name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
-            return Counter(PREFIX + name, doc, labels, registry=reg)
-
-        def histogram(name: str, doc: str, buckets: Iterable[float], labels: Iterable[str] = ()) -> Histogram:
-            return Histogram(PREFIX + name, doc, labels, registry=reg, buckets=tuple(buckets))
-
-        self._grants = counter("grants", "Requests granted a slot.", ["key"])
-        self._wait = histogram("wait_seconds", "Seconds a granted request waited.", WAIT_BUCKETS_S, ["key"])
-        self._hold = histogram(
-            "hold_seconds", "Seconds a session held its slot, grant to end.", HOLD_BUCKETS_S, ["key"]
-        )
-        self._session_outcomes = counter("sessions", "Sessions ended, by outcome.", ["key", "outcome"])
-        self._requests = counter("requests", "Requests that started waiting.")
-        self._requests_ended = counter("requests_ended", "Requests that ended without a grant.", ["outcome"])
-        self._registrations = counter("registrations", "Servers registered or re-described (UPDATE_INFO, first PUT).")
-        self._unregistrations = counter("unregistrations", "Server connections gone.", ["reason"])
-        self._health = counter("health_changes", "Changes of a server's standing.", ["state"])
-        self._lag: Gauge = Gauge(
-            PREFIX + "loop_lag_seconds", "How late the event loop last woke a timed sleep.", registry=reg
-        )
-        self._lag_samples: Histogram = histogram(
-            "loop_lag_samples_seconds", "How late the event loop woke timed sleeps.", LAG_BUCKETS_S
-        )
         self._handlers: dict[str, Callable[[TrackerEvent], None]] = {
             "grant": self._on_grant,
             "session_end": self._on_session_end,
@@ -233,7 +248,7 @@ class TrackerMetrics:
             "health": self._on_health,
             "session_start": self._on_session_start,
         }
-        reg.register(_PoolCollector(self))
+        self.registry.register(_PoolCollector(self))
 
     # -- wiring --------------------------------------------------------------------------------
 
@@ -294,8 +309,8 @@ class TrackerMetrics:
             asked = loop.time() + interval
             await asyncio.sleep(interval)
             lag = max(0.0, loop.time() - asked)
-            self._lag.set(lag)
-            self._lag_samples.observe(lag)
+            self.lag_s = lag
+            self.lag.observe(LAG_BUCKETS_S, lag)
 
     # -- exposition ----------------------------------------------------------------------------
 
@@ -324,73 +339,76 @@ class TrackerMetrics:
         """Distinct ``key`` label values in use, ``_other`` aside."""
         return len(self._keys)
 
-    def _series_of(self, key: str | None) -> _KeySeries:
-        label = self.key_label(key)
-        series = self._series.get(label)
-        if series is None:
-            series = self._series[label] = _KeySeries(
-                self._grants.labels(label), self._wait.labels(label), self._hold.labels(label)
-            )
-        return series
+    def _stats(self, key: str | None) -> _KeyStats:
+        stats = self.by_key.get(key) if key is not None else None
+        if stats is None:
+            label = self.key_label(key)
+            stats = self.by_key.get(label)
+            if stats is None:
+                stats = self.by_key[label] = _KeyStats()
+        return stats
 
     # -- events --------------------------------------------------------------------------------
 
     def on_event(self, event: TrackerEvent) -> None:
-        """Count one event (the ``core.events`` subscriber; quick: a dict lookup and a counter or two)."""
+        """Count one event (the ``core.events`` subscriber; about a microsecond: a lookup and an addition)."""
         handler = self._handlers.get(event.kind)
         if handler is not None:
             handler(event)
 
     def _on_grant(self, event: TrackerEvent) -> None:
-        series = self._series_of(event.key)
-        series.grants.inc()
+        stats = self._stats(event.key)
+        stats.grants += 1
         waited = _seconds(event.fields.get("waited_s"))
         if waited is not None:
-            series.wait.observe(waited)
+            stats.wait.observe(WAIT_BUCKETS_S, waited)
 
     def _on_session_end(self, event: TrackerEvent) -> None:
         label = self.key_label(event.key)
         held = _seconds(event.fields.get("held_s"))
         if held is not None:
-            self._series_of(label).hold.observe(held)
-        outcome = _known(event.fields.get("outcome"), SESSION_OUTCOMES)
-        child = self._sessions.get((label, outcome))
-        if child is None:
-            child = self._sessions[label, outcome] = self._session_outcomes.labels(label, outcome)
-        child.inc()
+            self._stats(label).hold.observe(HOLD_BUCKETS_S, held)
+        name = (label, _known(event.fields.get("outcome"), SESSION_OUTCOMES))
+        self.sessions[name] = self.sessions.get(name, 0) + 1
 
     def _on_session_start(self, event: TrackerEvent) -> None:
         self.key_label(event.key)  # a granted key: it has a server
 
     def _on_request(self, event: TrackerEvent) -> None:
-        self._requests.inc()
+        self.requests += 1
 
     def _on_request_end(self, event: TrackerEvent) -> None:
-        self._requests_ended.labels(_known(event.fields.get("outcome"), REQUEST_OUTCOMES)).inc()
+        _bump(self.requests_ended, _known(event.fields.get("outcome"), REQUEST_OUTCOMES))
 
     def _on_register(self, event: TrackerEvent) -> None:
         self.key_label(event.key)
-        self._registrations.inc()
+        self.registrations += 1
 
     def _on_unregister(self, event: TrackerEvent) -> None:
-        self._unregistrations.labels(_known(event.fields.get("reason"), UNREGISTER_REASONS)).inc()
+        _bump(self.unregistrations, _known(event.fields.get("reason"), UNREGISTER_REASONS))
 
     def _on_health(self, event: TrackerEvent) -> None:
         self.key_label(event.key)
-        self._health.labels(_known(event.fields.get("state"), HEALTH_STATES)).inc()
+        _bump(self.health_changes, _known(event.fields.get("state"), HEALTH_STATES))
 
 
 class _PoolCollector:
-    """The gauges read from the core at each scrape, in one pass over its connections."""
+    """Every family at each scrape: the gauges read from the core in one pass over its connections, and the
+    counts the events added up."""
 
     def __init__(self, metrics: TrackerMetrics) -> None:
         self._metrics = metrics
+        self._les = {  # each bucket's ``le`` label: 0.001, 1.0, ..., +Inf
+            bounds: [*(repr(float(b)) for b in bounds), "+Inf"]
+            for bounds in (WAIT_BUCKETS_S, HOLD_BUCKETS_S, LAG_BUCKETS_S)
+        }
 
     def describe(self) -> Iterable[Metric]:
         """The names (no samples): the registry checks them against duplicates once, at registration."""
-        return self._families()
+        return [*self._gauges(), *self._counted()]
 
-    def _families(self) -> list[Any]:
+    @staticmethod
+    def _gauges() -> list[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
         def gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -408,54 +426,121 @@ class _PoolCollector:
             gauge("key_labels", "Distinct key label values in use (the rest count as key=_other)."),
         ]
 
+    @staticmethod
+    def _counted() -> list[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        def counter(name: str, doc: str, labels: list[str] | None = None) -> CounterMetricFamily:
+            return CounterMetricFamily(PREFIX + name, doc, labels=labels)
+
+        def histogram(name: str, doc: str, labels: list[str] | None = None) -> HistogramMetricFamily:
+            return HistogramMetricFamily(PREFIX + name, doc, labels=labels)
+
+        return [
+            counter("grants", "Requests granted a slot.", ["key"]),
+            histogram("wait_seconds", "Seconds a granted request waited.", ["key"]),
+            histogram("hold_seconds", "Seconds a session held its slot, grant to end.", ["key"]),
+            counter("sessions", "Sessions ended, by outcome.", ["key", "outcome"]),
+            counter("requests", "Requests that started waiting."),
+            counter("requests_ended", "Requests that ended without a grant.", ["outcome"]),
+            counter("registrations", "Servers registered or re-described (UPDATE_INFO, first PUT)."),
+            counter("unregistrations", "Server connections gone.", ["reason"]),
+            counter("health_changes", "Changes of a server's standing.", ["state"]),
+            GaugeMetricFamily(PREFIX + "loop_lag_seconds", "How late the event loop last woke a timed sleep."),
+            histogram("loop_lag_samples_seconds", "How late the event loop woke timed sleeps."),
+        ]
+
     def collect(self) -> Iterable[Metric]:
+        return [*self._collect_gauges(), *self._collect_counted()]
+
+    def _collect_counted(self) -> list[Any]:
+        m = self._metrics
+        families = self._counted()
+        grants, wait, hold, sessions, requests, ended, registrations, gone, health, lag, lag_samples = families
+        wait_les, hold_les = self._les[WAIT_BUCKETS_S], self._les[HOLD_BUCKETS_S]
+        for name, stats in sorted(m.by_key.items()):
+            if stats.grants:
+                grants.add_metric([name], stats.grants)
+            if stats.grants or stats.wait.total:
+                wait.add_metric([name], stats.wait.cumulative(wait_les), stats.wait.total)
+            if any(stats.hold.counts):
+                hold.add_metric([name], stats.hold.cumulative(hold_les), stats.hold.total)
+        for (name, outcome), n in sorted(m.sessions.items()):
+            sessions.add_metric([name, outcome], n)
+        requests.add_metric([], m.requests)
+        for outcome, n in sorted(m.requests_ended.items()):
+            ended.add_metric([outcome], n)
+        registrations.add_metric([], m.registrations)
+        for reason, n in sorted(m.unregistrations.items()):
+            gone.add_metric([reason], n)
+        for state, n in sorted(m.health_changes.items()):
+            health.add_metric([state], n)
+        lag.add_metric([], m.lag_s)
+        lag_samples.add_metric([], m.lag.cumulative(self._les[LAG_BUCKETS_S]), m.lag.total)
+        return families
+
+    def _collect_gauges(self) -> list[Any]:
         metrics = self._metrics
         core = metrics.core
         now = core.clock()
+        keys = metrics._keys
         label = metrics.key_label
         standing: Callable[[str], Any] | None = getattr(core, "standing", None)
         servers: dict[tuple[str, str], int] = {}
         slots: dict[tuple[str, str], int] = {}
         oldest: dict[str, float] = {}
-        kinds = {"server": 0, "proxy": 0, "client": 0, "other": 0}
+        n_server = n_proxy = n_client = n_other = 0
         for conn in core.connections:
             own = conn.server_key
-            if own is not None:
-                kinds["server"] += 1
-            elif conn.info_key.startswith(PROXY_PREFIX):
-                kinds["proxy"] += 1
-            elif conn.waiters:
-                kinds["client"] += 1
-            else:
-                kinds["other"] += 1
-            if conn.slots or conn.held:
-                _count_slots(conn, label, slots)
-            if own is not None:
-                state = _server_state(conn)
+            free, held = conn.slots, conn.held
+            if own is not None:  # a registered server (the common case, kept short)
+                n_server += 1
+                name = own if own in keys else label(own)
+                if held:
+                    state = _server_state(conn)
+                    _count_slots(conn, label, slots)
+                elif free:
+                    state = "free"
+                    for slot in free.values():
+                        slot_key = slot.key
+                        pair = (name if slot_key == own else label(slot_key), "free")
+                        slots[pair] = slots.get(pair, 0) + 1
+                else:
+                    state = "unavailable"
                 if standing is not None:
                     state = _standing_state(standing, _direct_id(conn)) or state
-                _bump(servers, (label(own), state))
-            elif conn.slots or conn.held:  # a proxy (or a peer that PUTs without registering): a server per slot
-                for slot in conn.slots.values():
-                    state = "free"
-                    if standing is not None:
-                        state = _standing_state(standing, server_id(slot.host, slot.port)) or state
-                    _bump(servers, (label(slot.key), state))
-                for held in conn.held.values():
-                    _bump(servers, (label(held.key), held.state))
+                pair = (name, state)
+                servers[pair] = servers.get(pair, 0) + 1
+            else:
+                if conn.info_key.startswith(PROXY_PREFIX):
+                    n_proxy += 1
+                elif conn.waiters:
+                    n_client += 1
+                else:
+                    n_other += 1
+                if free or held:  # a proxy (or a peer that PUTs without registering): a server per slot
+                    _count_slots(conn, label, slots)
+                    for slot in free.values():
+                        state = "free"
+                        if standing is not None:
+                            state = _standing_state(standing, server_id(slot.host, slot.port)) or state
+                        _bump(servers, (label(slot.key), state))
+                    for record in held.values():
+                        _bump(servers, (label(record.key), record.state))
             for waiter in conn.waiters:
-                name = label(waiter.key, admit=False)
+                wkey = waiter.key
+                name = wkey if wkey in keys else OTHER
                 since = oldest.get(name)
                 if since is None or waiter.since < since:
                     oldest[name] = waiter.since
         depth: dict[str, int] = {}
         scheduler = core.scheduler
-        keys: list[str] = scheduler.keys()
-        for key in keys:
+        queued: list[str] = scheduler.keys()
+        for key in queued:
             pending = scheduler.counts(key)[1]
             if pending:
-                _bump(depth, label(key, admit=False), pending)
-        families = self._families()
+                _bump(depth, key if key in keys else OTHER, pending)
+        families = self._gauges()
         servers_f, slots_f, depth_f, oldest_f, conns_f, uptime_f, keys_f = families
         # the three slot states of every key with a server, zero or not: continuous series for the dashboard
         for name in {k for k, _ in servers} | {k for k, _ in slots}:
@@ -469,7 +554,7 @@ class _PoolCollector:
         for name in sorted(depth.keys() | oldest.keys()):
             depth_f.add_metric([name], depth.get(name, 0))
             oldest_f.add_metric([name], max(0.0, now - oldest[name]) if name in oldest else 0.0)
-        for kind, n in kinds.items():
+        for kind, n in (("server", n_server), ("proxy", n_proxy), ("client", n_client), ("other", n_other)):
             conns_f.add_metric([kind], n)
         uptime_f.add_metric([], time.monotonic() - metrics.started_at)
         keys_f.add_metric([], metrics.key_labels)
@@ -500,8 +585,9 @@ def _server_state(conn: Connection) -> str:
 def _direct_id(conn: Connection) -> str:
     """The server id of a registered server: the address its clients connect to (``info["addr"]``)."""
     addr = conn.info.get("addr") if conn.info else None
-    if isinstance(addr, list) and len(addr) == 2 and isinstance(addr[1], int):
-        return server_id(str(addr[0] if addr[0] is not None else conn.host), addr[1])
+    if type(addr) is list and len(addr) == 2 and type(addr[1]) is int:
+        host = addr[0] if addr[0] is not None else conn.host
+        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
     return conn.address
 
 
@@ -509,10 +595,10 @@ def _standing_state(standing: Callable[[str], Any], sid: str) -> str | None:
     """The server's standing when it is not "ok" (or unknown), else None."""
     try:
         record = standing(sid)
-    except (KeyError, LookupError):
+    except LookupError:
         return None
-    state = record.get("state") if isinstance(record, Mapping) else None
-    if not isinstance(state, str) or state == "ok":
+    state = record.get("state") if type(record) is dict else None
+    if state is None or state == "ok":
         return None
     return state if state in HEALTH_STATES else "other"
 
