@@ -398,6 +398,7 @@ class _PoolCollector:
 
     def __init__(self, metrics: TrackerMetrics) -> None:
         self._metrics = metrics
+        self._ids: dict[int, tuple[Any, str]] = {}
         self._les = {  # each bucket's ``le`` label: 0.001, 1.0, ..., +Inf
             bounds: [*(repr(float(b)) for b in bounds), "+Inf"]
             for bounds in (WAIT_BUCKETS_S, HOLD_BUCKETS_S, LAG_BUCKETS_S)
@@ -480,36 +481,38 @@ class _PoolCollector:
         return families
 
     def _collect_gauges(self) -> list[Any]:
+        """One pass over the connections, counting by raw key (labels are looked up once per key after):
+        per connection a few attribute reads, more only for those holding grants or requests. Free slots
+        and queue depths come from the scheduler's counts, per key."""
         metrics = self._metrics
         core = metrics.core
         now = core.clock()
-        keys = metrics._keys
-        label = metrics.key_label
         standing: Callable[[str], Any] | None = getattr(core, "standing", None)
-        servers: dict[tuple[str, str], int] = {}
-        slots: dict[tuple[str, str], int] = {}
-        oldest: dict[str, float] = {}
+        servers: dict[tuple[str, str], int] = {}  # (raw key, state) -> servers
+        handed: dict[tuple[str, str], int] = {}  # (raw key, granted|busy) -> slots
+        oldest: dict[str, float] = {}  # raw key -> the oldest waiter's ``since``
         n_server = n_proxy = n_client = n_other = 0
+        ids, seen_ids = self._ids, {}  # cid -> (its info's addr, its server id): kept from the last scrape
         for conn in core.connections:
             own = conn.server_key
-            free, held = conn.slots, conn.held
             if own is not None:  # a registered server (the common case, kept short)
                 n_server += 1
-                name = own if own in keys else label(own)
+                held = conn.held
                 if held:
                     state = _server_state(conn)
-                    _count_slots(conn, label, slots)
-                elif free:
-                    state = "free"
-                    for slot in free.values():
-                        slot_key = slot.key
-                        pair = (name if slot_key == own else label(slot_key), "free")
-                        slots[pair] = slots.get(pair, 0) + 1
+                    for record in held.values():
+                        pair = (record.key, record.state)
+                        handed[pair] = handed.get(pair, 0) + 1
                 else:
-                    state = "unavailable"
+                    state = "free" if conn.slots else "unavailable"
                 if standing is not None:
-                    state = _standing_state(standing, _direct_id(conn)) or state
-                pair = (name, state)
+                    addr = conn.info.get("addr") if conn.info else None
+                    cached = ids.get(conn.cid)
+                    if cached is None or cached[0] is not addr:  # UPDATE_INFO puts a new list there
+                        cached = (addr, _direct_id(conn))
+                    seen_ids[conn.cid] = cached
+                    state = _standing_state(standing, cached[1]) or state
+                pair = (own, state)
                 servers[pair] = servers.get(pair, 0) + 1
             else:
                 if conn.info_key.startswith(PROXY_PREFIX):
@@ -518,42 +521,57 @@ class _PoolCollector:
                     n_client += 1
                 else:
                     n_other += 1
-                if free or held:  # a proxy (or a peer that PUTs without registering): a server per slot
-                    _count_slots(conn, label, slots)
-                    for slot in free.values():
+                if conn.slots or conn.held:  # a proxy (or a peer that PUTs without registering): a server per slot
+                    for slot in conn.slots.values():
                         state = "free"
                         if standing is not None:
                             state = _standing_state(standing, server_id(slot.host, slot.port)) or state
-                        _bump(servers, (label(slot.key), state))
-                    for record in held.values():
-                        _bump(servers, (label(record.key), record.state))
-            for waiter in conn.waiters:
-                wkey = waiter.key
-                name = wkey if wkey in keys else OTHER
-                since = oldest.get(name)
-                if since is None or waiter.since < since:
-                    oldest[name] = waiter.since
+                        _bump(servers, (slot.key, state))
+                    for record in conn.held.values():
+                        _bump(servers, (record.key, record.state))
+                        _bump(handed, (record.key, record.state))
+            if conn.waiters:
+                for waiter in conn.waiters:
+                    since = oldest.get(waiter.key)
+                    if since is None or waiter.since < since:
+                        oldest[waiter.key] = waiter.since
+        self._ids = seen_ids
+        # raw keys -> labels: servers and slots admit their keys; waiters' keys only use labels given already
+        label = metrics.key_label
+        by_state: dict[tuple[str, str], int] = {}
+        slots: dict[tuple[str, str], int] = {}
+        for (key, state), n in servers.items():
+            _bump(by_state, (label(key), state), n)
+        for (key, state), n in handed.items():
+            _bump(slots, (label(key), state), n)
         depth: dict[str, int] = {}
         scheduler = core.scheduler
         queued: list[str] = scheduler.keys()
         for key in queued:
-            pending = scheduler.counts(key)[1]
+            free, pending = scheduler.counts(key)
+            if free:
+                _bump(slots, (label(key), "free"), free)
             if pending:
-                _bump(depth, key if key in keys else OTHER, pending)
+                _bump(depth, label(key, admit=False), pending)
+        oldest_by: dict[str, float] = {}
+        for key, since in oldest.items():
+            name = label(key, admit=False)
+            if name not in oldest_by or since < oldest_by[name]:
+                oldest_by[name] = since
         families = self._gauges()
         servers_f, slots_f, depth_f, oldest_f, conns_f, uptime_f, keys_f = families
         # the three slot states of every key with a server, zero or not: continuous series for the dashboard
-        for name in {k for k, _ in servers} | {k for k, _ in slots}:
+        for name in {k for k, _ in by_state} | {k for k, _ in slots}:
             for state in SLOT_STATES:
-                servers.setdefault((name, state), 0)
+                by_state.setdefault((name, state), 0)
                 slots.setdefault((name, state), 0)
-        for (name, state), n in sorted(servers.items()):
+        for (name, state), n in sorted(by_state.items()):
             servers_f.add_metric([name, state], n)
         for (name, state), n in sorted(slots.items()):
             slots_f.add_metric([name, state], n)
-        for name in sorted(depth.keys() | oldest.keys()):
+        for name in sorted(depth.keys() | oldest_by.keys()):
             depth_f.add_metric([name], depth.get(name, 0))
-            oldest_f.add_metric([name], max(0.0, now - oldest[name]) if name in oldest else 0.0)
+            oldest_f.add_metric([name], max(0.0, now - oldest_by[name]) if name in oldest_by else 0.0)
         for kind, n in (("server", n_server), ("proxy", n_proxy), ("client", n_client), ("other", n_other)):
             conns_f.add_metric([kind], n)
         uptime_f.add_metric([], time.monotonic() - metrics.started_at)
@@ -563,13 +581,6 @@ class _PoolCollector:
 
 def _bump(counts: dict[Any, int], name: Any, n: int = 1) -> None:
     counts[name] = counts.get(name, 0) + n
-
-
-def _count_slots(conn: Connection, label: Callable[[str], str], slots: dict[tuple[str, str], int]) -> None:
-    for slot in conn.slots.values():
-        _bump(slots, (label(slot.key), "free"))
-    for held in conn.held.values():
-        _bump(slots, (label(held.key), held.state))
 
 
 def _server_state(conn: Connection) -> str:
