@@ -71,3 +71,5 @@ class TrackerCode(enum.IntEnum):
     SESSION = 102
     WITHDRAW = 103
     AUTH = 104
+    CONTROL = 105
+    ADMIN = 106

@@ -19,6 +19,9 @@ request                     wire form                                      reply
 :class:`SessionEvent` (t.)  ``[102, {"event": "start"|"end", "matchkey"}]`` ``0``
 :class:`Withdraw` (tether)  ``[103, matchkey]``                            ``0``, or ``-1`` (not offered)
 :class:`Auth` (tether)      ``[104, step]``                                ``[0, step]``, or ``[-1, refusal]``
+:class:`Control` (tether)   ``[105, {"poll": true}]`` (a server)           ``[0, [order, ...]]``
+                            ``[105, {"canary": id, "ok", "detail"}]``      ``0``
+:class:`Admin` (tether)     ``[106, {"op", "server", "reason"?}]``         ``[0, {...}]``, or ``[-1, refusal]``
 ==========================  =============================================  ===========================
 
 tether's REQUEST options (a fifth element TVM's tracker ignores)::
@@ -29,6 +32,17 @@ tether's REQUEST options (a fifth element TVM's tracker ignores)::
 ``unservable_after``: seconds after which a request that no registered server could ever serve (no
 server of the key, none speaking the protocol, none with the labels) fails with the reason instead of
 waiting for servers to appear.
+
+A SESSION ``end`` may say how the session ended: ``"outcome"`` ("ok", "failed": its worker died or was
+killed; "no_request": it ended before its first request) and ``"detail"`` (words). The tracker counts
+failures per server (device health, :mod:`tether.tracker.health`).
+
+CONTROL is how the tracker reaches a tether server, which polls it with its pending matchkeys: orders are
+``{"op": "release", "matchkey": mk}`` (end that session now: an admin's ``release``) and ``{"op":
+"canary", "id": n}`` (run the canary and report it with ``{"canary": n, "ok": ..., "detail": ...}``).
+ADMIN ops (``cordon``, ``uncordon``, ``drain``, ``release``, ``check``) act on a server by id (``host:port``)
+and answer its standing; with authentication on only an admin may send them, without it only a peer on
+the tracker's host.
 
 A tether REQUEST is answered ``[0, [host, port, matchkey], {"id": ..., "server": {...}}]`` on a grant,
 ``[-1, {"id": ..., "error": "timeout"|"cancelled"|"rejected"|"unservable", "message": ...}]`` otherwise. Replies to
@@ -60,7 +74,11 @@ from .constants import MAX_TRACKER_FRAME_BYTES, MAX_TRACKER_REPLY_BYTES, RPC_TRA
 from .framing import FrameDecoder, encode_frame, pack_i32
 
 __all__ = [
+    "ADMIN_OPS",
+    "SESSION_END_OUTCOMES",
+    "Admin",
     "Auth",
+    "Control",
     "Cancel",
     "GetPendingMatchkeys",
     "Grant",
@@ -209,11 +227,33 @@ class Cancel:
 
 @dataclass(frozen=True, slots=True)
 class SessionEvent:
-    """tether: a server reports that the session of ``matchkey`` started or ended."""
+    """tether: a server reports that the session of ``matchkey`` started or ended (and how)."""
 
     event: str
     matchkey: str
     peer: str | None = None
+    outcome: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """tether: a server polls for the tracker's orders, or reports a canary (see the module docstring)."""
+
+    body: Mapping[str, Any] = field(hash=False)
+
+
+#: ADMIN operations (:class:`Admin`); see :mod:`tether.tracker.health` for what each does.
+ADMIN_OPS: Final = ("cordon", "uncordon", "drain", "release", "check")
+
+
+@dataclass(frozen=True, slots=True)
+class Admin:
+    """tether: an admin's operation on one server (by its id, ``host:port``)."""
+
+    op: str
+    server: str
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +271,19 @@ class Auth:
 
 
 TrackerMessage: TypeAlias = (
-    Ping | Stop | Put | Request | UpdateInfo | Summary | GetPendingMatchkeys | Cancel | SessionEvent | Withdraw | Auth
+    Ping
+    | Stop
+    | Put
+    | Request
+    | UpdateInfo
+    | Summary
+    | GetPendingMatchkeys
+    | Cancel
+    | SessionEvent
+    | Withdraw
+    | Auth
+    | Control
+    | Admin
 )
 
 
@@ -381,7 +433,30 @@ def _parse_session(args: list[Any]) -> SessionEvent:
     if event not in ("start", "end"):
         raise RemoteProtocolError(f"SESSION event must be 'start' or 'end', got {event!r:.40}")
     peer = body.get("peer")
-    return SessionEvent(event, _str(body.get("matchkey"), "SESSION matchkey"), None if peer is None else str(peer))
+    outcome = body.get("outcome")
+    if outcome is not None and outcome not in SESSION_END_OUTCOMES:
+        raise RemoteProtocolError(f"SESSION outcome must be one of {', '.join(SESSION_END_OUTCOMES)}")
+    detail = body.get("detail")
+    return SessionEvent(
+        event,
+        _str(body.get("matchkey"), "SESSION matchkey"),
+        None if peer is None else str(peer),
+        outcome,
+        None if detail is None else str(detail)[:500],
+    )
+
+
+#: What a server may say of a session that ended (SESSION ``outcome``).
+SESSION_END_OUTCOMES: Final = ("ok", "failed", "no_request")
+
+
+def _parse_admin(args: list[Any]) -> Admin:
+    body = _object(args[1], "ADMIN body")
+    op = _str(body.get("op"), "ADMIN op")
+    if op not in ADMIN_OPS:
+        raise RemoteProtocolError(f"ADMIN op must be one of {', '.join(ADMIN_OPS)}, got {op!r:.40}")
+    reason = body.get("reason")
+    return Admin(op, _str(body.get("server"), "ADMIN server")[:256], None if reason is None else str(reason)[:500])
 
 
 def _arity(n: int, factory: Callable[[list[Any]], TrackerMessage]) -> Callable[[list[Any]], TrackerMessage]:
@@ -405,6 +480,8 @@ _PARSERS: dict[int, Callable[[list[Any]], TrackerMessage]] = {
     TrackerCode.SESSION: _parse_session,
     TrackerCode.WITHDRAW: _arity(2, lambda args: Withdraw(_str(args[1], "WITHDRAW matchkey"))),
     TrackerCode.AUTH: _arity(2, lambda args: Auth(_object(args[1], "AUTH step"))),
+    TrackerCode.CONTROL: _arity(2, lambda args: Control(_object(args[1], "CONTROL body"))),
+    TrackerCode.ADMIN: _arity(2, _parse_admin),
 }
 
 
@@ -457,11 +534,22 @@ def _message_to_wire(msg: TrackerMessage) -> list[Any]:
         body: dict[str, Any] = {"event": msg.event, "matchkey": msg.matchkey}
         if msg.peer is not None:
             body["peer"] = msg.peer
+        if msg.outcome is not None:
+            body["outcome"] = msg.outcome
+        if msg.detail is not None:
+            body["detail"] = msg.detail
         return [TrackerCode.SESSION, body]
     if isinstance(msg, Withdraw):
         return [TrackerCode.WITHDRAW, msg.matchkey]
     if isinstance(msg, Auth):
         return [TrackerCode.AUTH, dict(msg.step)]
+    if isinstance(msg, Control):
+        return [TrackerCode.CONTROL, dict(msg.body)]
+    if isinstance(msg, Admin):
+        admin: dict[str, Any] = {"op": msg.op, "server": msg.server}
+        if msg.reason is not None:
+            admin["reason"] = msg.reason
+        return [TrackerCode.ADMIN, admin]
     raise LocalProtocolError(f"not a tracker message: {msg!r}")
 
 

@@ -30,8 +30,10 @@ from ..errors import AuthError, AuthFailed, PermissionDenied
 from ..protocol.auth import OFF, Credential, Keyring, Network, Responder, Role, address_in
 from ..protocol.constants import TrackerCode
 from ..protocol.tracker import (
+    Admin,
     Auth,
     Cancel,
+    Control,
     GetPendingMatchkeys,
     Ping,
     Put,
@@ -58,7 +60,9 @@ _NEEDS: dict[type, Role | None] = {
     GetPendingMatchkeys: Role.SERVER,
     SessionEvent: Role.SERVER,
     Withdraw: Role.SERVER,
+    Control: Role.SERVER,
     Stop: Role.ADMIN,
+    Admin: Role.ADMIN,
 }
 
 
@@ -114,7 +118,11 @@ class Access:
         if cred is None:
             if peer.tvm and needed is not Role.ADMIN:
                 return
-            what = "STOP needs an admin token" if needed is Role.ADMIN else "this tracker requires a token"
+            what = (
+                f"{type(msg).__name__.upper()} needs an admin token"
+                if needed is Role.ADMIN
+                else "this tracker requires a token"
+            )
             self._refuse(conn, msg, "unauthenticated", f"{what}: set TETHER_TOKEN=name:secret")
         elif needed is not None and not cred.role.allows(needed):
             self._refuse(

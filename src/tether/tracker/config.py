@@ -90,6 +90,10 @@ class TrackerConfig:
     #: Largest priority a REQUEST gets (a larger one is clamped, a smaller one than minus this too): TVM's
     #: clients and meta_schedule ask with 1. See :func:`tether.tracker.core.cap_priority`.
     max_priority: float = 1000.0
+    #: Device health (:mod:`.health`): this many failed sessions in a row quarantine a server (0: never).
+    quarantine_after: int = 3
+    #: A quarantined tether server is asked for a canary this often (0: never; an admin brings it back).
+    canary_interval_s: float = 30.0
     #: Keyring file (``name role secret`` a line): authentication on. None: off, as TVM's tracker.
     auth_file: str | None = None
     #: With ``auth_file``: networks (CIDR) whose unauthenticated TVM peers are still served.

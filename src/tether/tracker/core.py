@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import heapq
+import ipaddress
 import itertools
 import json
 import logging
@@ -39,8 +40,10 @@ from ..protocol.constants import TrackerCode
 from ..protocol.framing import encode_frame
 from ..protocol.keys import PROXY_PREFIX
 from ..protocol.tracker import (
+    Admin,
     Auth,
     Cancel,
+    Control,
     GetPendingMatchkeys,
     Ping,
     Put,
@@ -55,7 +58,8 @@ from ..protocol.tracker import (
 )
 from .access import Access
 from .config import TrackerConfig
-from .events import EventBus
+from .events import EventBus, server_id
+from .health import Health
 from .registry import Connection, Held, Link, parse_tether_info, waiter_wire
 from .scheduler import PROTOCOL_TVM, Grant, Scheduler, Slot, Waiter
 
@@ -69,7 +73,7 @@ KNOWN_PROTOCOLS = frozenset({PROTOCOL_TVM, "tether"})
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 _OK = encode_value(TrackerCode.SUCCESS.value)
 #: Messages that change nothing SUMMARY reports (besides a heartbeat's time, which moves anyway).
-_READ_ONLY = frozenset({Ping, Summary, GetPendingMatchkeys, Auth})
+_READ_ONLY = frozenset({Ping, Summary, GetPendingMatchkeys, Auth, Control})
 #: A grant not redeemed for this long is over (a server replaces an unredeemed matchkey after 5 s).
 _PHANTOM_AFTER_S = 10.0
 #: Messages that change which servers could serve a key (see ``_servers_by_key``).
@@ -84,6 +88,8 @@ class _KeyServers:
     terms: list[tuple[frozenset[str], Mapping[str, str]]] = field(default_factory=list)
     unknown: int = 0
     holders: list[str] = field(default_factory=list)
+    #: "id state" of its servers that are not granted (cordoned, draining, quarantined)
+    withheld: list[str] = field(default_factory=list)
 
 
 _FAIL = encode_value(TrackerCode.FAIL.value)
@@ -127,6 +133,14 @@ class TrackerCore:
         self.access = access or Access()
         #: What happens here, for the rooms beside the core (journal, web side, metrics, health): :mod:`.events`
         self.events = EventBus(wall)
+        #: Each server's standing (:mod:`.health`): cordoned, draining and quarantined servers get no grants.
+        self.health = Health(self.config.quarantine_after)
+        #: server id -> orders for it (CONTROL): releases and canaries, taken by its next poll
+        self._orders: dict[str, list[dict[str, Any]]] = {}
+        #: server id -> (canary id, when asked) of a canary asked for and not yet reported
+        self._canaries: dict[str, tuple[int, float]] = {}
+        self._canary_ids = itertools.count(1)
+        self._next_canary_round = 0.0
         self.stop_key = self.config.stop_key or "tracker:" + secrets.token_hex(16)
         self.scheduler = Scheduler()
         self.grants = 0
@@ -175,6 +189,8 @@ class TrackerCore:
             SessionEvent: self._on_session,
             Withdraw: self._on_withdraw,
             Auth: self.access.on_auth,
+            Control: self._on_control,
+            Admin: self._on_admin,
         }
 
     # -- driver interface ----------------------------------------------------------------------
@@ -213,8 +229,9 @@ class TrackerCore:
                 self._registry_epoch += 1
         self._handlers[type(msg)](conn, msg)
 
-    def disconnect(self, conn: Connection) -> None:
-        """The connection is gone: its slots, grants and waiting requests leave at once."""
+    def disconnect(self, conn: Connection, reason: str = "closed") -> None:
+        """The connection is gone: its slots, grants and waiting requests leave at once. ``reason``:
+        "closed", or "silent" (a server that stopped heartbeating: a failure of its health)."""
         if conn.closed:
             return
         conn.closed = True
@@ -228,9 +245,17 @@ class TrackerCore:
                 self._note_key(key)  # active until now: its idle time starts here
         for slot in conn.slots.values():
             self.scheduler.remove_slot(slot)
+        now = self.clock()
         for waiter in conn.waiters:
             self.scheduler.remove_waiter(waiter)
             self._count_waiter(waiter.user, conn.host, -1)
+            self._request_ended(waiter, "closed", now)
+        for held in list(conn.held.values()):
+            self._end_held(conn, held, "server_lost" if held.state == "busy" else "never_started", reason, now)
+        if conn.server_id is not None:
+            self.events.emit("unregister", key=conn.server_key, server=conn.server_id, peer=conn.address, reason=reason)
+            if reason == "silent":
+                self._count_outcome(conn.server_id, "silent", "stopped heartbeating", conn.server_key)
         if conn.slots or conn.held or conn.info:
             logger.info(
                 "connection %s (%s) closed: %d free slot(s) and %d grant(s) removed",
@@ -263,6 +288,7 @@ class TrackerCore:
                 now - waiter.since,
             )
             why = self._diagnose(waiter)[1]
+            self._request_ended(waiter, "timeout", now)
             self._fail(
                 owner,
                 waiter,
@@ -285,16 +311,19 @@ class TrackerCore:
                     "server %s (%s) silent for %.1f s: removed from the pool", conn.address, conn.info_key, silent
                 )
                 conn.liveness_scheduled = False
-                self.disconnect(conn)
+                self.disconnect(conn, "silent")
                 conn.link.close()
             else:
                 _heappush(heap, (conn.last_seen + conn.silence_limit, cid))
         self._check_idle(now)
+        self._ask_canaries(now)
         return self.next_deadline()
 
     def next_deadline(self) -> float | None:
         candidates = [self.scheduler.next_deadline()]
         candidates += [heap[0][0] for heap in (self._liveness, self._grace, self._idle) if heap]
+        if self._canary_due():
+            candidates.append(self._next_canary_round)
         return min((c for c in candidates if c is not None), default=None)
 
     # -- bounds: handshake and idle deadlines, shedding ----------------------------------------------
@@ -420,9 +449,12 @@ class TrackerCore:
                 return
             _count(self._peer_slots, conn.host, 1)
         if conn.single_session:
-            conn.held.clear()  # a plain TVM server offers itself again: its session is over
+            for done in list(conn.held.values()):  # a plain TVM server offers itself again: its session is over
+                self._end_held(conn, done, "ok", "", now)
         else:
-            conn.held.pop(msg.matchkey, None)
+            again = conn.held.get(msg.matchkey)
+            if again is not None:
+                self._end_held(conn, again, "never_started" if again.state == "granted" else "ok", "", now)
             self._forget_phantom_grants(conn, now, putting=1)
         self._note_key(msg.key)
         own = msg.protocols is not None or msg.labels is not None
@@ -430,6 +462,13 @@ class TrackerCore:
         labels = msg.labels if msg.labels is not None else conn.labels
         slot = Slot(msg.key, msg.matchkey, host, msg.port, conn, protocols, labels, own_terms=own)
         conn.slots[msg.matchkey] = slot
+        sid = self._slot_server(conn, slot)
+        if conn.server_id != sid and conn.server_key is not None:
+            conn.server_id = sid
+            self._emit_register(conn)
+        if self.health.withheld(sid):
+            conn.link.send(_OK)  # kept, not granted: cordoned, draining or quarantined
+            return
         grant = self.scheduler.put(slot, now)
         if grant is not None:
             self._deliver(grant, now)
@@ -459,7 +498,7 @@ class TrackerCore:
         stale = [m for m, h in conn.held.items() if h.state == "granted" and now - h.since > _PHANTOM_AFTER_S]
         for matchkey in stale[: max(0, excess)]:
             logger.debug("connection %s: grant of %s replaced by a new slot", conn.address, matchkey)
-            del conn.held[matchkey]
+            self._end_held(conn, conn.held[matchkey], "never_started", "its matchkey was replaced", now)
             self._epoch += 1  # (also from a poll, which changes nothing else)
             self._registry_epoch += 1
 
@@ -503,6 +542,10 @@ class TrackerCore:
                 return
             conn.waiters[waiter] = waiter_wire(waiter)
             self._count_waiter(user, conn.host, 1)
+            if self.events.active:
+                self.events.emit(
+                    "request", key=waiter.key, user=user, id=waiter.request_id, priority=priority, peer=conn.address
+                )
             if waiter.deadline is not None:
                 self._wakeup(waiter.deadline)
             if opts is not None and opts.unservable_after is not None:
@@ -548,6 +591,7 @@ class TrackerCore:
         self._unlist(owner, waiter, now)
         self._note_key(waiter.key)
         logger.info("request %s for %r by %s: %s", waiter.request_id, waiter.key, waiter.user, why)
+        self._request_ended(waiter, "unservable", now)
         self._fail(owner, waiter, "unservable", why)
 
     def _servers_by_key(self) -> dict[str, _KeyServers]:
@@ -558,7 +602,10 @@ class TrackerCore:
         index: dict[str, _KeyServers] = {}
         for conn in self._conns.values():
             if conn.server_key is not None:
-                index.setdefault(conn.server_key, _KeyServers()).terms.append((conn.protocols, conn.labels))
+                entry = index.setdefault(conn.server_key, _KeyServers())
+                entry.terms.append((conn.protocols, conn.labels))
+                if self.health.withheld(conn.server_id):
+                    entry.withheld.append(f"{conn.server_id} {self.health.get(conn.server_id or '').state}")
             for slot in conn.slots.values():
                 if slot.key != conn.server_key:  # a proxy's slot: its own terms
                     index.setdefault(slot.key, _KeyServers()).terms.append((slot.protocols, slot.labels))
@@ -605,6 +652,8 @@ class TrackerCore:
         why = f"its {len(fitting) + unknown} matching server(s) are busy"
         if servers.holders:
             why += f" (held by {', '.join(sorted(set(servers.holders))[:5])})"
+        if servers.withheld:
+            why += f"; {len(servers.withheld)} not granted: {', '.join(sorted(servers.withheld)[:5])}"
         return False, why + (f"; {others} other request(s) waiting" if others > 0 else "")
 
     def _reject_reason(self, conn: Connection, waiter: Waiter) -> str | None:
@@ -635,6 +684,8 @@ class TrackerCore:
             self._note_key(conn.server_key)
         if first and conn.info_key.startswith("server"):
             logger.info("server registered from %s: %s at %s", conn.address, conn.info_key, conn.info.get("addr"))
+        if changed and conn.server_id is not None:
+            self._emit_register(conn)
         if tether is not None and tether.heartbeat_s is not None:
             if conn.silence_limit is None:
                 conn.last_seen = self.clock()
@@ -654,8 +705,10 @@ class TrackerCore:
         for slot in list(conn.slots.values()):
             if slot.own_terms:
                 continue
-            self.scheduler.remove_slot(slot)
+            queued = self.scheduler.remove_slot(slot)
             slot.protocols, slot.labels = conn.protocols, conn.labels
+            if not queued:
+                continue  # withheld (cordoned...): stays out
             grant = self.scheduler.put(slot, now)
             if grant is not None:
                 self._deliver(grant, now)
@@ -674,6 +727,7 @@ class TrackerCore:
                 self.scheduler.remove_waiter(waiter)
                 self._unlist(conn, waiter, conn.active)
                 self._note_key(waiter.key)
+                self._request_ended(waiter, "cancelled", conn.active)
                 self._fail(conn, waiter, "cancelled", "cancelled by the client")
                 conn.link.send(_OK)
                 return
@@ -681,7 +735,9 @@ class TrackerCore:
 
     def _on_withdraw(self, conn: Connection, msg: Withdraw) -> None:
         slot = conn.slots.pop(msg.matchkey, None)
-        held = conn.held.pop(msg.matchkey, None)
+        held = conn.held.get(msg.matchkey)
+        if held is not None:
+            self._end_held(conn, held, "never_started", "withdrawn by its server", self.clock())
         if slot is not None:
             self.scheduler.remove_slot(slot)
             _count(self._peer_slots, conn.host, -1)
@@ -693,16 +749,268 @@ class TrackerCore:
             held = conn.held.get(msg.matchkey)
             if held is None:  # a direct connection, not granted by this tracker
                 key = conn.server_key or "?"
-                held = Held(key, msg.matchkey, "busy", "?", "?", now)
+                held = Held(key, msg.matchkey, "busy", "?", "?", now, server=conn.server_id)
                 slot = conn.slots.pop(msg.matchkey, None)
                 if slot is not None:
                     self.scheduler.remove_slot(slot)
                     _count(self._peer_slots, conn.host, -1)
                 conn.remember(held, self.config.max_held_per_connection)
             held.state, held.since, held.peer = "busy", now, msg.peer
+            if self.events.active:
+                self.events.emit(
+                    "session_start",
+                    key=held.key,
+                    server=held.server,
+                    user=held.user,
+                    matchkey=msg.matchkey,
+                    peer=msg.peer,
+                )
         else:
-            conn.held.pop(msg.matchkey, None)
+            held = conn.held.get(msg.matchkey)
+            if held is not None:
+                self._end_held(conn, held, msg.outcome or "ok", msg.detail or "", now)
         conn.link.send(_OK)
+
+    # -- events and device health ------------------------------------------------------------------
+
+    @staticmethod
+    def _slot_server(conn: Connection, slot: Slot) -> str:
+        """The id of the server behind ``slot``: its address; behind a proxy (whose slots all share the
+        proxy's address) the key too."""
+        sid = server_id(slot.host, slot.port)
+        return sid if conn.server_key is not None or conn.tether is not None else f"{sid}/{slot.key}"
+
+    def _emit_register(self, conn: Connection) -> None:
+        if not self.events.active:
+            return
+        tether = conn.tether
+        self.events.emit(
+            "register",
+            key=conn.server_key,
+            server=conn.server_id,
+            peer=conn.address,
+            protocols=sorted(conn.protocols),
+            labels=dict(conn.labels),
+            device=dict(tether.device) if tether else {},
+            slots=tether.slots if tether else 1,
+            version=tether.version if tether else None,
+        )
+
+    def _request_ended(self, waiter: Waiter, outcome: str, now: float) -> None:
+        if self.events.active:
+            self.events.emit(
+                "request_end",
+                key=waiter.key,
+                user=waiter.user,
+                id=waiter.request_id,
+                outcome=outcome,
+                waited_s=round(now - waiter.since, 6),
+            )
+
+    def _end_held(self, conn: Connection, held: Held, outcome: str, detail: str, now: float) -> None:
+        """A grant or session of ``conn`` is over: forget it, tell the listeners, count its outcome."""
+        conn.held.pop(held.matchkey, None)
+        self._epoch += 1
+        self._registry_epoch += 1
+        sid = held.server
+        if self.events.active:
+            self.events.emit(
+                "session_end",
+                key=held.key,
+                server=sid,
+                user=held.user,
+                matchkey=held.matchkey,
+                held_s=round(now - held.since, 6),
+                outcome=outcome,
+                detail=detail,
+                started=held.state == "busy",
+            )
+        if sid is None:
+            return
+        self._count_outcome(sid, outcome, detail, held.key)
+        standing = self.health.get(sid)
+        if standing.state == "draining" and not any(
+            h.server == sid for c in self._conns_of(sid) for h in c.held.values()
+        ):
+            self._set_standing(
+                sid,
+                "cordoned",
+                f"drained ({standing.reason})" if standing.reason else "drained",
+                standing.by or "tracker",
+            )
+
+    def _count_outcome(self, sid: str, outcome: str, detail: str, key: str | None) -> None:
+        if self.health.outcome(sid, outcome, detail, self._wall()):
+            standing = self.health.get(sid)
+            logger.warning("server %s (%s) quarantined: %s", sid, key, standing.reason)
+            self._withhold(sid)
+            self.events.emit("health", key=key, server=sid, state=standing.state, reason=standing.reason, by="tracker")
+            self._next_canary_round = min(self._next_canary_round, self.clock())
+            self._wakeup(self.clock())
+
+    def _conns_of(self, sid: str) -> list[Connection]:
+        """The connections serving server ``sid``: its own, or a proxy's for a server behind it."""
+        if "/" not in sid:
+            return [c for c in self._conns.values() if c.server_id == sid]
+        return [
+            c
+            for c in self._conns.values()
+            if c.server_id is None
+            and (
+                any(self._slot_server(c, s) == sid for s in c.slots.values())
+                or any(h.server == sid for h in c.held.values())
+            )
+        ]
+
+    def _slots_of(self, sid: str) -> list[Slot]:
+        return [s for c in self._conns_of(sid) for s in c.slots.values() if self._slot_server(c, s) == sid]
+
+    def _withhold(self, sid: str) -> None:
+        for slot in self._slots_of(sid):
+            self.scheduler.remove_slot(slot)
+        self._epoch += 1
+        self._registry_epoch += 1
+
+    def _release_withheld(self, sid: str) -> None:
+        now = self.clock()
+        for slot in self._slots_of(sid):
+            if not slot.queued:
+                grant = self.scheduler.put(slot, now)
+                if grant is not None:
+                    self._deliver(grant, now)
+        self._epoch += 1
+        self._registry_epoch += 1
+
+    def _set_standing(self, sid: str, state: str, reason: str | None, by: str) -> bool:
+        was_withheld = self.health.withheld(sid)
+        if not self.health.set(sid, state, reason, by, self._wall()):
+            return False
+        now_withheld = self.health.withheld(sid)
+        if now_withheld and not was_withheld:
+            self._withhold(sid)
+        elif was_withheld and not now_withheld:
+            self._canaries.pop(sid, None)
+            self._release_withheld(sid)
+        key = next((c.server_key for c in self._conns_of(sid) if c.server_key), None)
+        logger.warning(
+            "server %s%s: %s by %s%s", sid, f" ({key})" if key else "", state, by, f": {reason}" if reason else ""
+        )
+        self.events.emit("health", key=key, server=sid, state=state, reason=reason, by=by)
+        return True
+
+    def standing(self, sid: str) -> dict[str, Any]:
+        """Server ``sid``'s standing (:class:`~.health.Standing` as a dict), ``ok`` when nothing is known."""
+        return self.health.get(sid).as_dict()
+
+    def admin(self, op: str, sid: str, by: str, reason: str | None = None) -> dict[str, Any]:
+        """Apply an admin's operation to server ``sid`` (idempotent); returns its standing and what
+        changed. Raises :class:`KeyError` for a server the tracker does not know."""
+        conns = self._conns_of(sid)
+        if not conns and sid not in self.health.not_ok():
+            known = sorted({c.server_id for c in self._conns.values() if c.server_id} | set(self.health.not_ok()))
+            near = difflib.get_close_matches(sid, known, n=3)
+            hint = f" (did you mean {', '.join(map(repr, near))}?)" if near else ""
+            raise KeyError(f"no server {sid!r} is registered{hint}")
+        self._epoch += 1
+        result: dict[str, Any] = {"server": sid, "op": op, "changed": False}
+        why = reason or f"{op} by {by}"
+        if op == "cordon":
+            result["changed"] = self._set_standing(sid, "cordoned", why, by)
+        elif op == "drain":
+            busy = any(h.server == sid for c in conns for h in c.held.values())
+            result["changed"] = self._set_standing(sid, "draining" if busy else "cordoned", why, by)
+        elif op == "uncordon":
+            result["changed"] = self._set_standing(sid, "ok", None, by)
+        elif op == "release":
+            released = []
+            now = self.clock()
+            for conn in conns:
+                for held in list(conn.held.values()):
+                    if held.server == sid:
+                        released.append(held.matchkey)
+                        if conn.tether is not None:
+                            self._orders.setdefault(sid, []).append({"op": "release", "matchkey": held.matchkey})
+                        self._end_held(conn, held, "released", why, now)
+            result["released"] = len(released)
+            result["changed"] = bool(released)
+        elif op == "check":
+            result["canary"] = self._ask_canary(sid, self.clock())
+            result["changed"] = result["canary"] is not None
+        result["standing"] = self.standing(sid)
+        return result
+
+    def _canary_due(self) -> bool:
+        return self.config.canary_interval_s > 0 and any(
+            st.state == "quarantined" for st in self.health.not_ok().values()
+        )
+
+    def _ask_canaries(self, now: float) -> None:
+        """Every ``canary_interval_s``: ask each quarantined tether server (not yet asked) for a canary."""
+        if now < self._next_canary_round or not self._canary_due():
+            return
+        self._next_canary_round = now + self.config.canary_interval_s
+        for sid, standing in self.health.not_ok().items():
+            if standing.state == "quarantined":
+                asked = self._canaries.get(sid)
+                if asked is None or now - asked[1] > self.config.canary_interval_s:
+                    self._ask_canary(sid, now)
+
+    def _ask_canary(self, sid: str, now: float) -> int | None:
+        """Order a canary of tether server ``sid``; its id, or None when it cannot run one (a TVM server,
+        a server behind a proxy, not connected)."""
+        conn = next((c for c in self._conns.values() if c.server_id == sid and c.tether is not None), None)
+        if conn is None:
+            return None
+        cid = next(self._canary_ids)
+        self._canaries[sid] = (cid, now)
+        orders = self._orders.setdefault(sid, [])
+        orders[:] = [o for o in orders if o["op"] != "canary"]
+        orders.append({"op": "canary", "id": cid})
+        return cid
+
+    def _on_control(self, conn: Connection, msg: Control) -> None:
+        body = msg.body
+        sid = conn.server_id
+        if body.get("poll"):
+            orders = self._orders.pop(sid, []) if sid is not None else []
+            conn.link.send(encode_value([TrackerCode.SUCCESS.value, orders]))
+            return
+        canary = body.get("canary")
+        asked = self._canaries.get(sid) if sid is not None else None
+        if sid is None or asked is None or canary != asked[0]:
+            conn.link.send(_FAIL)  # not asked for (or asked again since): ignored
+            return
+        del self._canaries[sid]
+        detail = str(body.get("detail") or "")[:500]
+        self._epoch += 1
+        if body.get("ok") is True:
+            logger.info("server %s passed its canary: %s", sid, detail)
+            self._set_standing(sid, "ok", None, "canary")
+        else:
+            standing = self.health.get(sid)
+            standing.recent.append({"wall": self._wall(), "outcome": "canary", "detail": detail})
+            standing.reason = f"canary failed: {detail}" if detail else "canary failed"
+            logger.warning("server %s failed its canary: %s", sid, detail)
+            self.events.emit(
+                "health", key=conn.server_key, server=sid, state=standing.state, reason=standing.reason, by="canary"
+            )
+        conn.link.send(_OK)
+
+    def _on_admin(self, conn: Connection, msg: Admin) -> None:
+        if not self.access.enabled and not _loopback(conn.host):
+            message = "admin commands need authentication on this tracker (--auth-file), or a peer on its host"
+            if self.refusal_log.allow(conn.host):
+                logger.warning("ADMIN %s from %s refused: %s", msg.op, conn.address, message)
+            conn.link.send(encode_value([TrackerCode.FAIL.value, {"error": "forbidden", "message": message}]))
+            return
+        by = self.access.user_of(conn) or conn.address
+        try:
+            result = self.admin(msg.op, msg.server, by, msg.reason)
+        except KeyError as exc:
+            conn.link.send(encode_value([TrackerCode.FAIL.value, {"error": "unknown_server", "message": exc.args[0]}]))
+            return
+        logger.info("ADMIN %s %s by %s: %s", msg.op, msg.server, by, "done" if result["changed"] else "no change")
+        conn.link.send(encode_value([TrackerCode.SUCCESS.value, result]))
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -715,11 +1023,23 @@ class TrackerCore:
         self._unlist(requester, waiter, now)
         if server.slots.pop(slot.matchkey, None) is not None:
             _count(self._peer_slots, server.host, -1)
-        server.remember(
-            Held(slot.key, slot.matchkey, "granted", waiter.user, requester.address, now),
-            self.config.max_held_per_connection,
-        )
+        sid = self._slot_server(server, slot)
+        waited = now - waiter.since
+        held = Held(slot.key, slot.matchkey, "granted", waiter.user, requester.address, now)
+        held.request_id, held.waited_s, held.server = waiter.request_id, waited, sid
+        server.remember(held, self.config.max_held_per_connection)
         self.grants += 1
+        if self.events.active:
+            self.events.emit(
+                "grant",
+                key=slot.key,
+                server=sid,
+                user=waiter.user,
+                id=waiter.request_id,
+                matchkey=slot.matchkey,
+                waited_s=round(waited, 6),
+                priority=waiter.priority,
+            )
         target = [slot.host, slot.port, slot.matchkey]
         if waiter.request_id is None and waiter.protocol == PROTOCOL_TVM and not waiter.labels:
             reply: list[Any] = [0, target]  # exactly TVM's reply
@@ -842,6 +1162,7 @@ class TrackerCore:
             return text
 
         servers = []
+        withheld = self.health.not_ok()
         for conn in conns:
             if not (conn.slots or conn.held or conn.info_key.startswith("server")):
                 continue
@@ -849,7 +1170,10 @@ class TrackerCore:
             slots = []
             for slot in conn.slots.values():
                 per_key[slot.key] = per_key.get(slot.key, 0) + 1
-                slots.append(f'{{"key": {quoted(slot.key)}, "state": "free", "since_s": {now - slot.free_since:.3f}}}')
+                state = "free" if slot.queued else self.health.get(self._slot_server(conn, slot)).state
+                slots.append(
+                    f'{{"key": {quoted(slot.key)}, "state": "{state}", "since_s": {now - slot.free_since:.3f}}}'
+                )
             for held in conn.held.values():
                 per_key[held.key] = per_key.get(held.key, 0) + 1
                 if held.key in busy:
@@ -870,6 +1194,10 @@ class TrackerCore:
                 if key in totals:
                     totals[key] += n
             seen = f', "last_seen_s": {now - conn.last_seen:.3f}' if conn.tether is not None else ""
+            if conn.server_id is not None:
+                seen += f', "server": {_dumps(conn.server_id)}'
+                if conn.server_id in withheld:
+                    seen += f', "health": {_dumps(withheld[conn.server_id].as_dict())}'
             servers.append(
                 f'{conn.wire_entry}, "connected_s": {now - conn.opened:.3f}{seen}, "slots": [{", ".join(slots)}]}}'
             )
@@ -890,6 +1218,13 @@ class TrackerCore:
             "connections": len(self._conns),
         }
         return f'{_dumps(head)[:-1]}, "keys": {{{", ".join(keys)}}}, "servers": [{", ".join(servers)}]}}'
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _count(counts: dict[str, int], name: str, delta: int) -> None:

@@ -110,6 +110,9 @@ class Held:
     requester: str  # "host:port" of the connection that requested it
     since: float
     peer: str | None = None  # who connected, when the server reported it
+    request_id: str | None = None
+    waited_s: float = 0.0
+    server: str | None = None  # the server's id (:func:`~tether.tracker.events.server_id`)
 
 
 @dataclass(eq=False, slots=True)
@@ -146,6 +149,9 @@ class Connection:
     server_key: str | None = None
     #: With authentication on: this peer's standing (:mod:`.access`); None when it is off.
     access: PeerAccess | None = None
+    #: A server's id (:func:`~tether.tracker.events.server_id` of the address its first PUT offered); None
+    #: until then, and for proxies (their slots are other servers).
+    server_id: str | None = None
 
     def is_closed(self) -> bool:
         """``closed`` read afresh: the driver checks it after calls that may close the connection."""
