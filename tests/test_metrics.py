@@ -275,19 +275,24 @@ def test_gauges_over_real_sockets(metered: Metered, peers: Callable[[], RawPeer]
     )
 
 
-def test_servers_in_a_quarantine_show_their_standing(metered: Metered, peers: Callable[[], RawPeer]) -> None:
-    """With the core's ``standing(server_id)`` (the lead's device health), a server's standing other than
-    "ok" replaces its state. Until that lands, the test gives the core one."""
+def test_a_standing_other_than_ok_replaces_the_state(metered: Metered, peers: Callable[[], RawPeer]) -> None:
+    """A server cordoned by an admin counts as ``cordoned``, not ``free`` (its slot, still offered, is
+    ``withheld``); an admin's uncordon brings it back; both are health changes."""
     core = metered.tracker.core
-    if hasattr(core, "standing"):
-        pytest.skip("the core has its own standing(): see test_health_states_over_real_sockets")
-    standings = {"127.0.0.1:9001": {"state": "quarantined", "reason": "3 failed sessions"}}
-    metered.tracker.call(lambda: setattr(core, "standing", lambda sid: standings.get(sid, {"state": "ok"})))
     for i in range(3):
         register(peers(), "phone", 9000 + i)
-    s = metered.scrape_until(lambda s: value(s, "tether_tracker_servers", key="phone", state="free") == 2, "states")
-    assert value(s, "tether_tracker_servers", key="phone", state="quarantined") == 1
+    metered.scrape_until(lambda s: value(s, "tether_tracker_servers", key="phone", state="free") == 3, "3 free")
+    metered.tracker.call(lambda: core.admin("cordon", "127.0.0.1:9001", by="admin"))
+    s = metered.scrape_until(lambda s: value(s, "tether_tracker_servers", key="phone", state="free") == 2, "cordon")
+    assert value(s, "tether_tracker_servers", key="phone", state="cordoned") == 1
+    assert value(s, "tether_tracker_slots", key="phone", state="free") == 2
+    assert value(s, "tether_tracker_slots", key="phone", state="withheld") == 1
+    assert value(s, "tether_tracker_health_changes_total", state="cordoned") == 1
+    metered.tracker.call(lambda: core.admin("uncordon", "127.0.0.1:9001", by="admin"))
+    s = metered.scrape_until(lambda s: value(s, "tether_tracker_servers", key="phone", state="free") == 3, "uncordon")
+    assert value(s, "tether_tracker_servers", key="phone", state="cordoned") is None
     assert value(s, "tether_tracker_slots", key="phone", state="free") == 3
+    assert value(s, "tether_tracker_health_changes_total", state="ok") == 1
 
 
 def test_the_cap_holds_for_servers_seen_at_a_scrape() -> None:
@@ -323,21 +328,6 @@ def test_loop_lag_is_measured(metered: Metered) -> None:
     assert value(s, "tether_tracker_loop_lag_seconds") is not None
 
 
-def _core_source_emits() -> bool:
-    """Whether the core emits events yet (the lead's emit calls in tracker/core.py)."""
-    import inspect
-
-    from tether.tracker import core
-
-    return "events.emit(" in inspect.getsource(core)
-
-
-needs_emits = pytest.mark.skipif(
-    not _core_source_emits(), reason="waits on the lead's emit calls in tracker/core.py (issue 13)"
-)
-
-
-@needs_emits
 def test_event_counters_over_real_sockets(metered: Metered, peers: Callable[[], RawPeer]) -> None:
     server, client = peers(), peers()
     matchkey = register(server, "phone", 9000)
@@ -369,7 +359,6 @@ def test_event_counters_over_real_sockets(metered: Metered, peers: Callable[[], 
     )
 
 
-@needs_emits
 def test_outcomes_are_among_the_documented_ones(metered: Metered, peers: Callable[[], RawPeer]) -> None:
     server, client = peers(), peers()
     matchkey = register(server, "phone", 9000)

@@ -20,8 +20,9 @@ name                                          type       labels, meaning
                                                          ``busy`` (a session runs), ``unavailable`` (registered,
                                                          nothing offered), or its standing when not "ok"
                                                          (``cordoned``, ``draining``, ``quarantined``)
-``slots``                                     gauge      key, state (free, granted, busy): places, a server may have
-                                                         several
+``slots``                                     gauge      key, state: places (a server may have several): ``free``
+                                                         (queued, grantable), ``granted``, ``busy``, ``withheld``
+                                                         (offered by a server whose standing is not "ok")
 ``queue_depth``                               gauge      key: requests waiting
 ``oldest_waiter_seconds``                     gauge      key: how long the longest-waiting request has waited
 ``connections``                               gauge      kind: ``server``, ``proxy``, ``client`` (requests waiting),
@@ -70,6 +71,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..protocol.keys import PROXY_PREFIX
 from ..tracker.events import SESSION_OUTCOMES, TrackerEvent, server_id
+from ..tracker.health import STATES
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -115,7 +117,7 @@ LAG_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 #: ``request_end`` outcomes (:mod:`tether.tracker.events`); anything else is counted as "other".
 REQUEST_OUTCOMES: Final = frozenset({"timeout", "cancelled", "rejected", "unservable", "closed"})
 UNREGISTER_REASONS: Final = frozenset({"closed", "silent"})
-HEALTH_STATES: Final = frozenset({"ok", "cordoned", "draining", "quarantined"})
+HEALTH_STATES: Final = frozenset(STATES)
 #: A server's states from its slots, before its standing (see the module's docstring).
 SLOT_STATES: Final = ("free", "granted", "busy")
 
@@ -398,7 +400,6 @@ class _PoolCollector:
 
     def __init__(self, metrics: TrackerMetrics) -> None:
         self._metrics = metrics
-        self._ids: dict[int, tuple[Any, str]] = {}
         self._les = {  # each bucket's ``le`` label: 0.001, 1.0, ..., +Inf
             bounds: [*(repr(float(b)) for b in bounds), "+Inf"]
             for bounds in (WAIT_BUCKETS_S, HOLD_BUCKETS_S, LAG_BUCKETS_S)
@@ -419,7 +420,11 @@ class _PoolCollector:
             gauge(
                 "servers", "Servers by key and state (a standing other than ok replaces the state).", ["key", "state"]
             ),
-            gauge("slots", "Server slots (places) by key and state.", ["key", "state"]),
+            gauge(
+                "slots",
+                "Server slots (places) by key and state (withheld: of a server not in good standing).",
+                ["key", "state"],
+            ),
             gauge("queue_depth", "Requests waiting, by key.", ["key"]),
             gauge("oldest_waiter_seconds", "Seconds the longest-waiting request of a key has waited.", ["key"]),
             gauge("connections", "Open tracker connections by kind.", ["kind"]),
@@ -487,12 +492,11 @@ class _PoolCollector:
         metrics = self._metrics
         core = metrics.core
         now = core.clock()
-        standing: Callable[[str], Any] | None = getattr(core, "standing", None)
+        not_ok = {sid: st.state for sid, st in core.health.not_ok().items()}  # the few servers withheld
         servers: dict[tuple[str, str], int] = {}  # (raw key, state) -> servers
-        handed: dict[tuple[str, str], int] = {}  # (raw key, granted|busy) -> slots
+        handed: dict[tuple[str, str], int] = {}  # (raw key, granted|busy|withheld) -> slots
         oldest: dict[str, float] = {}  # raw key -> the oldest waiter's ``since``
         n_server = n_proxy = n_client = n_other = 0
-        ids, seen_ids = self._ids, {}  # cid -> (its info's addr, its server id): kept from the last scrape
         for conn in core.connections:
             own = conn.server_key
             if own is not None:  # a registered server (the common case, kept short)
@@ -505,13 +509,10 @@ class _PoolCollector:
                         handed[pair] = handed.get(pair, 0) + 1
                 else:
                     state = "free" if conn.slots else "unavailable"
-                if standing is not None:
-                    addr = conn.info.get("addr") if conn.info else None
-                    cached = ids.get(conn.cid)
-                    if cached is None or cached[0] is not addr:  # UPDATE_INFO puts a new list there
-                        cached = (addr, _direct_id(conn))
-                    seen_ids[conn.cid] = cached
-                    state = _standing_state(standing, cached[1]) or state
+                if not_ok and conn.server_id in not_ok:
+                    state = not_ok[conn.server_id]
+                    if conn.slots:  # offered, kept out of the queue while withheld
+                        _bump(handed, (own, "withheld"), len(conn.slots))
                 pair = (own, state)
                 servers[pair] = servers.get(pair, 0) + 1
             else:
@@ -523,10 +524,10 @@ class _PoolCollector:
                     n_other += 1
                 if conn.slots or conn.held:  # a proxy (or a peer that PUTs without registering): a server per slot
                     for slot in conn.slots.values():
-                        state = "free"
-                        if standing is not None:
-                            state = _standing_state(standing, server_id(slot.host, slot.port)) or state
+                        state = not_ok.get(server_id(slot.host, slot.port), "free") if not_ok else "free"
                         _bump(servers, (slot.key, state))
+                        if state != "free":
+                            _bump(handed, (slot.key, "withheld"))
                     for record in conn.held.values():
                         _bump(servers, (record.key, record.state))
                         _bump(handed, (record.key, record.state))
@@ -535,7 +536,6 @@ class _PoolCollector:
                     since = oldest.get(waiter.key)
                     if since is None or waiter.since < since:
                         oldest[waiter.key] = waiter.since
-        self._ids = seen_ids
         # raw keys -> labels: servers and slots admit their keys; waiters' keys only use labels given already
         label = metrics.key_label
         by_state: dict[tuple[str, str], int] = {}
@@ -591,27 +591,6 @@ def _server_state(conn: Connection) -> str:
             return "busy"
         state = "granted"
     return state
-
-
-def _direct_id(conn: Connection) -> str:
-    """The server id of a registered server: the address its clients connect to (``info["addr"]``)."""
-    addr = conn.info.get("addr") if conn.info else None
-    if type(addr) is list and len(addr) == 2 and type(addr[1]) is int:
-        host = addr[0] if addr[0] is not None else conn.host
-        return f"[{host}]:{addr[1]}" if ":" in str(host) else f"{host}:{addr[1]}"
-    return conn.address
-
-
-def _standing_state(standing: Callable[[str], Any], sid: str) -> str | None:
-    """The server's standing when it is not "ok" (or unknown), else None."""
-    try:
-        record = standing(sid)
-    except LookupError:
-        return None
-    state = record.get("state") if type(record) is dict else None
-    if state is None or state == "ok":
-        return None
-    return state if state in HEALTH_STATES else "other"
 
 
 # -- serving ---------------------------------------------------------------------------------------
