@@ -412,3 +412,45 @@ def test_the_dashboard_asks_only_for_exported_metrics() -> None:
     assert any("wait_seconds_bucket" in q and "0.5" in q for q in quantiles)
     assert any("wait_seconds_bucket" in q and "0.95" in q for q in quantiles)
     assert any("hold_seconds_bucket" in q and "0.95" in q for q in quantiles)
+
+
+def test_mount_metrics_on_an_app_of_its_own() -> None:
+    """What the hub does: ``mount_metrics(core, app's add_route)`` before the app starts, on the tracker's loop."""
+    from aiohttp import web
+
+    from tether.hub.metrics import mount_metrics
+
+    with TrackerThread(TrackerConfig(host="127.0.0.1", port=0)) as tracker:
+        loop: asyncio.AbstractEventLoop = tracker.call(asyncio.get_running_loop)
+
+        async def page(request: web.Request) -> web.Response:
+            return web.Response(text="the page")
+
+        async def start() -> tuple[TrackerMetrics, web.AppRunner, int]:
+            app = web.Application()
+            app.router.add_get("/", page)
+            metrics = mount_metrics(tracker.core, app.router.add_route, max_keys=10)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            return metrics, runner, int(runner.addresses[0][1])
+
+        metrics, runner, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+        try:
+            server = RawPeer(tracker.host, tracker.port)
+            client = RawPeer(tracker.host, tracker.port)
+            try:
+                matchkey = register(server, "board", 9000)
+                assert client.call([4, "board", "alice", 1]) == [0, ["127.0.0.1", 9000, matchkey]]
+                metered = Metered(tracker, metrics, f"http://127.0.0.1:{port}/metrics")
+                s = metered.scrape_until(
+                    lambda s: value(s, "tether_tracker_grants_total", key="board") == 1, "the grant"
+                )
+                assert value(s, "tether_tracker_servers", key="board", state="granted") == 1
+                assert metrics.max_keys == 10
+            finally:
+                server.close()
+                client.close()
+        finally:
+            tracker.call(metrics.close)
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)

@@ -54,7 +54,8 @@ reported under ``_other``. Outcome, reason and state labels take only the docume
 Threading: everything here runs on the tracker's event loop thread (events are emitted there; :meth:`render`
 reads the core, so call it there too: the hub's handler does, and so does :func:`serve_metrics`).
 
-The hub's app mounts ``/metrics`` with :func:`metrics_handler` (aiohttp); :func:`serve_metrics` serves it
+The hub's app mounts ``/metrics`` with :func:`mount_metrics` (``mount_metrics(server.core, hub.add_route)``
+before the hub starts; :func:`metrics_handler` is the aiohttp handler alone); :func:`serve_metrics` serves it
 alone on a port of its own.
 """
 
@@ -91,6 +92,7 @@ __all__ = [
     "MetricsServer",
     "TrackerMetrics",
     "metrics_handler",
+    "mount_metrics",
     "serve_metrics",
 ]
 
@@ -605,6 +607,20 @@ def metrics_handler(metrics: TrackerMetrics) -> Callable[[web.Request], Any]:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     return handle
+
+
+def mount_metrics(
+    core: TrackerCore, add_route: Callable[[str, str, Callable[[web.Request], Any]], None], **options: Any
+) -> TrackerMetrics:
+    """Metrics for ``core`` served at ``GET /metrics`` of an app: made, attached, their loop lag probe started
+    on the running loop (the tracker's), and the route added with ``add_route(method, path, handler)``
+    (the hub's ``Hub.add_route``, before it starts). ``options`` go to :class:`TrackerMetrics`; the caller
+    calls :meth:`TrackerMetrics.close` when the app stops."""
+    metrics = TrackerMetrics(core, **options)
+    metrics.attach()
+    metrics.start()
+    add_route("GET", "/metrics", metrics_handler(metrics))
+    return metrics
 
 
 @dataclass(slots=True)
