@@ -243,7 +243,6 @@ class TrackerMetrics:
         self._lag_task: asyncio.Task[None] | None = None
         self._lag_loop: asyncio.AbstractEventLoop | None = None
         self._handlers: dict[str, Callable[[TrackerEvent], None]] = {
-            "grant": self._on_grant,
             "session_end": self._on_session_end,
             "request": self._on_request,
             "request_end": self._on_request_end,
@@ -355,25 +354,44 @@ class TrackerMetrics:
     # -- events --------------------------------------------------------------------------------
 
     def on_event(self, event: TrackerEvent) -> None:
-        """Count one event (the ``core.events`` subscriber; about a microsecond: a lookup and an addition)."""
-        handler = self._handlers.get(event.kind)
-        if handler is not None:
-            handler(event)
-
-    def _on_grant(self, event: TrackerEvent) -> None:
-        stats = self._stats(event.key)
-        stats.grants += 1
-        waited = _seconds(event.fields.get("waited_s"))
-        if waited is not None:
-            stats.wait.observe(WAIT_BUCKETS_S, waited)
+        """Count one event (the ``core.events`` subscriber). The two of every grant (``grant``, and
+        ``session_end``) take the short way: a dict look-up, an addition, a bisection (about a microsecond)."""
+        kind = event.kind
+        if kind == "grant":
+            key = event.key
+            stats = self.by_key.get(key) if key is not None else None
+            if stats is None:
+                stats = self._stats(key)
+            stats.grants += 1
+            waited = event.fields.get("waited_s")
+            if type(waited) is float and 0.0 <= waited < _INF:  # the core's round(): a float
+                hist = stats.wait
+                hist.counts[bisect_left(WAIT_BUCKETS_S, waited)] += 1
+                hist.total += waited
+            elif waited is not None and (waited := _seconds(waited)) is not None:
+                stats.wait.observe(WAIT_BUCKETS_S, waited)
+        elif kind == "session_end":
+            self._on_session_end(event)
+        else:
+            handler = self._handlers.get(kind)
+            if handler is not None:
+                handler(event)
 
     def _on_session_end(self, event: TrackerEvent) -> None:
-        label = self.key_label(event.key)
-        held = _seconds(event.fields.get("held_s"))
+        key, fields = event.key, event.fields
+        stats = self.by_key.get(key) if key is not None else None
+        label = key if key is not None and stats is not None else self.key_label(key)
+        held = fields.get("held_s")
+        if type(held) is not float or not 0.0 <= held < _INF:
+            held = _seconds(held)
         if held is not None:
-            self._stats(label).hold.observe(HOLD_BUCKETS_S, held)
-        name = (label, _known(event.fields.get("outcome"), SESSION_OUTCOMES))
-        self.sessions[name] = self.sessions.get(name, 0) + 1
+            (stats or self._stats(label)).hold.observe(HOLD_BUCKETS_S, held)
+        outcome = fields.get("outcome")
+        if outcome not in SESSION_OUTCOMES:
+            outcome = "other"
+        name = (label, str(outcome))
+        sessions = self.sessions
+        sessions[name] = sessions.get(name, 0) + 1
 
     def _on_session_start(self, event: TrackerEvent) -> None:
         self.key_label(event.key)  # a granted key: it has a server
