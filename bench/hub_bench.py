@@ -2,7 +2,8 @@
 taking turns in one run, under the same load; and how fast the API, the page's data and /metrics answer then.
 
     python bench/hub_bench.py [--seconds 8] [--rounds 3] [--servers 5000] [--clients 64] [--modes off,on,metrics]
-                              [--view-interval 1] [--latency-seconds 10] [--poll-interval 0.02] [--json out.json]
+                              [--view-interval 1] [--latency-seconds 10] [--poll-interval 0.02]
+                              [--attribution 20000] [--json out.json]
 
 Each mode runs its own tracker process, all at once; the modes take turns, ``--rounds`` times, so that a
 machine that gets busier or quieter meanwhile shifts all alike; each number is the median over the rounds.
@@ -29,6 +30,13 @@ each turn ``--clients`` clients requesting in a loop from as many servers that o
    asks those endpoints one after the other, ``--poll-interval`` seconds apart, over kept-alive connections
    (far more often than anyone would: enough samples for a p99): p50/p99 per endpoint; target: p99 under
    200 ms.
+3. Attribution (``--attribution N``): N grant cycles through the core alone, in this process, no sockets,
+   with nothing subscribed to its events, a subscriber that does nothing (the events' own cost), the
+   metrics, the hub's history and event streams, the journal (its writer thread's CPU included): where the
+   CPU of a grant goes, steadier than the runs above on a shared machine.
+
+The ratio on/off is each round's ratio (the modes ran side by side), then their median; the tracker's CPU
+per grant is compared the same way.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))  # this checkout's tether (the attribution runs it in this process)
 
 from benchlib import Proc, machine_info, pct, running, timed_run, write_report  # noqa: E402
 from tracker_bench import LOADGEN, UNBOUNDED_PER_PEER, loadgen  # noqa: E402
@@ -298,10 +307,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         line += f"  {res['tracker_cpu_us_per_grant']:.1f} us CPU/grant"
         if base is not None and name != "off":
-            ratio = res["grants_per_s"] / base["grants_per_s"]
-            report.setdefault("ratios", {})[name] = ratio
-            verdict = "within" if abs(1 - ratio) <= GRANTS_TARGET else "NOT within"
-            line += f"  x{ratio:.3f} of off ({verdict} {GRANTS_TARGET:.0%})"
+            # each round's ratio against off in that round (they ran side by side), then the median
+            pairs = [
+                (on["grants"]["grants_per_s"] / off["grants"]["grants_per_s"],
+                 on["grants"]["tracker_cpu_us_per_grant"] / off["grants"]["tracker_cpu_us_per_grant"])
+                for on, off in zip(res["rounds"], base["rounds"], strict=True)
+            ]  # fmt: skip
+            ratio = statistics.median(p[0] for p in pairs)
+            cpu = statistics.median(p[1] for p in pairs)
+            report.setdefault("ratios", {})[name] = {"grants_per_s": ratio, "cpu_per_grant": cpu, "rounds": pairs}
+            verdict = "within" if 1 - ratio <= GRANTS_TARGET else "NOT within"
+            spread = f"{min(p[0] for p in pairs):.2f}..{max(p[0] for p in pairs):.2f}"
+            line += f"\n           x{ratio:.3f} the grants/s of off (rounds {spread}; {verdict} {GRANTS_TARGET:.0%}),"
+            line += f" x{cpu:.2f} its CPU per grant"
         print(line)
         if "http" in res:
             print(f"           latency phase ({res['latency_phase_grants_per_s']:.0f} grants/s meanwhile):")
@@ -316,7 +334,102 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
     if "journal_bytes" in report:
         print(f"  journal: {report['journal_bytes'] / 1e6:.1f} MB after the run")
+    if args.attribution:
+        report["attribution"] = attribution(args.attribution, 3)
     return report
+
+
+# -- where the CPU goes, in this process -------------------------------------------------------
+
+
+class _Link:
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = b""
+
+    def send(self, data: bytes) -> None:
+        self.last = data
+
+    def close(self) -> None:
+        pass
+
+
+def _room(core: Any, room: str, directory: Path) -> Any:
+    """Subscribe ``room`` to ``core.events``; returns what must be flushed and closed after (a journal)."""
+    if room == "events":  # a subscriber that does nothing: what building the events costs the core
+        core.events.subscribe(lambda event: None)
+    elif room == "metrics":
+        from tether.hub.metrics import TrackerMetrics
+
+        TrackerMetrics(core).attach()
+    elif room == "hub":
+        from tether.hub.history import History
+        from tether.hub.stream import EventStreams
+
+        history, streams = History(1000), EventStreams(64, 256)
+        core.events.subscribe(history.on_event)
+        core.events.subscribe(streams.on_event)
+    elif room == "journal":
+        from tether.journal.writer import Journal
+
+        journal = Journal(directory / f"attribution-{time.monotonic_ns()}.db")
+        journal.attach(core.events)
+        return journal
+    return None
+
+
+def _cycle_cost(room: str, n: int, directory: Path) -> float:
+    """CPU microseconds (this process, every thread) per grant cycle: a REQUEST granted at once, then the
+    server's PUT of a fresh slot (its session over), through the core alone (no sockets), 64 servers."""
+    from tether.protocol.tracker import Put, Request, UpdateInfo
+    from tether.tracker import TrackerConfig, TrackerCore
+
+    core = TrackerCore(TrackerConfig(max_slots_per_peer=0, max_waiters_per_peer=0, max_connections_per_peer=0))
+    closing = _room(core, room, directory)
+    servers = {}
+    for i in range(64):
+        conn = core.connect(_Link(), "127.0.0.1", 10000 + i)
+        core.receive(conn, UpdateInfo({"key": "server:loop", "addr": [None, 9000 + i]}))
+        core.receive(conn, Put("loop", 9000 + i, f"m{i}-0"))
+        servers[9000 + i] = conn
+    client = core.connect(_Link(), "127.0.0.1", 2)
+    link = client.link
+    assert isinstance(link, _Link)
+    start = time.process_time()
+    for k in range(n):
+        core.receive(client, Request("loop", "u", 1, None))
+        port = json.loads(link.last[4:])[1][1]
+        core.receive(servers[port], Put("loop", port, f"m{port}-{k + 1}"))
+    if closing is not None:
+        closing.flush(120)  # what the journal's thread still had to write counts too
+    took = (time.process_time() - start) / n * 1e6
+    if closing is not None:
+        closing.close()
+    return took
+
+
+def attribution(n: int, reps: int) -> dict[str, float]:
+    """Per grant cycle, the core's CPU alone and with each room beside it (minimum of ``reps`` runs of
+    ``n`` cycles, the rooms taking turns): the noise of a shared machine mostly adds, so the minimum is the
+    cost. Rooms whose modules are missing (the hub's, the journal's, before they are merged) are left out."""
+    rooms = ["none", "events", "metrics", "hub", "journal"]
+    runs: dict[str, list[float]] = {room: [] for room in rooms}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(reps):
+            for room in list(runs):
+                try:
+                    runs[room].append(_cycle_cost(room, n, Path(tmp)))
+                except ImportError as exc:
+                    print(f"  attribution: {room} left out ({exc})", flush=True)
+                    del runs[room]
+    cost = {room: min(v) for room, v in runs.items()}
+    base = cost["none"]
+    print(f"\nCPU per grant cycle in one process, no sockets (min of {reps} x {n}):")
+    for room, us in cost.items():
+        extra = "" if room == "none" else f"  ({us - base:+.1f} us, x{us / base:.2f})"
+        print(f"  {room:8s} {us:7.1f} us{extra}")
+    return cost
 
 
 # -- the tracker of mode "metrics" (a process of its own) ----------------------------------------
@@ -372,6 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-seconds", type=float, default=10.0, help="seconds of the latency phase per mode")
     parser.add_argument(
         "--poll-interval", type=float, default=0.02, help="seconds between the poller's requests (latency phase)"
+    )
+    parser.add_argument(
+        "--attribution",
+        type=int,
+        default=20000,
+        metavar="N",
+        help="then N grant cycles through the core alone with each room subscribed (0: skip)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     args = parser.parse_args(argv)
