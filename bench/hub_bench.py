@@ -1,9 +1,9 @@
 """The pool as a service, measured (issue 13): tether's tracker with its journal and web side on against off,
 taking turns in one run, under the same load; and how fast the API, the page's data and /metrics answer then.
 
-    python bench/hub_bench.py [--seconds 8] [--rounds 3] [--servers 5000] [--clients 64] [--modes off,on,metrics]
+    python bench/hub_bench.py [--seconds 6] [--rounds 3] [--servers 5000] [--clients 64] [--modes off,on,metrics]
                               [--view-interval 1] [--latency-seconds 10] [--poll-interval 0.02]
-                              [--attribution 20000] [--json out.json]
+                              [--attribution 10000] [--json out.json]
 
 Each mode runs its own tracker process, all at once; the modes take turns, ``--rounds`` times, so that a
 machine that gets busier or quieter meanwhile shifts all alike; each number is the median over the rounds.
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_metrics_tracker(int(argv[1]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds of each turn")
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds of each turn")
     parser.add_argument("--rounds", type=int, default=3, help="turns each mode takes")
     parser.add_argument("--servers", type=int, default=5000, help="idle servers registered with each tracker")
     parser.add_argument("--clients", type=int, default=64, help="clients requesting in a loop (and their servers)")
@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--attribution",
         type=int,
-        default=20000,
+        default=10000,
         metavar="N",
         help="then N grant cycles through the core alone with each room subscribed (0: skip)",
     )
