@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import TetherError
-from . import bench, demo, pack, proxy, query, run, server, token, tracker
+from . import admin, bench, demo, pack, proxy, query, run, server, token, tracker
 from ._report import fail
 
 __all__ = ["main"]
@@ -32,6 +32,7 @@ _COMMANDS = {
     "bench": bench,
     "pack": pack,
     "token": token,
+    "admin": admin,
     "demo": demo,
 }
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]

@@ -90,6 +90,11 @@ def render(status: TrackerStatus) -> str:
         rows = [[w.key, w.user, f"{w.priority:g}", _duration(w.waited_s)] for w in status.waiters]
         out.append(_table("Waiting", ["key", "user", "priority", "waited"], rows))
     notes = [f"  {k.key}: {k.note}\n" for k in status.keys if k.note]
+    for s in status.servers:
+        if s.health:
+            by = f" by {s.health['by']}" if s.health.get("by") else ""
+            why = f": {s.health['reason']}" if s.health.get("reason") else ""
+            notes.append(f"  {s.server or s.address}: {s.health.get('state')}{by}{why}\n")
     if any(not k.exact for k in status.keys):
         notes.append("  +: served through a proxy; TVM's tracker does not say how many servers are behind it\n")
     if notes:

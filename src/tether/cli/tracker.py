@@ -34,6 +34,7 @@ def add_parser(sub: Any) -> None:
         help="after a start, seconds before a request is judged unservable: servers re-register meanwhile",
     )
     _add_bounds(p)
+    _add_health_flags(p)
     add_auth_flags(p, "TVM servers, clients and query_rpc_tracker")
     p.add_argument("--silent", action="store_true", help="log warnings and errors only")
     _add_tls_flags(p)
@@ -128,6 +129,27 @@ def _add_bounds(p: argparse.ArgumentParser) -> None:
         )
 
 
+def _add_health_flags(p: argparse.ArgumentParser) -> None:
+    defaults = TrackerConfig()
+    group = p.add_argument_group("device health", "quarantine of failing servers; see `tether admin`")
+    group.add_argument(
+        "--quarantine-after",
+        type=non_negative,
+        default=defaults.quarantine_after,
+        metavar="N",
+        help="failed sessions in a row (worker lost, server gone, heartbeats stopped) that quarantine a server "
+        f"(0: never; default {defaults.quarantine_after})",
+    )
+    group.add_argument(
+        "--canary-interval",
+        type=seconds,
+        default=defaults.canary_interval_s,
+        metavar="S",
+        help="seconds between canaries asked of a quarantined tether server; one that passes returns it "
+        f"(0: only an admin's uncordon; default {defaults.canary_interval_s:g})",
+    )
+
+
 def _add_tls_flags(p: Any) -> None:
     add_server_tls_flags(p, "tracker")
     p.add_argument(
@@ -159,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         **{field: getattr(args, field) for _, field, *_ in _BOUNDS},
         tls=tls_from_args(args),
         plain_port=args.plain_port,
+        quarantine_after=args.quarantine_after,
+        canary_interval_s=args.canary_interval,
     )
     if config.plain_port is not None and config.tls is None:
         print("tether tracker: --plain-port goes with --tls-cert (without TLS, --port is plain)", file=sys.stderr)

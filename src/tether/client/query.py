@@ -34,6 +34,10 @@ class ServerRow:
     protocols: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     device: dict[str, Any] = field(default_factory=dict)
+    #: its id at the tracker (what ``tether admin`` takes), and its standing when it is not granted
+    #: (cordoned, draining, quarantined: ``{"state", "reason", "by", "failures", ...}``)
+    server: str | None = None
+    health: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +139,9 @@ def _from_tether(detail: dict[str, Any], address: str) -> TrackerStatus:
             state = ", ".join(f"{states.count(s)} {s}" for s in ("free", "granted", "busy") if s in states)
         holder, since = None, None
         held = [s for s in slots if s.get("state") in ("busy", "granted")]
+        health = entry.get("health") if isinstance(entry.get("health"), dict) else None
+        if health is not None and health.get("state") not in (None, "ok"):
+            state = f"{health['state']}, {state}" if held else str(health["state"])
         if held:
             first = held[0]
             holder = f"{first.get('user')} ({first.get('peer') or first.get('requester')})"
@@ -151,6 +158,8 @@ def _from_tether(detail: dict[str, Any], address: str) -> TrackerStatus:
                 protocols=list(entry.get("protocols", [])),
                 labels=dict(entry.get("labels", {})),
                 device=dict(entry.get("device", {})),
+                server=entry.get("server"),
+                health=health,
             )
         )
     keys, waiters = [], []

@@ -38,8 +38,10 @@ from ..errors import (
 from ..protocol.auth import Initiator, Role, Token, token_from_env
 from ..protocol.constants import TrackerCode
 from ..protocol.tracker import (
+    Admin,
     Auth,
     Cancel,
+    Control,
     GetPendingMatchkeys,
     Grant,
     Ping,
@@ -90,6 +92,7 @@ class TrackerClient:
         self._tether_version: str | None = None
         self._tracker_auth = False
         self._hello_done = False
+        self._features: frozenset[str] = frozenset()
         #: The verified name and role, once authenticated (None: not, or the tracker does not ask).
         self.user: str | None = None
         self.role: Role | None = None
@@ -210,8 +213,15 @@ class TrackerClient:
             if isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], dict):
                 self._tether_version = str(reply[1].get("tether"))
                 self._tracker_auth = reply[1].get("auth") is True
+                features = reply[1].get("features")
+                if isinstance(features, list):
+                    self._features = frozenset(str(f) for f in features)
             self._hello_done = True
         return self._tether_version
+
+    def supports(self, feature: str) -> bool:
+        """Whether the tracker said it has ``feature`` ("control": servers' orders; "admin": ADMIN)."""
+        return self.tether_version is not None and feature in self._features
 
     def ping(self) -> float:
         """Round trip of one PING, in seconds."""
@@ -324,8 +334,43 @@ class TrackerClient:
         connection; False when the tracker did not know it."""
         return bool(self.call(Withdraw(matchkey)) == TrackerCode.SUCCESS)
 
-    def session_event(self, event: str, matchkey: str, peer: str | None = None) -> None:
-        self._expect_ok(self.call(SessionEvent(event, matchkey, peer)), "SESSION")
+    def session_event(
+        self,
+        event: str,
+        matchkey: str,
+        peer: str | None = None,
+        outcome: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self._expect_ok(self.call(SessionEvent(event, matchkey, peer, outcome, detail)), "SESSION")
+
+    def orders(self) -> list[dict[str, Any]]:
+        """A server's orders from the tracker (CONTROL poll; tracker ``supports("control")`` only)."""
+        reply = self.call(Control({"poll": True}))
+        if not (isinstance(reply, list) and len(reply) == 2 and reply[0] == 0 and isinstance(reply[1], list)):
+            raise RemoteProtocolError(f"unexpected CONTROL reply {reply!r:.80}")
+        return [o for o in reply[1] if isinstance(o, dict)]
+
+    def report_canary(self, canary_id: int, ok: bool, detail: str) -> bool:
+        """Report a canary the tracker asked for; False when it no longer waits for this one."""
+        return bool(self.call(Control({"canary": canary_id, "ok": ok, "detail": detail})) == TrackerCode.SUCCESS)
+
+    def admin(self, op: str, server: str, reason: str | None = None) -> dict[str, Any]:
+        """An admin's operation on a server (``cordon``, ``uncordon``, ``drain``, ``release``, ``check``);
+        returns the tracker's answer (the server's standing). Raises :class:`PermissionDenied`/
+        :class:`AuthFailed` when refused, :class:`KeyError` for a server the tracker does not know."""
+        reply = self.call(Admin(op, server, reason))
+        if isinstance(reply, list) and len(reply) == 2 and reply[0] == 0 and isinstance(reply[1], dict):
+            return reply[1]
+        if (
+            isinstance(reply, list)
+            and len(reply) == 2
+            and isinstance(reply[1], dict)
+            and reply[1].get("error") == "unknown_server"
+        ):
+            raise KeyError(str(reply[1].get("message")))
+        raise_refusal(reply)
+        raise RemoteProtocolError(f"unexpected ADMIN reply {reply!r:.80}")
 
     @staticmethod
     def _expect_ok(reply: Any, what: str) -> None:

@@ -121,6 +121,8 @@ class ServerConfig:
     max_session_s: float = 3600.0
     #: Seconds past a session's timeout before its process group is killed regardless.
     kill_grace_s: float = 1.0
+    #: The canary (:mod:`.canary`, run when the tracker asks: device health) must finish within this.
+    canary_timeout_s: float = 60.0
     #: Seconds a connection has to send its whole handshake.
     handshake_timeout_s: float = 10.0
     #: Connections in their handshake at once (reading it, or waiting in line for a slot). At the limit a
@@ -211,6 +213,11 @@ class _Session:
     hangup_thread: threading.Thread | None = None
     #: The client went away, and its worker was killed for it.
     hung_up: bool = False
+    #: An admin ended it at the tracker (``tether admin release``).
+    released: bool = False
+    #: How it ended, for the tracker's device health: "ok" or "failed" (and why).
+    outcome: str = "ok"
+    detail: str = ""
 
 
 @dataclass(eq=False)
@@ -263,7 +270,10 @@ class DeviceServer:
         #: Direct mode: the connections waiting for a slot, first come first served.
         self._queued: collections.deque[object] = collections.deque()
         self._stop = threading.Event()
-        self._events: queue.Queue[tuple[str, str, str]] = queue.Queue()
+        #: A canary is running (the tracker may ask again meanwhile: one at a time).
+        self._canary_running = threading.Event()
+        #: (event, matchkey or canary id, peer or what happened, outcome) for the registration thread
+        self._events: queue.Queue[tuple[str, str, str, str]] = queue.Queue()
         self._slots = [_Slot(i, self._new_matchkey()) for i in range(config.slots)]
         self._threads: list[threading.Thread] = []
         #: Handshakes that count against the limits, oldest first (a dict as an ordered set).
@@ -780,7 +790,7 @@ class DeviceServer:
                 self.sessions_served += 1
                 old, slot.matchkey = slot.matchkey, self._new_matchkey()
                 self._slot_freed.notify_all()
-            self._post("end", old, "")
+            self._post("end", old, session.detail, session.outcome)
             self.run_dir.remove_dead_siblings()  # a predecessor's last orphaned session may be over now
 
     def _end_session(self, session: _Session) -> None:
@@ -795,6 +805,8 @@ class DeviceServer:
         reason = None
         if session.hung_up:
             reason = None  # nobody is there to tell
+        elif session.released:
+            reason = ("SessionLost", "an admin ended this session at the tracker (tether admin release)")
         elif timed_out:
             reason = ("SessionTimeout", session.timeout_message)
         elif code is not None and (why := describe_exit(code)):
@@ -802,6 +814,7 @@ class DeviceServer:
                 limit = self.config.worker_memory_bytes / (1 << 20)
                 why += f" (its memory was limited to {limit:g} MiB past its start, --worker-memory-mb)"
             reason = ("SessionLost", why)
+            session.outcome, session.detail = "failed", why
         if session.conn is not None:
             with contextlib.suppress(OSError):
                 # The worker is gone; a client that stopped reading must not hold this thread (and the
@@ -859,9 +872,38 @@ class DeviceServer:
             os.close(fd)
         session.wake = None
 
-    def _post(self, event: str, matchkey: str, peer: str) -> None:
+    def _post(self, event: str, matchkey: str, peer: str, outcome: str = "") -> None:
         if self.config.tracker and not self.config.through_proxy:  # only the registration thread reads these
-            self._events.put((event, matchkey, peer))
+            self._events.put((event, matchkey, peer, outcome))
+
+    # -- the tracker's orders (device health) ------------------------------------------------------
+
+    def _obey(self, orders: list[dict[str, Any]]) -> None:
+        """Carry out the tracker's orders: end a session an admin released; run a canary."""
+        for order in orders:
+            op = order.get("op")
+            if op == "release":
+                with self._lock:
+                    sessions = [
+                        s.session for s in self._slots if s.session and s.session.matchkey == order.get("matchkey")
+                    ]
+                for session in sessions:
+                    logger.warning("session %s released by the tracker (an admin): ending it", session.id)
+                    session.released = True
+                    session.worker.kill()
+            elif op == "canary" and isinstance(order.get("id"), int) and not self._canary_running.is_set():
+                self._canary_running.set()
+                threading.Thread(target=self._canary, args=(order["id"],), daemon=True, name="tether-canary").start()
+
+    def _canary(self, canary_id: int) -> None:
+        from .canary import run_canary
+
+        try:
+            ok, detail = run_canary(timeout=self.config.canary_timeout_s)
+        finally:
+            self._canary_running.clear()
+        logger.log(logging.INFO if ok else logging.WARNING, "canary %s: %s", "passed" if ok else "failed", detail)
+        self._post("canary", str(canary_id), detail, "ok" if ok else "failed")
 
     # -- tracker -------------------------------------------------------------------------------
 
@@ -925,16 +967,20 @@ class DeviceServer:
 
     def _serve_tracker(self, tracker: TrackerClient, is_tether: bool) -> None:
         next_poll = time.monotonic()
+        controlled = tracker.supports("control")
         while not self._stop.is_set():
             try:
-                event, matchkey, peer = self._events.get(timeout=max(0.0, next_poll - time.monotonic()))
+                event, matchkey, peer, outcome = self._events.get(timeout=max(0.0, next_poll - time.monotonic()))
             except queue.Empty:
                 event = ""
             if event == "start" and is_tether:
                 tracker.session_event("start", matchkey, peer or None)
+            elif event == "canary":
+                if controlled:
+                    tracker.report_canary(int(matchkey), outcome == "ok", peer)
             elif event in ("end", "rotate"):
                 if event == "end" and is_tether:
-                    tracker.session_event("end", matchkey)
+                    tracker.session_event("end", matchkey, None, outcome or None, peer or None)
                 if event == "rotate":
                     with self._lock:
                         for slot in self._slots:
@@ -948,6 +994,8 @@ class DeviceServer:
                 continue
             next_poll = time.monotonic() + self.config.poll_s
             pending = set(tracker.pending_matchkeys())  # also the heartbeat
+            if controlled:
+                self._obey(tracker.orders())
             now = time.monotonic()
             stale = []
             with self._lock:

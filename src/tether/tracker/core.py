@@ -76,6 +76,8 @@ _OK = encode_value(TrackerCode.SUCCESS.value)
 _READ_ONLY = frozenset({Ping, Summary, GetPendingMatchkeys, Auth, Control})
 #: A grant not redeemed for this long is over (a server replaces an unredeemed matchkey after 5 s).
 _PHANTOM_AFTER_S = 10.0
+#: A canary not reported within this long is asked for again (a server runs one for at most 60 s).
+_CANARY_ANSWER_S = 120.0
 #: Messages that change which servers could serve a key (see ``_servers_by_key``).
 _SERVER_SIDE = frozenset({Put, UpdateInfo, Withdraw, SessionEvent})
 
@@ -415,7 +417,7 @@ class TrackerCore:
 
     def _on_ping(self, conn: Connection, msg: Ping) -> None:
         if msg.hello:
-            hello = {"tether": _version(), "auth": self.access.enabled}
+            hello = {"tether": _version(), "auth": self.access.enabled, "features": ["admin", "control"]}
             conn.link.send(encode_value([TrackerCode.SUCCESS.value, hello]))
         else:
             conn.link.send(_OK)
@@ -952,7 +954,7 @@ class TrackerCore:
         for sid, standing in self.health.not_ok().items():
             if standing.state == "quarantined":
                 asked = self._canaries.get(sid)
-                if asked is None or now - asked[1] > self.config.canary_interval_s:
+                if asked is None or now - asked[1] > max(self.config.canary_interval_s, _CANARY_ANSWER_S):
                     self._ask_canary(sid, now)
 
     def _ask_canary(self, sid: str, now: float) -> int | None:
