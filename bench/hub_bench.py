@@ -1,257 +1,505 @@
-"""The web side's cost at scale: API latency with 5,000 servers, and what it costs the tracker's loop.
+"""The pool as a service, measured (issue 13): tether's tracker with its journal and web side on against off,
+taking turns in one run, under the same load; and how fast the API, the page's data and /metrics answer then.
 
-    PYTHONPATH=src python bench/hub_bench.py [--servers 5000] [--waiters 1000] [--requests 200] [--json out.json]
+    python bench/hub_bench.py [--seconds 6] [--rounds 3] [--servers 5000] [--clients 64] [--modes off,on,metrics]
+                              [--view-interval 1] [--latency-seconds 10] [--poll-interval 0.02]
+                              [--attribution 10000] [--json out.json]
 
-A tracker and its web side run in a child process (``TrackerHubThread``, loopback, port 0). The pool is made
-in the core directly, without sockets (each server a connection with a fake link: UPDATE_INFO with device
-facts and labels, then a PUT), so 5,000 servers need no 5,000 descriptors: half of them are then granted to
-users (a third of those report their session started) and ``--waiters`` requests wait on a key with no
-free server. Then, for each endpoint the page reads, ``--requests`` GETs one after another and the same
-from 8 clients at once: the latency percentiles seen by the client (p50, p99, max; milliseconds) and the
-time the view took on the tracker's loop (the loop is blocked meanwhile: that is what the tracker pays).
+Each mode runs its own tracker process, all at once; the modes take turns, ``--rounds`` times, so that a
+machine that gets busier or quieter meanwhile shifts all alike; each number is the median over the rounds.
 
-``--browser N``: then Debian's chromium (headless, Selenium) shows the page, and N grants of a probe server
-(on the first page, among all the others) are timed from the request to the holder shown on the page.
+- ``off``: ``python -m tether tracker`` as it is.
+- ``on``: ``python -m tether tracker --db DIR/journal.db --web-port P``: the SQLite journal and the web side
+  (page, JSON API, ``/metrics``) (needs the tracker's ``--db`` and ``--web-port``: left out, with a note,
+  where the CLI has neither).
+- ``metrics``: a tracker with :class:`tether.hub.metrics.TrackerMetrics` attached and ``/metrics`` served by
+  :func:`~tether.hub.metrics.serve_metrics` on its loop (this file's ``--serve-metrics-tracker``): the cost of
+  the metrics alone.
 
-Nothing is asserted: numbers to read (the issue's target is p99 under 200 ms).
+The load (``bench/loadgen.py``, in processes of their own): ``--servers`` servers registered with each tracker
+for the whole run (key ``pool``, idle: what the page, the API and the metrics must list and count), and in
+each turn ``--clients`` clients requesting in a loop from as many servers that offer themselves again at once
+(key ``loop``; each frame in one send).
+
+1. Grants: each mode's turn measures grants per second, grant latency p50/p99 and the tracker's CPU per
+   grant (its whole process: a journal's writer thread included). A mode with a web side has a viewer
+   meanwhile: every ``--view-interval`` seconds, ``GET /api/v1/servers?limit=100``, ``GET /api/v1/summary``
+   and ``GET /metrics`` (a page left open that refreshes once a second, and a scrape as often). The ratio
+   on/off is of these medians; target: within 10 %.
+2. Latency: then, for each mode with a web side, the same grant loop for ``--latency-seconds`` while a poller
+   asks those endpoints one after the other, ``--poll-interval`` seconds apart, over kept-alive connections
+   (far more often than anyone would: enough samples for a p99): p50/p99 per endpoint; target: p99 under
+   200 ms.
+3. Attribution (``--attribution N``): N grant cycles through the core alone, in this process, no sockets,
+   with nothing subscribed to its events, a subscriber that does nothing (the events' own cost), the
+   metrics, the hub's history and event streams, the journal (its writer thread's CPU included): where the
+   CPU of a grant goes, steadier than the runs above on a shared machine.
+
+The ratio on/off is each round's ratio (the modes ran side by side), then their median; the tracker's CPU
+per grant is compared the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import json
+import os
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.client.tracker import TrackerClient
-from tether.hub import HubConfig, views
-from tether.hub.service import TrackerHubThread
-from tether.protocol.tracker import Put, Request, RequestOptions, SessionEvent, UpdateInfo
-from tether.tracker import TrackerConfig
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))  # this checkout's tether (the attribution runs it in this process)
 
-DEVICE = {"os": "Linux", "arch": "aarch64", "cpu": "Cortex-A78", "cores": 8, "memory": 8 << 30, "backends": ["tvm"]}
-ENDPOINTS = [
-    "/api/v1/servers?limit=100",
-    "/api/v1/servers?limit=100&offset=4900",
-    "/api/v1/servers?key=k7&label=rack=3",
-    "/api/v1/servers?state=busy&limit=100",
-    "/api/v1/queues",
-    "/api/v1/sessions?limit=200",
-    "/api/v1/history?limit=50",
-    "/api/v1/health",
-    "/api/v1/summary",
-]
+from benchlib import Proc, machine_info, pct, running, timed_run, write_report  # noqa: E402
+from tracker_bench import LOADGEN, UNBOUNDED_PER_PEER, loadgen  # noqa: E402
+
+#: What a page, a dashboard and a scraper ask for, in turn.
+ENDPOINTS = ("/api/v1/servers?limit=100", "/api/v1/summary", "/metrics")
+GRANTS_TARGET = 0.10  # on within 10 % of off
+P99_TARGET_MS = 200.0
 
 
-class NullLink:
-    """Replies go nowhere (the core's Link)."""
+def cli_has_hub_flags() -> bool:
+    """Whether ``tether tracker`` takes ``--db`` and ``--web-port`` (the journal's and the web side's)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tether", "tracker", "--help"], capture_output=True, text=True, timeout=60
+    )
+    return "--web-port" in out.stdout and "--db" in out.stdout
+
+
+def free_port() -> int:
+    """A port free now on 127.0.0.1 (the tracker binds it a moment later: fine on a bench machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Mode:
+    name: str
+    proc: Proc
+    web: str | None  # "host:port" of the HTTP side, None without one
+    endpoints: tuple[str, ...]
+    pool: subprocess.Popen[str] | None = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    latency: dict[str, Any] | None = None
+
+
+@contextlib.contextmanager
+def tracker(mode: str, directory: Path) -> Iterator[Mode]:
+    """The tracker of ``mode`` (see the module's docstring), stopped after the block."""
+    base = [sys.executable, "-m", "tether", "tracker", "--port", "0", "--silent", *UNBOUNDED_PER_PEER]
+    if mode == "off":
+        with running("tracker (off)", base) as proc:
+            yield Mode(mode, proc, None, ())
+    elif mode == "on":
+        web = free_port()
+        argv = [*base, "--db", str(directory / "journal.db"), "--web-port", str(web)]
+        with running("tracker (on)", argv) as proc:
+            yield Mode(mode, proc, f"127.0.0.1:{web}", ENDPOINTS)
+    elif mode == "metrics":
+        web = free_port()
+        argv = [sys.executable, str(Path(__file__).resolve()), "--serve-metrics-tracker", str(web)]
+        with running("tracker (metrics)", argv) as proc:
+            yield Mode(mode, proc, f"127.0.0.1:{web}", ("/metrics",))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+def register_pool(mode: Mode, servers: int) -> float:
+    """``servers`` idle servers of key ``pool``, registered for the whole run; returns the seconds it took."""
+    proc = subprocess.Popen(
+        [sys.executable, str(LOADGEN), "register", "127.0.0.1", str(mode.proc.port), "pool", str(servers), "32"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"registering {servers} servers with the {mode.name} tracker failed: {proc.wait()}")
+    mode.pool = proc
+    return float(json.loads(line)["register_s"])
+
+
+def release_pool(mode: Mode) -> None:
+    proc = mode.pool
+    if proc is None:
+        return
+    with contextlib.suppress(OSError):
+        assert proc.stdin is not None
+        proc.stdin.write("close\n")
+        proc.stdin.flush()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class Poller(threading.Thread):
+    """Asks the mode's endpoints in turn over kept-alive connections until stopped; latencies in ms."""
+
+    def __init__(self, address: str, endpoints: tuple[str, ...], interval_s: float) -> None:
+        super().__init__(name="hub-bench-poller", daemon=True)
+        host, port = address.rsplit(":", 1)
+        self.host, self.port, self.endpoints, self.interval_s = host, int(port), endpoints, interval_s
+        self.samples: dict[str, list[float]] = {e: [] for e in endpoints}
+        self.errors: dict[str, list[str]] = {e: [] for e in endpoints}
+        self.sizes: dict[str, int] = {}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        conns: dict[str, http.client.HTTPConnection] = {}
+        try:
+            while not self._halt.is_set():
+                for path in self.endpoints:
+                    conn = conns.get(path)
+                    if conn is None:
+                        conn = conns[path] = http.client.HTTPConnection(self.host, self.port, timeout=30)
+                    start = time.perf_counter()
+                    try:
+                        conn.request("GET", path)
+                        reply = conn.getresponse()
+                        body = reply.read()
+                    except (OSError, http.client.HTTPException) as exc:
+                        self.errors[path].append(f"{type(exc).__name__}: {exc}")
+                        conn.close()
+                        conns.pop(path, None)
+                        continue
+                    took = (time.perf_counter() - start) * 1e3
+                    if reply.status == 200:
+                        self.samples[path].append(took)
+                        self.sizes[path] = len(body)
+                    else:
+                        self.errors[path].append(f"HTTP {reply.status}")
+                    if self._halt.wait(self.interval_s):
+                        break
+        finally:
+            for conn in conns.values():
+                conn.close()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(60)
+
+
+def one_turn(mode: Mode, args: argparse.Namespace, seconds: float, interval_s: float) -> dict[str, Any]:
+    """The grant loop for ``seconds``; where there is a web side, a poller asks its endpoints meanwhile,
+    ``interval_s`` apart."""
+    poller = None
+    if mode.web is not None:
+        poller = Poller(mode.web, mode.endpoints, interval_s)
+        poller.start()
+    try:
+        res = loadgen(
+            "--one-send",
+            "grants",
+            "127.0.0.1",
+            mode.proc.port,
+            "loop",
+            args.clients,
+            args.clients,
+            seconds,
+            mode.proc.pid,
+        )
+    finally:
+        if poller is not None:
+            poller.stop()
+    turn: dict[str, Any] = {"grants": res}
+    line = (
+        f"  {mode.name:8s} {res['grants_per_s']:9.0f} grants/s  p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms"
+        f"  tracker CPU {res['tracker_cpu_us_per_grant']:.1f} us/grant"
+    )
+    if poller is not None:
+        turn["http"] = {
+            path: {"samples": poller.samples[path], "errors": poller.errors[path][:5], "bytes": poller.sizes.get(path)}
+            for path in poller.endpoints
+        }
+        for path in poller.endpoints:
+            got = poller.samples[path]
+            if got:
+                line += f"\n             GET {path}: p50 {pct(got, 50):.1f} ms  p99 {pct(got, 99):.1f} ms  ({len(got)})"
+            if poller.errors[path]:
+                line += f"\n             GET {path}: {len(poller.errors[path])} failed, e.g. {poller.errors[path][0]}"
+    print(line, flush=True)
+    return turn
+
+
+def summarize(mode: Mode) -> dict[str, Any]:
+    """Medians of the grant turns; the latency phase's percentiles per endpoint."""
+    out: dict[str, Any] = {
+        k: statistics.median(r["grants"][k] for r in mode.rounds)
+        for k in ("grants_per_s", "p50_ms", "p99_ms", "tracker_cpu_us_per_grant")
+    }
+    if mode.latency is not None:
+        http_out: dict[str, Any] = {}
+        for path in mode.endpoints:
+            got = mode.latency["http"][path]
+            samples, errors, size = got["samples"], len(got["errors"]), got["bytes"]
+            http_out[path] = {
+                "requests": len(samples),
+                "errors": errors,
+                "p50_ms": pct(samples, 50) if samples else None,
+                "p99_ms": pct(samples, 99) if samples else None,
+                "max_ms": max(samples) if samples else None,
+                "bytes": size,
+            }
+        out["http"] = http_out
+        out["latency_phase_grants_per_s"] = mode.latency["grants"]["grants_per_s"]
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    wanted = [m for m in args.modes.split(",") if m]
+    notes = []
+    if "on" in wanted and not cli_has_hub_flags():
+        wanted.remove("on")
+        notes.append(
+            "`tether tracker` has no --db/--web-port yet (the journal's and the web side's): mode 'on' left out"
+        )
+        if "metrics" not in wanted:
+            wanted.append("metrics")
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    report: dict[str, Any] = {"machine": machine_info(), "args": settings, "notes": notes, "modes": {}}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        modes = [stack.enter_context(tracker(name, Path(tmp))) for name in wanted]
+        for mode in modes:
+            stack.callback(release_pool, mode)
+            took = register_pool(mode, args.servers)
+            print(f"  {mode.name:8s} {args.servers} servers registered in {took:.1f} s", flush=True)
+            report["modes"].setdefault(mode.name, {})["register_s"] = took
+        for r in range(args.rounds):
+            print(f"grants, round {r + 1} of {args.rounds} (a viewer every {args.view_interval:g} s)", flush=True)
+            for mode in modes:
+                mode.rounds.append(one_turn(mode, args, args.seconds, args.view_interval))
+        for mode in modes:
+            if mode.web is not None:
+                print(f"latency under load, {mode.name} (requests {args.poll_interval:g} s apart)", flush=True)
+                mode.latency = one_turn(mode, args, args.latency_seconds, args.poll_interval)
+        for mode in modes:
+            report["modes"][mode.name].update(summarize(mode))
+            report["modes"][mode.name]["rounds"] = mode.rounds
+            report["modes"][mode.name]["latency_phase"] = mode.latency
+        db = Path(tmp) / "journal.db"
+        if db.exists():
+            report["journal_bytes"] = sum(p.stat().st_size for p in Path(tmp).glob("journal.db*"))
+    print(f"\nmedians of {args.rounds} rounds, {args.servers} servers registered, {args.clients} clients requesting:")
+    results = report["modes"]
+    base = results.get("off")
+    for name, res in results.items():
+        line = (
+            f"  {name:8s} {res['grants_per_s']:9.0f} grants/s  p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms"
+        )
+        line += f"  {res['tracker_cpu_us_per_grant']:.1f} us CPU/grant"
+        if base is not None and name != "off":
+            # each round's ratio against off in that round (they ran side by side), then the median
+            pairs = [
+                (on["grants"]["grants_per_s"] / off["grants"]["grants_per_s"],
+                 on["grants"]["tracker_cpu_us_per_grant"] / off["grants"]["tracker_cpu_us_per_grant"])
+                for on, off in zip(res["rounds"], base["rounds"], strict=True)
+            ]  # fmt: skip
+            ratio = statistics.median(p[0] for p in pairs)
+            cpu = statistics.median(p[1] for p in pairs)
+            report.setdefault("ratios", {})[name] = {"grants_per_s": ratio, "cpu_per_grant": cpu, "rounds": pairs}
+            verdict = "within" if 1 - ratio <= GRANTS_TARGET else "NOT within"
+            spread = f"{min(p[0] for p in pairs):.2f}..{max(p[0] for p in pairs):.2f}"
+            line += f"\n           x{ratio:.3f} the grants/s of off (rounds {spread}; {verdict} {GRANTS_TARGET:.0%}),"
+            line += f" x{cpu:.2f} its CPU per grant"
+        print(line)
+        if "http" in res:
+            print(f"           latency phase ({res['latency_phase_grants_per_s']:.0f} grants/s meanwhile):")
+        for path, h in res.get("http", {}).items():
+            if h["p99_ms"] is None:
+                print(f"           GET {path}: no answer ({h['errors']} failed)")
+                continue
+            verdict = "under" if h["p99_ms"] < P99_TARGET_MS else "NOT under"
+            print(
+                f"           GET {path}: p50 {h['p50_ms']:.1f} ms  p99 {h['p99_ms']:.1f} ms  max {h['max_ms']:.1f} ms"
+                f"  ({h['requests']} requests, {h['errors']} failed, {h['bytes']} bytes; p99 {verdict} {P99_TARGET_MS:.0f} ms)"
+            )
+    if "journal_bytes" in report:
+        print(f"  journal: {report['journal_bytes'] / 1e6:.1f} MB after the run")
+    if args.attribution:
+        report["attribution"] = attribution(args.attribution, 3)
+    return report
+
+
+# -- where the CPU goes, in this process -------------------------------------------------------
+
+
+class _Link:
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = b""
 
     def send(self, data: bytes) -> None:
-        pass
+        self.last = data
 
     def close(self) -> None:
         pass
 
 
-def populate(t: TrackerHubThread, servers: int, waiters: int) -> None:
-    def build() -> None:
-        core = t.core
-        conns = []
-        for i in range(servers):
-            key = f"k{i % 20}"
-            host = f"10.{i // 65000}.{(i // 250) % 256}.{i % 250 + 1}"
-            conn = core.connect(NullLink(), host, 40000 + i % 20000)
-            tether = {"protocols": ["tether", "tvm"], "labels": {"rack": str(i % 7), "soc": "sd8"}, "device": DEVICE}
-            core.receive(conn, UpdateInfo({"key": f"server:{key}", "addr": [None, 9090], "tether": tether}))
-            core.receive(conn, Put(key, 9090, f"{key}:{i}"))
-            conns.append((conn, f"{key}:{i}"))
-        client = core.connect(NullLink(), "10.200.0.1", 50000)
-        for i in range(servers // 2):
-            core.receive(
-                client, Request(f"k{i % 20}", f"user{i % 37}", 1, RequestOptions(f"g{i}", user=f"user{i % 37}"))
-            )
-        for conn, matchkey in conns[: servers // 6]:
-            if matchkey in conn.held:
-                core.receive(conn, SessionEvent("start", matchkey, "10.200.0.9:1234"))
-        waiting = core.connect(NullLink(), "10.201.0.1", 50001)
-        for i in range(waiters):
-            core.receive(
-                waiting, Request("nobody", f"user{i % 37}", i % 5, RequestOptions(f"w{i}", user=f"user{i % 37}"))
-            )
+def _room(core: Any, room: str, directory: Path) -> Any:
+    """Subscribe ``room`` to ``core.events``; returns what must be flushed and closed after (a journal)."""
+    if room == "events":  # a subscriber that does nothing: what building the events costs the core
+        core.events.subscribe(lambda event: None)
+    elif room == "metrics":
+        from tether.hub.metrics import TrackerMetrics
 
-    t.call(build, timeout=300)
+        TrackerMetrics(core).attach()
+    elif room == "hub":
+        from tether.hub.history import History
+        from tether.hub.stream import EventStreams
+
+        history, streams = History(1000), EventStreams(64, 256)
+        core.events.subscribe(history.on_event)
+        core.events.subscribe(streams.on_event)
+    elif room == "journal":
+        from tether.journal.writer import Journal
+
+        journal = Journal(directory / f"attribution-{time.monotonic_ns()}.db")
+        journal.attach(core.events)
+        return journal
+    return None
 
 
-def fetch(url: str) -> float:
-    start = time.perf_counter()
-    with urllib.request.urlopen(url, timeout=30) as resp:
-        resp.read()
-    return (time.perf_counter() - start) * 1000
+def _cycle_cost(room: str, n: int, directory: Path) -> float:
+    """CPU microseconds (this process, every thread) per grant cycle: a REQUEST granted at once, then the
+    server's PUT of a fresh slot (its session over), through the core alone (no sockets), 64 servers."""
+    from tether.protocol.tracker import Put, Request, UpdateInfo
+    from tether.tracker import TrackerConfig, TrackerCore
+
+    core = TrackerCore(TrackerConfig(max_slots_per_peer=0, max_waiters_per_peer=0, max_connections_per_peer=0))
+    closing = _room(core, room, directory)
+    servers = {}
+    for i in range(64):
+        conn = core.connect(_Link(), "127.0.0.1", 10000 + i)
+        core.receive(conn, UpdateInfo({"key": "server:loop", "addr": [None, 9000 + i]}))
+        core.receive(conn, Put("loop", 9000 + i, f"m{i}-0"))
+        servers[9000 + i] = conn
+    client = core.connect(_Link(), "127.0.0.1", 2)
+    link = client.link
+    assert isinstance(link, _Link)
+    start = time.process_time()
+    for k in range(n):
+        core.receive(client, Request("loop", "u", 1, None))
+        port = json.loads(link.last[4:])[1][1]
+        core.receive(servers[port], Put("loop", port, f"m{port}-{k + 1}"))
+    if closing is not None:
+        closing.flush(120)  # what the journal's thread still had to write counts too
+    took = (time.process_time() - start) / n * 1e6
+    if closing is not None:
+        closing.close()
+    return took
 
 
-def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "p50_ms": round(statistics.median(ordered), 2),
-        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2),
-        "max_ms": round(ordered[-1], 2),
-    }
+def attribution(n: int, reps: int) -> dict[str, float]:
+    """Per grant cycle, the core's CPU alone and with each room beside it (minimum of ``reps`` runs of
+    ``n`` cycles, the rooms taking turns): the noise of a shared machine mostly adds, so the minimum is the
+    cost. Rooms whose modules are missing (the hub's, the journal's, before they are merged) are left out."""
+    rooms = ["none", "events", "metrics", "hub", "journal"]
+    runs: dict[str, list[float]] = {room: [] for room in rooms}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(reps):
+            for room in list(runs):
+                try:
+                    runs[room].append(_cycle_cost(room, n, Path(tmp)))
+                except ImportError as exc:
+                    print(f"  attribution: {room} left out ({exc})", flush=True)
+                    del runs[room]
+    cost = {room: min(v) for room, v in runs.items()}
+    base = cost["none"]
+    print(f"\nCPU per grant cycle in one process, no sockets (min of {reps} x {n}):")
+    for room, us in cost.items():
+        extra = "" if room == "none" else f"  ({us - base:+.1f} us, x{us / base:.2f})"
+        print(f"  {room:8s} {us:7.1f} us{extra}")
+    return cost
 
 
-def loop_cost(t: TrackerHubThread, path: str, repeat: int = 20) -> float:
-    """Milliseconds the view of ``path`` takes on the tracker's loop (median of ``repeat``)."""
-    from urllib.parse import parse_qsl, urlsplit
-
-    parts = urlsplit(path)
-    params = parse_qsl(parts.query)
-    name = parts.path.rsplit("/", 1)[1]
-    hub = t.server.hub
-    order = views.ServerOrder()  # as the hub keeps one: sorted once, then reused
-
-    def once() -> float:
-        clocks = views.Clocks(t.core.clock(), time.time())
-        start = time.perf_counter()
-        health = views.HealthView(t.core)
-        if name == "servers":
-            filters = views.parse_filters(params, ("key", "label", "user", "state"), extra=("offset", "limit"))
-            views.servers(t.core, clocks, filters, views.parse_paging(params, 100, 1000), health, order=order)
-        elif name == "queues":
-            views.queues(t.core, clocks, views.Filters())
-        elif name == "sessions":
-            views.sessions(t.core, clocks, views.Filters(), views.parse_paging(params, 100, 1000))
-        elif name == "history":
-            hub.history.rows(50)
-        elif name == "health":
-            views.health(t.core, clocks, views.Filters(), health)
-        elif name == "summary":
-            views.summary(t.core, clocks, health)
-        return (time.perf_counter() - start) * 1000
-
-    return round(statistics.median(t.call(once) for _ in range(repeat)), 2)
+# -- the tracker of mode "metrics" (a process of its own) ----------------------------------------
 
 
-def serve(args: argparse.Namespace) -> int:
-    """The child: make the pool, measure the views on the loop, print one JSON line, serve until stdin ends."""
-    config = TrackerConfig(host="127.0.0.1", port=0, max_waiters_per_connection=0, max_waiters_per_peer=0)
-    with TrackerHubThread(config, HubConfig(host="127.0.0.1", port=0)) as t:
-        started = time.perf_counter()
-        populate(t, args.servers, args.waiters)
-        made_s = time.perf_counter() - started
-        loop = {path: loop_cost(t, path) for path in ENDPOINTS}
-        ready = {"url": t.web_url, "tracker": [t.host, t.port], "made_s": made_s, "loop_ms": loop}
-        print(json.dumps(ready), flush=True)
-        sys.stdin.read()
-    return 0
+def serve_metrics_tracker(web_port: int) -> None:
+    """A tracker on 127.0.0.1, any port, with :class:`TrackerMetrics` attached and ``/metrics`` on
+    ``web_port``; bounds per peer off as for the other modes (every peer of the bench is on loopback)."""
+    import asyncio
+    import signal
+
+    from tether.hub.metrics import TrackerMetrics, serve_metrics
+    from tether.tracker import TrackerConfig, TrackerServer
+
+    async def main() -> None:
+        config = TrackerConfig(
+            host="127.0.0.1", port=0, max_connections_per_peer=0, max_slots_per_peer=0, max_waiters_per_peer=0
+        )
+        server = TrackerServer(config)
+        await server.start()
+        metrics = TrackerMetrics(server.core)
+        metrics.attach()
+        metrics.start()
+        web = await serve_metrics(metrics, "127.0.0.1", web_port)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.stop)
+        print(f"listening on {server.address}", flush=True)
+        print(f"metrics on http://127.0.0.1:{web.port}/metrics", flush=True)
+        try:
+            await server.serve_until_stopped()
+        finally:
+            metrics.close()
+            await web.close()
+
+    asyncio.run(main())
 
 
-def page_latency(url: str, tracker: tuple[str, int], grants: int) -> dict[str, float]:
-    """Milliseconds from a grant at the tracker to the page showing its holder, ``grants`` times (the
-    page's own work included: the event, its 200 ms throttle, the fetches, the rendering). The probe
-    server's key sorts first, so it is on the first page of 100 among all the others."""
-    from selenium import webdriver
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver"), options=options)
-    cell = "const r = document.querySelector('#servers tbody tr[data-id=\"10.255.0.1:9999\"] td.holder'); return r ? r.textContent : null;"
-    samples: list[float] = []
-    refresh: list[float] = []  # what the page's last refresh took (its fetches and rendering), ms
-    try:
-        with TrackerClient.connect(*tracker) as server, TrackerClient.connect(*tracker) as client:
-            info = {"key": "server:a-probe", "addr": ["10.255.0.1", 9999], "tether": {"protocols": ["tvm", "tether"]}}
-            server.call(UpdateInfo(info))
-            server.put("a-probe", 9999, "a-probe:0", "10.255.0.1")
-            driver.get(url)
-            deadline = time.monotonic() + 30
-            while driver.execute_script(cell) != "" and time.monotonic() < deadline:
-                time.sleep(0.05)  # (waiting for the first render, not timing it)
-            for i in range(grants):
-                user = f"probe{i}"
-                started = time.perf_counter()
-                grant = client.request_grant("a-probe", user=user, timeout=10)
-                while driver.execute_script(cell) != user:
-                    if time.perf_counter() - started > 10:
-                        raise TimeoutError("the page did not show the grant within 10 s")
-                samples.append((time.perf_counter() - started) * 1000)
-                refresh.append(float(driver.execute_script("return document.body.dataset.refreshMs || 0")))
-                server.call(SessionEvent("end", grant.matchkey, outcome="ok"))
-                server.put("a-probe", 9999, f"a-probe:{i + 1}", "10.255.0.1")
-                while driver.execute_script(cell) != "":
-                    time.sleep(0.01)
-    finally:
-        driver.quit()
-    out = percentiles(samples)
-    out["refresh_p50_ms"] = round(statistics.median(refresh), 1)
-    print(
-        f"page: a grant shown after p50 {out['p50_ms']:.0f} ms, p99 {out['p99_ms']:.0f} ms, max {out['max_ms']:.0f} ms "
-        f"(one refresh of the page: p50 {out['refresh_p50_ms']:.0f} ms)"
-    )
-    return out
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve-metrics-tracker"]:
+        serve_metrics_tracker(int(argv[1]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--servers", type=int, default=5000)
-    parser.add_argument("--waiters", type=int, default=1000)
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds of each turn")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each mode takes")
+    parser.add_argument("--servers", type=int, default=5000, help="idle servers registered with each tracker")
+    parser.add_argument("--clients", type=int, default=64, help="clients requesting in a loop (and their servers)")
+    parser.add_argument("--modes", default="off,on,metrics", help="comma-separated: off, on, metrics")
     parser.add_argument(
-        "--browser", type=int, default=0, metavar="N", help="then N grants watched on the page in Debian's chromium"
+        "--view-interval", type=float, default=1.0, help="seconds between a viewer's requests in the grant turns"
     )
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve:
-        return serve(args)
-    # the tracker in its own process: the clients here do not share its interpreter lock
-    child = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--servers", str(args.servers), "--waiters", str(args.waiters)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+    parser.add_argument("--latency-seconds", type=float, default=10.0, help="seconds of the latency phase per mode")
+    parser.add_argument(
+        "--poll-interval", type=float, default=0.02, help="seconds between the poller's requests (latency phase)"
     )
-    assert child.stdout is not None and child.stdin is not None
-    ready = json.loads(child.stdout.readline())
-    results: dict[str, Any] = {"servers": args.servers, "waiters": args.waiters, "endpoints": {}}
-    print(f"pool of {args.servers} servers and {args.waiters} waiters made in {ready['made_s']:.1f} s")
-    base = ready["url"].rstrip("/")
-    print(f"{'endpoint':42} {'bytes':>8} {'loop ms':>8} {'seq p50':>8} {'p99':>8} {'8x p50':>8} {'p99':>8} {'max':>8}")
-    try:
-        for path in ENDPOINTS:
-            url = base + path
-            with urllib.request.urlopen(url, timeout=30) as resp:
-                size = len(resp.read())
-            sequential = [fetch(url) for _ in range(args.requests)]
-            with ThreadPoolExecutor(8) as pool:
-                concurrent = list(pool.map(fetch, [url] * args.requests))
-            row = {
-                "bytes": size,
-                "loop_ms": ready["loop_ms"][path],
-                "sequential": percentiles(sequential),
-                "concurrent8": percentiles(concurrent),
-            }
-            results["endpoints"][path] = row
-            s, c = row["sequential"], row["concurrent8"]
-            print(
-                f"{path:42} {size:8d} {row['loop_ms']:8.2f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f} "
-                f"{c['p50_ms']:8.2f} {c['p99_ms']:8.2f} {c['max_ms']:8.2f}"
-            )
-        if args.browser:
-            results["page"] = page_latency(ready["url"], tuple(ready["tracker"]), args.browser)
-    finally:
-        child.stdin.close()
-        child.wait(30)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    parser.add_argument(
+        "--attribution",
+        type=int,
+        default=10000,
+        metavar="N",
+        help="then N grant cycles through the core alone with each room subscribed (0: skip)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write every number here")
+    args = parser.parse_args(argv)
+    # the trackers run as `python -m tether`: this checkout's tether, whatever else is installed
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")]))
+    write_report(timed_run(run, args), args.json, "hub_bench")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -10,6 +10,8 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -466,6 +468,48 @@ def test_cli_serves_the_page_on_the_trackers_loop(cli: Callable[..., CliProcess]
         reader.close()
 
 
+def test_cli_with_a_journal_and_metrics(cli: Callable[..., CliProcess], tmp_path: Path) -> None:
+    """``--db`` and ``--web-port`` together: the history is read from the journal (and is still there after
+    a restart on the same file), and ``/metrics`` is served on the page's port."""
+    db = tmp_path / "history.db"
+    proc = cli("tracker", "--port", "0", "--web-port", "0", "--db", str(db))
+    host, port = proc.listening()
+    url = proc.wait_line("web page on ").split("web page on ", 1)[1].strip()
+    device = Device(SimpleNamespace(host=host, port=port), "k", 9001)  # type: ignore[arg-type]
+    try:
+        with TrackerClient.connect(host, port) as client:
+            client.request_grant("k", user="alice", timeout=5)
+            device.session("start")
+            device.session("end", outcome="ok")
+            device.offer()
+        body = wait_until(
+            lambda: (b := get_ok(url, "/api/v1/history?user=alice"))["sessions"] and b, what="a journal row"
+        )
+        assert body["source"] == "journal"
+        row = body["sessions"][0]
+        assert (row["key"], row["server"], row["user"], row["outcome"], row["started"]) == (
+            "k",
+            device.id,
+            "alice",
+            "ok",
+            True,
+        )
+        assert row["held_s"] >= 0 and row["waited_s"] >= 0 and row["granted"] <= row["ended"]
+        with urllib.request.urlopen(url + "metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        assert 'tether_tracker_sessions_total{key="k",outcome="ok"} 1.0' in text
+    finally:
+        device.close()
+    assert proc.stop() == 0
+    proc = cli("tracker", "--port", "0", "--web-port", "0", "--db", str(db))
+    proc.listening()
+    url = proc.wait_line("web page on ").split("web page on ", 1)[1].strip()
+    rows = get_ok(url, "/api/v1/history")["sessions"]
+    assert [(r["user"], r["outcome"]) for r in rows] == [("alice", "ok")]
+    assert proc.stop() == 0
+
+
 _CHECK_IMPORTS = """
 import sys
 import tether.cli.tracker as t
@@ -513,7 +557,8 @@ def test_without_aiohttp_the_web_port_says_what_to_install() -> None:
 
 
 def test_more_routes_are_served_beside_the_api() -> None:
-    """How ``/metrics`` (or anything else) joins the page's port: :meth:`Hub.add_route` before the start."""
+    """More routes join the page's port with :meth:`Hub.add_route` before the start; ``/metrics`` is there
+    by itself (``HubConfig.metrics``)."""
     from aiohttp import web
 
     from tether.aio.loop_thread import LoopThread
@@ -523,10 +568,12 @@ def test_more_routes_are_served_beside_the_api() -> None:
         return web.Response(text="tether_up 1\n")
 
     service = TrackerHub(TrackerConfig(host="127.0.0.1", port=0), HubConfig(host="127.0.0.1", port=0))
-    service.hub.add_route("GET", "/metrics", metrics)
+    service.hub.add_route("GET", "/extra", metrics)
     with LoopThread(service, "tracker-hub"):
-        with urllib.request.urlopen(service.hub.url + "metrics", timeout=5) as resp:
+        with urllib.request.urlopen(service.hub.url + "extra", timeout=5) as resp:
             assert resp.read() == b"tether_up 1\n"
+        with urllib.request.urlopen(service.hub.url + "metrics", timeout=5) as resp:
+            assert b"tether_tracker_" in resp.read()
         assert get_ok(service.hub.url, "/api/v1/summary")["servers"] == 0
         with pytest.raises(RuntimeError, match="before start"):
             service.hub.add_route("GET", "/late", metrics)

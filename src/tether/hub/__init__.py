@@ -1,4 +1,5 @@
-"""The tracker's web side: a live page and a versioned JSON API (``tether tracker --web-port``).
+"""The tracker's web side: a live page, a versioned JSON API and Prometheus metrics (``tether tracker
+--web-port``).
 
 It runs beside the tracker's core, on the tracker's own event loop, and only reads it: the core stays
 standard-library only and knows nothing of HTTP. This package imports nothing beyond the standard library
@@ -12,6 +13,7 @@ Modules:
 - :mod:`.history`: the last finished sessions, from the tracker's events (bounded);
 - :mod:`.stream`: the fan-out of events to server-sent-event streams (bounded, slow readers dropped);
 - :mod:`.web`: the aiohttp application and :class:`~tether.hub.web.Hub`, which serves it;
+- :mod:`.metrics`: :class:`~tether.hub.metrics.TrackerMetrics`, ``/metrics`` in Prometheus' format;
 - ``static/index.html``: the page, one file of HTML, CSS and plain JavaScript.
 """
 

@@ -43,3 +43,5 @@ class HubConfig:
     max_page_limit: int = 1000
     #: Seconds a graceful shutdown waits for requests in flight.
     shutdown_timeout_s: float = 2.0
+    #: Serve ``GET /metrics`` (Prometheus' format, :mod:`tether.hub.metrics`) on the same port.
+    metrics: bool = True

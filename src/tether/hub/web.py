@@ -48,6 +48,8 @@ from .stream import EventStreams
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from .metrics import TrackerMetrics
+
 __all__ = ["Handler", "Hub", "SessionJournal", "require_aiohttp"]
 
 logger = logging.getLogger("tether.hub")
@@ -67,11 +69,15 @@ class SessionJournal(Protocol):
 
 
 def require_aiohttp() -> None:
-    """Raise :class:`HubUnavailable` (naming the extra to install) when aiohttp cannot be imported."""
+    """Raise :class:`HubUnavailable` (naming the extra to install) when aiohttp or prometheus-client cannot
+    be imported."""
     try:
         import aiohttp.web  # noqa: F401
+        import prometheus_client  # noqa: F401
     except ImportError as exc:
-        raise HubUnavailable(f"the web page and API need aiohttp ({exc}): {HUB_INSTALL_HINT}") from exc
+        raise HubUnavailable(
+            f"the web page, API and metrics need aiohttp and prometheus-client ({exc}): {HUB_INSTALL_HINT}"
+        ) from exc
 
 
 def _page() -> tuple[bytes, str]:
@@ -120,6 +126,8 @@ class Hub:
         self._unsubscribe: list[Callable[[], None]] = []
         self._page: tuple[bytes, str] | None = None
         self._order = views.ServerOrder()
+        #: ``/metrics``' counts (:class:`~tether.hub.metrics.TrackerMetrics`) while the hub runs with ``config.metrics``
+        self.metrics: TrackerMetrics | None = None
 
     @property
     def url(self) -> str:
@@ -137,6 +145,10 @@ class Hub:
 
         cfg = self.config
         self._page = _page()
+        if cfg.metrics and self.metrics is None:
+            from .metrics import mount_metrics
+
+            self.metrics = mount_metrics(self.core, self._extra_route)
         sock = bind_listener(cfg.host, cfg.port, None, backlog=128)
         try:
             self.host, self.port = str(sock.getsockname()[0]), int(sock.getsockname()[1])
@@ -151,6 +163,7 @@ class Hub:
             await web.SockSite(runner, sock).start()
         except BaseException:
             sock.close()
+            self._close_metrics()
             raise
         self._runner = runner
         events = self.core.events
@@ -167,6 +180,16 @@ class Hub:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        self._close_metrics()
+
+    def _close_metrics(self) -> None:
+        metrics, self.metrics = self.metrics, None
+        if metrics is not None:
+            metrics.close()
+            self._extra = [route for route in self._extra if route[1] != "/metrics"]
+
+    def _extra_route(self, method: str, path: str, handler: Handler) -> None:
+        self._extra.append((method, path, handler))
 
     # -- the application ----------------------------------------------------------------------------
 
