@@ -12,6 +12,8 @@ machine that gets busier or quieter meanwhile shifts all alike; each number is t
 - ``on``: ``python -m tether tracker --db DIR/journal.db --web-port P``: the SQLite journal and the web side
   (page, JSON API, ``/metrics``) (needs the tracker's ``--db`` and ``--web-port``: left out, with a note,
   where the CLI has neither).
+- ``web``: ``--web-port P`` alone (page, API, ``/metrics``); ``journal``: ``--db DIR/journal.db`` alone: which
+  of the two costs what.
 - ``metrics``: a tracker with :class:`tether.hub.metrics.TrackerMetrics` attached and ``/metrics`` served by
   :func:`~tether.hub.metrics.serve_metrics` on its loop (this file's ``--serve-metrics-tracker``): the cost of
   the metrics alone.
@@ -109,6 +111,13 @@ def tracker(mode: str, directory: Path) -> Iterator[Mode]:
         argv = [*base, "--db", str(directory / "journal.db"), "--web-port", str(web)]
         with running("tracker (on)", argv) as proc:
             yield Mode(mode, proc, f"127.0.0.1:{web}", ENDPOINTS)
+    elif mode == "web":
+        web = free_port()
+        with running("tracker (web)", [*base, "--web-port", str(web)]) as proc:
+            yield Mode(mode, proc, f"127.0.0.1:{web}", ENDPOINTS)
+    elif mode == "journal":
+        with running("tracker (journal)", [*base, "--db", str(directory / "journal.db")]) as proc:
+            yield Mode(mode, proc, None, ())
     elif mode == "metrics":
         web = free_port()
         argv = [sys.executable, str(Path(__file__).resolve()), "--serve-metrics-tracker", str(web)]

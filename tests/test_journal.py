@@ -5,7 +5,11 @@ versions, reads while writing. Events are fed directly; the end to end test is t
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,9 +18,11 @@ from typing import Any
 import pytest
 
 from tether.journal import Journal, JournalError, JournalReader
-from tether.journal import writer as writer_module
+from tether.journal import store as store_module
 from tether.journal.usage import Span, summarize
 from tether.tracker.events import EventBus, TrackerEvent
+
+from .conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -259,14 +265,14 @@ def test_record_never_blocks_a_full_queue_drops_and_counts(
     make_journal: Callable[..., Journal], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     gate, writing = threading.Event(), threading.Event()
-    real_apply = writer_module.apply
+    real_apply = store_module.apply
 
     def stuck_disk(conn: sqlite3.Connection, events: Any) -> None:
         writing.set()
         assert gate.wait(30)
         real_apply(conn, events)
 
-    monkeypatch.setattr(writer_module, "apply", stuck_disk)
+    monkeypatch.setattr(store_module, "apply", stuck_disk)
     j = make_journal(queue_max=10, batch_max=5)
     j.record(ev("grant", T0, server="h:1", id=0, matchkey="first", waited_s=0.0))
     assert writing.wait(10)  # the writer holds one event and waits on the "disk"
@@ -299,7 +305,7 @@ def test_close_writes_everything_queued(tmp_path: Path) -> None:
 def test_a_batch_the_database_refuses_is_counted_and_the_writer_goes_on(
     make_journal: Callable[..., Journal], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    real_apply = writer_module.apply
+    real_apply = store_module.apply
     calls = {"n": 0}
 
     def fails_once(conn: sqlite3.Connection, events: Any) -> None:
@@ -308,7 +314,7 @@ def test_a_batch_the_database_refuses_is_counted_and_the_writer_goes_on(
             raise sqlite3.OperationalError("disk I/O error")
         real_apply(conn, events)
 
-    monkeypatch.setattr(writer_module, "apply", fails_once)
+    monkeypatch.setattr(store_module, "apply", fails_once)
     j = make_journal()
     feed(j, session("lost", T0, 1.0))
     feed(j, session("kept", T0 + 10, 1.0))
@@ -425,3 +431,91 @@ def test_files_that_are_not_journals_are_refused(tmp_path: Path) -> None:
         JournalReader(tmp_path / "missing.db").sessions()
     with pytest.raises(JournalError, match="no such directory"):
         Journal(tmp_path / "nowhere" / "h.db")
+
+
+# -- the writer process (tether tracker --db) -------------------------------------------------------
+
+
+def _writer_pid(j: Journal) -> int:
+    pid = getattr(j._store, "pid", None)
+    assert isinstance(pid, int)
+    return pid
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_a_writer_process_writes_prunes_and_ends_the_run(make_journal: Callable[..., Journal], tmp_path: Path) -> None:
+    clock = Clock(T0 + 100 * DAY)
+    j = make_journal(process=True, retention_days=30, wall=clock)
+    assert j.writer == "process"
+    pid = _writer_pid(j)
+    assert pid != os.getpid() and _alive(pid)
+    feed(j, session("old", T0, 5.0) + session("new", T0 + 99 * DAY, 5.0, user="bob"))
+    assert [r["matchkey"] for r in j.sessions()] == ["new", "old"] and j.stats().written == 6
+    assert j.prune_now()
+    assert [r["matchkey"] for r in j.sessions()] == ["new"]  # 100 days old: gone, by the journal's clock
+    assert j.close()
+    with sqlite3.connect(tmp_path / "history.db") as conn:
+        [(stopped,)] = conn.execute("SELECT stopped FROM runs").fetchall()
+    assert stopped == T0 + 100 * DAY  # the run's end came from this process's clock too
+    wait_until(lambda: not _alive(pid), what="the writer process gone")
+
+
+def test_a_lost_writer_process_is_replaced(
+    make_journal: Callable[..., Journal], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tether.journal import process as process_module
+
+    monkeypatch.setattr(process_module, "RESPAWN_EVERY_S", 0.0)
+    j = make_journal(process=True)
+    feed(j, session("before", T0, 1.0))
+    first = _writer_pid(j)
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: j._store._proc is not None and j._store._proc.poll() is not None, what="the writer killed")  # type: ignore[attr-defined]
+    feed(j, session("lost", T0 + 10, 1.0))  # the batch the dead writer was handed: failed, counted
+    feed(j, session("after", T0 + 20, 1.0))
+    assert j.stats().failed == 3 and j.stats().written == 6
+    assert [r["matchkey"] for r in j.sessions()] == ["after", "before"]
+    second = _writer_pid(j)
+    assert second != first and _alive(second)
+    assert any("not done" in r.getMessage() for r in caplog.records)
+    assert any("a new writer process" in r.getMessage() for r in caplog.records)
+
+
+_KILLED_TRACKER = """
+import sys, time
+from tether.journal import Journal
+from tether.tracker.events import TrackerEvent
+j = Journal(sys.argv[1], process=True)
+j.record(TrackerEvent("grant", time.time(), "dev", "h:1", "alice", {"id": 1, "matchkey": "m", "waited_s": 0.0}))
+assert j.flush()
+print(j._store.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_writer_outlives_no_tracker(tmp_path: Path) -> None:
+    """A tracker killed outright (SIGKILL: no close) leaves no writer process behind, and its run is ended."""
+    path = tmp_path / "h.db"
+    with subprocess.Popen(
+        [sys.executable, "-c", _KILLED_TRACKER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            pid = int(parent.stdout.readline())
+            assert _alive(pid)
+        finally:
+            parent.kill()
+            parent.wait(30)
+    wait_until(lambda: not _alive(pid), what="the writer process gone after its tracker")
+    with sqlite3.connect(path) as conn:
+        [(stopped,)] = conn.execute("SELECT stopped FROM runs").fetchall()
+    assert stopped is not None
+    assert [r["matchkey"] for r in JournalReader(path).sessions()] == ["m"]

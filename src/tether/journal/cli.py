@@ -59,7 +59,7 @@ def open_from_args(args: argparse.Namespace) -> Journal | None:
     path = getattr(args, "db", None)
     if not path:
         return None
-    return Journal(os.path.expanduser(path), retention_days=args.db_retention)
+    return Journal(os.path.expanduser(path), retention_days=args.db_retention, process=True)
 
 
 @contextlib.contextmanager

@@ -2,20 +2,25 @@
 
 Invariants:
 
-- :meth:`Journal.record` never blocks: it puts the event on a bounded queue (``queue_max`` events); when
-  the queue is full the event is dropped and counted (:attr:`JournalStats.dropped`), with one warning
-  at first and then at most one per :data:`WARN_EVERY_S` seconds. The tracker's subscribers run on its
+- :meth:`Journal.record` never blocks: it appends the event to a bounded buffer (``queue_max`` events; an
+  append, no lock, nobody woken: the writer looks every ``batch_wait_s``); when the buffer is full the
+  event is dropped and counted (:attr:`JournalStats.dropped`), with one warning at first and then at most
+  one per :data:`WARN_EVERY_S` seconds. The tracker's subscribers run on its
   event loop (:mod:`tether.tracker.events`): this is all the loop pays.
 - The writer thread takes what is queued, up to ``batch_max`` events, and writes it in one transaction
-  (:func:`.fold.apply`). A batch that fails (disk full, I/O error) is rolled back, logged and counted
-  (:attr:`JournalStats.failed`); the thread goes on (a few error lines a minute at most).
+  (:func:`.fold.apply`), in this thread or, with ``process=True`` (``tether tracker --db``), in a writer
+  process of its own (:mod:`.process`): then the tracker's process holds its interpreter lock only to hand
+  the batch over, never for the folding, JSON and SQLite work. A batch that fails (disk full, I/O error, a
+  writer process lost) is rolled back, logged and counted (:attr:`JournalStats.failed`); the thread goes on
+  (a few error lines a minute at most).
 - Retention runs in the writer thread, every ``prune_interval_s`` seconds: rows older than
   ``retention_days`` go, then the oldest beyond the row caps (``max_events``, ``max_sessions``), at most
-  :data:`PRUNE_CHUNK` rows per table per round (rounds repeat between batches until done), so a large
+  :data:`~.store.PRUNE_CHUNK` rows per table per round (rounds repeat between batches until done), so a large
   deletion never holds the queue up for long. Non-ok health states are kept whatever their age: they are
   the quarantine list a restarted tracker reads back (:meth:`JournalReader.health_states`).
-- :meth:`Journal.close` writes everything queued before it, marks the run stopped and ends the thread,
-  waiting at most ``close_timeout_s`` seconds (a stuck disk: the thread is a daemon and is left behind).
+- :meth:`Journal.close` writes everything queued before it, marks the run stopped and ends the thread (and
+  the writer process), waiting at most ``close_timeout_s`` seconds (a stuck disk: the thread is a daemon
+  and is left behind).
 
 Sessions a previous run left open are closed as ``unknown`` when the journal opens (:func:`.fold.close_orphans`).
 """
@@ -25,19 +30,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 from ..loglimit import PeerLogLimit
 from ..tracker.events import EventBus, TrackerEvent
-from .fold import apply, close_orphans
 from .reader import JournalReader
 from .schema import JournalError, open_writer
+from .store import LocalStore, Store, StoreLimits, begin_run
 
 __all__ = ["DEFAULT_MAX_EVENTS", "DEFAULT_MAX_SESSIONS", "Journal", "JournalStats"]
 
@@ -47,11 +52,8 @@ logger = logging.getLogger("tether.journal")
 DEFAULT_MAX_EVENTS: Final = 5_000_000
 DEFAULT_MAX_SESSIONS: Final = 1_000_000
 DEFAULT_QUEUE_MAX: Final = 100_000
-#: Rows deleted per table per pruning round.
-PRUNE_CHUNK: Final = 20_000
 #: Seconds between two warnings about dropped events.
 WARN_EVERY_S: Final = 60.0
-_DAY_S: Final = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +87,10 @@ class Journal(JournalReader):
     ``retention_days``: rows older than this are deleted (0: no age limit). ``max_events``,
     ``max_sessions``: row caps (0: none); the disk used is bounded by them (sizes in :mod:`.schema`).
     ``queue_max``: events waiting for the writer before :meth:`record` drops. ``batch_max``: events per
-    transaction. ``prune_interval_s``: seconds between pruning rounds (0: only :meth:`prune_now`).
-    ``wall``: the clock (``time.time``) for retention and the run's times.
+    transaction; ``batch_wait_s``: seconds a batch gathers before it is written (a flush or close does
+    not wait). ``prune_interval_s``: seconds between pruning rounds (0: only :meth:`prune_now`).
+    ``wall``: the clock (``time.time``) for retention and the run's times. ``process``: write through a
+    writer process of its own (:mod:`.process`) rather than in this process's writer thread.
 
     Raises :class:`JournalError` (a :class:`~tether.errors.ConfigError`) when the file cannot be used;
     :class:`ValueError` for a negative setting.
@@ -101,9 +105,11 @@ class Journal(JournalReader):
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         queue_max: int = DEFAULT_QUEUE_MAX,
         batch_max: int = 2000,
+        batch_wait_s: float = 0.05,
         prune_interval_s: float = 300.0,
         close_timeout_s: float = 10.0,
         wall: Callable[[], float] = time.time,
+        process: bool = False,
     ) -> None:
         for name, value in (
             ("retention_days", retention_days),
@@ -111,6 +117,7 @@ class Journal(JournalReader):
             ("max_sessions", max_sessions),
             ("prune_interval_s", prune_interval_s),
             ("close_timeout_s", close_timeout_s),
+            ("batch_wait_s", batch_wait_s),
         ):
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, not {value!r}")
@@ -119,37 +126,39 @@ class Journal(JournalReader):
         self.retention_days = retention_days
         self.max_events, self.max_sessions = max_events, max_sessions
         self.batch_max, self.prune_interval_s, self.close_timeout_s = batch_max, prune_interval_s, close_timeout_s
+        self.batch_wait_s = batch_wait_s
         self._wall = wall
-        self._conn = open_writer(path)
+        self._errors = PeerLogLimit(lines=3, window_s=WARN_EVERY_S, logger=logger, about="journal errors")
+        conn = open_writer(path)
         try:
-            self._run_id, self.orphans_closed = self._begin_run()
+            run_id, self.orphans_closed = begin_run(conn, wall())
         except sqlite3.Error as exc:
-            self._conn.close()
+            conn.close()
             raise JournalError(f"{os.fspath(path)}: cannot write the journal ({exc})") from exc
         super().__init__(path)
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_max)
+        limits = StoreLimits(retention_days, max_events, max_sessions)
+        self._store: Store
+        if process:
+            conn.close()
+            from .process import RemoteStore
+
+            self._store = RemoteStore(self.path, run_id, limits, self._errors)
+        else:
+            self._store = LocalStore(conn, self.path, run_id, limits, self._errors)
+        #: "thread" or "process": where the SQLite writes run
+        self.writer = "process" if process else "thread"
+        self.queue_max = queue_max
+        #: events and markers for the writer, oldest first (appends and pops are atomic: no lock)
+        self._buffer: deque[object] = deque()
+        self._wake = threading.Event()
         self._lock = threading.Lock()
         self._closed = False
         self._written = self._dropped = self._failed = 0
         self._warned_at = float("-inf")
         self._dropped_since_warning = 0
-        self._errors = PeerLogLimit(lines=3, window_s=WARN_EVERY_S, logger=logger, about="journal errors")
         self._unsubscribe: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="tether-journal", daemon=True)
         self._thread.start()
-
-    def _begin_run(self) -> tuple[int, int]:
-        conn, now = self._conn, self._wall()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            closed = close_orphans(conn)
-            cur = conn.execute("INSERT INTO runs (started, last_write) VALUES (?, ?)", (now, now))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        assert cur.lastrowid is not None
-        return cur.lastrowid, closed
 
     # -- write side, from any thread ------------------------------------------------------------
 
@@ -158,10 +167,10 @@ class Journal(JournalReader):
         if self._closed:
             self._dropped += 1
             return
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
+        if len(self._buffer) >= self.queue_max:
             self._drop()
+        else:
+            self._buffer.append(event)  # the writer looks every batch_wait_s: nobody is woken per event
 
     def _drop(self) -> None:
         with self._lock:
@@ -174,7 +183,7 @@ class Journal(JournalReader):
             self._dropped_since_warning = 0
         logger.warning(
             "journal queue full (%d events): %d event(s) dropped, not written to %s (a slow disk?)",
-            self._queue.maxsize,
+            self.queue_max,
             n,
             self.path,
         )
@@ -199,14 +208,15 @@ class Journal(JournalReader):
         deadline = time.monotonic() + timeout
         if self._closed:
             return False
-        try:
-            self._queue.put(marker, timeout=timeout)
-        except queue.Full:
-            return False
+        self._buffer.append(marker)
+        self._wake.set()
         return marker.done.wait(max(0.0, deadline - time.monotonic()))
 
     def stats(self) -> JournalStats:
-        return JournalStats(self._queue.qsize(), self._written, self._dropped, self._failed)
+        return JournalStats(self._queued(), self._written, self._dropped, self._failed)
+
+    def _queued(self) -> int:
+        return sum(1 for item in list(self._buffer) if isinstance(item, TrackerEvent))
 
     def close(self, timeout: float | None = None) -> bool:
         """Stop recording, write what is queued, mark the run stopped, end the writer thread. Waits at
@@ -221,15 +231,15 @@ class Journal(JournalReader):
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         deadline = time.monotonic() + timeout
-        with contextlib.suppress(queue.Full):  # wakes the thread at once; when full it finds _closed when drained
-            self._queue.put_nowait(_STOP)
+        self._buffer.append(_STOP)
+        self._wake.set()
         self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._thread.is_alive():
             logger.warning(
                 "journal %s: the writer did not finish within %.1f s; %d event(s) may be lost",
                 self.path,
                 timeout,
-                self._queue.qsize(),
+                self._queued(),
             )
             return False
         return True
@@ -246,13 +256,10 @@ class Journal(JournalReader):
         next_prune = time.monotonic() if self.prune_interval_s else float("inf")  # once at the start
         stop = False
         while not stop:
-            wait = max(0.0, min(next_prune - time.monotonic(), 1.0))
-            try:
-                items = [self._queue.get(timeout=wait)]
-            except queue.Empty:
-                items = []
-            if items:
-                items += self._take(self.batch_max - 1)
+            if len(self._buffer) < self.batch_max:  # a batch gathers for batch_wait_s unless someone waits on it
+                self._wake.wait(max(0.0, min(next_prune - time.monotonic(), self.batch_wait_s)))
+                self._wake.clear()
+            items = self._take(self.batch_max)
             events: list[TrackerEvent] = []
             flushes: list[_Flush] = []
             for item in items:
@@ -272,85 +279,33 @@ class Journal(JournalReader):
                 next_prune = time.monotonic() + (0.0 if more else self.prune_interval_s)
             for marker in flushes:
                 marker.done.set()
-            stop = stop or (self._closed and self._queue.empty())
+            stop = stop or (self._closed and not self._buffer)
         self._finish()
 
     def _take(self, n: int) -> list[object]:
         items: list[object] = []
-        with contextlib.suppress(queue.Empty):
+        buffer = self._buffer
+        with contextlib.suppress(IndexError):
             while len(items) < n:
-                items.append(self._queue.get_nowait())
+                items.append(buffer.popleft())
         return items
 
     def _write(self, events: list[TrackerEvent]) -> None:
-        conn = self._conn
-        try:
-            conn.execute("BEGIN")
-            apply(conn, events)
-            conn.execute("UPDATE runs SET last_write = ? WHERE id = ?", (self._wall(), self._run_id))
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self._failed += len(events)
-            if self._errors.allow("write"):
-                logger.error("journal %s: %d event(s) not written: %s", self.path, len(events), exc)
-        except Exception:  # a bug in folding: the tracker's history must not stop for it
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self._failed += len(events)
-            if self._errors.allow("write"):
-                logger.exception("journal %s: %d event(s) not written", self.path, len(events))
-        else:
+        if self._store.write(events, self._wall()):
             self._written += len(events)
+        else:
+            self._failed += len(events)
 
     def _prune(self) -> bool:
         """One pruning round; True when rows are left to delete (another round soon)."""
-        conn, more = self._conn, False
-        cutoff = self._wall() - self.retention_days * _DAY_S if self.retention_days else None
-        try:
-            conn.execute("BEGIN")
-            for table, column, cap in (("events", "wall", self.max_events), ("sessions", "at", self.max_sessions)):
-                if cutoff is not None:
-                    more |= self._delete(table, f"{column} < ?", cutoff)
-                if cap:
-                    # ids grow with time and retention deletes from the low end: max(id) - cap approximates
-                    # the cap without counting rows (which reads the whole table)
-                    more |= self._delete(table, f"id <= (SELECT max(id) FROM {table}) - ?", cap)
-            if cutoff is not None:
-                conn.execute("DELETE FROM servers WHERE online = 0 AND last_seen < ?", (cutoff,))
-                conn.execute("DELETE FROM health WHERE state = 'ok' AND since < ?", (cutoff,))
-                conn.execute(
-                    "DELETE FROM runs WHERE id != ? AND coalesce(stopped, last_write) < ?", (self._run_id, cutoff)
-                )
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            if self._errors.allow("prune"):
-                logger.error("journal %s: old rows not deleted: %s", self.path, exc)
-            return False
-        return more
-
-    def _delete(self, table: str, where: str, value: float) -> bool:
-        """Delete up to :data:`PRUNE_CHUNK` rows of ``table`` (a fixed name) matching ``where``; True
-        when that many went (more may be left)."""
-        cur = self._conn.execute(
-            f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {where} LIMIT ?)", (value, PRUNE_CHUNK)
-        )
-        return cur.rowcount >= PRUNE_CHUNK
+        return self._store.prune(self._wall())
 
     def _finish(self) -> None:
-        items = self._take(self._queue.qsize() + 1)
+        items = self._take(len(self._buffer) + 1)
         rest = [item for item in items if isinstance(item, TrackerEvent)]
         if rest:  # recorded while close() ran
             self._write(rest)
         for item in items:
             if isinstance(item, _Flush):
                 item.done.set()
-        try:
-            self._conn.execute("UPDATE runs SET stopped = ? WHERE id = ?", (self._wall(), self._run_id))
-        except sqlite3.Error as exc:
-            logger.error("journal %s: the run's end not written: %s", self.path, exc)
-        finally:
-            self._conn.close()
+        self._store.finish(self._wall())
