@@ -60,6 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))  # this checkout's tether (the attribution runs it in this process)
@@ -212,6 +214,7 @@ def one_turn(mode: Mode, args: argparse.Namespace, seconds: float, interval_s: f
     if mode.web is not None:
         poller = Poller(mode.web, mode.endpoints, interval_s)
         poller.start()
+    helpers_before = _helpers_cpu_s(mode.proc.pid)
     try:
         res = loadgen(
             "--one-send",
@@ -227,11 +230,14 @@ def one_turn(mode: Mode, args: argparse.Namespace, seconds: float, interval_s: f
     finally:
         if poller is not None:
             poller.stop()
+    res["helpers_cpu_us_per_grant"] = (_helpers_cpu_s(mode.proc.pid) - helpers_before) / max(res["grants"], 1) * 1e6
     turn: dict[str, Any] = {"grants": res}
     line = (
         f"  {mode.name:8s} {res['grants_per_s']:9.0f} grants/s  p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms"
         f"  tracker CPU {res['tracker_cpu_us_per_grant']:.1f} us/grant"
     )
+    if res["helpers_cpu_us_per_grant"]:
+        line += f" (+ {res['helpers_cpu_us_per_grant']:.1f} in its journal's writer process)"
     if poller is not None:
         turn["http"] = {
             path: {"samples": poller.samples[path], "errors": poller.errors[path][:5], "bytes": poller.sizes.get(path)}
@@ -247,11 +253,22 @@ def one_turn(mode: Mode, args: argparse.Namespace, seconds: float, interval_s: f
     return turn
 
 
+def _helpers_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of the tracker's child processes (its journal's writer) so far."""
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                times = child.cpu_times()
+                total += times.user + times.system
+    return total
+
+
 def summarize(mode: Mode) -> dict[str, Any]:
     """Medians of the grant turns; the latency phase's percentiles per endpoint."""
     out: dict[str, Any] = {
         k: statistics.median(r["grants"][k] for r in mode.rounds)
-        for k in ("grants_per_s", "p50_ms", "p99_ms", "tracker_cpu_us_per_grant")
+        for k in ("grants_per_s", "p50_ms", "p99_ms", "tracker_cpu_us_per_grant", "helpers_cpu_us_per_grant")
     }
     if mode.latency is not None:
         http_out: dict[str, Any] = {}
@@ -315,6 +332,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"  {name:8s} {res['grants_per_s']:9.0f} grants/s  p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms"
         )
         line += f"  {res['tracker_cpu_us_per_grant']:.1f} us CPU/grant"
+        if res["helpers_cpu_us_per_grant"]:
+            line += f" (+ {res['helpers_cpu_us_per_grant']:.1f} us in the journal's writer process)"
         if base is not None and name != "off":
             # each round's ratio against off in that round (they ran side by side), then the median
             pairs = [
