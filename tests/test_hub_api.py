@@ -346,6 +346,7 @@ def test_a_quarantined_server_shows_with_its_reason(hub: TrackerHubThread, devic
     server = server_row(hub, bad.id)
     assert server is not None and server["state"] == "quarantined" and server["holder"] is None
     assert server["health"]["state"] == "quarantined"
+    assert abs(server["since"] - time.time()) < 60  # its slot, withheld, was offered just now
     assert [f["outcome"] for f in server["recent_failures"]] == ["failed"] * after
     assert [r["id"] for r in get_ok(hub.web_url, "/api/v1/servers?state=quarantined")["servers"]] == [bad.id]
     assert [r["id"] for r in get_ok(hub.web_url, "/api/v1/servers?state=free")["servers"]] == ["127.0.0.1:9002"]

@@ -469,6 +469,7 @@ class TrackerCore:
             conn.server_id = sid
             self._emit_register(conn)
         if self.health.withheld(sid):
+            slot.free_since = now  # offered now (the scheduler sets it for the slots it queues)
             conn.link.send(_OK)  # kept, not granted: cordoned, draining or quarantined
             return
         grant = self.scheduler.put(slot, now)
