@@ -163,6 +163,9 @@ class Measurement:
     #: bytes sent for its artifact (0: the session or the server's cache already held it)
     sent_bytes: int = 0
     error: CandidateError | None = None
+    #: seconds the device it ran on was waited for in the tracker's queue (counted on the first candidate
+    #: measured in each lease, 0 on the others: the sum over a batch is its queue time)
+    waited_s: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -186,6 +189,7 @@ class Measurement:
             "device": self.device,
             "attempts": self.attempts,
             "sent_bytes": self.sent_bytes,
+            "waited_s": self.waited_s,
             "error": None if self.error is None else {"kind": self.error.kind, **_error_fields(self.error)},
         }
 
@@ -237,6 +241,7 @@ class _Lease:
         self.max_payload: int | None = info.get("max_payload")
         self.device = device_name(session.address, info.get("labels") or {})
         self.files: dict[str, str] = {}  # sha256 -> name in the workspace
+        self.waited_s = 0.0  # in the tracker's queue for it; handed to the first candidate measured
 
 
 class _Batch:
@@ -334,6 +339,7 @@ class _Batch:
         with self.lock:
             self.waiting.add(tracker)
             finished = self.left == 0
+        asked = time.monotonic()
         try:
             if finished:
                 raise ConnectionClosed("the batch is finished")
@@ -353,11 +359,13 @@ class _Batch:
                 self.waiting.discard(tracker)
         session.io_timeout = s.io_timeout
         try:
-            return _Lease(tracker, session)
+            lease = _Lease(tracker, session)
         except BaseException:
             session.close()
             tracker.close()
             raise
+        lease.waited_s = time.monotonic() - asked
+        return lease
 
     def _worker(self) -> None:
         lease: _Lease | None = None
@@ -407,6 +415,7 @@ class _Batch:
                     error = _Failed("run", exc).error
                     self._finish(index, Measurement(index, self.candidates[index].label(index), error=error))
                 else:
+                    result.waited_s, lease.waited_s = lease.waited_s, 0.0
                     self._finish(index, result)
         finally:
             if lease is not None:

@@ -104,6 +104,7 @@ class TetherRunner(PyRunner):  # type: ignore[misc]
         labels: Mapping[str, str] | None = None,
         queue_timeout_sec: float | None = None,
         retries: int = 2,
+        on_result: Callable[[Measurement], None] | None = None,
     ) -> None:
         super().__init__()
         hooks = [f_create_session, f_upload_module, f_alloc_argument, f_run_evaluator, f_cleanup]
@@ -120,6 +121,7 @@ class TetherRunner(PyRunner):  # type: ignore[misc]
         self.labels = dict(labels or {})
         self.queue_timeout_sec = queue_timeout_sec
         self.retries = retries
+        self.on_result = on_result  # told of each candidate's measurement (its device, its queue wait)
         if initializer is not None:  # RPCRunner runs it in each popen worker; here the work is in-process
             initializer()
 
@@ -151,5 +153,6 @@ class TetherRunner(PyRunner):  # type: ignore[misc]
             self.settings(),
             devices=self.max_workers,
             labels=self.labels,
+            on_result=self.on_result,
         )
         return [TetherRunnerFuture(f) for f in futures]
