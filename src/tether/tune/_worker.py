@@ -12,7 +12,7 @@ def preload() -> None:
     """The worker's initializer: TVM and the tensor intrinsics that meta_schedule's ``default_build``
     imports (about 250 TVMScript parses: seconds on a small machine, paid once per worker, not per batch)."""
     import tvm.s_tir.tensor_intrin  # noqa: F401
-    from tvm.s_tir.meta_schedule.builder import local_builder  # noqa: F401
+    import tvm.s_tir.transform  # noqa: F401
 
 
 def ping() -> int:
@@ -25,15 +25,17 @@ def build(mod_json: str, target_json: str, cc: str | None, tmp_root: str | None)
     shared library in a directory of its own (meta_schedule removes the directory when it is measured).
     Returns its path and the seconds the build took."""
     import tvm
-    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+    import tvm.s_tir.tensor_intrin  # noqa: F401 - what a tensorized candidate refers to
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     started = time.perf_counter()
     mod = tvm.ir.load_json(mod_json)
     target = tvm.target.Target(json.loads(target_json))
-    rt_mod = default_build(mod, target, None)
+    # meta_schedule's default_build, without its deprecated tvm.driver.build wrapper
+    rt_mod = tvm.tirx.build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
     path = os.path.join(tempfile.mkdtemp(prefix="tether-tune-", dir=tmp_root), "candidate.so")
     if cc:
-        from tvm.contrib import cc as tvm_cc
+        from tvm.support import cc as tvm_cc
 
         rt_mod.export_library(path, fcompile=tvm_cc.cross_compiler(cc))
     else:

@@ -187,7 +187,7 @@ def _export(lib: Any, path: Path, cc: str | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         if cc:
-            from tvm.contrib import cc as tvm_cc
+            from tvm.support import cc as tvm_cc
 
             lib.export_library(str(path), fcompile=tvm_cc.cross_compiler(cc))
         else:
@@ -296,6 +296,7 @@ def _task_summary(tasks: list[Any], database: Any) -> list[dict[str, Any]]:
     for task in tasks:
         records = by_hash.get(tvm_ffi.structural_hash(task.dispatched[0]), [])
         means = [sum(float(x) for x in r.run_secs) / len(r.run_secs) for r in records if r.run_secs]
+        means = [m for m in means if m < 1e9]  # meta_schedule records a failed candidate as 1e10 s
         out.append(
             {
                 "name": str(task.task_name),
@@ -358,7 +359,7 @@ def tune(opts: TuneOptions, on_line: Callable[[str], None] | None = None) -> Tun
             builder = WarmBuilder(target_json, workers=opts.builders, timeout_s=opts.build_timeout_s, cc=opts.cc,
                                   cache=cache)  # fmt: skip
             evaluator = ms.runner.EvaluatorConfig(number=opts.number, repeat=opts.repeat,
-                                                  min_repeat_ms=opts.min_repeat_ms, enable_cpu_cache_flush=False)  # fmt: skip
+                                                  min_repeat_ms=int(opts.min_repeat_ms), enable_cpu_cache_flush=False)  # fmt: skip
             rpc_config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=opts.key,
                                              session_priority=1, session_timeout_sec=int(opts.session_timeout_s))  # fmt: skip
             inner: Any

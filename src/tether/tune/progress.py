@@ -36,6 +36,14 @@ def failure_kind(error: str) -> str:
     return "run"
 
 
+def _short(message: str, limit: int = 600) -> str:
+    """A long message (a worker's traceback) as its first line and its end, where the error is."""
+    if len(message) <= limit:
+        return message
+    first = message.splitlines()[0][:120]
+    return f"{first} ... {message[-(limit - len(first) - 5):]}"
+
+
 @dataclass
 class TaskState:
     name: str
@@ -61,6 +69,8 @@ class TuneProgress:
     tasks: list[TaskState] = field(default_factory=list)
     done: int = 0
     failures: dict[str, int] = field(default_factory=dict)
+    #: the last message of each kind of failure (its first line and its end when long)
+    last_errors: dict[str, str] = field(default_factory=dict)
     devices: set[str] = field(default_factory=set)
     waited_s: float = 0.0
     started: float = 0.0
@@ -88,10 +98,12 @@ class TuneProgress:
             for build_error, result in zip(build_errors, runs, strict=False):
                 if build_error is not None:
                     self.failures["build"] = self.failures.get("build", 0) + 1
+                    self.last_errors["build"] = _short(build_error)
                     continue
                 if result.error_msg is not None:
                     kind = failure_kind(str(result.error_msg))
                     self.failures[kind] = self.failures.get(kind, 0) + 1
+                    self.last_errors[kind] = _short(str(result.error_msg))
                     continue
                 secs = [float(s) for s in result.run_secs]
                 if secs:
@@ -132,6 +144,7 @@ class TuneProgress:
                 "trials_done": self.done,
                 "tasks": [t.to_dict() for t in self.tasks],
                 "failures": dict(self.failures),
+                "last_errors": dict(self.last_errors),
                 "devices": sorted(self.devices),
                 "queue_wait_s": self.waited_s,
             }
