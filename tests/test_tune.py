@@ -96,8 +96,9 @@ def test_tunes_on_two_tether_servers_and_resumes(
     common = ["--key", "tune-cpu", "--target", "llvm -num-cores=1", "--work-dir", str(work), "--builders", "2"]
     # the seed's spelling: the tracker from TVM_TRACKER_HOST/PORT, an old CLI target string translated
     env = {"TVM_TRACKER_HOST": tracker.host, "TVM_TRACKER_PORT": str(tracker.port)}
-    rc, out, err = tether_tune(str(mlp), *common, "--trials", "8", "-o", str(tmp_path / "mlp.so"),
-                               "--json", str(tmp_path / "r1.json"), env=env)  # fmt: skip
+    rc, out, err = tether_tune(
+        str(mlp), *common, "--trials", "8", "-o", str(tmp_path / "mlp.so"), "--json", str(tmp_path / "r1.json"), env=env
+    )
     assert rc == 0, err
     report = json.loads((tmp_path / "r1.json").read_text())
     assert report["target"] == {"kind": "llvm", "num-cores": 1}
@@ -121,16 +122,33 @@ def test_tunes_on_two_tether_servers_and_resumes(
     assert len(first) == len(set(first)) == report["measured"]
 
     # the same run again: everything is in the work dir, nothing is measured
-    rc, out, err = tether_tune(str(mlp), *common, "--trials", "8", "--json", str(tmp_path / "r2.json"),
-                               "--tracker", f"{tracker.host}:{tracker.port}")  # fmt: skip
+    rc, out, err = tether_tune(
+        str(mlp),
+        *common,
+        "--trials",
+        "8",
+        "--json",
+        str(tmp_path / "r2.json"),
+        "--tracker",
+        f"{tracker.host}:{tracker.port}",
+    )
     assert rc == 0, err
     again = json.loads((tmp_path / "r2.json").read_text())
     assert (again["trials_before"], again["trials_run"], again["measured"]) == (8, 0, 0)
     assert again["tuned"]["checked"]
     assert _measured_keys(work) == first
     # more trials continue from there; a candidate proposed again comes from the work dir, not the device
-    rc, out, err = tether_tune(str(mlp), *common, "--trials", "12", "--json", str(tmp_path / "r3.json"),
-                               "--rpc-tracker", f"{tracker.host}:{tracker.port}", "--no-measure")  # fmt: skip
+    rc, out, err = tether_tune(
+        str(mlp),
+        *common,
+        "--trials",
+        "12",
+        "--json",
+        str(tmp_path / "r3.json"),
+        "--rpc-tracker",
+        f"{tracker.host}:{tracker.port}",
+        "--no-measure",
+    )
     assert rc == 0, err
     more = json.loads((tmp_path / "r3.json").read_text())
     assert (more["trials_before"], more["trials_run"]) == (8, 4)
@@ -147,10 +165,25 @@ def test_tunes_through_rpcrunner_on_a_tvm_rpc_server(
 ) -> None:
     """A key served only by TVM's rpc_server: measured with TVM's RPCRunner, the final numbers through TVM RPC."""
     tvm_server(tracker.port, "tune-tvm")
-    rc, out, err = tether_tune(str(mlp), "--rpc-tracker", f"{tracker.host}:{tracker.port}", "--rpc-key", "tune-tvm",
-                               "--target", '{"kind": "llvm", "num-cores": 1}', "--trials", "4", "--builders", "2",
-                               "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path / "t.so"),
-                               "--json", str(tmp_path / "r.json"))  # fmt: skip
+    rc, _out, err = tether_tune(
+        str(mlp),
+        "--rpc-tracker",
+        f"{tracker.host}:{tracker.port}",
+        "--rpc-key",
+        "tune-tvm",
+        "--target",
+        '{"kind": "llvm", "num-cores": 1}',
+        "--trials",
+        "4",
+        "--builders",
+        "2",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--output",
+        str(tmp_path / "t.so"),
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert rc == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["runner"] == "tvm" and report["trials_run"] == 4
@@ -159,18 +192,33 @@ def test_tunes_through_rpcrunner_on_a_tvm_rpc_server(
     assert "(TVM RPC)" in report["tuned"]["device"]
 
 
-def test_cross_compiles_for_aarch64(tracker: TrackerThread, device_server: Callable[..., Any], mlp: Path,
-                                    tmp_path: Path) -> None:  # fmt: skip
+def test_cross_compiles_for_aarch64(
+    tracker: TrackerThread, device_server: Callable[..., Any], mlp: Path, tmp_path: Path
+) -> None:
     cc = shutil.which("aarch64-linux-gnu-g++")
     if cc is None:
         pytest.skip("needs Debian's g++-aarch64-linux-gnu (the cross compiler): apt-get install g++-aarch64-linux-gnu")
     device_server(key="tune-board", tracker=(tracker.host, tracker.port))
     out_so = tmp_path / "mlp-aarch64.so"
     # trials 0: nothing to measure (this host's servers cannot run aarch64 code), the library is still built
-    rc, out, err = tether_tune(str(mlp), "--tracker", f"{tracker.host}:{tracker.port}", "--key", "tune-board",
-                               "--target", "llvm -mtriple=aarch64-linux-gnu -mattr=+neon", "--cc", cc,
-                               "--trials", "0", "--no-measure", "--work-dir", str(tmp_path / "w"),
-                               "-o", str(out_so))  # fmt: skip
+    rc, _out, err = tether_tune(
+        str(mlp),
+        "--tracker",
+        f"{tracker.host}:{tracker.port}",
+        "--key",
+        "tune-board",
+        "--target",
+        "llvm -mtriple=aarch64-linux-gnu -mattr=+neon",
+        "--cc",
+        cc,
+        "--trials",
+        "0",
+        "--no-measure",
+        "--work-dir",
+        str(tmp_path / "w"),
+        "-o",
+        str(out_so),
+    )
     assert rc == 0, err
     assert _elf_machine(out_so) == 183  # EM_AARCH64
     # a candidate, as the build workers make them for such a board: cross-compiled too
@@ -187,9 +235,27 @@ def test_cross_compiles_for_aarch64(tracker: TrackerThread, device_server: Calla
 
 
 def test_a_bad_target_says_what_json_to_write(tracker: TrackerThread, mlp: Path, tmp_path: Path) -> None:
-    rc, _, err = tether_tune(str(mlp), "--tracker", f"{tracker.host}:{tracker.port}", "--key", "k",
-                             "--target", "llvm mtriple", "--work-dir", str(tmp_path))  # fmt: skip
+    rc, _, err = tether_tune(
+        str(mlp),
+        "--tracker",
+        f"{tracker.host}:{tracker.port}",
+        "--key",
+        "k",
+        "--target",
+        "llvm mtriple",
+        "--work-dir",
+        str(tmp_path),
+    )
     assert rc == 2 and 'write the target as JSON, e.g. {"kind": "llvm"}' in err and "Traceback" not in err
-    rc, _, err = tether_tune(str(mlp), "--tracker", f"{tracker.host}:{tracker.port}", "--key", "nobody",
-                             "--target", "llvm", "--work-dir", str(tmp_path))  # fmt: skip
+    rc, _, err = tether_tune(
+        str(mlp),
+        "--tracker",
+        f"{tracker.host}:{tracker.port}",
+        "--key",
+        "nobody",
+        "--target",
+        "llvm",
+        "--work-dir",
+        str(tmp_path),
+    )
     assert rc == 1 and "lists no server of key 'nobody'" in err and "Traceback" not in err

@@ -52,16 +52,24 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("-o", "--output", type=output_file, default=None, metavar="FILE", help="the tuned library (.so)")
     p.add_argument("--json", type=output_file, default=None, metavar="FILE", help="write the report as JSON")
-    p.add_argument("--runner", choices=["auto", "tether", "tvm"], default="auto",
-                   help="measure with TetherRunner or TVM's RPCRunner (auto: tether when every server speaks it)")  # fmt: skip
+    p.add_argument(
+        "--runner",
+        choices=["auto", "tether", "tvm"],
+        default="auto",
+        help="measure with TetherRunner or TVM's RPCRunner (auto: tether when every server speaks it)",
+    )
     p.add_argument("--devices", type=count(1), default=None, metavar="N", help="servers at once (default: all)")
     p.add_argument("--builders", type=count(1), default=None, metavar="N", help="build processes (default: CPUs)")
     p.add_argument("--number", type=count(1), default=3, help="runs per measurement (meta_schedule's evaluator)")
     p.add_argument("--repeat", type=count(1), default=1, help="measurements per candidate")
     p.add_argument("--min-repeat-ms", type=seconds, default=0.0, help="grow number until a repeat takes this long")
     p.add_argument("--session-timeout", type=seconds, default=60.0, help="seconds for one candidate on a device")
-    p.add_argument("--cost-model", choices=["auto", "xgb", "mlp", "random"], default="auto",
-                   help="auto: xgb when xgboost is installed, else random")  # fmt: skip
+    p.add_argument(
+        "--cost-model",
+        choices=["auto", "xgb", "mlp", "random"],
+        default="auto",
+        help="auto: xgb when xgboost is installed, else random",
+    )
     p.add_argument("--seed", type=int, default=0, help="the search's seed")
     p.add_argument("--no-measure", action="store_true", help="skip the untuned vs tuned measurement at the end")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -131,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
         measure=not args.no_measure,
     )
 
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # meta_schedule's tables: in the work dir's logs
-        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:  # --log-level DEBUG: meta_schedule's too
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.DEBUG)
 
     def say(line: str) -> None:
         if not args.quiet:

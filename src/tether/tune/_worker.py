@@ -11,7 +11,7 @@ import time
 def preload() -> None:
     """The worker's initializer: TVM and the tensor intrinsics that meta_schedule's ``default_build``
     imports (about 250 TVMScript parses: seconds on a small machine, paid once per worker, not per batch)."""
-    import tvm.s_tir.tensor_intrin  # noqa: F401
+    import tvm.s_tir.tensor_intrin
     import tvm.s_tir.transform  # noqa: F401
 
 
@@ -25,7 +25,7 @@ def build(mod_json: str, target_json: str, cc: str | None, tmp_root: str | None)
     shared library in a directory of its own (meta_schedule removes the directory when it is measured).
     Returns its path and the seconds the build took."""
     import tvm
-    import tvm.s_tir.tensor_intrin  # noqa: F401 - what a tensorized candidate refers to
+    import tvm.s_tir.tensor_intrin
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     started = time.perf_counter()

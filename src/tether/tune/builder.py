@@ -42,7 +42,7 @@ CACHE_FILE = "tether_measured.jsonl"
 
 
 class MeasureCache:
-    """Candidates' measurements by key (a JSON-lines file in the work dir; a torn last line is skipped).
+    """Candidates' measurements by key (a JSON-lines file in the work dir; a torn last line is dropped).
     Thread-safe; ``hits`` and ``stored`` count this run's lookups that found one and new entries."""
 
     def __init__(self, work_dir: Path) -> None:
@@ -52,7 +52,11 @@ class MeasureCache:
         self.hits = 0
         self.stored = 0
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):  # a run killed mid-write: drop the torn line, append after
+                with self.path.open("r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+            for line in data.decode("utf-8", "replace").splitlines():
                 try:
                     entry = json.loads(line)
                     self._entries[str(entry["key"])] = entry

@@ -123,7 +123,9 @@ def _tvm() -> Any:
         from tvm import relax  # noqa: F401
         from tvm.s_tir import meta_schedule  # noqa: F401
     except ImportError as exc:
-        raise ConfigError(f"tether tune needs apache-tvm 0.27 on this host (pip install 'tether[tvm]'): {exc}") from None
+        raise ConfigError(
+            f"tether tune needs apache-tvm 0.27 on this host (pip install 'tether[tvm]'): {exc}"
+        ) from None
     return tvm
 
 
@@ -212,7 +214,9 @@ def _reference(model: Path, seed: int) -> tuple[list[dict[str, Any]], dict[str, 
         shape = tuple(int(d) for d in i.shape)
         specs.append({"name": i.name, "dtype": str(dtype), "shape": list(shape)})
         kind = dtype.kind
-        inputs[i.name] = rng.standard_normal(shape).astype(dtype) if kind == "f" else rng.integers(0, 10, shape).astype(dtype)
+        inputs[i.name] = (
+            rng.standard_normal(shape).astype(dtype) if kind == "f" else rng.integers(0, 10, shape).astype(dtype)
+        )
     names = [o.name for o in sess.get_outputs()]
     expected = dict(zip(names, sess.run(names, inputs), strict=True))
     return specs, inputs, names, expected
@@ -257,31 +261,36 @@ def _measure_tvm(opts: TuneOptions, libs: list[Path], model: Path, target: Any) 
 
     specs, inputs, names, expected = _reference(model, 0)
     host, port = opts.tracker
-    tracker = rpc.connect_tracker(host, port)
-    remote = tracker.request(opts.key, priority=1, session_timeout=int(max(opts.queue_timeout_s, 60)))
-    dev = remote.device(target.kind.name if target.kind.name != "llvm" else "cpu", 0)
     device = f"{host}:{port}/{opts.key} (TVM RPC)"
-    out = []
+
+    def one(remote: Any, lib_path: Path) -> dict[str, Any]:
+        # every remote object lives in this frame: gone when it returns, so the session can close after
+        dev = remote.device(target.kind.name if target.kind.name != "llvm" else "cpu", 0)
+        remote.upload(bytearray(lib_path.read_bytes()), lib_path.name)  # upload(path) leaks the open file
+        vm = tvm.relax.VirtualMachine(remote.load_module(lib_path.name), dev)
+        args = [tvm.runtime.tensor(inputs[s["name"]], dev) for s in specs]
+        result = vm["main"](*args)
+        flat = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
+        why = None
+        for name, value in zip(names, flat, strict=True):
+            if not np.allclose(value.numpy(), expected[name], rtol=opts.rtol, atol=opts.atol):
+                why = f"output {name!r} differs from onnxruntime's beyond rtol {opts.rtol}, atol {opts.atol}"
+        timer = vm.time_evaluator("main", dev, number=opts.final_number, repeat=opts.final_repeat)
+        samples = [float(x) for x in timer(*args).results]
+        return _record(samples, why, why is None, device, lib_path)
+
+    tracker = rpc.connect_tracker(host, port)
     try:
+        remote = tracker.request(opts.key, priority=1, session_timeout=int(max(opts.queue_timeout_s, 60)))
+        out = []
         for lib_path in libs:
             try:
-                remote.upload(str(lib_path))
-                lib = remote.load_module(lib_path.name)
-                vm = tvm.relax.VirtualMachine(lib, dev)
-                args = [tvm.runtime.tensor(inputs[s["name"]], dev) for s in specs]
-                result = vm["main"](*args)
-                flat = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-                why = None
-                for name, value in zip(names, flat, strict=True):
-                    if not np.allclose(value.numpy(), expected[name], rtol=opts.rtol, atol=opts.atol):
-                        why = f"output {name!r} differs from onnxruntime's beyond rtol {opts.rtol}, atol {opts.atol}"
-                timer = vm.time_evaluator("main", dev, number=opts.final_number, repeat=opts.final_repeat)
-                samples = [float(s) for s in timer(*args).results]
-                out.append(_record(samples, why, why is None, device, lib_path))
+                out.append(one(remote, lib_path))
             except Exception as exc:
                 out.append(_record([], f"{type(exc).__name__}: {exc}", False, device, lib_path))
+        del remote
     finally:
-        del remote  # the session ends when nothing holds it
+        tracker.close()
     return out
 
 
@@ -315,9 +324,12 @@ def tune(opts: TuneOptions, on_line: Callable[[str], None] | None = None) -> Tun
     from tvm.s_tir import meta_schedule as ms
 
     from .builder import CachingRunner, MeasureCache, WarmBuilder
-    from .progress import ProgressCallback, TuneProgress
+    from .progress import ProgressCallback, TuneProgress, failure_kind
 
     say = on_line or (lambda _line: None)
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    if ms_logger.level == logging.NOTSET:  # its tables and the cost model's rounds: in the work dir's logs
+        ms_logger.setLevel(logging.WARNING)
     started = time.monotonic()
     stages: dict[str, float] = {}
     model = Path(opts.model)
@@ -336,46 +348,76 @@ def tune(opts: TuneOptions, on_line: Callable[[str], None] | None = None) -> Tun
     host, port = opts.tracker
     runner_kind, servers = choose_runner(host, port, opts.key, opts.runner)
     devices = opts.devices or servers
-    report = TuneReport(str(model), opts.key, tdict, runner_kind, str(work_dir),
-                        None if opts.output is None else str(opts.output), opts.trials)  # fmt: skip
+    report = TuneReport(
+        str(model),
+        opts.key,
+        tdict,
+        runner_kind,
+        str(work_dir),
+        None if opts.output is None else str(opts.output),
+        opts.trials,
+    )
 
     cache = MeasureCache(work_dir)
     builder: WarmBuilder | None = None
     try:
-        say(f"tune: {model.name} for {target_json} on {opts.key!r} ({servers} servers, {runner_kind} runner), "
-            f"work dir {work_dir}")  # fmt: skip
+        say(
+            f"tune: {model.name} for {target_json} on {opts.key!r} ({servers} servers, {runner_kind} runner), "
+            f"work dir {work_dir}"
+        )
         t0 = time.monotonic()
-        imported, lowered = load_and_lower(model, target)
+        _imported, lowered = load_and_lower(model, target)
         tasks = ms.relax_integration.extract_tasks(lowered, target)
         stages["import_s"] = time.monotonic() - t0
         database = ms.database.JSONDatabase(work_dir=str(work_dir))
         report.trials_before = len(database.get_all_tuning_records())
         remaining = max(0, opts.trials - report.trials_before)
-        say(f"tune: {len(tasks)} tasks ({', '.join(t.task_name for t in tasks)}); "
-            f"{report.trials_before} trials in the work dir, {remaining} to run")  # fmt: skip
+        say(
+            f"tune: {len(tasks)} tasks ({', '.join(t.task_name for t in tasks)}); "
+            f"{report.trials_before} trials in the work dir, {remaining} to run"
+        )
         progress = TuneProgress(remaining, on_line=say, status=_tracker_status(host, port, opts.key))
         t0 = time.monotonic()
         if remaining > 0 and tasks:
-            builder = WarmBuilder(target_json, workers=opts.builders, timeout_s=opts.build_timeout_s, cc=opts.cc,
-                                  cache=cache)  # fmt: skip
-            evaluator = ms.runner.EvaluatorConfig(number=opts.number, repeat=opts.repeat,
-                                                  min_repeat_ms=int(opts.min_repeat_ms), enable_cpu_cache_flush=False)  # fmt: skip
-            rpc_config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=opts.key,
-                                             session_priority=1, session_timeout_sec=int(opts.session_timeout_s))  # fmt: skip
+            builder = WarmBuilder(
+                target_json, workers=opts.builders, timeout_s=opts.build_timeout_s, cc=opts.cc, cache=cache
+            )
+            evaluator = ms.runner.EvaluatorConfig(
+                number=opts.number,
+                repeat=opts.repeat,
+                min_repeat_ms=int(opts.min_repeat_ms),
+                enable_cpu_cache_flush=False,
+            )
+            rpc_config = ms.runner.RPCConfig(
+                tracker_host=host,
+                tracker_port=port,
+                tracker_key=opts.key,
+                session_priority=1,
+                session_timeout_sec=int(opts.session_timeout_s),
+            )
             inner: Any
             if runner_kind == "tether":
                 from ..integrations.meta_schedule import TetherRunner
 
-                inner = TetherRunner(rpc_config, evaluator, max_workers=devices,
-                                     queue_timeout_sec=opts.queue_timeout_s, on_result=progress.measured)  # fmt: skip
+                inner = TetherRunner(
+                    rpc_config,
+                    evaluator,
+                    max_workers=devices,
+                    queue_timeout_sec=opts.queue_timeout_s,
+                    on_result=progress.measured,
+                )
             else:
                 inner = ms.runner.RPCRunner(rpc_config, evaluator, max_workers=devices)
-            keep = (lambda e: e.split(":", 1)[-1].strip().split(":", 1)[0] in ("load", "run", "wrong_answer")) \
-                if runner_kind == "tether" else (lambda e: False)  # fmt: skip
+
+            # a candidate that failed to load or run (or gave wrong answers) on a tether server would fail again:
+            # kept; a timeout, a lost device or RPCRunner's untyped errors may not: measured again when proposed
+            def keep(error: str) -> bool:
+                return runner_kind == "tether" and failure_kind(error) in ("load", "run", "wrong_answer")
+
             runner = CachingRunner(inner, builder, cache, keep)
             # small batches when trials are few, so that every task gets some (the first would take them all)
             per_iter = opts.trials_per_iter or max(1, min(64, remaining // (2 * len(tasks)) or 1))
-            callbacks = list(ms.measure_callback.MeasureCallback.create("default")) + [ProgressCallback(progress)]
+            callbacks = [*list(ms.measure_callback.MeasureCallback.create("default")), ProgressCallback(progress)]
             database = ms.relax_integration.tune_relax(
                 lowered,
                 {},
@@ -405,7 +447,8 @@ def tune(opts: TuneOptions, on_line: Callable[[str], None] | None = None) -> Tun
     t0 = time.monotonic()
     with target:
         tuned = ms.relax_integration.compile_relax(database, lowered, target, params=None)
-    untuned = tvm.compile(lowered, target=target)
+        # the same pipeline with an empty database: TVM's default schedules (dlight's on GPUs) for every function
+        untuned = ms.relax_integration.compile_relax(ms.database.MemoryDatabase(), lowered, target, params=None)
     stages["compile_s"] = time.monotonic() - t0
     output = Path(opts.output) if opts.output is not None else work_dir / f"{model.stem}.tuned.so"
     untuned_path = work_dir / f"{model.stem}.untuned.so"

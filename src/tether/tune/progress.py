@@ -41,7 +41,7 @@ def _short(message: str, limit: int = 600) -> str:
     if len(message) <= limit:
         return message
     first = message.splitlines()[0][:120]
-    return f"{first} ... {message[-(limit - len(first) - 5):]}"
+    return f"{first} ... {message[-(limit - len(first) - 5) :]}"
 
 
 @dataclass
@@ -158,8 +158,9 @@ class ProgressCallback(PyMeasureCallback):  # type: ignore[misc]
         super().__init__()
         self.progress = progress
 
-    def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any, builder_results: Any,
-              runner_results: Any) -> None:  # fmt: skip
+    def apply(
+        self, task_scheduler: Any, task_id: int, measure_candidates: Any, builder_results: Any, runner_results: Any
+    ) -> None:
         try:
             name = str(task_scheduler.tasks_[task_id].ctx.task_name)
             errors = [None if b.error_msg is None else str(b.error_msg) for b in builder_results]

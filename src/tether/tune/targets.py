@@ -81,7 +81,7 @@ def _from_cli(text: str) -> dict[str, Any]:
         if not word.startswith("-") or word in ("-", "--"):
             raise ConfigError(
                 f"target {text!r}: {word!r} is not an option (-name=value); write the target as JSON, "
-                f'e.g. {json.dumps({"kind": kind})}'
+                f"e.g. {json.dumps({'kind': kind})}"
             )
         name, eq, value = word.lstrip("-").partition("=")
         out[name] = _value(kind, name, value if eq else None, schema, text)
@@ -100,7 +100,7 @@ def target_dict(target: str | dict[str, Any], host: str | dict[str, Any] | None 
                 out = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"target {text!r} is not valid JSON: {exc}") from None
-            if not isinstance(out, dict) or "kind" not in out and "tag" not in out:
+            if not isinstance(out, dict) or ("kind" not in out and "tag" not in out):
                 raise ConfigError(f'target {text!r}: a JSON target is an object with a "kind" (or "tag")')
         elif "/" in text.split()[0] if text else False:  # a tag: "nvidia/geforce-rtx-3080"
             out = {"tag": text} if " " not in text else _from_cli(text)
