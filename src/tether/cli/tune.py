@@ -42,7 +42,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--cc", default=None, help="compiler to link libraries with (e.g. aarch64-linux-gnu-g++)")
     p.add_argument("--trials", type=count(0), default=64, help="measurements in all, over every task")
     p.add_argument("--trials-per-task", type=count(1), default=None, metavar="N", help="at most N per task")
-    p.add_argument("--trials-per-iter", type=count(1), default=None, metavar="N", help="candidates per batch")
+    p.add_argument(
+        "--trials-per-iter",
+        type=count(1),
+        default=None,
+        metavar="N",
+        help="candidates per batch (default: trials / (2 x tasks), at most 64)",
+    )
     p.add_argument(
         "--work-dir",
         default=None,
@@ -66,7 +72,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--session-timeout", type=seconds, default=60.0, help="seconds for one candidate on a device")
     p.add_argument(
         "--cost-model",
-        choices=["auto", "xgb", "mlp", "random"],
+        choices=["auto", "xgb", "random"],
         default="auto",
         help="auto: xgb when xgboost is installed, else random",
     )

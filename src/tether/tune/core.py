@@ -294,12 +294,15 @@ def _measure_tvm(opts: TuneOptions, libs: list[Path], model: Path, target: Any) 
     return out
 
 
-def _task_summary(tasks: list[Any], database: Any) -> list[dict[str, Any]]:
-    """Each task's trials and best mean latency in the database (this run's and earlier runs')."""
+def _task_summary(tasks: list[Any], database: Any, target: Any) -> list[dict[str, Any]]:
+    """Each task's trials and best mean latency in the database (this run's and earlier runs'), for this
+    target (a work dir may hold other models' and other targets' records too)."""
     import tvm_ffi
 
     by_hash: dict[int, list[Any]] = {}
     for record in database.get_all_tuning_records():
+        if record.target is not None and str(record.target) != str(target):
+            continue
         by_hash.setdefault(tvm_ffi.structural_hash(record.workload.mod), []).append(record)
     out = []
     for task in tasks:
@@ -370,7 +373,7 @@ def tune(opts: TuneOptions, on_line: Callable[[str], None] | None = None) -> Tun
         tasks = ms.relax_integration.extract_tasks(lowered, target)
         stages["import_s"] = time.monotonic() - t0
         database = ms.database.JSONDatabase(work_dir=str(work_dir))
-        report.trials_before = len(database.get_all_tuning_records())
+        report.trials_before = sum(t["trials"] for t in _task_summary(tasks, database, target))
         remaining = max(0, opts.trials - report.trials_before)
         say(
             f"tune: {len(tasks)} tasks ({', '.join(t.task_name for t in tasks)}); "
@@ -438,7 +441,7 @@ def tune(opts: TuneOptions, on_line: Callable[[str], None] | None = None) -> Tun
             report.built, report.build_failures = builder.built, builder.failed
         report.cached = cache.hits
         report.progress = progress.to_dict()
-        report.progress["tasks"] = _task_summary(tasks, database)
+        report.progress["tasks"] = _task_summary(tasks, database, target)
         stages["tune_s"] = time.monotonic() - t0
     finally:
         if builder is not None:
