@@ -296,12 +296,12 @@ def _measure_tvm(opts: TuneOptions, libs: list[Path], model: Path, target: Any) 
 
 def _task_summary(tasks: list[Any], database: Any, target: Any) -> list[dict[str, Any]]:
     """Each task's trials and best mean latency in the database (this run's and earlier runs'), for this
-    target (a work dir may hold other models' and other targets' records too)."""
+    kind of target (a work dir may hold other models' records too: they are not this model's tasks)."""
     import tvm_ffi
 
     by_hash: dict[int, list[Any]] = {}
     for record in database.get_all_tuning_records():
-        if record.target is not None and str(record.target) != str(target):
+        if record.target is not None and record.target.kind.name != target.kind.name:
             continue
         by_hash.setdefault(tvm_ffi.structural_hash(record.workload.mod), []).append(record)
     out = []
