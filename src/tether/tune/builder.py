@@ -97,7 +97,7 @@ class WarmBuilder(PyBuilder):  # type: ignore[misc]
     """Builds candidates in ``workers`` processes that stay up for the whole run (see the module's text).
 
     ``timeout_s`` bounds one build; a build past it (or a worker that crashed) fails that candidate and
-    the pool is replaced. ``on_built(count, failed)`` is told after each batch."""
+    the pool is replaced."""
 
     def __init__(
         self,
@@ -107,7 +107,6 @@ class WarmBuilder(PyBuilder):  # type: ignore[misc]
         timeout_s: float = 120.0,
         cc: str | None = None,
         cache: MeasureCache | None = None,
-        on_built: Callable[[int, int], None] | None = None,
     ) -> None:
         super().__init__()
         self.target_json = target_json
@@ -115,7 +114,6 @@ class WarmBuilder(PyBuilder):  # type: ignore[misc]
         self.timeout_s = timeout_s
         self.cc = cc
         self.cache = cache
-        self.on_built = on_built
         self.keys: dict[str, str] = {}  # artifact path -> cache key (what CachingRunner stores results under)
         self.cached_root = tempfile.mkdtemp(prefix="tether-tune-cached-")
         self.built = 0
@@ -204,8 +202,6 @@ class WarmBuilder(PyBuilder):  # type: ignore[misc]
                 results[i] = BuilderResult(None, "WarmBuilder: not built (its worker pool was replaced)")
         self.built += len(build_inputs) - failed
         self.failed += failed
-        if self.on_built is not None:
-            self.on_built(len(build_inputs), failed)
         return [r for r in results if r is not None]
 
 
