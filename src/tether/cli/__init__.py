@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import TetherError
-from . import admin, bench, demo, pack, proxy, query, run, server, token, tracker, tune, usage
+from . import admin, bench, compile, demo, pack, proxy, query, run, server, token, tracker, tune, usage
 from ._report import fail
 
 __all__ = ["main"]
@@ -30,6 +30,7 @@ _COMMANDS = {
     "query": query,
     "run": run,
     "bench": bench,
+    "compile": compile,
     "tune": tune,
     "pack": pack,
     "token": token,

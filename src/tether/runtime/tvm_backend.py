@@ -1,8 +1,9 @@
 """The ``tvm`` backend: libraries written by TVM's ``export_library`` (apache-tvm 0.27), two kinds.
 
 A **Relax VM executable** (``tvm.compile`` of a Relax module, e.g. from ``tvm.relax.frontend.onnx``) is
-recognised by its ``vm_load_executable`` function and runs in a ``tvm.relax.VirtualMachine``. Its
-inputs are the entry function's parameters: names from the VM (``from_onnx`` renames ``input.1`` to
+recognised by its ``vm_load_executable`` function and runs in a ``tvm.runtime.vm.VirtualMachine`` (what
+``tvm.relax`` exports, without the compiler: a board with TVM's runtime alone runs it). Its inputs are
+the entry function's parameters: names from the VM (``from_onnx`` renames ``input.1`` to
 ``input_1``), dtypes and shapes from the argument checks the compiler leaves in the executable's
 constant pool (``ErrorContext(..., param=x, annotation=R.Tensor((N, 3), dtype="float32"))``, read
 from its ``stats`` text); an input without one has dtype ``""`` and is checked by the VM itself at run
@@ -294,7 +295,7 @@ class TVMBackend:
         check_options("tvm", options, _OPTIONS)
         try:
             import tvm
-            import tvm.relax
+            import tvm.runtime.vm  # the Relax VM's runtime half: a board with TVM's runtime alone has it
         except ImportError as exc:
             raise BackendError(f"the tvm backend needs apache-tvm and numpy: {exc}") from None
         dev = _device(tvm, options.get("device", "cpu"))
@@ -334,7 +335,7 @@ class TVMBackend:
         names: list[str] | None,
     ) -> TVMModel:
         try:
-            vm = tvm.relax.VirtualMachine(lib, dev)
+            vm = tvm.runtime.vm.VirtualMachine(lib, dev)
             arity = vm._get_function_arity(function)
             fn = vm[function]
         except Exception as exc:

@@ -9,11 +9,20 @@ from typing import Any
 
 from .targets import target_dict, target_json
 
-__all__ = ["TuneError", "TuneOptions", "TuneReport", "default_work_dir", "target_dict", "target_json", "tune"]
+__all__ = [
+    "TuneError",
+    "TuneOptions",
+    "TuneReport",
+    "compile_model",
+    "default_work_dir",
+    "target_dict",
+    "target_json",
+    "tune",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("TuneError", "TuneOptions", "TuneReport", "default_work_dir", "tune"):
+    if name in ("TuneError", "TuneOptions", "TuneReport", "compile_model", "default_work_dir", "tune"):
         from . import core
 
         return getattr(core, name)

@@ -477,6 +477,45 @@ def tune(opts: TuneOptions, on_line: Callable[[str], None] | None = None) -> Tun
     return report
 
 
+def compile_model(
+    model: Path,
+    target: str | dict[str, Any],
+    output: Path,
+    *,
+    target_host: str | dict[str, Any] | None = None,
+    cc: str | None = None,
+    tuned: Path | None = None,
+) -> dict[str, Any]:
+    """Compile the ONNX ``model`` for ``target`` and export it to ``output``, linked by ``cc`` (a cross
+    compiler for another architecture: ``aarch64-linux-gnu-g++``). With ``tuned`` (a ``tether tune`` work
+    dir) the schedules found there are applied. Returns what was done: target, seconds, bytes."""
+    tvm = _tvm()
+    from tvm.s_tir import meta_schedule as ms
+
+    if not model.is_file():
+        raise ConfigError(f"no model file {model}")
+    if tuned is not None and not (tuned / "database_workload.json").is_file():
+        raise ConfigError(f"{tuned} is not a tether tune work dir (no database_workload.json in it)")
+    tdict = target_dict(target, target_host)
+    try:
+        tvm_target = tvm.target.Target(tdict)
+    except Exception as exc:
+        raise ConfigError(f"TVM does not take the target {json.dumps(tdict)}: {exc}") from None
+    t0 = time.monotonic()
+    imported, lowered = load_and_lower(model, tvm_target)
+    try:
+        with tvm_target:
+            if tuned is None:
+                lib = tvm.compile(imported, target=tvm_target)
+            else:
+                database = ms.database.JSONDatabase(work_dir=str(tuned))
+                lib = ms.relax_integration.compile_relax(database, lowered, tvm_target, params=None)
+    except Exception as exc:
+        raise TuneError(f"{model.name}: TVM could not compile it: {type(exc).__name__}: {exc}") from None
+    _export(lib, output, cc)
+    return {"target": tdict, "output": str(output), "bytes": output.stat().st_size, "seconds": time.monotonic() - t0}
+
+
 def default_work_dir(model: Path, key: str) -> Path:
     """Where a run keeps its database when no ``--work-dir`` is given: beside nothing shared."""
     return Path(tempfile.gettempdir()) / f"tether-tune-{model.stem}-{key}"
