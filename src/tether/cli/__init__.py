@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import TetherError
-from . import admin, bench, demo, pack, proxy, query, run, server, token, tracker, tune, usage
+from . import adb, admin, bench, demo, pack, proxy, query, run, server, token, tracker, tune, usage
 from ._report import fail
 
 __all__ = ["main"]
@@ -36,6 +36,7 @@ _COMMANDS = {
     "usage": usage,
     "admin": admin,
     "demo": demo,
+    "adb": adb,
 }
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
