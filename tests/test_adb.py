@@ -19,6 +19,7 @@ import pytest
 from tether.cli import main
 from tether.cli.pack import build_zipapp
 from tether.client.query import ServerRow, query_tracker
+from tether.device.adb import AdbConfig, parse_devices, pick_ports
 from tether.tracker import TrackerThread
 
 from .conftest import CliProcess, wait_until
@@ -325,3 +326,24 @@ def test_once_sets_up_starts_in_the_background_and_exits(
     wait_until(lambda: servers(tracker, "android"), timeout=15, what="the phone's server to register")
     log = adb.device_dir("phone1") / f"server-{base}.log"
     wait_until(lambda: "listening on" in log.read_text(), what="the server's log on the phone")
+
+
+def test_adb_devices_output_and_port_blocks() -> None:
+    text = (
+        "* daemon not running; starting now at tcp:5037\n* daemon started successfully\nList of devices attached\n"
+        "emulator-5554\tdevice\nR58M\tunauthorized\n192.168.1.9:5555\toffline\n\n"
+    )
+    assert parse_devices(text) == {"emulator-5554": "device", "R58M": "unauthorized", "192.168.1.9:5555": "offline"}
+    cfg = AdbConfig(key="k", tracker_port=9190, tvm_rpc=Path("tvm_rpc"), slots=4, base_port=5000)
+    assert pick_ports(cfg, [], lambda p: True) == [5000, 5001, 5002, 5003]  # the docs' 5000..5003
+    assert pick_ports(cfg, [5000, 5001, 5002, 5003], lambda p: p != 5005) == [5008, 5009, 5010, 5011]
+    one = AdbConfig(key="k", tracker_port=9190, bundle=Path("b.pyz"), slots=4, base_port=5000)
+    assert pick_ports(one, [5000], lambda p: True) == [5001]  # tether's 4 slots share one port
+
+
+def test_a_tracker_elsewhere_is_warned_about(adb: FakeAdb, bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["adb", "--dry-run", "--serial", "p", "--tracker", "192.0.2.7:9190", "--key", "k",
+                 "--bundle", str(bundle)]) == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    assert "adb -s p reverse tcp:9190 tcp:9190" in out.splitlines()
+    assert err.startswith("tether adb: warning: 192.0.2.7 is not this host, and adb reverse leads the phones")

@@ -22,6 +22,7 @@ from ..device.adb import (
     list_devices,
     setup_commands,
     start_commands,
+    tracker_is_here,
 )
 from ._args import existing_file, hostport, port, positive, seconds, tracker_address
 
@@ -122,7 +123,13 @@ def add_parser(sub: Any) -> None:
 
 
 def config_from_args(args: argparse.Namespace, adb: str) -> AdbConfig:
-    _, tracker_port = tracker_address(*(args.tracker or ()))
+    tracker_host, tracker_port = tracker_address(*(args.tracker or ()))
+    if not tracker_is_here(tracker_host):
+        print(
+            f"tether adb: warning: {tracker_host} is not this host, and adb reverse leads the phones to this "
+            f"host's 127.0.0.1:{tracker_port} only: run a tracker here, or tether adb on the tracker's host",
+            file=sys.stderr,
+        )
     return AdbConfig(
         key=args.key,
         tracker_port=tracker_port,

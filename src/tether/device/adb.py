@@ -36,12 +36,17 @@ from ..errors import ConfigError
 __all__ = [
     "AdbConfig",
     "Supervisor",
+    "check_devices",
     "find_adb",
     "list_devices",
+    "parse_devices",
     "pick_ports",
+    "server_argv",
+    "server_shell_line",
     "setup_commands",
     "start_commands",
     "stop_commands",
+    "tracker_is_here",
 ]
 
 logger = logging.getLogger(__name__)
@@ -180,6 +185,25 @@ def check_devices(devices: dict[str, str], wanted: Sequence[str]) -> tuple[list[
             raise ConfigError("; ".join(others))
         raise ConfigError("no devices attached: plug a phone in with USB debugging on (see `adb devices`)")
     return ready, others
+
+
+def tracker_is_here(host: str) -> bool:
+    """Whether ``host`` is an address of this machine (adb reverse reaches only this machine's loopback, so a
+    tracker elsewhere is out of the phones' reach); True when it cannot be told."""
+    if host in ("localhost", "127.0.0.1", "::1", "0.0.0.0", "::"):
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return True
+    for family, _, _, _, addr in infos:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((addr[0], 0))  # only an address of this machine can be bound
+            except OSError:
+                continue
+            return True
+    return False
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -345,6 +369,8 @@ class _Phone:
     ready: bool = False
     #: The state last reported, to say each change once.
     state: str = ""
+    #: The last setup failure said (said again only when it changes).
+    failure: str = ""
 
 
 class Supervisor:
@@ -361,6 +387,7 @@ class Supervisor:
         self._say_lock = threading.Lock()
         self._stop = threading.Event()
         self._phones: dict[str, _Phone] = {}
+        self._noted: dict[str, str] = {}
         self._readers: list[threading.Thread] = []
 
     def say(self, line: str) -> None:
@@ -431,6 +458,10 @@ class Supervisor:
         except ConfigError as exc:
             logger.warning("%s", exc)
             return
+        for serial, state in devices.items():  # a phone not served yet, in a state it cannot be: said once
+            if serial not in self._phones and state != "device" and self._noted.get(serial) != state:
+                self.say(f"{serial}: {state}: {STATE_HINTS.get(state, 'see `adb devices`')}")
+            self._noted[serial] = state
         serials = self.serials or [s for s, state in devices.items() if state == "device"]
         for serial in list(dict.fromkeys([*serials, *(s for s in self._phones if not self.serials)])):
             state = devices.get(serial, "gone")
@@ -460,9 +491,12 @@ class Supervisor:
         for cmd in setup_commands(self.cfg, phone.serial, phone.ports):
             ok, detail = run_adb(cmd)
             if not ok:
-                self.say(f"{phone.serial}: setup failed: {shlex.join(cmd[3:])[:80]}: {detail} (retrying)")
+                failure = f"{phone.serial}: setup failed: {shlex.join(cmd[3:])[:80]}: {detail}"
+                if failure != phone.failure:
+                    self.say(f"{failure} (trying again every {self.cfg.poll_s:g} s)")
+                phone.failure = failure
                 return
-        phone.ready = True
+        phone.ready, phone.failure = True, ""
         for server in phone.servers:
             server.next_start, server.delay = 0.0, 0.0
         self.say(f"{phone.serial}: set up: {self._describe(phone.ports)}")
