@@ -293,13 +293,14 @@ def _pidfile(cfg: AdbConfig, port: int) -> str:
     return shlex.quote(cfg.device_path(f"server-{port}.pid"))
 
 
-def _kill_line(cfg: AdbConfig, port: int) -> str:
-    """Stop the server a pidfile names, if that process still is one (a pid may be reused)."""
-    name = shlex.quote(cfg.server_name)
-    return (
-        f"p=$(cat {_pidfile(cfg, port)} 2>/dev/null); "
-        f'[ -n "$p" ] && grep -q {name} /proc/$p/cmdline 2>/dev/null && kill $p'
-    )
+def _kill_line(cfg: AdbConfig, port: int, wait: bool = False) -> str:
+    """Stop the server a pidfile names, if that process still is one (a pid may be reused; a zombie's
+    command line is empty); ``wait``: up to 5 s for it to go (it holds the port)."""
+    running = f"grep -q {shlex.quote(cfg.server_name)} /proc/$p/cmdline 2>/dev/null"
+    line = f'p=$(cat {_pidfile(cfg, port)} 2>/dev/null); [ -n "$p" ] && {running} && kill $p'
+    if wait:
+        line += f'; n=0; while [ -n "$p" ] && {running} && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done'
+    return line
 
 
 def server_shell_line(cfg: AdbConfig, serial: str, port: int, background: bool = False) -> str:
@@ -308,7 +309,7 @@ def server_shell_line(cfg: AdbConfig, serial: str, port: int, background: bool =
     the background with nohup, its output in a log beside it)."""
     env = f"LD_LIBRARY_PATH={shlex.quote(cfg.device_dir)} " if cfg.tvm_rpc is not None else ""
     argv = shlex.join(server_argv(cfg, serial, port))
-    head = f"cd {shlex.quote(cfg.device_dir)} && {{ {_kill_line(cfg, port)}; "
+    head = f"cd {shlex.quote(cfg.device_dir)} && {{ {_kill_line(cfg, port, wait=True)}; "
     if background:
         log = shlex.quote(cfg.device_path(f"server-{port}.log"))
         return f"{head}{env}nohup {argv} >{log} 2>&1 </dev/null & echo $! >{_pidfile(cfg, port)}; }}"
