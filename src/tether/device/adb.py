@@ -519,10 +519,10 @@ class Supervisor:
                     continue
                 ran = now - server.started
                 server.proc = None
-                server.delay = (
-                    0.0
-                    if ran > self.cfg.max_restart_delay_s
-                    else min(max(server.delay * 2, self.cfg.restart_delay_s), self.cfg.max_restart_delay_s)
+                # 1 s, doubling to 30 s while it keeps failing; 1 s again after a run longer than that
+                longer = ran > self.cfg.max_restart_delay_s
+                server.delay = min(
+                    max(0.0 if longer else server.delay * 2, self.cfg.restart_delay_s), self.cfg.max_restart_delay_s
                 )
                 server.next_start = now + server.delay
                 self.say(
