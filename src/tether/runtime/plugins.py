@@ -120,6 +120,11 @@ class _Adapter:
         return model
 
 
+def _origin(dist: str | None, version: str | None) -> str:
+    """`` from tether-fakenpu 0.3.0`` (nothing when the entry point has no distribution)."""
+    return f" from {dist}" + (f" {version}" if version else "") if dist else ""
+
+
 def _instantiate(obj: Any) -> Any:
     """A class or a factory is called with no arguments; anything else is the backend itself."""
     if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "load")):
@@ -204,19 +209,12 @@ def discover(
             refusal = f"refused: {name!r} is a built-in backend, which a plug-in cannot replace"
         elif name in found:
             other = found[name]
-            refusal = f"refused: {name!r} is already the backend plug-in {other.target} from {other.dist}"
+            refusal = f"refused: {name!r} is already the backend plug-in {other.target}{_origin(other.dist, None)}"
         elif not _NAME.match(name):
             refusal = f"refused: {name!r} is not a backend name (letters, digits, '_', '-', '.')"
         if refusal is not None:
-            logger.log(
-                log,
-                "backend plug-in %s from %s %s %s",
-                ep.value,
-                dist,
-                dist_version,
-                refusal,
-            )
-            key = name if name not in found and name not in reserved_names else f"{name} ({ep.value}, {dist})"
+            logger.log(log, "backend plug-in %s%s %s", ep.value, _origin(dist, dist_version), refusal)
+            key = name if name not in found else f"{name} ({ep.value}{_origin(dist, dist_version)})"
             found[key] = Plugin(name, ep.value, dist, dist_version, error=refusal)
             continue
         found[name] = _load_one(ep, dist, dist_version, taken, log)
