@@ -304,7 +304,8 @@ class DeviceServer:
         self.registered = threading.Event()
 
     def _labels(self) -> dict[str, str]:
-        """``backend.<name>=<version>`` for each plug-in backend that loaded, then ``--label``'s (which win)."""
+        """``backend.<name>=<version>`` for each plug-in backend that loaded, then ``--label``'s (which win).
+        (Plug-ins that failed were logged when :func:`device_facts` found them, and are in the facts.)"""
         from ..runtime import backend_labels
 
         labels = backend_labels()
@@ -314,9 +315,6 @@ class DeviceServer:
                     "--label %s=%s replaces the label the backend plug-in gave (%s)", name, value, labels[name]
                 )
         labels.update(self.config.labels)
-        for name, plugin in self.facts.get("plugins", {}).items():
-            if plugin.get("error"):
-                logger.warning("backend plug-in %s is not served: %s", name, plugin["error"])
         return labels
 
     # -- life cycle ----------------------------------------------------------------------------

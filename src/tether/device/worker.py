@@ -1045,9 +1045,8 @@ def main(argv: list[str] | None = None) -> int:
     preload([m for m in args.preload.split(",") if m])
     from ..runtime import plugins
 
-    plugins(
-        log=logging.DEBUG
-    )  # the backend plug-ins, once (a zygote's forks inherit them); the server logged their errors
+    # the backend plug-ins, found once (a zygote's forks inherit them); the server has logged their errors
+    plugins(log=logging.DEBUG)
     return zygote(control) if args.zygote else serve_one(control)
 
 

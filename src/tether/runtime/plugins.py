@@ -125,6 +125,17 @@ def _origin(dist: str | None, version: str | None) -> str:
     return f" from {dist}" + (f" {version}" if version else "") if dist else ""
 
 
+def _distribution(ep: importlib.metadata.EntryPoint) -> tuple[str | None, str | None]:
+    """The name and version of the distribution that declares ``ep`` (None, None when unknown)."""
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None, None
+    try:
+        return dist.metadata["Name"], dist.version
+    except Exception:  # unreadable metadata: the entry point itself may still work
+        return None, None
+
+
 def _instantiate(obj: Any) -> Any:
     """A class or a factory is called with no arguments; anything else is the backend itself."""
     if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "load")):
@@ -162,7 +173,7 @@ def _load_one(
             raise
         error = f"{type(exc).__name__}: {exc}"
         logger.log(
-            log, "backend plug-in %r (%s, from %s %s) failed to load: %s", name, ep.value, dist, dist_version, error
+            log, "backend plug-in %r (%s%s) failed to load: %s", name, ep.value, _origin(dist, dist_version), error
         )
         return Plugin(name, ep.value, dist, dist_version, error=error)
     kept = []
@@ -200,9 +211,7 @@ def discover(
     found: dict[str, Plugin] = {}
     taken = dict(reserved_suffixes)
     for ep in entry_points:
-        dist_obj = getattr(ep, "dist", None)
-        dist = dist_obj.metadata["Name"] if dist_obj is not None else None
-        dist_version = dist_obj.version if dist_obj is not None else None
+        dist, dist_version = _distribution(ep)
         name = ep.name
         refusal = None
         if name in reserved_names:
