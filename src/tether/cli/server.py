@@ -32,7 +32,12 @@ def add_parser(sub: Any) -> None:
         "--proxy-url", default=None, help="connect out to a proxy's WebSocket endpoint (ws://HOST:PORT/ws) instead"
     )
     p.add_argument("--custom-addr", default=None, help="address the tracker hands to clients (NAT, tunnels)")
-    p.add_argument("--load-library", default=None, help="colon-separated libraries to load into TVM sessions")
+    p.add_argument(
+        "--load-library",
+        default=None,
+        help="colon-separated shared libraries each session's worker loads (RTLD_GLOBAL) before the session, "
+        "whatever the backend (a vendor runtime, a TVM custom-op library)",
+    )
     p.add_argument(
         "--no-fork",
         action="store_true",

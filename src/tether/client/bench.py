@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from ..aio.tls import TLSLike
 from ..errors import ConfigError, RemoteError, TetherError
+from ..protocol.tracker import labels_match
 from ..runtime import TensorSpec, fill_shape
 from .api import Tracker, connect_tracker
 from .batch import compare_outputs, device_name
@@ -191,11 +192,7 @@ def devices_of(
     on tether's tracker, where servers are listed with their labels."""
     status = query_tracker(host, port, tls=tls)
     if labels:
-        return sum(
-            1
-            for s in status.servers
-            if (s.key == f"server:{key}") and all(s.labels.get(k) == v for k, v in labels.items())
-        )
+        return sum(1 for s in status.servers if (s.key == f"server:{key}") and labels_match(s.labels, labels))
     return next((row.total for row in status.keys if row.key == key), 0)
 
 

@@ -1,5 +1,6 @@
 """What a device is: OS, CPU, memory, accelerators, backends. Standard library only, no imports of
-the runtimes themselves (their versions come from package metadata)."""
+the runtimes themselves (their versions come from package metadata); backend plug-ins (``tether.backends``
+entry points) are imported, to learn their names, versions and suffixes, and listed with their errors."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _accelerators() -> list[dict[str, str]]:
 
 def device_facts() -> dict[str, Any]:
     """The facts a server sends the tracker in ``info["tether"]["device"]``."""
-    from ..runtime import available_backends
+    from ..runtime import available_backends, plugins
 
     affinity = getattr(os, "sched_getaffinity", None)
     return {
@@ -64,4 +65,6 @@ def device_facts() -> dict[str, Any]:
         "accelerators": _accelerators(),
         "python": platform.python_version(),
         "backends": available_backends(),
+        #: entry point name -> entry_point, dist, dist_version, version, suffixes, error (None when it loaded)
+        "plugins": {name: plugin.fact() for name, plugin in plugins().items()},
     }

@@ -95,6 +95,9 @@ class ServerConfig:
     through_proxy: bool = False
     #: ``ws://host:port/ws`` (or ``wss://``): reach the proxy over WebSocket instead of ``host:port``
     proxy_url: str | None = None
+    #: Shared libraries (TVM's ``--load-library``) every session's worker loads (``ctypes``, RTLD_GLOBAL)
+    #: before its session starts, whatever the backend: a vendor runtime's, a TVM custom-op library. One
+    #: that fails to load ends that session with a LibraryLoadError; a path that is not a file is refused here.
     load_library: list[str] = field(default_factory=list)
     #: Upload cache (``cache/``) and one ``run-*`` directory per server instance; None: a temporary
     #: directory of its own. Directories of instances that are gone are removed (:mod:`.rundir`).
@@ -188,6 +191,9 @@ class ServerConfig:
         for name in self.labels:
             if not name or any(c in name for c in "=, "):
                 raise ConfigError(f"bad label name {name!r}")
+        for lib in self.load_library:  # a bare name is looked up by the dynamic linker, in each session
+            if os.sep in lib and not os.path.isfile(lib):
+                raise ConfigError(f"--load-library {lib}: no such file")
 
 
 @dataclass(eq=False)
@@ -262,6 +268,8 @@ class DeviceServer:
         if self.tls_context is not None and PROTOCOL_TVM in self.protocols:
             self.protocols.remove(PROTOCOL_TVM)
         self.facts = device_facts()
+        #: What the tracker (or a proxy) is told: a ``backend.<name>`` label per plug-in backend, then --label's.
+        self.labels = self._labels()
         self.auth = AuthSettings(config.auth_file, config.allow_tvm)
         self.token = token_from_env(config.token)
         self._lock = threading.Lock()
@@ -295,6 +303,20 @@ class DeviceServer:
         #: Set when the tracker has this server's slots (a test waits on it; re-set after each reconnect).
         self.registered = threading.Event()
 
+    def _labels(self) -> dict[str, str]:
+        """``backend.<name>=<version>`` for each plug-in backend that loaded, then ``--label``'s (which win).
+        (Plug-ins that failed were logged when :func:`device_facts` found them, and are in the facts.)"""
+        from ..runtime import backend_labels
+
+        labels = backend_labels()
+        for name, value in self.config.labels.items():
+            if name in labels and labels[name] != value:
+                logger.warning(
+                    "--label %s=%s replaces the label the backend plug-in gave (%s)", name, value, labels[name]
+                )
+        labels.update(self.config.labels)
+        return labels
+
     # -- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -319,7 +341,7 @@ class DeviceServer:
             where,
             ",".join(self.protocols),
             cfg.slots,
-            cfg.labels or "none",
+            self.labels or "none",
         )
         logger.info("%s", self.describe_auth())
 
@@ -719,7 +741,7 @@ class DeviceServer:
                 else None,
                 "info": {
                     "key": self.config.key,
-                    "labels": self.config.labels,
+                    "labels": self.labels,
                     "device": self.facts,
                     "version": __version__,
                 },
@@ -913,7 +935,7 @@ class DeviceServer:
             "addr": [self.config.custom_addr, self.port],
             "tether": {
                 "protocols": self.protocols,
-                "labels": self.config.labels,
+                "labels": self.labels,
                 "heartbeat": self.config.heartbeat_s,
                 "slots": self.config.slots,
                 "device": self.facts,
@@ -1035,8 +1057,8 @@ class DeviceServer:
         options = {"tether": "1", "protocols": ",".join(self.protocols)}
         if self.tls_context is not None:
             options[TLS_OPTION] = "1"
-        if self.config.labels:
-            options["labels"] = urllib.parse.urlencode(sorted(self.config.labels.items()))
+        if self.labels:
+            options["labels"] = urllib.parse.urlencode(sorted(self.labels.items()))
         if self.keyring is not None:
             options[AUTH_OPTION] = "1"  # clients prove a token to this server, end to end through the proxy
         if self.token is not None:

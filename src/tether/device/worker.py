@@ -14,6 +14,11 @@ request announcing more payload than ``--max-upload-mb`` is refused from its hea
 bytes are skipped), an upload that would take the workspace past ``--workspace-quota-mb`` before a byte is
 written; with ``--worker-memory-mb`` the worker's address space is limited (RLIMIT_AS) before the session
 loads anything, and a failed allocation is that request's WorkerMemoryExceeded.
+
+``--load-library`` (TVM's flag): each library is loaded with ``ctypes`` (RTLD_GLOBAL, so a backend finds
+its symbols through ``ctypes.CDLL(None)`` or the dynamic linker) when the job arrives, before the session
+serves its first request, whatever the protocol and backend (for TVM's protocol after ``import tvm``, as
+TVM's server does). One that fails to load ends the session with a ``LibraryLoadError`` naming it.
 """
 
 from __future__ import annotations
@@ -670,13 +675,17 @@ def serve_tvm(
     workspace quota are checked before it is written, not before it is received (the worker's memory
     limit bounds that); the memory limit counts from after TVM's own imports."""
     quotas = quotas or Quotas()
-    import ctypes
-
     import tvm_ffi
     from tvm.rpc import _ffi_api
     from tvm.runtime import load_module
 
-    libs = [ctypes.CDLL(path, ctypes.RTLD_GLOBAL) for path in load_library]
+    try:
+        libs = load_libraries(load_library)
+    except RemoteError as exc:
+        logger.warning("session %s ended before it began: %s", session, exc.remote_message)
+        _ffi_api.ReturnException(sock.fileno(), f"LibraryLoadError: {exc.remote_message}")
+        finish_sending(sock)
+        return
 
     def workpath(path: str) -> str:
         return str(workspace.root if path in ("", ".") else workspace.resolve(path))  # "": TVM's temp dir
@@ -853,6 +862,24 @@ def limit_memory(extra: int, session: Any = None) -> int | None:
     return limit
 
 
+#: The ``--load-library`` libraries of this process's session (kept loaded until it exits).
+_LIBRARIES: list[Any] = []
+
+
+def load_libraries(paths: list[str]) -> list[Any]:
+    """Load each of ``paths`` (``ctypes.CDLL``, RTLD_GLOBAL) in order; :class:`RemoteError` of type
+    ``LibraryLoadError`` naming the first that fails and why (the dynamic linker's words)."""
+    import ctypes
+
+    libs = []
+    for path in paths:
+        try:
+            libs.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))
+        except OSError as exc:
+            raise RemoteError(f"--load-library {path}: {exc}", "LibraryLoadError") from None
+    return libs
+
+
 def run_job(job: dict[str, Any], sock: socket.socket) -> None:
     workspace = Workspace(job["workspace"])
     os.chdir(workspace.root)
@@ -878,6 +905,15 @@ def run_job(job: dict[str, Any], sock: socket.socket) -> None:
     try:
         cache = job.get("cache") or {}
         store = ContentCache(cache["dir"], int(cache.get("max_bytes", 0))) if cache.get("dir") else None
+        try:
+            _LIBRARIES.extend(load_libraries(job.get("load_library") or []))
+        except RemoteError as exc:
+            logger.warning("session %s ended before it began: %s", job.get("session"), exc.remote_message)
+            channel.send_frame(
+                FrameKind.ERROR, 0, {"type": exc.remote_type, "message": exc.remote_message, "traceback": ""}
+            )
+            finish_sending(sock)
+            return
         if memory:
             limit_memory(memory, job.get("session"))  # before anything of the session is loaded
         NativeSession(channel, workspace, job.get("info") or {}, store, quotas).serve()
@@ -1007,6 +1043,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
     control = socket.socket(fileno=args.control_fd)
     preload([m for m in args.preload.split(",") if m])
+    from ..runtime import plugins
+
+    # the backend plug-ins, found once (a zygote's forks inherit them); the server has logged their errors
+    plugins(log=logging.DEBUG)
     return zygote(control) if args.zygote else serve_one(control)
 
 

@@ -30,6 +30,7 @@ from typing import Any, Final
 
 from .. import __version__
 from ..protocol.keys import PROXY_PREFIX, SERVER_PREFIX, proxied_keys
+from ..protocol.tracker import labels_match
 from ..tracker.core import TrackerCore
 from ..tracker.events import server_id
 from ..tracker.registry import Connection, Held
@@ -266,7 +267,7 @@ def _matches(conn: Connection, filters: Filters) -> bool:
         return False
     if filters.labels:
         labels = conn.labels
-        if not all(labels.get(name) == value for name, value in filters.labels):
+        if not labels_match(labels, dict(filters.labels)):
             return False
     return filters.user is None or any(h.user == filters.user for h in conn.held.values())
 

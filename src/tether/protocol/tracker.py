@@ -29,6 +29,10 @@ tether's REQUEST options (a fifth element TVM's tracker ignores)::
     {"id": "r1", "protocol": "tether", "labels": {"gpu": "a100"}, "timeout": 30.0, "user": "alice",
      "unservable_after": 5.0}
 
+A requested label matches a server's label of that name with that value; the value ``"*"``
+(:data:`LABEL_ANY`) matches any value, as long as the server has the label (``{"backend.fakenpu": "*"}``:
+a server with the ``fakenpu`` backend plug-in, whatever its version; :func:`labels_match`).
+
 ``unservable_after``: seconds after which a request that no registered server could ever serve (no
 server of the key, none speaking the protocol, none with the labels) fails with the reason instead of
 waiting for servers to appear.
@@ -75,6 +79,7 @@ from .framing import FrameDecoder, encode_frame, pack_i32
 
 __all__ = [
     "ADMIN_OPS",
+    "LABEL_ANY",
     "SESSION_END_OUTCOMES",
     "Admin",
     "Auth",
@@ -98,11 +103,26 @@ __all__ = [
     "decode_value",
     "encode_message",
     "encode_value",
+    "labels_match",
     "parse_request_reply",
     "raise_refusal",
 ]
 
 MAGIC_BYTES: Final = pack_i32(RPC_TRACKER_MAGIC)
+
+#: A requested label value that matches any value of the server's label of that name.
+LABEL_ANY: Final = "*"
+
+
+def labels_match(have: Mapping[str, str], want: Mapping[str, str]) -> bool:
+    """Whether a server with labels ``have`` carries every label a request asks for in ``want``: the same
+    value, or any value where ``want`` says :data:`LABEL_ANY`."""
+    for name, value in want.items():
+        got = have.get(name)
+        if got is None or value not in (LABEL_ANY, got):
+            return False
+    return True
+
 
 _dumps = json.JSONEncoder(ensure_ascii=False).encode
 

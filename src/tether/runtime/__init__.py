@@ -3,7 +3,9 @@
 - ``onnxruntime``: ``.onnx`` files (:mod:`.ort_backend`);
 - ``tvm``: libraries exported by apache-tvm, Relax VM executables or plain functions (:mod:`.tvm_backend`);
 - ``reference``: a JSON interpreter on the standard library alone, to test the session core
-  (:mod:`.reference`).
+  (:mod:`.reference`);
+- plug-ins: backends other packages register under the entry-point group ``tether.backends``
+  (:mod:`.plugins`: a vendor's NPU runtime), found and imported the first time they are needed.
 
 Importing this package imports no runtime: each backend imports its own inside ``load``, and
 :func:`available_backends` reads versions from package metadata. :func:`fill_tensor` makes input tensors
@@ -12,6 +14,7 @@ on the device (numpy when it is there, else the standard library).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -21,6 +24,7 @@ from typing import Any
 from ..protocol.session import DTYPE_SIZES
 from .base import Backend, BackendError, Model, RawTensor, TensorSpec, fill_shape, module_installed, numpy_to_raw
 from .ort_backend import OnnxRuntimeBackend
+from .plugins import GROUP, LABEL_PREFIX, Plugin, backend_label, registry
 from .reference import ReferenceBackend
 from .tvm_backend import TVMBackend
 
@@ -30,11 +34,17 @@ __all__ = [
     "Model",
     "RawTensor",
     "TensorSpec",
+    "GROUP",
+    "LABEL_PREFIX",
+    "Plugin",
     "available_backends",
     "backend_for_path",
+    "backend_label",
+    "backend_labels",
     "fill_shape",
     "fill_tensor",
     "get_backend",
+    "plugins",
 ]
 
 _BACKENDS: dict[str, Backend] = {b.name: b for b in (OnnxRuntimeBackend(), TVMBackend(), ReferenceBackend())}
@@ -44,32 +54,59 @@ _SUFFIXES = {".onnx": "onnxruntime", ".so": "tvm", ".dylib": "tvm", ".dll": "tvm
 FILL_KINDS = ("random", "zeros", "ones")
 
 
+def plugins(log: int = logging.WARNING) -> dict[str, Plugin]:
+    """The ``tether.backends`` plug-ins of this process, found (and imported) on the first call, loaded
+    or with their error (:mod:`.plugins`). ``log``: the level of the first call's lines about plug-ins
+    that fail or are refused."""
+    return registry.get(_BACKENDS.keys(), _SUFFIXES, log)
+
+
+def _plugin_backends() -> dict[str, Plugin]:
+    return {p.name: p for p in plugins().values() if p.backend is not None}
+
+
 def get_backend(name: str) -> Backend:
-    """The backend called ``name``."""
-    try:
+    """The backend called ``name``: a built-in one, or a plug-in's."""
+    if name in _BACKENDS:
         return _BACKENDS[name]
-    except KeyError:
-        raise BackendError(f"unknown backend {name!r}; known: {', '.join(_BACKENDS)}") from None
+    found = plugins()
+    plugin = found.get(name)
+    if plugin is not None and plugin.backend is not None:
+        return plugin.backend
+    if plugin is not None:
+        raise BackendError(f"backend plug-in {name!r} is installed here but did not load: {plugin.error}")
+    known = [*_BACKENDS, *(p.name for p in found.values() if p.backend is not None)]
+    raise BackendError(f"unknown backend {name!r}; known: {', '.join(known)}")
 
 
 def backend_for_path(path: str) -> str:
-    """The backend a model file's suffix implies."""
+    """The backend a model file's suffix implies (a plug-in's suffixes included)."""
     suffix = os.path.splitext(path)[1].lower()
-    if suffix not in _SUFFIXES:
-        raise BackendError(
-            f"cannot tell the backend of {path!r} from its suffix: pass backend= ({', '.join(_BACKENDS)})"
-        )
-    return _SUFFIXES[suffix]
+    if suffix in _SUFFIXES:
+        return _SUFFIXES[suffix]
+    for plugin in _plugin_backends().values():
+        if suffix in plugin.suffixes:
+            return plugin.name
+    known = [*_BACKENDS, *_plugin_backends()]
+    raise BackendError(f"cannot tell the backend of {path!r} from its suffix: pass backend= ({', '.join(known)})")
 
 
 def available_backends() -> dict[str, str | None]:
-    """Backend name -> runtime version (None when unknown), for the backends whose runtime is installed.
-    Imports no runtime."""
-    return {
+    """Backend name -> runtime version (None when unknown), for the backends whose runtime is installed,
+    plug-ins that loaded included. Imports no built-in runtime (a plug-in's module, yes)."""
+    found = {
         name: backend.version()
         for name, backend in _BACKENDS.items()
         if name not in _RUNTIME_MODULES or module_installed(_RUNTIME_MODULES[name])
     }
+    found.update((name, plugin.version()) for name, plugin in _plugin_backends().items())
+    return found
+
+
+def backend_labels() -> dict[str, str]:
+    """The labels a server advertises for its plug-in backends: ``backend.<name>`` -> version (``"unknown"``
+    without one). A request for ``{"backend.<name>": "*"}`` is granted only to servers that have it."""
+    return {backend_label(name): plugin.version() or "unknown" for name, plugin in _plugin_backends().items()}
 
 
 # -- generated tensors ---------------------------------------------------------------------------

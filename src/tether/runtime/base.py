@@ -105,7 +105,10 @@ class Model(Protocol):
 
 
 class Backend(Protocol):
-    """Loads models of one kind. ``options`` come from the client, as JSON values."""
+    """Loads models of one kind. ``options`` come from the client, as JSON values.
+
+    Other packages add backends through the entry-point group ``tether.backends`` (:mod:`.plugins` has the
+    contract: the entry point's name is the backend's, ``version()`` and a ``suffixes`` tuple are optional)."""
 
     name: str
 

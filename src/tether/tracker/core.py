@@ -55,6 +55,7 @@ from ..protocol.tracker import (
     UpdateInfo,
     Withdraw,
     encode_value,
+    labels_match,
 )
 from .access import Access
 from .config import TrackerConfig
@@ -646,7 +647,7 @@ class TrackerCore:
             if waiter.protocol == "tether" and spoken == PROTOCOL_TVM:
                 why += ": use TVM's client (tvm.rpc.connect_tracker) for them, or run `tether server` there"
             return True, why
-        fitting = [t for t in speaking if all(t[1].get(k) == v for k, v in waiter.labels.items())]
+        fitting = [t for t in speaking if labels_match(t[1], waiter.labels)]
         if not fitting and not unknown:
             wanted = ",".join(f"{k}={v}" for k, v in sorted(waiter.labels.items()))
             theirs = sorted({",".join(f"{k}={v}" for k, v in sorted(t[1].items())) or "(none)" for t in speaking})

@@ -11,7 +11,7 @@ A *slot* is one free place on a server (a PUT); a *waiter* is one REQUEST. The r
    user's requests in arrival order.
 4. A request takes the matching free slot that has been free longest.
 5. A waiter matches a slot when the slot serves the waiter's protocol and carries every label the
-   waiter asks for, with the same value.
+   waiter asks for, with the same value (or any value, where the waiter asks for ``"*"``).
 6. A waiter leaves exactly once: granted, removed (cancel, disconnect) or expired at its deadline.
 
 Costs: a grant is O(1) when the first waiting user's first request matches (the common case); the
@@ -28,6 +28,8 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
+
+from ..protocol.tracker import labels_match
 
 __all__ = ["PROTOCOL_TVM", "Grant", "Scheduler", "Slot", "Waiter"]
 
@@ -83,7 +85,7 @@ class Grant(NamedTuple):
 def _matches(protocols: frozenset[str], labels: Mapping[str, str], waiter: Waiter) -> bool:
     if waiter.protocol not in protocols:
         return False
-    return all(labels.get(name) == value for name, value in waiter.labels.items())
+    return labels_match(labels, waiter.labels)
 
 
 class _Level:
