@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import TetherError
-from . import admin, bench, demo, pack, proxy, query, run, server, token, tracker, tune, usage
+from . import admin, bench, demo, doctor, pack, proxy, query, run, server, token, tracker, tune, usage
 from ._report import fail
 
 __all__ = ["main"]
@@ -28,6 +28,7 @@ _COMMANDS = {
     "server": server,
     "proxy": proxy,
     "query": query,
+    "doctor": doctor,
     "run": run,
     "bench": bench,
     "tune": tune,
