@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import TetherError
-from . import admin, bench, demo, doctor, pack, proxy, query, run, server, token, tracker, tune, usage
+from . import admin, bench, demo, doctor, pack, proxy, query, run, server, service, token, tracker, tune, usage
 from ._report import fail
 
 __all__ = ["main"]
@@ -37,6 +37,7 @@ _COMMANDS = {
     "usage": usage,
     "admin": admin,
     "demo": demo,
+    "service": service,
 }
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
