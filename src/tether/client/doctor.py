@@ -298,8 +298,12 @@ def diagnose(
             servers = _servers(summary)
             keys = _check_keys(report, summary, servers, key)
             wanted = [s for s in servers if s.key in keys or any(k in keys for k in s.proxy_keys)]
-            _check_reachable(report, host, [s for s in wanted if not s.proxy_keys], timeout)
-            _check_proxies(report, [s for s in wanted if s.proxy_keys], timeout)
+            if keys:
+                _check_reachable(report, host, [s for s in wanted if not s.proxy_keys], timeout)
+                _check_proxies(report, [s for s in wanted if s.proxy_keys], timeout)
+            else:
+                for name in ("reachable", "proxy"):
+                    report.add(Check(name, SKIP, "not checked: no key with a server"))
             if not sessions:
                 report.add(Check("session", SKIP, "not checked (--no-session)"))
             elif not keys:
