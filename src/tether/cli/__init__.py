@@ -18,7 +18,24 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import TetherError
-from . import adb, admin, bench, compile, demo, pack, proxy, query, run, server, token, tracker, tune, usage
+from . import (
+    adb,
+    admin,
+    bench,
+    compile,
+    demo,
+    doctor,
+    pack,
+    proxy,
+    query,
+    run,
+    server,
+    service,
+    token,
+    tracker,
+    tune,
+    usage,
+)
 from ._report import fail
 
 __all__ = ["main"]
@@ -28,6 +45,7 @@ _COMMANDS = {
     "server": server,
     "proxy": proxy,
     "query": query,
+    "doctor": doctor,
     "run": run,
     "bench": bench,
     "compile": compile,
@@ -38,6 +56,7 @@ _COMMANDS = {
     "admin": admin,
     "demo": demo,
     "adb": adb,
+    "service": service,
 }
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 

@@ -155,11 +155,24 @@ def config_from_args(args: argparse.Namespace) -> Any:
     )
 
 
+def _reachability_hint(config: Any) -> str | None:
+    """The doctor's warning for an advertised address clients elsewhere cannot reach (no traffic sent)."""
+    from ..client.doctor import advertise_hint
+
+    if config.tracker is None or config.through_proxy or config.proxy_url:
+        return None
+    return advertise_hint(config.host, config.tracker[0], config.custom_addr)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..device.server import DeviceServer
 
     try:
-        server = DeviceServer(config_from_args(args))
+        config = config_from_args(args)
+        hint = _reachability_hint(config)
+        if hint:
+            print(f"tether server: warning: {hint}", file=sys.stderr, flush=True)
+        server = DeviceServer(config)
         server.start()
     except ConfigError as exc:
         print(f"tether server: {exc}", file=sys.stderr)
