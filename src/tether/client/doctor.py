@@ -472,12 +472,12 @@ def _missing_key(key: str, present: list[str]) -> tuple[str, str]:
         hints.append(f"did you mean {' or '.join(map(repr, near))}?")
     for prefix in ("server:", "client:"):
         if key.startswith(prefix):
-            hints.append(f"keys are requested without the {prefix!r} prefix: the handshake adds it ({key[7:]!r})")
+            hints.append(f"keys are requested without the {prefix!r} prefix: the handshake adds it ({key[7:]!r});")
     if " " in key:
-        hints.append(f"a key ends at its first space: the rest are options ({key.split(maxsplit=1)[0]!r})")
+        hints.append(f"a key ends at its first space: the rest are options ({key.split(maxsplit=1)[0]!r});")
     longer = [k for k in present if k != key and (k.startswith(key) or key.startswith(k))]
     if longer:
-        hints.append(f"keys match exactly, not by prefix ({', '.join(map(repr, longer))} is another key)")
+        hints.append(f"keys match exactly, not by prefix ({', '.join(map(repr, longer))} is another key);")
     hints.append(
         f"request a key that exists, or start the device's server with --key {key} (check its log for "
         "'registered'; a server that cannot reach the tracker says so)"
