@@ -25,6 +25,7 @@ from ._args import (
     unservable_after,
 )
 from ._tls import tls_from_args
+from .compare import add_baseline_flags, baseline_step
 
 if TYPE_CHECKING:
     from ..client.bench import BenchEvent, BenchRecord
@@ -134,6 +135,7 @@ def add_parser(sub: Any) -> None:
         help="draw the latency distributions: .svg (no dependency), .png and others with matplotlib",
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr (queue position, models measured)")
+    add_baseline_flags(p)
     p.set_defaults(run=run)
 
 
@@ -205,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
             progress.close()
     _print_table(records, args)
     _write_files(records, args)
+    regressed = baseline_step(records, args, settings)
     if args.verbose:
         for r in records:
             if r.error and r.error.get("traceback"):
@@ -214,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
                 )
     if code is not None:
         return code
-    return 0 if all(r.error is None for r in records) else 1
+    return 0 if all(r.error is None for r in records) and not regressed else 1
 
 
 def _print_table(records: list[BenchRecord], args: argparse.Namespace) -> None:

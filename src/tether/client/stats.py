@@ -90,3 +90,69 @@ def summarize(samples: Sequence[float], confidence: float = 0.95) -> SampleStats
         median_ci=median_ci(data, confidence),
         confidence=confidence,
     )
+
+
+# -- comparing two sets of samples (``tether compare``, baselines) ---------------------------------------
+
+__all__ += ["RESAMPLES", "ratio_ci"]
+
+#: Bootstrap resamples for :func:`ratio_ci`
+RESAMPLES = 2000
+#: ... and the seed that makes its interval the same for the same samples, on every run
+SEED = 20240601
+
+#: Blocks of samples: a list of samples that belong together (one round of an interleaved run)
+Blocks = Sequence[Sequence[float]]
+
+
+def ratio_ci(
+    groups: Sequence[tuple[Blocks, Blocks, bool]],
+    confidence: float = 0.95,
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> tuple[float, tuple[float, float]]:
+    """The ratio of medians ``median(B) / median(A)`` and a bootstrap percentile ``confidence`` interval.
+
+    ``groups``: one ``(a_blocks, b_blocks, paired)`` per device. A block is a list of samples that belong
+    together (one round of an interleaved run); the bootstrap resamples blocks, not samples, so that what
+    a round shares (the load on the device at that moment) counts as one draw. ``paired``: the blocks of A
+    and B are the same rounds (as many of each), resampled together; else each side's blocks are resampled
+    on their own (saved results, where each sample is its own block). With several groups the ratio is
+    the geometric mean of the groups' ratios, each group resampled on its own (a stratified bootstrap).
+
+    Seeded (``seed``, :class:`random.Random`): the same samples give the same interval. Raises ValueError
+    for no groups, an empty block, a sample that is not positive, or paired groups with unequal block counts.
+    """
+    import random
+
+    if not groups:
+        raise ValueError("no samples")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence {confidence} outside (0, 1)")
+    for a_blocks, b_blocks, paired in groups:
+        blocks = [*a_blocks, *b_blocks]
+        if not a_blocks or not b_blocks or not all(blocks):
+            raise ValueError("no samples (an empty side or block)")
+        if any(not s > 0 for block in blocks for s in block):
+            raise ValueError("samples must be positive times")
+        if paired and len(a_blocks) != len(b_blocks):
+            raise ValueError(f"paired blocks differ in number: {len(a_blocks)} and {len(b_blocks)}")
+
+    def median(blocks: Blocks, picks: Sequence[int]) -> float:
+        return statistics.median([s for i in picks for s in blocks[i]])
+
+    point = statistics.fmean(math.log(median(b, range(len(b))) / median(a, range(len(a)))) for a, b, _ in groups)
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(resamples):
+        total = 0.0
+        for a_blocks, b_blocks, paired in groups:
+            pick_a = [rng.randrange(len(a_blocks)) for _ in a_blocks]
+            pick_b = pick_a if paired else [rng.randrange(len(b_blocks)) for _ in b_blocks]
+            total += math.log(median(b_blocks, pick_b) / median(a_blocks, pick_a))
+        draws.append(total / len(groups))
+    draws.sort()
+    alpha = (1 - confidence) / 2
+    lo, hi = percentile(draws, 100 * alpha), percentile(draws, 100 * (1 - alpha))
+    return math.exp(point), (math.exp(lo), math.exp(hi))
