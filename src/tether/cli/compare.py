@@ -79,6 +79,13 @@ def add_parser(sub: Any) -> None:
         "--rounds", type=positive, default=10, metavar="R", help="rounds per device; each measures A and B (ABBA order)"
     )
     p.add_argument(
+        "--confidence",
+        type=_confidence,
+        default=0.95,
+        metavar="C",
+        help="of the intervals, 0..1 (at 0.95 a verdict takes 6 rounds or more; at 0.999, 11)",
+    )
+    p.add_argument(
         "--min-effect",
         type=percent,
         default=0.01,
@@ -102,6 +109,16 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(run=run)
+
+
+def _confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a confidence between 0 and 1 (0.95), not {text!r}")
+    return value
 
 
 def add_baseline_flags(p: argparse.ArgumentParser) -> None:
@@ -145,12 +162,18 @@ def run(args: argparse.Namespace) -> int:
     from ..client.bench import BenchSettings
     from ..client.compare import compare
     from ..client.plot import check_plot_path
+    from ..client.stats import min_rounds
     from .bench import Progress
 
     if not args.key:
         raise ConfigError("tether compare needs --key (or --saved, to compare saved results)")
     if args.repeat < 1:
         raise ConfigError("tether compare needs --repeat 1 or more (samples per model, device and round)")
+    if args.rounds < min_rounds(args.confidence):
+        raise ConfigError(
+            f"--rounds {args.rounds} cannot show a difference at confidence {args.confidence:g}: "
+            f"use {min_rounds(args.confidence)} or more"
+        )
     if args.plot:
         check_plot_path(args.plot)
     host, port, inputs = check_locally(args, [args.a, args.b])
@@ -166,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         options=model_options(args),
         inputs=inputs,
         shapes=dict(args.shape),
+        confidence=args.confidence,
     )
     progress = None if args.quiet else Progress(sys.stderr, tty=sys.stderr.isatty())
     try:
@@ -208,7 +232,8 @@ def _report(result: CompareResult, args: argparse.Namespace) -> bool:
     print(f"A: {result.a}\nB: {result.b}")
     print(
         f"{result.rounds} rounds in ABBA order on {len(result.devices)} device(s); per round and model "
-        f"{s.repeat} samples of {s.number} runs; ratio of medians B/A, {s.confidence * 100:g} % bootstrap CI"
+        f"{s.repeat} samples of {s.number} runs\nB/A: Hodges-Lehmann estimate of the per-round ratio, "
+        f"{s.confidence * 100:g} % signed-rank CI"
     )
     rows = [["device", "A median ms", "B median ms", "B/A", f"{s.confidence * 100:g}% CI", "verdict"]]
     slower: list[str] = []
@@ -257,11 +282,14 @@ def _run_saved(args: argparse.Namespace) -> int:
     from ..client.compare import is_regression
 
     old, new = load_entries(args.a), load_entries(args.b)
-    pairs = compare_saved(old, new, min_effect=args.min_effect)
+    pairs = compare_saved(old, new, confidence=args.confidence, min_effect=args.min_effect)
     if not pairs:
         raise ConfigError(f"{args.a} and {args.b} have no model in common (name them alike, or save one model each)")
-    print(f"A: {args.a} (saved)\nB: {args.b} (saved)\nratio of medians B/A, 95 % bootstrap CI, devices by fingerprint")
-    rows = [["A model", "B model", "fingerprint", "A median ms", "B median ms", "B/A", "95% CI", "verdict"]]
+    print(
+        f"A: {args.a} (saved)\nB: {args.b} (saved)\nB/A: Hodges-Lehmann estimate of the ratio, "
+        f"{args.confidence * 100:g} % Mann-Whitney CI; devices matched by fingerprint"
+    )
+    rows = [["A model", "B model", "fingerprint", "A median ms", "B median ms", "B/A", "CI", "verdict"]]
     slower = []
     for pair in pairs:
         for o, _, c in pair.devices:

@@ -11,8 +11,11 @@ A baseline file (``tether bench --save-baseline``) is JSON, ``{"format": "tether
 [...]}``, one entry per model file name and fingerprint with its samples (seconds per run) and their
 statistics. :func:`check_baseline` compares new samples with an entry's by
 :func:`~tether.client.compare.compare_blocks` (unpaired: each sample its own block), the statistics of
-``tether compare``. :func:`load_entries` also reads ``tether bench --json`` and ``tether compare --json``
-files, for ``tether compare --saved``.
+``tether compare``: a Hodges-Lehmann estimate of the ratio with the Mann-Whitney interval. Samples of one
+run are not independent draws (the load of that moment is in all of them), so that interval is narrower
+than the truth between runs: a threshold (``--regression-threshold``) guards against calling the
+difference between two quiet and busy moments a regression. :func:`load_entries`
+also reads ``tether bench --json`` and ``tether compare --json`` files, for ``tether compare --saved``.
 """
 
 from __future__ import annotations

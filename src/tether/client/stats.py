@@ -93,43 +93,86 @@ def summarize(samples: Sequence[float], confidence: float = 0.95) -> SampleStats
 
 
 # -- comparing two sets of samples (``tether compare``, baselines) ---------------------------------------
+#
+# Hodges-Lehmann estimates on log times, with the distribution-free intervals of the rank tests they
+# come from. Paired (interleaved rounds): per round r, d_r = log(median(B_r) / median(A_r)); the estimate
+# is the median of the Walsh averages (d_i + d_j) / 2, i <= j, and the interval the Wilcoxon signed-rank
+# one (exact, from the distribution of the statistic, up to 60 rounds; normal beyond). Unpaired (saved
+# samples): the median of every log(b / a), and the Mann-Whitney interval (normal approximation). Several
+# devices (strata): the devices' Walsh averages (or differences) pooled, the statistic summed over them
+# (van Elteren's stratified test), so that no device's differences mix with another's.
 
-__all__ += ["RESAMPLES", "ratio_ci"]
+__all__ += ["Blocks", "ratio_ci", "min_rounds"]
 
-#: Bootstrap resamples for :func:`ratio_ci`
-RESAMPLES = 2000
-#: ... and the seed that makes its interval the same for the same samples, on every run
-SEED = 20240601
-
-#: Blocks of samples: a list of samples that belong together (one round of an interleaved run)
+#: Blocks of samples: samples that belong together (one round of an interleaved run)
 Blocks = Sequence[Sequence[float]]
+_EXACT_MAX = 60  # rounds (in all strata) up to which the signed-rank distribution is computed exactly
+
+
+def _signed_rank_cdf(sizes: Sequence[int]) -> list[float]:
+    """P(W <= w) for w = 0..max, W the sum over strata of Wilcoxon signed-rank statistics under the null."""
+    dist = [1.0]
+    for n in sizes:
+        counts = [1.0]  # ways to reach each sum with ranks 1..k
+        for rank in range(1, n + 1):
+            grown = counts + [0.0] * rank
+            for w in range(len(counts)):
+                grown[w + rank] += counts[w]
+            counts = grown
+        total = 2.0**n
+        probs = [c / total for c in counts]
+        merged = [0.0] * (len(dist) + len(probs) - 1)
+        for i, p in enumerate(dist):
+            if p:
+                for j, q in enumerate(probs):
+                    merged[i + j] += p * q
+        dist = merged
+    out, acc = [], 0.0
+    for p in dist:
+        acc += p
+        out.append(acc)
+    return out
+
+
+def _rank_k(total: int, cdf: list[float] | None, mean: float, var: float, confidence: float) -> int:
+    """The 1-based rank of the interval's lower end among ``total`` sorted estimates (0: none is far
+    enough out for ``confidence``): the largest k with P(stat <= k - 1) <= (1 - confidence) / 2."""
+    alpha = (1 - confidence) / 2
+    if cdf is not None:
+        k = 0
+        while k < len(cdf) and cdf[k] <= alpha:
+            k += 1
+        return min(k, total // 2)
+    z = statistics.NormalDist().inv_cdf(1 - alpha)
+    return max(0, min(math.floor(mean - z * math.sqrt(var) + 0.5), total // 2))
+
+
+def min_rounds(confidence: float = 0.95) -> int:
+    """The fewest paired rounds whose signed-rank interval can exclude no change at ``confidence``."""
+    n = 1
+    while 2 / 2**n > 1 - confidence:
+        n += 1
+    return n
 
 
 def ratio_ci(
-    groups: Sequence[tuple[Blocks, Blocks, bool]],
-    confidence: float = 0.95,
-    *,
-    resamples: int = RESAMPLES,
-    seed: int = SEED,
+    groups: Sequence[tuple[Blocks, Blocks, bool]], confidence: float = 0.95
 ) -> tuple[float, tuple[float, float]]:
-    """The ratio of medians ``median(B) / median(A)`` and a bootstrap percentile ``confidence`` interval.
+    """B's time relative to A's, ``exp(HL estimate)``, and its ``confidence`` interval (see above).
 
-    ``groups``: one ``(a_blocks, b_blocks, paired)`` per device. A block is a list of samples that belong
-    together (one round of an interleaved run); the bootstrap resamples blocks, not samples, so that what
-    a round shares (the load on the device at that moment) counts as one draw. ``paired``: the blocks of A
-    and B are the same rounds (as many of each), resampled together; else each side's blocks are resampled
-    on their own (saved results, where each sample is its own block). With several groups the ratio is
-    the geometric mean of the groups' ratios, each group resampled on its own (a stratified bootstrap).
-
-    Seeded (``seed``, :class:`random.Random`): the same samples give the same interval. Raises ValueError
-    for no groups, an empty block, a sample that is not positive, or paired groups with unequal block counts.
+    ``groups``: one ``(a_blocks, b_blocks, paired)`` per device. Paired: the blocks are the rounds, as many
+    for A as for B; unpaired: every sample of each side (blocks flattened). All groups paired or none.
+    With too few rounds or samples for ``confidence`` the interval is ``(0, inf)``: no conclusion.
+    Raises ValueError for no groups, an empty side or block, a sample that is not a positive time.
     """
-    import random
-
     if not groups:
         raise ValueError("no samples")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence {confidence} outside (0, 1)")
+    kinds = {paired for _, _, paired in groups}
+    if len(kinds) > 1:
+        raise ValueError("groups must be all paired or all unpaired")
+    estimates: list[float] = []
     for a_blocks, b_blocks, paired in groups:
         blocks = [*a_blocks, *b_blocks]
         if not a_blocks or not b_blocks or not all(blocks):
@@ -138,21 +181,27 @@ def ratio_ci(
             raise ValueError("samples must be positive times")
         if paired and len(a_blocks) != len(b_blocks):
             raise ValueError(f"paired blocks differ in number: {len(a_blocks)} and {len(b_blocks)}")
-
-    def median(blocks: Blocks, picks: Sequence[int]) -> float:
-        return statistics.median([s for i in picks for s in blocks[i]])
-
-    point = statistics.fmean(math.log(median(b, range(len(b))) / median(a, range(len(a)))) for a, b, _ in groups)
-    rng = random.Random(seed)
-    draws = []
-    for _ in range(resamples):
-        total = 0.0
-        for a_blocks, b_blocks, paired in groups:
-            pick_a = [rng.randrange(len(a_blocks)) for _ in a_blocks]
-            pick_b = pick_a if paired else [rng.randrange(len(b_blocks)) for _ in b_blocks]
-            total += math.log(median(b_blocks, pick_b) / median(a_blocks, pick_a))
-        draws.append(total / len(groups))
-    draws.sort()
-    alpha = (1 - confidence) / 2
-    lo, hi = percentile(draws, 100 * alpha), percentile(draws, 100 * (1 - alpha))
-    return math.exp(point), (math.exp(lo), math.exp(hi))
+    if kinds == {True}:
+        sizes = [len(a) for a, _, _ in groups]
+        for a_blocks, b_blocks, _ in groups:
+            d = [math.log(statistics.median(b) / statistics.median(a)) for a, b in zip(a_blocks, b_blocks, strict=True)]
+            estimates.extend((d[i] + d[j]) / 2 for i in range(len(d)) for j in range(i, len(d)))
+        mean = sum(n * (n + 1) / 4 for n in sizes)
+        var = sum(n * (n + 1) * (2 * n + 1) / 24 for n in sizes)
+        cdf = _signed_rank_cdf(sizes) if sum(sizes) <= _EXACT_MAX else None
+    else:
+        mean = var = 0.0
+        for a_blocks, b_blocks, _ in groups:
+            log_a = [math.log(s) for blk in a_blocks for s in blk]
+            log_b = [math.log(s) for blk in b_blocks for s in blk]
+            estimates.extend(y - x for x in log_a for y in log_b)
+            m, n = len(log_a), len(log_b)
+            mean += m * n / 2
+            var += m * n * (m + n + 1) / 12
+        cdf = None
+    estimates.sort()
+    point = statistics.median(estimates)
+    k = _rank_k(len(estimates), cdf, mean, var, confidence)
+    if k < 1:
+        return math.exp(point), (0.0, math.inf)
+    return math.exp(point), (math.exp(estimates[k - 1]), math.exp(estimates[len(estimates) - k]))
