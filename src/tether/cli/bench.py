@@ -256,8 +256,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_table(records: list[BenchRecord], args: argparse.Namespace) -> None:
     header = ["model", "device", "load ms", "median ms", "95% CI", "mean", "std", "min", "p90", "p99", "n"]
-    header += ["outputs"] if args.reference else []
     header.append("valid")
+    header += ["outputs"] if args.reference else []
     rows = []
     for r in records:
         s = r.stats
@@ -267,8 +267,8 @@ def _print_table(records: list[BenchRecord], args: argparse.Namespace) -> None:
         else:
             ci = f"{_ms(s.median_ci[0])}..{_ms(s.median_ci[1])}"
             row += [_ms(s.median), ci, _ms(s.mean), _ms(s.std), _ms(s.min), _ms(s.p90), _ms(s.p99), str(s.n)]
-        row += ["match" if r.checked else "-"] if args.reference else []
         row.append(r.verdict)
+        row += ["match" if r.checked else "-"] if args.reference else []
         rows.append(row)
     errors = [f"{r.error['type']}: {_words(r.error.get('message', ''))}" if r.error else "" for r in records]
     if any(errors):
