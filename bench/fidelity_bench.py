@@ -29,6 +29,18 @@ import benchlib
 HOST = "127.0.0.1"
 
 
+def wait_free(tracker_port: int, key: str, timeout: float = 60) -> None:
+    """Until the tracker lists a free server of ``key``."""
+    from tether.client.tracker import TrackerClient
+
+    deadline = time.monotonic() + timeout
+    with TrackerClient.connect(HOST, tracker_port) as client:
+        while client.summary()["queue_info"].get(key, {}).get("free", 0) < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no free server of {key!r} within {timeout} s")
+            time.sleep(0.01)
+
+
 def _tether_side(tracker_port: int, model: Path, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
     from tether.client.bench import BenchSettings, bench
 
@@ -154,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server_argv = [sys.executable, "-m", "tether", "server", "--host", HOST, "--port", "0"]
             server_argv += ["--key", "fidelity", "--tracker", f"{HOST}:{tracker.port}", "--preload", "auto"]
             with benchlib.running("tether server", server_argv):
-                benchlib.wait_free(tracker.port, "fidelity")
+                wait_free(tracker.port, "fidelity")
                 print(
                     f"{args.model}: {args.number} runs x {args.repeat} samples, warmup {args.warmup}, "
                     f"{args.threads} thread(s), {args.rounds} alternating rounds per side"
