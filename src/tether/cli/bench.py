@@ -136,6 +136,38 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr (queue position, models measured)")
     add_baseline_flags(p)
+    rules = p.add_argument_group("validity: a result that breaks a rule is shown INVALID (or NOISY)")
+    rules.add_argument(
+        "--min-duration",
+        type=seconds,
+        default=0.1,
+        metavar="S",
+        help="seconds of timed runs a result needs in all (number x repeat x run time) (default: 0.1; 0: off)",
+    )
+    rules.add_argument(
+        "--min-samples", type=positive, default=5, metavar="N", help="samples a result needs (default: 5)"
+    )
+    rules.add_argument(
+        "--max-cv",
+        type=seconds,
+        default=5.0,
+        metavar="PCT",
+        help="largest coefficient of variation of the samples, in %% (default: 5; 0: off)",
+    )
+    rules.add_argument(
+        "--max-ci",
+        type=seconds,
+        default=5.0,
+        metavar="PCT",
+        help="widest 95%% CI of the median, in %% of the median (default: 5; 0: off)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timing, per-operator times from the device's runtime profiler (slowest shown; all in --json)",
+    )
+    p.add_argument("--profile-runs", type=positive, default=10, metavar="N", help="runs to profile (default: 10)")
+    p.add_argument("--top", type=positive, default=10, metavar="N", help="operators shown per model (default: 10)")
     p.set_defaults(run=run)
 
 
@@ -159,6 +191,7 @@ def _words(text: str, width: int = 160) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..client.bench import BenchInterrupted, BenchSettings, bench
     from ..client.plot import check_plot_path
+    from ..client.stats import ValidityRules
 
     if args.repeat < 1:
         raise ConfigError("tether bench needs --repeat 1 or more (samples per model and device)")
@@ -183,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
         reference=reference,
         rtol=args.rtol,
         atol=args.atol,
+        rules=ValidityRules(args.min_samples, args.min_duration, args.max_cv / 100, args.max_ci / 100),
+        profile=args.profile,
+        profile_runs=args.profile_runs,
     )
     progress = None if args.quiet else Progress(sys.stderr, tty=sys.stderr.isatty())
     code = None
@@ -206,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.close()
     _print_table(records, args)
+    _print_fidelity(records, args)
     _write_files(records, args)
     regressed = baseline_step(records, args, settings)
     if args.verbose:
@@ -222,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_table(records: list[BenchRecord], args: argparse.Namespace) -> None:
     header = ["model", "device", "load ms", "median ms", "95% CI", "mean", "std", "min", "p90", "p99", "n"]
+    header.append("valid")
     header += ["outputs"] if args.reference else []
     rows = []
     for r in records:
@@ -232,6 +270,7 @@ def _print_table(records: list[BenchRecord], args: argparse.Namespace) -> None:
         else:
             ci = f"{_ms(s.median_ci[0])}..{_ms(s.median_ci[1])}"
             row += [_ms(s.median), ci, _ms(s.mean), _ms(s.std), _ms(s.min), _ms(s.p90), _ms(s.p99), str(s.n)]
+        row.append(r.verdict)
         row += ["match" if r.checked else "-"] if args.reference else []
         rows.append(row)
     errors = [f"{r.error['type']}: {_words(r.error.get('message', ''))}" if r.error else "" for r in records]
@@ -248,6 +287,71 @@ def _print_table(records: list[BenchRecord], args: argparse.Namespace) -> None:
             f"outputs checked against {against}: {matched} of {len(records)} matched within "
             f"rtol {args.rtol:g}, atol {args.atol:g}"
         )
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / (1 << 20):.0f} MiB"
+
+
+def conditions_line(conditions: dict[str, Any] | None) -> str:
+    """The device's conditions in one line: governors, frequencies and temperatures (before -> after),
+    load average, other sessions, threads, affinity."""
+    if not conditions:
+        return "conditions: not recorded (an older server)"
+    before, after = conditions.get("before") or {}, conditions.get("after") or {}
+    parts = []
+    governors = sorted({g for g in (conditions.get("governor") or {}).values() if g})
+    parts.append(f"governor {'/'.join(governors) or '-'}")
+
+    def freq(snap: dict[str, Any]) -> str:
+        values = [v for v in (snap.get("freq_mhz") or {}).values() if v]
+        return f"{min(values):.0f}-{max(values):.0f}" if values else "-"
+
+    parts.append(f"MHz {freq(before)}->{freq(after)}")
+    temps0, temps1 = before.get("temp_c") or {}, after.get("temp_c") or {}
+    if temps0 or temps1:
+        parts.append(f"max °C {max(temps0.values(), default=0):.0f}->{max(temps1.values(), default=0):.0f}")
+    load0, load1 = before.get("loadavg"), after.get("loadavg")
+    if load0 and load1:
+        parts.append(f"load {load0[0]:.2f}->{load1[0]:.2f}")
+    others = conditions.get("other_sessions")
+    parts.append(f"other sessions {'-' if others is None else others}")
+    threads = dict(conditions.get("threads") or {})
+    shown = {k: v for k, v in threads.items() if k not in ("runtime", "providers", "device") and v is not None}
+    parts.append("threads " + (",".join(f"{k}={v}" for k, v in shown.items()) or "-"))
+    cpus = conditions.get("affinity")
+    parts.append(f"cpus {len(cpus)}" if cpus else "cpus -")
+    return "conditions: " + ", ".join(parts)
+
+
+def _print_fidelity(records: list[BenchRecord], args: argparse.Namespace) -> None:
+    """Per measured record: its conditions and peak memory in one line, its warnings, its slowest operators."""
+    for r in records:
+        if r.stats is None:
+            continue
+        print(f"\n{r.model} on {r.device}: {r.verdict}")
+        print(f"  {conditions_line(r.conditions)}")
+        print(
+            f"  peak memory (worker RSS): {_mib(r.memory.get('after_load'))} after load, "
+            f"{_mib(r.memory.get('after_bench'))} after the benchmark"
+        )
+        for warning in r.warnings:
+            tag = "NOISY" if warning.startswith("too noisy") else "INVALID" if warning.startswith("too ") else "note"
+            print(f"  {tag}: {warning}")
+        if args.profile:
+            if r.profile is None:
+                print(f"  profile: none ({r.profile_error or 'not returned'})")
+                continue
+            print(f"  top {min(args.top, len(r.profile))} of {len(r.profile)} operators ({args.profile_runs} runs):")
+            table = [["operator", "op", "calls", "ms/run", "%"]]
+            for op in r.profile[: args.top]:
+                table.append(
+                    [str(op["name"])[:60], str(op["op"]), str(op["calls"]), f"{op['per_run_s'] * 1e3:.3f}",
+                     f"{op['percent']:.1f}"]
+                )  # fmt: skip
+            widths = [max(len(row[i]) for row in table) for i in range(5)]
+            for row in table:
+                print("    " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _write_files(records: list[BenchRecord], args: argparse.Namespace) -> None:
@@ -276,6 +380,9 @@ def _write_files(records: list[BenchRecord], args: argparse.Namespace) -> None:
                     "n",
                     "checked",
                     "error",
+                    "valid",
+                    "peak_rss_load",
+                    "peak_rss_bench",
                 ]
             )
             for r in records:
@@ -287,7 +394,11 @@ def _write_files(records: list[BenchRecord], args: argparse.Namespace) -> None:
                 )
                 labels = ",".join(f"{k}={v}" for k, v in sorted(r.labels.items()))
                 error = f"{r.error['type']}: {r.error['message']}" if r.error else ""
-                writer.writerow([r.model, r.device, labels, r.backend or "", r.load_s or "", *stats, r.checked, error])
+                writer.writerow(
+                    [r.model, r.device, labels, r.backend or "", r.load_s or "", *stats, r.checked, error,
+                     "" if r.valid is None else r.valid, r.memory.get("after_load") or "",
+                     r.memory.get("after_bench") or ""]
+                )  # fmt: skip
     if args.plot:
         from ..client.plot import write_plot
 

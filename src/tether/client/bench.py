@@ -36,7 +36,7 @@ from .batch import compare_outputs, device_name
 from .inputs import input_problem, shapes_for
 from .query import query_tracker, status_from_summary
 from .session import Session
-from .stats import SampleStats, summarize
+from .stats import SampleStats, ValidityRules, summarize, validity
 from .tracker import TrackerClient
 
 __all__ = ["BenchEvent", "BenchInterrupted", "BenchRecord", "BenchSettings", "EventKind", "bench", "devices_of"]
@@ -73,6 +73,11 @@ class BenchSettings:
     #: seconds for one model's load and for its measurement (each; None: no limit). Past it the device ends
     #: the session's worker (``RunTimeout``): the models after it on that device are reported not measured.
     run_timeout: float | None = None
+    #: when a result is valid (enough samples, enough measured time, little noise): :mod:`.stats`
+    rules: ValidityRules = field(default_factory=ValidityRules)
+    #: per-operator times from the backend's profiler, after the timing (``profile_runs`` runs)
+    profile: bool = False
+    profile_runs: int = 10
 
 
 def _host_inputs(
@@ -169,6 +174,28 @@ class BenchRecord:
     stats: SampleStats | None = None
     error: dict[str, str] | None = None
     checked: bool = False
+    #: runs per sample (TVM's ``number``, after ``min_repeat_ms`` grew it)
+    number: int | None = None
+    #: the device's conditions around the measurement (:attr:`BenchmarkResult.conditions`)
+    conditions: dict[str, Any] | None = None
+    #: the worker's high-water resident memory in bytes: ``after_load``, ``after_bench``
+    memory: dict[str, int | None] = field(default_factory=dict)
+    #: the validity rules held (None: not measured); ``warnings``: why not, then what else to know
+    valid: bool | None = None
+    warnings: list[str] = field(default_factory=list)
+    #: per-operator times (``--profile``), slowest first, or why there are none
+    profile: list[dict[str, Any]] | None = None
+    profile_error: str | None = None
+
+    @property
+    def verdict(self) -> str:
+        """``ok``, ``NOISY``, ``INVALID`` or ``-`` (not measured)."""
+        if self.valid is None:
+            return "-"
+        if self.valid:
+            return "ok"
+        reasons = [w for w in self.warnings if w.startswith("too ")]
+        return "NOISY" if reasons and all(w.startswith("too noisy") for w in reasons) else "INVALID"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -182,6 +209,13 @@ class BenchRecord:
             "stats": self.stats.to_dict() if self.stats else None,
             "error": self.error,
             "checked": self.checked,
+            "number": self.number,
+            "valid": self.valid,
+            "warnings": self.warnings,
+            "conditions": self.conditions,
+            "memory": self.memory,
+            "profile": self.profile,
+            "profile_error": self.profile_error,
         }
 
 
@@ -386,6 +420,7 @@ def _measure_models(
             remote = sess.upload(path, path.name)
             model = sess.load_model(remote, settings.backend, timeout=settings.run_timeout, **settings.options)
             record.backend, record.load_s = model.backend, model.load_s
+            record.memory["after_load"] = model.peak_rss
             specs = [TensorSpec.from_wire(spec) for spec in model.inputs]
             shapes = shapes_for(specs, settings.shapes)
             why = input_problem(specs, settings.inputs or {}, shapes)
@@ -413,14 +448,29 @@ def _measure_models(
                 fill=settings.fill,
                 timeout=settings.run_timeout,
                 shapes=shapes,
+                profile=settings.profile,
+                profile_runs=settings.profile_runs,
             )
             record.samples = list(result.samples)
             record.stats = s = summarize(record.samples, settings.confidence)
+            record.number, record.conditions = result.number, result.conditions
+            record.memory["after_bench"] = result.peak_rss
+            record.profile, record.profile_error = result.profile, result.profile_error
+            verdict = validity(
+                record.samples,
+                result.number,
+                settings.rules,
+                confidence=settings.confidence,
+                conditions=result.conditions,
+            )
+            record.valid, record.warnings = verdict.valid, verdict.warnings
             model.close()
             text = (
                 f"{device}: {path.name} median {s.median * 1e3:.3f} ms "
                 f"(95% CI {s.median_ci[0] * 1e3:.3f}..{s.median_ci[1] * 1e3:.3f}, n={s.n})"
             )
+            if not verdict.valid:
+                text += f" {verdict.label}: {'; '.join(verdict.reasons)}"
             on_event(BenchEvent("result", text, *where, record=record))
         except TetherError as exc:
             record.error = _error_of(exc) if not stop.is_set else dict(_INTERRUPTED)

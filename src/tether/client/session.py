@@ -53,6 +53,7 @@ from ..protocol.framing import HandshakeReplyDecoder, encode_handshake
 from ..protocol.keys import PeerKey, format_peer_key, parse_peer_key
 from ..protocol.session import DTYPE_SIZES, FrameKind, tensor_descs
 from ..runtime.base import BackendError, numpy_dtype
+from .stats import Validity, ValidityRules, validity
 
 __all__ = ["BenchmarkResult", "RemoteModel", "RemoteTensor", "Session", "connect", "file_digest"]
 
@@ -157,6 +158,27 @@ class BenchmarkResult:
     samples: list[float]
     number: int
     inputs: str = "device"
+    #: what the device recorded around the measurement (:mod:`tether.device.conditions`): ``governor``,
+    #: ``affinity``, ``other_sessions``, ``threads``, and ``before``/``after`` (``freq_mhz``, ``temp_c``,
+    #: ``loadavg``); None from a server that does not record them
+    conditions: dict[str, Any] | None = None
+    #: the worker's high-water resident memory (bytes) after the measurement
+    peak_rss: int | None = None
+    #: per-operator times (``profile=True``): ``{name, op, calls, total_s, mean_s, per_run_s, percent}``
+    profile: list[dict[str, Any]] | None = None
+    profile_error: str | None = None
+
+    def validity(self, rules: ValidityRules | None = None, confidence: float = 0.95) -> Validity:
+        """Whether the result may be trusted under ``rules`` (:func:`tether.client.stats.validity`)."""
+        return validity(self.samples, self.number, rules, confidence=confidence, conditions=self.conditions)
+
+    @property
+    def valid(self) -> bool:
+        return self.validity().valid
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.validity().warnings
 
     @property
     def mean(self) -> float:
@@ -202,6 +224,12 @@ class BenchmarkResult:
             "std_s": self.std,
             "p90_s": self.percentile(90),
             "p99_s": self.percentile(99),
+            "valid": self.valid,
+            "warnings": self.warnings,
+            "conditions": self.conditions,
+            "peak_rss": self.peak_rss,
+            "profile": self.profile,
+            "profile_error": self.profile_error,
         }
 
     def __str__(self) -> str:
@@ -241,6 +269,8 @@ class RemoteModel:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     load_s: float
+    #: the worker's high-water resident memory (bytes) once the model was loaded (None: not told)
+    peak_rss: int | None = None
     last_run_s: float | None = field(default=None, init=False)
 
     @property
@@ -301,12 +331,17 @@ class RemoteModel:
         flush_cache: bool = False,
         timeout: float | None = None,
         shapes: Mapping[str, Sequence[int]] | None = None,
+        profile: bool = False,
+        profile_runs: int | None = None,
     ) -> BenchmarkResult:
         """Time runs on the device with inputs kept there (sent once, or generated with ``fill``, in
         ``shapes`` as :meth:`run` takes them).
 
         ``flush_cache``: evict the CPU caches before each repeat (TVM's ``enable_cpu_cache_flush``).
-        ``timeout``: seconds for the whole measurement; past it :class:`RunTimeout`, the session ends."""
+        ``timeout``: seconds for the whole measurement; past it :class:`RunTimeout`, the session ends.
+        ``profile``: after the timing, per-operator times from the backend's profiler over ``profile_runs``
+        runs (default 10) in a profiling session of their own (``result.profile``, or why not in
+        ``result.profile_error``). The result carries the device's conditions and the worker's peak memory."""
         refs, inline = self._split(inputs)
         header = {
             "model": self.handle,
@@ -322,8 +357,19 @@ class RemoteModel:
         header.update(_shapes(shapes))
         if flush_cache:
             header["flush_cache"] = True
+        if profile:
+            header["profile"] = True
+            if profile_runs is not None:
+                header["profile_runs"] = int(profile_runs)
         result, _ = self.session._call("benchmark", header, inline, timeout=timeout)
-        return BenchmarkResult([float(s) for s in result["samples"]], int(result["number"]))
+        return BenchmarkResult(
+            [float(s) for s in result["samples"]],
+            int(result["number"]),
+            conditions=result.get("conditions"),
+            peak_rss=result.get("peak_rss"),
+            profile=result.get("profile"),
+            profile_error=result.get("profile_error"),
+        )
 
     def close(self) -> None:
         if not self.session.closed:
@@ -614,7 +660,15 @@ class Session:
         Past ``timeout`` seconds the device ends the session and this raises :class:`RunTimeout`."""
         header = {"path": path, "backend": backend, "options": options}
         reply = self._call("load_model", header, timeout=timeout)[0]
-        return RemoteModel(self, reply["model"], reply["backend"], reply["inputs"], reply["outputs"], reply["load_s"])
+        return RemoteModel(
+            self,
+            reply["model"],
+            reply["backend"],
+            reply["inputs"],
+            reply["outputs"],
+            reply["load_s"],
+            reply.get("peak_rss"),
+        )
 
     def tensor(self, array: Any) -> RemoteTensor:
         """Send an array once and keep it on the device."""

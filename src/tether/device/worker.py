@@ -62,6 +62,7 @@ from ..protocol.session import (
     tensor_descs,
 )
 from ..runtime import Model, RawTensor, backend_for_path, fill_shape, fill_tensor, get_backend
+from . import conditions
 from .cache import ContentCache, is_sha256
 from .workspace import Workspace
 
@@ -279,8 +280,12 @@ class NativeSession:
         info: dict[str, Any],
         cache: ContentCache | None = None,
         quotas: Quotas | None = None,
+        *,
+        sessions: tuple[str, str] | None = None,
     ) -> None:
         self.channel = channel
+        #: (the directory of the server's session workspaces, this session's): who else runs, for results
+        self.sessions = sessions
         self.workspace = workspace
         self.info = info
         self.cache = cache
@@ -519,6 +524,7 @@ class NativeSession:
             "inputs": [s.to_wire() for s in model.inputs],
             "outputs": [s.to_wire() for s in model.outputs],
             "load_s": load_s,
+            "peak_rss": conditions.peak_rss_bytes(),  # the worker's high-water mark with the model loaded
         }, []
 
     def _model(self, header: dict[str, Any]) -> Model:
@@ -647,6 +653,13 @@ class NativeSession:
         flush = None
         if header.get("flush_cache"):
             self._flusher = flush = self._flusher or _Flusher()
+        threads = getattr(model, "threads", None)
+        sessions_dir, own = self.sessions or (None, None)
+        setup = conditions.setup(
+            other_sessions=conditions.active_sessions(sessions_dir, own),
+            threads=threads() if callable(threads) else {"runtime": model.backend},
+        )
+        before = conditions.snapshot()
         samples, number = measure(
             once,
             number=int(header.get("number", 1)),
@@ -656,7 +669,29 @@ class NativeSession:
             warmup=int(header.get("warmup", 1)),
             before_repeat=flush,
         )
-        return {"samples": samples, "number": number}, []
+        after = conditions.snapshot()
+        setup["other_sessions_after"] = conditions.active_sessions(sessions_dir, own)
+        reply: dict[str, Any] = {
+            "samples": samples,
+            "number": number,
+            "conditions": {**setup, "before": before, "after": after},
+            "peak_rss": conditions.peak_rss_bytes(),
+        }
+        if header.get("profile"):  # after the timing, in a profiling run of its own: the samples never see it
+            reply["profile"], reply["profile_error"] = self._profile(model, prepared, header.get("profile_runs"))
+        return reply, []
+
+    @staticmethod
+    def _profile(model: Model, prepared: dict[str, Any], runs: Any) -> tuple[list[Any] | None, str | None]:
+        """Per-operator times from the backend's profiler, or why there are none."""
+        profile = getattr(model, "profile", None)
+        if not callable(profile):
+            return None, f"the {model.backend} backend has no per-operator profiler"
+        count = runs if isinstance(runs, int) and not isinstance(runs, bool) and 1 <= runs <= 10_000 else 10
+        try:
+            return list(profile(prepared, count)), None
+        except Exception as exc:  # the timing stands without it
+            return None, str(exc)
 
 
 # -- TVM's protocol ----------------------------------------------------------------------------
@@ -916,7 +951,9 @@ def run_job(job: dict[str, Any], sock: socket.socket) -> None:
             return
         if memory:
             limit_memory(memory, job.get("session"))  # before anything of the session is loaded
-        NativeSession(channel, workspace, job.get("info") or {}, store, quotas).serve()
+        # the server keeps one workspace directory per running session, side by side: who else runs
+        sessions = (str(Path(workspace.root).parent), Path(workspace.root).name)
+        NativeSession(channel, workspace, job.get("info") or {}, store, quotas, sessions=sessions).serve()
     except RemoteProtocolError as exc:
         logger.warning("session %s ended: %s", job.get("session"), exc)
         with contextlib.suppress(ConnectionClosed):

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from ..protocol.session import DTYPE_SIZES, TensorDesc
 
-__all__ = ["Backend", "BackendError", "Model", "RawTensor", "TensorSpec", "fill_shape"]
+__all__ = ["Backend", "BackendError", "Model", "RawTensor", "TensorSpec", "fill_shape", "profile_rows"]
 
 
 class BackendError(Exception):
@@ -242,3 +242,14 @@ def numpy_to_raw(arr: Any, keepalive: Any = None) -> RawTensor:
     arr = np.asarray(arr)
     arr = arr.astype(arr.dtype.newbyteorder("<"), order="C", copy=False)
     return RawTensor(arr.dtype.name, tuple(int(d) for d in arr.shape), arr.reshape(-1).view(np.uint8), keepalive)
+
+
+def profile_rows(rows: list[dict[str, Any]], runs: int) -> list[dict[str, Any]]:
+    """A backend's per-operator profile, finished: each row (``name``, ``op``, ``calls``, ``total_s`` over
+    ``runs`` runs) gets ``mean_s`` (per call), ``per_run_s`` and ``percent`` (of all rows' time); slowest first."""
+    total = sum(r["total_s"] for r in rows) or 1.0
+    for r in rows:
+        r["mean_s"] = r["total_s"] / r["calls"] if r["calls"] else 0.0
+        r["per_run_s"] = r["total_s"] / max(runs, 1)
+        r["percent"] = 100 * r["total_s"] / total
+    return sorted(rows, key=lambda r: -r["total_s"])

@@ -14,7 +14,10 @@ Inputs are numpy views of the received bytes (no copy); outputs are the numpy ar
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -29,6 +32,7 @@ from .base import (
     input_spec,
     numpy_to_raw,
     numpy_view,
+    profile_rows,
     runtime_version,
 )
 
@@ -103,8 +107,9 @@ class OnnxRuntimeModel:
 
     backend = "onnxruntime"
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, path: str = "", make_options: Any = None, providers: Any = None) -> None:
         self.session = session
+        self._path, self._make_options, self._providers = path, make_options, providers
         self.inputs = _specs(session.get_inputs())
         self.outputs = _specs(session.get_outputs())
         self._output_names = [s.name for s in self.outputs]
@@ -130,6 +135,66 @@ class OnnxRuntimeModel:
     def close(self) -> None:
         self.session = None
 
+    def threads(self) -> dict[str, Any]:
+        """The thread settings the session runs with (0: onnxruntime's default, one per physical core)."""
+        so = self.session.get_session_options()
+        return {
+            "runtime": "onnxruntime",
+            "intra_op_num_threads": so.intra_op_num_threads,
+            "inter_op_num_threads": so.inter_op_num_threads,
+            "execution_mode": str(so.execution_mode).rpartition(".")[2],
+            "providers": list(self.session.get_providers()),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        }
+
+    def profile(self, inputs: Mapping[str, Any], runs: int) -> list[dict[str, Any]]:
+        """Per-operator times over ``runs`` runs, from onnxruntime's own profiler, in a second session made
+        for it (profiling is a session option: the timed session stays as it was)."""
+        if self._make_options is None:
+            raise BackendError("this model cannot be profiled (it was not loaded by the onnxruntime backend)")
+        import onnxruntime as ort
+
+        folder = tempfile.mkdtemp(prefix="tether-ort-profile-")
+        try:
+            so = self._make_options()
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(folder, "profile")
+            session = ort.InferenceSession(self._path, sess_options=so, providers=self._providers)
+            feed = dict(inputs)
+            for _ in range(max(runs, 1)):
+                session.run(None, feed)
+            trace_path = session.end_profiling()
+            with open(trace_path, encoding="utf-8") as f:
+                trace = json.load(f)
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"onnxruntime profiling failed: {exc}") from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return ort_operator_times(trace, max(runs, 1))
+
+
+def ort_operator_times(trace: Any, runs: int) -> list[dict[str, Any]]:
+    """onnxruntime's profile (a Chrome trace) aggregated by node: ``{name, op, calls, total_s, mean_s,
+    percent}`` per node, slowest first; ``percent`` of the nodes' summed time; ``calls`` over ``runs`` runs."""
+    events = trace if isinstance(trace, list) else trace.get("traceEvents", [])
+    nodes: dict[str, dict[str, Any]] = {}
+    for event in events:
+        if not isinstance(event, dict) or event.get("cat") != "Node":
+            continue
+        name = str(event.get("name", ""))
+        if not name.endswith("_kernel_time"):
+            continue  # (the _fence_before/_fence_after events around each kernel)
+        args = event.get("args") or {}
+        row = nodes.setdefault(
+            name.removesuffix("_kernel_time"),
+            {"name": name.removesuffix("_kernel_time"), "op": str(args.get("op_name", "")), "calls": 0, "total_s": 0.0},
+        )
+        row["calls"] += 1
+        row["total_s"] += float(event.get("dur", 0)) / 1e6
+    return profile_rows(list(nodes.values()), runs)
+
 
 class OnnxRuntimeBackend:
     """Loads ``.onnx`` models with onnxruntime."""
@@ -147,27 +212,33 @@ class OnnxRuntimeBackend:
             raise BackendError(f"the onnxruntime backend needs onnxruntime and numpy: {exc}") from None
         available = list(ort.get_available_providers())
         providers = _providers(options.get("providers", ["CPUExecutionProvider"]), available)
-        so = ort.SessionOptions()
-        for key in _INT_OPTIONS:
-            if key in options:
-                if not isinstance(options[key], int) or isinstance(options[key], bool):
-                    raise BackendError(f"{key} must be an int, not {options[key]!r}")
-                setattr(so, key, options[key])
-        if "graph_optimization_level" in options:
-            so.graph_optimization_level = getattr(
-                ort.GraphOptimizationLevel, _choice(options, "graph_optimization_level", _OPT_LEVELS)
-            )
-        if "execution_mode" in options:
-            so.execution_mode = getattr(ort.ExecutionMode, _choice(options, "execution_mode", _EXEC_MODES))
+        so = _session_options(ort, options)
         try:
             session = ort.InferenceSession(path, sess_options=so, providers=providers)
         except Exception as exc:
             name = os.path.basename(path)  # the workspace's path means nothing to the user
             raise BackendError(f"onnxruntime cannot load {name}: {str(exc).replace(path, name)}") from None
-        model = OnnxRuntimeModel(session)
+        model = OnnxRuntimeModel(session, path, lambda: _session_options(ort, options), providers)
         unknown = _unknown_ranks(path, {s.name for s in model.inputs if s.shape == ()})
         model.inputs = [replace(s, shape=None) if s.name in unknown else s for s in model.inputs]
         return model
+
+
+def _session_options(ort: Any, options: Mapping[str, Any]) -> Any:
+    """``ort.SessionOptions`` from the backend's options (checked)."""
+    so = ort.SessionOptions()
+    for key in _INT_OPTIONS:
+        if key in options:
+            if not isinstance(options[key], int) or isinstance(options[key], bool):
+                raise BackendError(f"{key} must be an int, not {options[key]!r}")
+            setattr(so, key, options[key])
+    if "graph_optimization_level" in options:
+        so.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, _choice(options, "graph_optimization_level", _OPT_LEVELS)
+        )
+    if "execution_mode" in options:
+        so.execution_mode = getattr(ort.ExecutionMode, _choice(options, "execution_mode", _EXEC_MODES))
+    return so
 
 
 def _unknown_ranks(path: str, names: set[str]) -> set[str]:

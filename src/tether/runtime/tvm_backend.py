@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ from .base import (
     input_spec,
     numpy_to_raw,
     numpy_view,
+    profile_rows,
     runtime_version,
 )
 
@@ -222,8 +224,11 @@ class TVMModel:
         checked: set[str],
         destinations: list[Any] | None = None,
         output_names: Sequence[str] | None = None,
+        lib: Any = None,
+        function: str | None = None,
     ) -> None:
         self._tvm = tvm
+        self._lib, self._function = lib, function  # a Relax VM's library: a second VM profiles it
         self.dev = dev
         self._fn = fn
         self.inputs = inputs
@@ -281,6 +286,64 @@ class TVMModel:
     def close(self) -> None:
         self._fn = None
         self._destinations = None
+        self._lib = None
+
+    def threads(self) -> dict[str, Any]:
+        """TVM's thread settings: ``TVM_NUM_THREADS`` as set, and the thread count its runtime uses."""
+        try:
+            count: int | None = int(self._tvm.runtime.num_threads())
+        except Exception:
+            count = None
+        return {
+            "runtime": "tvm",
+            "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "num_threads": count,
+            "device": str(self.dev),
+        }
+
+    def profile(self, inputs: Mapping[str, Any], runs: int) -> list[dict[str, Any]]:
+        """Per-call times over ``runs`` runs: for a Relax VM, every call the VM makes (kernels and its
+        builtins), timed around the call by the VM's instrument hook (``set_instrument``; apache-tvm 0.27
+        has no ``profile=True`` VM) in a second VM made only for this, synchronised after each call; for a
+        plain library, its one function."""
+        check_feed(self.inputs, inputs)
+        args = [inputs[s.name] for s in self.inputs]
+        rows: dict[str, dict[str, Any]] = {}
+
+        def add(name: str, kind: str, seconds: float) -> None:
+            row = rows.setdefault(name, {"name": name, "op": kind, "calls": 0, "total_s": 0.0})
+            row["calls"] += 1
+            row["total_s"] += seconds
+
+        try:
+            if self._lib is None or self._function is None:
+                for _ in range(max(runs, 1)):
+                    start = time.perf_counter()
+                    self.run(inputs)
+                    self.sync()
+                    add(self._function or "function", "function", time.perf_counter() - start)
+            else:
+                vm = self._tvm.runtime.vm.VirtualMachine(self._lib, self.dev)
+                stack: list[float] = []
+
+                def instrument(func: Any, symbol: str, before: bool, ret: Any, *rest: Any) -> int:
+                    if before:
+                        stack.append(time.perf_counter())
+                    elif stack:
+                        self.dev.sync()
+                        seconds = time.perf_counter() - stack.pop()
+                        add(str(symbol), "builtin" if str(symbol).startswith("vm.builtin.") else "kernel", seconds)
+                    return 0  # VMInstrumentReturnKind.NO_OP
+
+                vm.set_instrument(instrument)
+                fn = vm[self._function]
+                for _ in range(max(runs, 1)):
+                    fn(*args)
+                    self.dev.sync()
+        except Exception as exc:
+            raise BackendError(f"tvm profiling failed: {exc}") from None
+        return profile_rows(list(rows.values()), max(runs, 1))
 
 
 class TVMBackend:
@@ -356,7 +419,17 @@ class TVMBackend:
             outputs = [TensorSpec(n, d, s) for n, (d, s) in zip(prefix, returns or [], strict=False)]
             if names and len(outputs) != len(names):
                 outputs = []
-        return TVMModel(tvm, dev, fn, inputs, outputs, checked=checked, output_names=names or [s.name for s in outputs])
+        return TVMModel(
+            tvm,
+            dev,
+            fn,
+            inputs,
+            outputs,
+            checked=checked,
+            output_names=names or [s.name for s in outputs],
+            lib=lib,
+            function=function,
+        )
 
     def _load_plain(
         self,
@@ -397,4 +470,5 @@ class TVMBackend:
             checked={s.name for s in inputs},
             destinations=destinations,
             output_names=names,
+            function=function,
         )
