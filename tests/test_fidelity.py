@@ -170,7 +170,7 @@ def test_bench_records_conditions_memory_validity_and_profile(
     done = subprocess.run(
         [sys.executable, "-m", "tether", "--log-level", "WARNING", "bench", str(model), "--tracker",
          f"{tracker.host}:{tracker.port}", "--key", "fid", "--number", "1", "--repeat", "2", "--profile",
-         "--profile-runs", "2", "--top", "2", "--json", str(out), "--quiet"],
+         "--profile-runs", "2", "--profile-top", "2", "--json", str(out), "--quiet"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

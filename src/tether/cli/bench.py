@@ -167,7 +167,9 @@ def add_parser(sub: Any) -> None:
         help="after the timing, per-operator times from the device's runtime profiler (slowest shown; all in --json)",
     )
     p.add_argument("--profile-runs", type=positive, default=10, metavar="N", help="runs to profile (default: 10)")
-    p.add_argument("--top", type=positive, default=10, metavar="N", help="operators shown per model (default: 10)")
+    p.add_argument(
+        "--profile-top", type=positive, default=10, metavar="N", help="operators shown per model (default: 10)"
+    )
     p.set_defaults(run=run)
 
 
@@ -342,9 +344,10 @@ def _print_fidelity(records: list[BenchRecord], args: argparse.Namespace) -> Non
             if r.profile is None:
                 print(f"  profile: none ({r.profile_error or 'not returned'})")
                 continue
-            print(f"  top {min(args.top, len(r.profile))} of {len(r.profile)} operators ({args.profile_runs} runs):")
+            shown = min(args.profile_top, len(r.profile))
+            print(f"  top {shown} of {len(r.profile)} operators ({args.profile_runs} runs):")
             table = [["operator", "op", "calls", "ms/run", "%"]]
-            for op in r.profile[: args.top]:
+            for op in r.profile[: args.profile_top]:
                 table.append(
                     [str(op["name"])[:60], str(op["op"]), str(op["calls"]), f"{op['per_run_s'] * 1e3:.3f}",
                      f"{op['percent']:.1f}"]
