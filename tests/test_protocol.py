@@ -43,6 +43,13 @@ from tether.protocol import (
     parse_peer_key,
     parse_request_reply,
 )
+from tether.protocol.session import (
+    FIXED_HEADER,
+    MAX_BINARY_HEADER,
+    FrameKind,
+    encode_frame_head,
+    parse_fixed_header,
+)
 
 
 def chunks(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -383,3 +390,66 @@ def test_a_shape_of_huge_dims_is_refused_without_multiplying_them() -> None:
     assert shape_nbytes([1 << 61], 4) is None
     assert shape_nbytes([(1 << 61) - 1], 4) == MAX_TENSOR_BYTES - 4
     assert shape_nbytes([3], 4, limit=12) is None
+
+
+# -- the hot path: CALL and REPLY frames with binary headers ------------------------------------------
+
+
+def test_binary_call_and_reply_round_trip() -> None:
+    from tether.protocol.session import HotOp, encode_call, encode_reply, unpack_fixed_header
+
+    call = encode_call(HotOp.PING, 77)
+    assert len(call) == FIXED_HEADER.size + 1
+    assert unpack_fixed_header(call) == (FrameKind.CALL, 77, 1, 0)
+    head = parse_fixed_header(call[: FIXED_HEADER.size])
+    assert (head.kind, head.id, head.header_len, head.payload_len) == (FrameKind.CALL, 77, 1, 0)
+    assert call[FIXED_HEADER.size] == HotOp.PING
+    reply = encode_reply(HotOp.PING, 77, b"\x01\x02", payload_len=5)
+    assert unpack_fixed_header(reply) == (FrameKind.REPLY, 77, 3, 5)
+    assert reply[FIXED_HEADER.size :] == b"\x01\x01\x02"
+    # a JSON frame reads the same through both parsers
+    json_frame = encode_frame_head(FrameKind.REQUEST, 9, {"op": "ping"})
+    assert unpack_fixed_header(json_frame) == (FrameKind.REQUEST, 9, len(json_frame) - FIXED_HEADER.size, 0)
+    with pytest.raises(LocalProtocolError):
+        encode_call(HotOp.PING, 1, b"x" * MAX_BINARY_HEADER)
+    with pytest.raises(LocalProtocolError):
+        encode_call(HotOp.PING, 1 << 32)
+
+
+@pytest.mark.parametrize(
+    ("kind", "header_len", "payload_len", "error"),
+    [
+        (FrameKind.CALL, 0, 0, FrameTooLarge),  # a binary header has at least its op byte
+        (FrameKind.CALL, MAX_BINARY_HEADER + 1, 0, FrameTooLarge),
+        (FrameKind.REPLY, MAX_BINARY_HEADER + 1, 0, FrameTooLarge),
+        (FrameKind.CALL, 1, 1 << 40, FrameTooLarge),  # over the payload limit, from the fixed header
+        (FrameKind.REQUEST, 1, 0, FrameTooLarge),  # a JSON header is at least "{}"
+        (6, 1, 0, RemoteProtocolError),  # unknown kind
+        (0, 1, 0, RemoteProtocolError),
+    ],
+)
+def test_malformed_binary_frames_get_the_same_typed_errors(
+    kind: int, header_len: int, payload_len: int, error: type[Exception]
+) -> None:
+    from tether.protocol.session import unpack_fixed_header
+
+    data = FIXED_HEADER.pack(b"TQ", 1, kind, 3, header_len, payload_len)
+    with pytest.raises(error):
+        parse_fixed_header(data, 1 << 30)
+    with pytest.raises(error):
+        unpack_fixed_header(data, 0, 1 << 30)
+
+
+@given(st.binary(min_size=20, max_size=20))
+def test_the_hot_parser_agrees_with_the_full_one(data: bytes) -> None:
+    """Any 20 bytes: :func:`unpack_fixed_header` accepts exactly what :func:`parse_fixed_header` accepts,
+    with the same fields, and raises the same error type otherwise."""
+    from tether.protocol.session import unpack_fixed_header
+
+    try:
+        head = parse_fixed_header(data, 1 << 30)
+    except RemoteProtocolError as exc:
+        with pytest.raises(type(exc)):
+            unpack_fixed_header(data, 0, 1 << 30)
+        return
+    assert unpack_fixed_header(b"pad" + data, 3, 1 << 30) == (head.kind, head.id, head.header_len, head.payload_len)

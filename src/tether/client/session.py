@@ -51,7 +51,16 @@ from ..protocol.auth import AUTH_OPTION, Token, token_from_env
 from ..protocol.constants import HandshakeCode
 from ..protocol.framing import HandshakeReplyDecoder, encode_handshake
 from ..protocol.keys import PeerKey, format_peer_key, parse_peer_key
-from ..protocol.session import DTYPE_SIZES, FrameKind, tensor_descs
+from ..protocol.session import (
+    BINARY_OPTION,
+    DTYPE_SIZES,
+    FrameHeader,
+    FrameKind,
+    HotOp,
+    encode_call,
+    parse_json_header,
+    tensor_descs,
+)
 from ..runtime.base import BackendError, numpy_dtype
 
 __all__ = ["BenchmarkResult", "RemoteModel", "RemoteTensor", "Session", "connect", "file_digest"]
@@ -67,6 +76,8 @@ def _authenticate(sock: Any, address: str, token: Token | str | None, deadline: 
     if last.get("ready") is not True:
         raise SessionRefused(f"{address} refused the session: {str(last.get('message', last))[:300]}")
 
+
+_REPLY, _ERROR, _PING = int(FrameKind.REPLY), int(FrameKind.ERROR), int(HotOp.PING)  # enum lookups are slow
 
 #: How long past a request's own time limit the client waits for the device to say it timed out.
 TIMEOUT_GRACE_S = 10.0
@@ -349,6 +360,8 @@ class Session:
         #: is dropped with :class:`SessionLost`: a device that froze, a cable pulled. Requests sent with
         #: their own ``timeout`` wait that long plus :data:`TIMEOUT_GRACE_S` instead.
         self.io_timeout: float | None = None
+        #: The server takes CALL frames (binary headers) for the hot operations (it answered ``-bin=1``).
+        self.binary = parse_peer_key(server_key).options.get(BINARY_OPTION) == "1"
 
     @classmethod
     def connect(
@@ -370,7 +383,7 @@ class Session:
         :class:`~tether.errors.TLSError` when TLS fails or only one side speaks it. A server that answers
         ``-auth=1`` requires ``token`` (default ``$TETHER_TOKEN``): :class:`AuthFailed` when there is none, it
         is refused, or the server cannot prove it knows it (an impostor)."""
-        options = {"tether": "1"}
+        options = {"tether": "1", BINARY_OPTION: "1"}
         if session_timeout:
             options["timeout"] = f"{session_timeout:g}"
         if tls is not None:
@@ -458,9 +471,9 @@ class Session:
             if not timeout > 0:
                 raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
             request["timeout"] = timeout
-            channel.sock.settimeout(timeout + TIMEOUT_GRACE_S)
+            channel.set_timeout(timeout + TIMEOUT_GRACE_S)
         else:
-            channel.sock.settimeout(self.io_timeout)
+            channel.set_timeout(self.io_timeout)
         try:
             if file is not None:
                 channel.send_file_frame(FrameKind.REQUEST, frame_id, request, file, size)
@@ -474,18 +487,7 @@ class Session:
                 channel.send_frame(FrameKind.REQUEST, frame_id, request, payload or ())
             head, reply = channel.recv_head()
             if head.kind == FrameKind.ERROR:
-                channel.discard(head.payload_len)
-                error = remote_error(
-                    str(reply.get("type", "Error")), str(reply.get("message", "")), str(reply.get("traceback", ""))
-                )
-                if head.id == 0:  # the session itself ended: timeout, worker died
-                    self._drop()
-                    if isinstance(error, SessionTimeout | RunTimeout):
-                        raise error
-                    if error.remote_type == "ProtocolError":  # e.g. a frame over the server's size limit
-                        raise RemoteProtocolError(f"{self.address} ended the session: {error.remote_message}")
-                    raise SessionLost(f"{self.address}: {error.remote_type}: {error.remote_message}")
-                raise error
+                self._raise_error(channel, head, reply)
             if head.kind != FrameKind.RESPONSE or head.id != frame_id:
                 raise RemoteProtocolError(
                     f"expected the response to request {frame_id}, got {FrameKind(head.kind).name} {head.id}"
@@ -506,18 +508,7 @@ class Session:
                 arrays.append(arr)
             return reply, arrays
         except ConnectionClosed as exc:
-            self._drop()
-            if timeout is not None and isinstance(exc.__cause__, TimeoutError):
-                raise RunTimeout(
-                    f"{op} got no answer within its {timeout:g} s time limit (+{TIMEOUT_GRACE_S:g} s); "
-                    "the session was dropped",
-                    "RunTimeout",
-                ) from None
-            if isinstance(exc.__cause__, TimeoutError):
-                raise SessionLost(
-                    f"{self.address}: no progress during {op!r} for {self.io_timeout:g} s (io_timeout): dropped"
-                ) from None
-            raise SessionLost(f"{self.address}: the session ended during {op!r}: {exc}") from None
+            raise self._lost(exc, op, timeout) from None
         except (RemoteError, TypeError):
             raise  # answered in full: the session goes on
         except BaseException:
@@ -525,7 +516,66 @@ class Session:
             raise
         finally:
             if timeout is not None and self._channel is not None:
-                self._channel.sock.settimeout(self.io_timeout)
+                self._channel.set_timeout(self.io_timeout)
+
+    def _hot_call(self, op: int, name: str) -> bytes | bytearray:
+        """One CALL without payload and its REPLY's binary header (the hot path: no JSON either way, one
+        send, usually one receive); the same typed errors and session rules as :meth:`_call`. ``op``: a
+        :class:`HotOp` value; ``name``: the operation's JSON name, for messages."""
+        channel = self._channel
+        if channel is None:
+            raise ConnectionClosed("the session is closed")
+        frame_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        if channel._timeout != self.io_timeout:
+            channel.set_timeout(self.io_timeout)
+        try:
+            channel.send_bytes(encode_call(op, frame_id))
+            kind, reply_id, raw, payload_len = channel.recv_frame_head()
+            if kind == _REPLY and reply_id == frame_id and raw[0] == op:
+                if payload_len:
+                    raise RemoteProtocolError(f"a {name} reply carries {payload_len} payload bytes")
+                return raw
+            if kind == _ERROR:
+                self._raise_error(channel, FrameHeader(kind, reply_id, len(raw), payload_len), parse_json_header(raw))
+            raise RemoteProtocolError(f"expected the reply to call {frame_id}, got {FrameKind(kind).name} {reply_id}")
+        except ConnectionClosed as exc:
+            raise self._lost(exc, name, None) from None
+        except RemoteError:
+            raise  # answered in full: the session goes on
+        except BaseException:
+            self._drop()
+            raise
+
+    def _raise_error(self, channel: Channel, head: FrameHeader, reply: dict[str, Any]) -> None:
+        """Raise the typed error an ERROR frame carries (its payload skipped); one for frame id 0 (the
+        session itself ended: timeout, worker died) drops the session."""
+        channel.discard(head.payload_len)
+        error = remote_error(
+            str(reply.get("type", "Error")), str(reply.get("message", "")), str(reply.get("traceback", ""))
+        )
+        if head.id == 0:
+            self._drop()
+            if isinstance(error, SessionTimeout | RunTimeout):
+                raise error
+            if error.remote_type == "ProtocolError":  # e.g. a frame over the server's size limit
+                raise RemoteProtocolError(f"{self.address} ended the session: {error.remote_message}")
+            raise SessionLost(f"{self.address}: {error.remote_type}: {error.remote_message}")
+        raise error
+
+    def _lost(self, exc: ConnectionClosed, op: str, timeout: float | None) -> TetherError:
+        """Drop the session after a failed send or receive; the error to raise for it."""
+        self._drop()
+        if timeout is not None and isinstance(exc.__cause__, TimeoutError):
+            return RunTimeout(
+                f"{op} got no answer within its {timeout:g} s time limit (+{TIMEOUT_GRACE_S:g} s); "
+                "the session was dropped",
+                "RunTimeout",
+            )
+        if isinstance(exc.__cause__, TimeoutError):
+            return SessionLost(
+                f"{self.address}: no progress during {op!r} for {self.io_timeout:g} s (io_timeout): dropped"
+            )
+        return SessionLost(f"{self.address}: the session ended during {op!r}: {exc}")
 
     def interrupt(self) -> None:
         """From any thread: shut the connection down, so that a request in flight ends at once (it raises
@@ -546,8 +596,11 @@ class Session:
     # -- operations ----------------------------------------------------------------------------
 
     def ping(self) -> None:
-        """An empty round trip."""
-        self._call("ping", {})
+        """An empty round trip (a binary CALL where the server takes them, else a JSON request)."""
+        if self.binary:
+            self._hot_call(_PING, "ping")
+        else:
+            self._call("ping", {})
 
     def info(self) -> dict[str, Any]:
         """The device's facts, the worker's pid and workspace."""

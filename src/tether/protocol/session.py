@@ -18,6 +18,26 @@ Every message is one frame::
 
 Both lengths are checked from the 20-byte fixed header, before anything else is read: a garbage frame
 ends the session with :class:`~tether.errors.RemoteProtocolError` and touches nothing else.
+
+The hot path: binary headers
+----------------------------
+
+JSON costs microseconds a frame on each side; an empty call is mostly that. The operations a measurement
+loop repeats have a binary form: kind CALL (a request) and REPLY (its answer, same ``id``), whose header is
+a 1-byte operation code (:class:`HotOp`) and that operation's fixed little-endian fields, no JSON::
+
+    +----------------------------------+--------+-------------------+-----------------+
+    | fixed header, kind CALL or REPLY | op u8  | fields (op's own) | payload         |
+    | 20 B, header_len = 1 + fields    | 1 B    | 0..4095 B         | raw bytes       |
+    +----------------------------------+--------+-------------------+-----------------+
+
+- ``PING``: no fields, no payload, either way.
+
+A failed CALL is answered by an ERROR frame with the usual JSON header (errors are not the hot path): the
+same typed errors as its JSON twin. A binary header is bounded by :data:`MAX_BINARY_HEADER`, checked from
+the fixed header like any other length. Peers that understand CALL say so in the handshake: the server's
+key carries ``-bin=1`` (:data:`BINARY_OPTION`); a client sends CALL frames only to such a server, and a
+server answers a client that never sends one exactly as before (JSON requests keep working everywhere).
 """
 
 from __future__ import annotations
@@ -33,20 +53,27 @@ from typing import Any, Final
 from ..errors import BadHeader, FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
+    "BINARY_OPTION",
     "DTYPE_SIZES",
     "FIXED_HEADER",
+    "HOT_HEAD",
+    "MAX_BINARY_HEADER",
     "MAX_HEADER_BYTES",
     "MAX_PAYLOAD_BYTES",
     "MAX_TENSOR_BYTES",
     "FrameHeader",
     "FrameKind",
+    "HotOp",
     "TensorDesc",
+    "encode_call",
     "encode_frame_head",
+    "encode_reply",
     "parse_fixed_header",
     "parse_json_header",
     "shape_nbytes",
     "tensor_desc",
     "tensor_descs",
+    "unpack_fixed_header",
 ]
 
 MAGIC: Final = b"TQ"
@@ -54,6 +81,12 @@ VERSION: Final = 1
 FIXED_HEADER: Final = struct.Struct("<2sBBIIQ")
 #: Bound on a frame's JSON header.
 MAX_HEADER_BYTES: Final = 1 << 20
+#: Bound on a CALL or REPLY frame's binary header (its op byte and fields).
+MAX_BINARY_HEADER: Final = 4096
+#: The fixed header and the op byte of a CALL or REPLY, packed at once (the whole frame of a ping).
+HOT_HEAD: Final = struct.Struct("<2sBBIIQB")
+#: The handshake option (``-bin=1`` in the server's key) that says its sessions take CALL frames.
+BINARY_OPTION: Final = "bin"
 #: Default bound on a frame's payload (a file or a set of tensors); servers may set their own.
 MAX_PAYLOAD_BYTES: Final = 16 << 30
 #: No tensor description may announce this many bytes (its payload must fit in a frame's u64 length).
@@ -83,9 +116,20 @@ class FrameKind(enum.IntEnum):
     REQUEST = 1
     RESPONSE = 2
     ERROR = 3
+    #: A request with a binary header (:class:`HotOp` and its fields): the hot path.
+    CALL = 4
+    #: The answer to a CALL, binary header.
+    REPLY = 5
+
+
+class HotOp(enum.IntEnum):
+    """Operation codes of CALL frames (the first byte of their header)."""
+
+    PING = 1
 
 
 _KINDS: Final = frozenset(int(k) for k in FrameKind)
+_BINARY_KINDS: Final = frozenset((FrameKind.CALL, FrameKind.REPLY))
 _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _decode_json = json.JSONDecoder().decode
 _pack_fixed = FIXED_HEADER.pack
@@ -110,6 +154,50 @@ def encode_frame_head(kind: FrameKind, frame_id: int, header: dict[str, Any], pa
     return _pack_fixed(MAGIC, VERSION, kind, frame_id, len(body), payload_len) + body
 
 
+_pack_hot = HOT_HEAD.pack
+
+
+def encode_call(op: int, frame_id: int, fields: bytes = b"", payload_len: int = 0) -> bytes:
+    """A CALL frame's fixed and binary header (``op``, a :class:`HotOp` value, then its packed ``fields``);
+    the payload follows."""
+    if len(fields) >= MAX_BINARY_HEADER:
+        raise LocalProtocolError(f"binary header of {len(fields) + 1} bytes is above {MAX_BINARY_HEADER}")
+    if not 0 <= frame_id < 1 << 32 or payload_len < 0:
+        raise LocalProtocolError(f"bad frame id {frame_id} or payload length {payload_len}")
+    return _pack_hot(MAGIC, VERSION, _CALL, frame_id, 1 + len(fields), payload_len, op) + fields
+
+
+def encode_reply(op: int, frame_id: int, fields: bytes = b"", payload_len: int = 0) -> bytes:
+    """A REPLY frame's fixed and binary header, answering a CALL of ``op``."""
+    if len(fields) >= MAX_BINARY_HEADER:
+        raise LocalProtocolError(f"binary header of {len(fields) + 1} bytes is above {MAX_BINARY_HEADER}")
+    return _pack_hot(MAGIC, VERSION, _CALL + 1, frame_id, 1 + len(fields), payload_len, op) + fields
+
+
+_unpack_fixed_from = FIXED_HEADER.unpack_from
+_CALL: Final = int(FrameKind.CALL)
+
+
+def unpack_fixed_header(
+    data: bytes | bytearray | memoryview, offset: int = 0, max_payload: int = MAX_PAYLOAD_BYTES
+) -> tuple[int, int, int, int]:
+    """``(kind, id, header_len, payload_len)`` of the fixed header at ``offset``: the hot path's
+    :func:`parse_fixed_header` (no object built, one combined check); the same errors for a bad one."""
+    magic, version, kind, frame_id, header_len, payload_len = _unpack_fixed_from(data, offset)
+    if (
+        magic == MAGIC
+        and version == VERSION
+        and payload_len <= max_payload
+        and (
+            (1 <= header_len <= MAX_BINARY_HEADER and _CALL <= kind <= _CALL + 1)
+            or (2 <= header_len <= MAX_HEADER_BYTES and 1 <= kind < _CALL)
+        )
+    ):
+        return kind, frame_id, header_len, payload_len
+    parse_fixed_header(bytes(data[offset : offset + FIXED_HEADER.size]), max_payload)  # raises the reason
+    raise AssertionError("unreachable: parse_fixed_header accepted what unpack_fixed_header refused")
+
+
 def parse_fixed_header(data: bytes | bytearray | memoryview, max_payload: int = MAX_PAYLOAD_BYTES) -> FrameHeader:
     """Validate the 20-byte fixed header; raise before any of the frame's body is read."""
     magic, version, kind, frame_id, header_len, payload_len = _unpack_fixed(data)
@@ -119,7 +207,10 @@ def parse_fixed_header(data: bytes | bytearray | memoryview, max_payload: int = 
         raise RemoteProtocolError(f"session protocol version {version}, this side speaks {VERSION}")
     if kind not in _KINDS:
         raise RemoteProtocolError(f"unknown frame kind {kind}")
-    if not 2 <= header_len <= MAX_HEADER_BYTES:
+    if kind in _BINARY_KINDS:
+        if not 1 <= header_len <= MAX_BINARY_HEADER:
+            raise FrameTooLarge(header_len, MAX_BINARY_HEADER)
+    elif not 2 <= header_len <= MAX_HEADER_BYTES:
         raise FrameTooLarge(header_len, MAX_HEADER_BYTES)
     if payload_len > max_payload:
         raise FrameTooLarge(payload_len, max_payload)
