@@ -453,3 +453,78 @@ def test_the_hot_parser_agrees_with_the_full_one(data: bytes) -> None:
             unpack_fixed_header(data, 0, 1 << 30)
         return
     assert unpack_fixed_header(b"pad" + data, 3, 1 << 30) == (head.kind, head.id, head.header_len, head.payload_len)
+
+
+def test_run_fields_round_trip() -> None:
+    from tether.protocol.session import TensorDesc, decode_run_call, encode_run_call
+
+    inline = [TensorDesc("x", "float32", (2, 3)), TensorDesc("mask", "bool", ())]
+    fields = encode_run_call("m1", {"y": "t4"}, inline, fill="random", seed=-5, keep=True, timeout=2.5)
+    assert fields is not None
+    header = decode_run_call(b"\x02" + fields)
+    assert header == {
+        "op": "run",
+        "model": "m1",
+        "fill": "random",
+        "seed": -5,
+        "keep": True,
+        "timeout": 2.5,
+        "inputs": {"y": "t4"},
+        "tensors": [
+            {"name": "x", "dtype": "float32", "shape": [2, 3]},
+            {"name": "mask", "dtype": "bool", "shape": []},
+        ],
+    }
+    plain = decode_run_call(b"\x02" + (encode_run_call("m2", {}, []) or b""))
+    assert plain == {"op": "run", "model": "m2", "fill": None, "seed": None, "keep": False, "inputs": {}}
+    # what a binary header cannot say goes as JSON instead
+    assert encode_run_call("m" * 256, {}, []) is None
+    assert encode_run_call("m1", {}, [], seed=1 << 63) is None
+    assert encode_run_call("m1", {}, [], fill="gaussian") is None
+
+
+def test_run_reply_fields_round_trip() -> None:
+    from tether.protocol.session import decode_run_reply, encode_run_reply
+
+    tensors = [{"name": "y", "dtype": "float16", "shape": [1, 1000], "nbytes": 2000}]
+    fields = encode_run_reply({"tensors": tensors, "run_s": 0.25})
+    assert fields is not None
+    got = decode_run_reply(b"\x02" + fields, keep=False)
+    assert got == {"run_s": 0.25, "tensors": [{"name": "y", "dtype": "float16", "shape": [1, 1000]}]}
+    kept = [{"name": "y", "dtype": "int64", "shape": [3], "nbytes": 24, "tensor": "t9"}]
+    fields = encode_run_reply({"outputs": kept, "run_s": 1.0})
+    assert fields is not None
+    got = decode_run_reply(b"\x02" + fields, keep=True)
+    assert got == {"run_s": 1.0, "outputs": [{"name": "y", "dtype": "int64", "shape": [3], "tensor": "t9"}]}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x02",  # no fields at all
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0),  # ends before the model's name
+        b"\x02" + struct.pack("<BBqd", 0, 9, 0, 0.0) + b"\x02m1\x00",  # unknown fill code
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0) + b"\x05m1",  # a string longer than the header
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0) + b"\x02\xff\xfe\x00",  # not UTF-8
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0) + b"\x02m1\x01\x01x\x07",  # unknown input kind
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0) + b"\x02m1\x01\x01x\x01\x63\x00",  # unknown dtype code
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0) + b"\x02m1\x01\x01x\x01\x09\x02\x01",  # dims cut short
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0) + b"\x02m1\x00extra",  # bytes past the fields
+    ],
+)
+def test_malformed_run_fields_are_the_peers_protocol_error(raw: bytes) -> None:
+    from tether.protocol.session import decode_run_call
+
+    with pytest.raises(RemoteProtocolError):
+        decode_run_call(raw)
+
+
+@given(st.binary(max_size=80))
+def test_any_run_fields_decode_or_raise_a_protocol_error(data: bytes) -> None:
+    from tether.protocol.session import decode_run_call
+
+    try:
+        header = decode_run_call(b"\x02" + data)
+    except RemoteProtocolError:
+        return  # the peer's error; anything else (IndexError, struct.error) would fail here
+    assert header["op"] == "run" and isinstance(header["model"], str)

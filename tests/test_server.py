@@ -702,3 +702,46 @@ def test_old_peers_get_json_requests(device_server: Any, monkeypatch: pytest.Mon
         assert not sess.binary
         sess.ping()
         assert sess.info()["pid"] > 0
+
+
+def test_run_over_the_hot_path_matches_json_and_keeps_its_typed_errors(device_server: Any, tmp_path: Path) -> None:
+    from tether.protocol.session import FrameKind, HotOp, encode_call
+
+    server = device_server(key="dev")
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        assert sess.binary
+        sess.upload(reference_model(tmp_path / "m.json"))
+        model = sess.load_model("m.json")
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        hot = model.run({model.input_names[0]: x})
+        sess.binary = False  # the same session, every request as JSON
+        cold = model.run({model.input_names[0]: x})
+        sess.binary = True
+        assert list(hot) == list(cold)
+        for name in hot:
+            np.testing.assert_array_equal(hot[name], cold[name])
+            assert hot[name].dtype == cold[name].dtype
+        kept = model.run({model.input_names[0]: sess.tensor(x)}, keep=True)
+        for name, tensor in kept.items():
+            np.testing.assert_array_equal(tensor.numpy(), hot[name])
+        filled = model.run(fill="zeros")
+        assert list(filled) == list(hot)
+        # the typed errors of the JSON path, and the session goes on
+        errors = []
+        for binary in (True, False):
+            sess.binary = binary
+            gone = tether.RemoteModel(sess, "m404", model.backend, model.inputs, model.outputs, 0.0)
+            with pytest.raises(tether.ModelRunError, match="no model") as info:
+                gone.run(fill="random")
+            errors.append((type(info.value), info.value.remote_type))
+            with pytest.raises(tether.ModelRunError, match="missing"):
+                model.run({})
+        assert errors[0] == errors[1]
+        sess.binary = True
+        # a RUN whose fields are garbage: a ProtocolError for it alone, its payload skipped
+        channel = sess._channel
+        assert channel is not None
+        channel.send_bytes(encode_call(HotOp.RUN, 11, b"\x00\x01", payload_len=4) + b"abcd")
+        head, reply = channel.recv_head()
+        assert (head.kind, head.id, reply["type"]) == (FrameKind.ERROR, 11, "ProtocolError")
+        assert model.run({model.input_names[0]: x}).keys() == hot.keys()

@@ -70,6 +70,14 @@ class Channel:
         with self._send_lock:
             self._sendmsg_all([memoryview(head), *views])
 
+    def send_raw(self, head: bytes, payload: Sequence[memoryview] = ()) -> None:
+        """An encoded head and its payload buffers (bytes, C-contiguous views): one ``sendmsg`` usually."""
+        if not payload:
+            self.send_bytes(head)
+            return
+        with self._send_lock:
+            self._sendmsg_all([memoryview(head), *payload])
+
     def send_bytes(self, frame: bytes) -> None:
         """A frame already encoded whole (a CALL or REPLY without payload): one system call."""
         with self._send_lock:
@@ -112,7 +120,9 @@ class Channel:
         """Make ``need`` (at most the buffer's size) unread bytes available in the buffer."""
         if self._end - self._start >= need:
             return
-        if self._start:
+        if self._start == self._end:  # all read (the usual case between frames): nothing to move
+            self._start = self._end = 0
+        elif self._start:
             size = self._end - self._start
             self._buf[:size] = self._buf[self._start : self._end]
             self._start, self._end = 0, size

@@ -32,6 +32,16 @@ a 1-byte operation code (:class:`HotOp`) and that operation's fixed little-endia
     +----------------------------------+--------+-------------------+-----------------+
 
 - ``PING``: no fields, no payload, either way.
+- ``RUN``: a loaded model's run (the JSON ``run`` with ``model``, ``inputs``, ``tensors``, ``fill``,
+  ``seed``, ``keep``, ``timeout``; not ``shapes``, which stays JSON). Fields, little-endian::
+
+      flags u8 (1 keep, 2 seed, 4 timeout) | fill u8 (0 none, 1 random, 2 zeros, 3 ones) | seed i64 |
+      timeout f64 | model str | n u8 | n inputs: name str, then kind u8: 0 a handle (str), 1 inline (tensor)
+
+  where ``str`` is a u8 length and that many UTF-8 bytes, and ``tensor`` a dtype u8 (an index in
+  :data:`DTYPE_CODES`), ndim u8 and ndim u64 dims; inline tensors' bytes are the payload, in order.
+  Its REPLY: ``run_s f64 | n u8 | n outputs: name str, tensor, and with keep its handle str``; without
+  keep the outputs' bytes are the payload, in order.
 
 A failed CALL is answered by an ERROR frame with the usual JSON header (errors are not the hot path): the
 same typed errors as its JSON twin. A binary header is bounded by :data:`MAX_BINARY_HEADER`, checked from
@@ -54,6 +64,7 @@ from ..errors import BadHeader, FrameTooLarge, LocalProtocolError, RemoteProtoco
 
 __all__ = [
     "BINARY_OPTION",
+    "DTYPE_CODES",
     "DTYPE_SIZES",
     "FIXED_HEADER",
     "HOT_HEAD",
@@ -65,9 +76,13 @@ __all__ = [
     "FrameKind",
     "HotOp",
     "TensorDesc",
+    "decode_run_call",
+    "decode_run_reply",
     "encode_call",
     "encode_frame_head",
     "encode_reply",
+    "encode_run_call",
+    "encode_run_reply",
     "parse_fixed_header",
     "parse_json_header",
     "shape_nbytes",
@@ -126,6 +141,33 @@ class HotOp(enum.IntEnum):
     """Operation codes of CALL frames (the first byte of their header)."""
 
     PING = 1
+    RUN = 2
+
+
+#: The dtypes of binary headers, by code (an index here); fixed: codes never change meaning.
+DTYPE_CODES: Final = (
+    "bool",
+    "int8",
+    "uint8",
+    "int16",
+    "uint16",
+    "float16",
+    "bfloat16",
+    "int32",
+    "uint32",
+    "float32",
+    "int64",
+    "uint64",
+    "float64",
+    "complex64",
+    "complex128",
+)
+_DTYPE_CODE: Final = {name: code for code, name in enumerate(DTYPE_CODES)}
+_FILLS: Final = (None, "random", "zeros", "ones")
+_FILL_CODE: Final = {name: code for code, name in enumerate(_FILLS)}
+_RUN_FIXED: Final = struct.Struct("<BBqd")
+_F64: Final = struct.Struct("<d")
+_KEEP, _SEED, _TIMEOUT = 1, 2, 4
 
 
 _KINDS: Final = frozenset(int(k) for k in FrameKind)
@@ -296,3 +338,159 @@ def tensor_descs(raw: Any, payload_len: int) -> list[TensorDesc]:
     if total != payload_len:
         raise RemoteProtocolError(f"tensors need {total} payload bytes, the frame has {payload_len}")
     return descs
+
+
+# -- RUN's binary fields -----------------------------------------------------------------------------
+
+
+def _str(text: str) -> bytes | None:
+    data = text.encode()
+    return bytes((len(data),)) + data if len(data) < 256 else None
+
+
+def _tensor_fields(dtype: str, shape: Sequence[int]) -> bytes | None:
+    code = _DTYPE_CODE.get(dtype)
+    if code is None or len(shape) > 255 or not all(0 <= d < 1 << 64 for d in shape):
+        return None
+    return struct.pack(f"<BB{len(shape)}Q", code, len(shape), *shape)
+
+
+def encode_run_call(
+    model: str,
+    refs: dict[str, str],
+    inline: Sequence[TensorDesc],
+    *,
+    fill: str | None = None,
+    seed: int | None = None,
+    keep: bool = False,
+    timeout: float | None = None,
+) -> bytes | None:
+    """A RUN's fields (what follows its op byte), or None when the request does not fit a binary header
+    (a name of 256 bytes or more, over 255 inputs, a seed past i64, an unknown fill): send it as JSON."""
+    if fill not in _FILL_CODE or len(refs) + len(inline) > 255:
+        return None
+    if seed is not None and not -(1 << 63) <= seed < 1 << 63:
+        return None
+    flags = (_KEEP if keep else 0) | (_SEED if seed is not None else 0) | (_TIMEOUT if timeout is not None else 0)
+    parts: list[bytes | None] = [_RUN_FIXED.pack(flags, _FILL_CODE[fill], seed or 0, timeout or 0.0), _str(model)]
+    parts.append(bytes((len(refs) + len(inline),)))
+    for name, handle in refs.items():
+        parts += [_str(name), b"\x00", _str(handle)]
+    for desc in inline:
+        parts += [_str(desc.name), b"\x01", _tensor_fields(desc.dtype, desc.shape)]
+    if any(part is None for part in parts):
+        return None
+    fields = b"".join(part for part in parts if part is not None)
+    return fields if len(fields) < MAX_BINARY_HEADER else None
+
+
+class _Reader:
+    """Reads a binary header's fields; a truncated or malformed one is the peer's RemoteProtocolError."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes | bytearray, pos: int) -> None:
+        self.data, self.pos = data, pos
+
+    def unpack(self, fmt: struct.Struct) -> tuple[Any, ...]:
+        try:
+            values = fmt.unpack_from(self.data, self.pos)
+        except struct.error:
+            raise RemoteProtocolError("binary header ends inside a field") from None
+        self.pos += fmt.size
+        return values
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            raise RemoteProtocolError("binary header ends inside a field")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def text(self) -> str:
+        n = self.byte()
+        end = self.pos + n
+        if end > len(self.data):
+            raise RemoteProtocolError("binary header ends inside a string")
+        try:
+            text = bytes(self.data[self.pos : end]).decode()
+        except UnicodeDecodeError:
+            raise RemoteProtocolError("a binary header's string is not UTF-8") from None
+        self.pos = end
+        return text
+
+    def tensor(self, name: str) -> dict[str, Any]:
+        code, ndim = self.byte(), self.byte()
+        if code >= len(DTYPE_CODES):
+            raise RemoteProtocolError(f"unknown dtype code {code}")
+        shape = list(self.unpack(struct.Struct(f"<{ndim}Q")))
+        return {"name": name, "dtype": DTYPE_CODES[code], "shape": shape}
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise RemoteProtocolError(f"{len(self.data) - self.pos} bytes past a binary header's fields")
+
+
+def decode_run_call(raw: bytes | bytearray) -> dict[str, Any]:
+    """A RUN CALL's header (op byte first) as the JSON ``run`` request it stands for: ``model``,
+    ``inputs`` (handles by name), ``tensors`` (inline descriptions, checked later against the payload
+    like JSON's), ``fill``, ``seed``, ``keep``, ``timeout``. RemoteProtocolError when malformed."""
+    reader = _Reader(raw, 1)
+    flags, fill, seed, timeout = reader.unpack(_RUN_FIXED)
+    if fill >= len(_FILLS):
+        raise RemoteProtocolError(f"unknown fill code {fill}")
+    header: dict[str, Any] = {
+        "op": "run",
+        "model": reader.text(),
+        "fill": _FILLS[fill],
+        "seed": seed if flags & _SEED else None,
+        "keep": bool(flags & _KEEP),
+    }
+    if flags & _TIMEOUT:
+        header["timeout"] = timeout
+    refs: dict[str, str] = {}
+    tensors: list[dict[str, Any]] = []
+    for _ in range(reader.byte()):
+        name, kind = reader.text(), reader.byte()
+        if kind == 0:
+            refs[name] = reader.text()
+        elif kind == 1:
+            tensors.append(reader.tensor(name))
+        else:
+            raise RemoteProtocolError(f"unknown input kind {kind}")
+    reader.end()
+    header["inputs"] = refs
+    if tensors:
+        header["tensors"] = tensors
+    return header
+
+
+def encode_run_reply(result: dict[str, Any]) -> bytes | None:
+    """A RUN REPLY's fields from the JSON result of ``run`` (``run_s`` and ``tensors``, or ``outputs``
+    with their handles), or None when it does not fit a binary header (then it goes as JSON)."""
+    kept = "outputs" in result
+    outputs = result["outputs"] if kept else result["tensors"]
+    if len(outputs) > 255:
+        return None
+    parts: list[bytes | None] = [_F64.pack(float(result.get("run_s", 0.0))), bytes((len(outputs),))]
+    for out in outputs:
+        parts += [_str(out["name"]), _tensor_fields(out["dtype"], out["shape"])]
+        if kept:
+            parts.append(_str(out["tensor"]))
+    if any(part is None for part in parts):
+        return None
+    fields = b"".join(part for part in parts if part is not None)
+    return fields if len(fields) < MAX_BINARY_HEADER else None
+
+
+def decode_run_reply(raw: bytes | bytearray, keep: bool) -> dict[str, Any]:
+    """A RUN REPLY's header (op byte first) as the JSON result it stands for."""
+    reader = _Reader(raw, 1)
+    (run_s,) = reader.unpack(_F64)
+    outputs = []
+    for _ in range(reader.byte()):
+        out = reader.tensor(reader.text())
+        if keep:
+            out["tensor"] = reader.text()
+        outputs.append(out)
+    reader.end()
+    return {"run_s": run_s, "outputs" if keep else "tensors": outputs}
