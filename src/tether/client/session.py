@@ -543,8 +543,7 @@ class Session:
         if channel is None:
             raise ConnectionClosed("the session is closed")
         frame_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
-        if channel._timeout != self.io_timeout:
-            channel.set_timeout(self.io_timeout)
+        channel.set_timeout(self.io_timeout)  # a system call only when it changed
         try:
             channel.send_bytes(encode_call(op, frame_id))
             kind, reply_id, raw, payload_len = channel.recv_frame_head()
@@ -576,7 +575,7 @@ class Session:
             if not timeout > 0:
                 raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
             channel.set_timeout(timeout + TIMEOUT_GRACE_S)
-        elif channel._timeout != self.io_timeout:
+        else:
             channel.set_timeout(self.io_timeout)
         try:
             views = [memoryview(a).cast("B") for a in inline]
