@@ -80,11 +80,14 @@ class Channel:
 
     def send_bytes(self, frame: bytes) -> None:
         """A frame already encoded whole (a CALL or REPLY without payload): one system call."""
-        with self._send_lock:
-            try:
-                self.sock.sendall(frame)
-            except OSError as exc:
-                raise ConnectionClosed(f"send failed: {exc}") from exc
+        lock = self._send_lock
+        lock.acquire()
+        try:
+            self.sock.sendall(frame)
+        except OSError as exc:
+            raise ConnectionClosed(f"send failed: {exc}") from exc
+        finally:
+            lock.release()
 
     def send_file_frame(
         self, kind: FrameKind, frame_id: int, header: dict[str, Any], file: IO[bytes], size: int
@@ -153,6 +156,14 @@ class Channel:
         """The next frame's ``(kind, id, header bytes, payload_len)``, the header unparsed (JSON, or
         binary for CALL and REPLY); its payload is still to be read. Usually one ``recv_into`` or none."""
         start = self._start
+        if start == self._end:  # all read before (the usual case): one read into the whole buffer
+            try:
+                got = self.sock.recv_into(self._view)
+            except OSError as exc:
+                raise ConnectionClosed(f"receive failed: {exc}") from exc
+            if not got:
+                raise ConnectionClosed("peer closed the connection")
+            self._start, self._end, start = 0, got, 0
         if self._end - start < _FIXED:
             self._fill(_FIXED)
             start = self._start

@@ -62,6 +62,7 @@ from ..protocol.session import (
     encode_call,
     encode_run_call,
     parse_json_header,
+    ping_call,
     tensor_descs,
 )
 from ..runtime.base import BackendError, numpy_dtype
@@ -83,6 +84,7 @@ def _authenticate(sock: Any, address: str, token: Token | str | None, deadline: 
 # enum attribute lookups cost ~0.2 us each: the hot path compares plain ints
 _RESPONSE, _ERROR, _REPLY = int(FrameKind.RESPONSE), int(FrameKind.ERROR), int(FrameKind.REPLY)
 _PING, _RUN = int(HotOp.PING), int(HotOp.RUN)
+_PING_HEADER = bytes((_PING,))
 
 #: How long past a request's own time limit the client waits for the device to say it timed out.
 TIMEOUT_GRACE_S = 10.0
@@ -535,22 +537,22 @@ class Session:
             if timeout is not None and self._channel is not None:
                 self._channel.set_timeout(self.io_timeout)
 
-    def _hot_call(self, op: int, name: str) -> bytes | bytearray:
-        """One CALL without payload and its REPLY's binary header (the hot path: no JSON either way, one
-        send, usually one receive); the same typed errors and session rules as :meth:`_call`. ``op``: a
-        :class:`HotOp` value; ``name``: the operation's JSON name, for messages."""
+    def _hot_ping(self) -> None:
+        """A PING CALL and its REPLY (the hot path: no JSON either way, one send, usually one receive);
+        the same typed errors and session rules as :meth:`_call`."""
         channel = self._channel
         if channel is None:
             raise ConnectionClosed("the session is closed")
         frame_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
         channel.set_timeout(self.io_timeout)  # a system call only when it changed
+        name = "ping"
         try:
-            channel.send_bytes(encode_call(op, frame_id))
+            channel.send_bytes(ping_call(frame_id))
             kind, reply_id, raw, payload_len = channel.recv_frame_head()
-            if kind == _REPLY and reply_id == frame_id and raw[0] == op:
+            if kind == _REPLY and reply_id == frame_id and raw == _PING_HEADER:
                 if payload_len:
                     raise RemoteProtocolError(f"a {name} reply carries {payload_len} payload bytes")
-                return raw
+                return
             if kind == _ERROR:
                 self._raise_error(channel, FrameHeader(kind, reply_id, len(raw), payload_len), parse_json_header(raw))
             raise RemoteProtocolError(f"expected the reply to call {frame_id}, got {FrameKind(kind).name} {reply_id}")
@@ -660,7 +662,7 @@ class Session:
     def ping(self) -> None:
         """An empty round trip (a binary CALL where the server takes them, else a JSON request)."""
         if self.binary:
-            self._hot_call(_PING, "ping")
+            self._hot_ping()
         else:
             self._call("ping", {})
 

@@ -63,6 +63,7 @@ from ..protocol.session import (
     encode_reply,
     encode_run_reply,
     parse_json_header,
+    ping_reply,
     shape_nbytes,
     tensor_descs,
 )
@@ -327,15 +328,16 @@ class NativeSession:
         return f"{name}{self._ids}"
 
     def serve(self) -> None:
-        recv = self.channel.recv_frame_head
+        recv, send = self.channel.recv_frame_head, self.channel.send_bytes
+        call, ping = _CALL, _PING_HEADER  # locals: the loop's hot names
         while True:
             try:
                 kind, frame_id, raw, payload_len = recv()
             except ConnectionClosed:
                 return
-            if kind == _CALL:  # the hot path: a binary header
-                if raw == _PING_HEADER and not payload_len:
-                    self.channel.send_bytes(encode_reply(_PING, frame_id))
+            if kind == call:  # the hot path: a binary header
+                if raw == ping and not payload_len:
+                    send(ping_reply(frame_id))
                 else:
                     self._serve_call(FrameHeader(kind, frame_id, len(raw), payload_len), raw)
                 continue

@@ -85,6 +85,8 @@ __all__ = [
     "encode_run_reply",
     "parse_fixed_header",
     "parse_json_header",
+    "ping_call",
+    "ping_reply",
     "shape_nbytes",
     "tensor_desc",
     "tensor_descs",
@@ -238,6 +240,25 @@ def unpack_fixed_header(
         return kind, frame_id, header_len, payload_len
     parse_fixed_header(bytes(data[offset : offset + FIXED_HEADER.size]), max_payload)  # raises the reason
     raise AssertionError("unreachable: parse_fixed_header accepted what unpack_fixed_header refused")
+
+
+_PING_FRAME: Final = struct.Struct("<4sI13s")  # a ping's CALL or REPLY: all constant but the id
+_pack_ping = _PING_FRAME.pack
+_CALL_HEAD, _PING_TAIL = (
+    _pack_hot(MAGIC, VERSION, FrameKind.CALL, 0, 1, 0, HotOp.PING)[:4],
+    b"\x01\0\0\0" + bytes(8) + b"\x01",
+)
+_REPLY_HEAD = _pack_hot(MAGIC, VERSION, FrameKind.REPLY, 0, 1, 0, HotOp.PING)[:4]
+
+
+def ping_call(frame_id: int) -> bytes:
+    """``encode_call(HotOp.PING, frame_id)`` in one small pack (``frame_id`` already a u32)."""
+    return _pack_ping(_CALL_HEAD, frame_id, _PING_TAIL)
+
+
+def ping_reply(frame_id: int) -> bytes:
+    """``encode_reply(HotOp.PING, frame_id)`` in one small pack."""
+    return _pack_ping(_REPLY_HEAD, frame_id, _PING_TAIL)
 
 
 def parse_fixed_header(data: bytes | bytearray | memoryview, max_payload: int = MAX_PAYLOAD_BYTES) -> FrameHeader:
