@@ -403,6 +403,31 @@ def empty_calls(raw: RawClient, tsess: Any, tvm: TvmClient, tvm_on_tether: TvmCl
     }
 
 
+#: A 2x3 float32 affine map on the stdlib reference backend: a run that costs next to nothing on the device.
+SMALL_MODEL = {
+    "format": "tether-reference/1",
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [2, 3]}],
+    "outputs": [{"name": "y", "dtype": "float32", "shape": [2, 3]}],
+    "ops": [{"op": "affine", "input": "x", "output": "y", "scale": 2.0, "bias": 1.0}],
+}
+
+
+def small_runs(tsess: Any) -> dict[str, Callable[[], Any]]:
+    """``model.run`` of :data:`SMALL_MODEL` with a 24-byte input sent each time: over the binary hot path
+    (RUN CALL), and as a JSON request (``shapes=`` keeps a run on JSON), to see what the header costs."""
+    import json
+
+    import numpy as np
+
+    tsess.upload(json.dumps(SMALL_MODEL).encode(), "small.json")
+    model = tsess.load_model("small.json")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    return {
+        "tether_run_small": lambda: model.run({"x": x}),
+        "tether_run_small_json": lambda: model.run({"x": x}, shapes={"x": (2, 3)}),
+    }
+
+
 def print_empty(report: dict[str, Any]) -> None:
     for label, section in (("", "empty_call_us"), (", all on one CPU", "empty_call_us_one_cpu")):
         result = report[section]
@@ -703,7 +728,7 @@ def phase_direct(report: dict[str, Any], args: argparse.Namespace, workdir: Path
         try:
             tsess.ping()
             wait_quiet(tserver.pid)
-            calls = empty_calls(raw, tsess, tvm, tvm_on_tether)
+            calls = {**empty_calls(raw, tsess, tvm, tvm_on_tether), **small_runs(tsess)}
             report["empty_call_us"] = bench_empty_calls(calls, args.calls, args.rounds)
             with pinned([os.getpid(), floor.pid, tserver.pid, vserver.pid], max(os.sched_getaffinity(0))):
                 report["empty_call_us_one_cpu"] = bench_empty_calls(calls, args.calls, args.rounds)
@@ -765,7 +790,7 @@ def phase_empty(report: dict[str, Any], args: argparse.Namespace, workdir: Path,
         try:
             tsess.ping()
             wait_quiet(tserver.pid)
-            calls = empty_calls(raw, tsess, tvm, tvm_on_tether)
+            calls = {**empty_calls(raw, tsess, tvm, tvm_on_tether), **small_runs(tsess)}
             report["empty_call_us"] = bench_empty_calls(calls, args.calls, args.rounds)
             with pinned([os.getpid(), floor.pid, tserver.pid, vserver.pid], max(os.sched_getaffinity(0))):
                 report["empty_call_us_one_cpu"] = bench_empty_calls(calls, args.calls, args.rounds)
@@ -884,6 +909,17 @@ def empty_rows(report: dict[str, Any]) -> list[Row]:
                 )
             )
         out.append(Row(f"   tether ping / raw echo p50{where}", None, None, None, _x(ping["p50"], raw["p50"], "raw")))
+        if "tether_run_small" in e:
+            run, run_json = e["tether_run_small"]["p50"], e["tether_run_small_json"]["p50"]
+            out.append(
+                Row(
+                    f"   run 2x3 float32 p50 us{where} (as JSON: {run_json:.2f})",
+                    None,
+                    run,
+                    None,
+                    _x(run, run_json, "JSON"),
+                )
+            )
         mixed = e["tvm_client_on_tether_addone"]
         out.append(
             Row(
