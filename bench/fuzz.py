@@ -68,9 +68,18 @@ from tether.protocol.session import (
     FIXED_HEADER,
     MAX_PAYLOAD_BYTES,
     FrameKind,
+    HotOp,
+    TensorDesc,
+    decode_run_call,
+    decode_run_reply,
+    encode_call,
+    encode_reply,
+    encode_run_call,
+    encode_run_reply,
     parse_fixed_header,
     parse_json_header,
     tensor_descs,
+    unpack_fixed_header,
 )
 from tether.protocol.tracker import (
     MAGIC_BYTES,
@@ -548,8 +557,36 @@ def session_frame(r: random.Random, kind: int, header: dict[str, Any], payload: 
     return FIXED_HEADER.pack(magic, version, kind, frame_id, header_len, payload_len) + body + payload
 
 
+def binary_frame(r: random.Random) -> bytes:
+    """A CALL or REPLY (binary header: ping, run), its header fields sometimes cut or flipped."""
+    frame_id = r.choice((1, 2, 0, 0xFFFFFFFF))
+    pick = r.randrange(5)
+    if pick == 0:
+        return encode_call(HotOp.PING, frame_id)
+    if pick == 1:
+        inline = [TensorDesc("x", "float32", (2, 3))] if r.random() < 0.5 else []
+        fields = encode_run_call(
+            "m1", {"y": "t1"}, inline, fill=r.choice((None, "random")), seed=r.choice((None, 7)), keep=r.random() < 0.5
+        )
+        assert fields is not None
+        payload = bytes(24) if inline else b""
+        if r.random() < 0.5:
+            fields = mutate_bytes(r, fields)
+        return encode_call(HotOp.RUN, frame_id, fields[:4000], len(payload)) + payload
+    if pick == 2:
+        fields = encode_run_reply({"run_s": 0.5, "tensors": [_TENSOR]}) or b""
+        return encode_reply(HotOp.RUN, frame_id, fields, 16) + bytes(16)
+    kind = r.choice((FrameKind.CALL, FrameKind.REPLY))
+    body = bytes(r.randrange(256) for _ in range(r.choice((1, 2, 9, 30))))
+    header_len = r.choice((len(body), 0, 4096, 4097, 0xFFFFFFFF))
+    return FIXED_HEADER.pack(b"TQ", 1, kind, frame_id, header_len, 0) + body
+
+
 def gen_session(r: random.Random) -> bytes:
-    data = b"".join(session_frame(r, *r.choice(SESSION_FRAMES)) for _ in range(r.choice((1, 1, 2, 3))))
+    frames = []
+    for _ in range(r.choice((1, 1, 2, 3))):
+        frames.append(binary_frame(r) if r.random() < 0.3 else session_frame(r, *r.choice(SESSION_FRAMES)))
+    data = b"".join(frames)
     return mutate_bytes(r, data) if r.random() < 0.15 else data
 
 
@@ -899,10 +936,29 @@ def make_session() -> Runner:
         view = memoryview(data)
         pos, size = 0, FIXED_HEADER.size
         while len(data) - pos >= size:
-            head = parse_fixed_header(view[pos : pos + size], max_payload)
+            try:
+                head = parse_fixed_header(view[pos : pos + size], max_payload)
+            except RemoteProtocolError as exc:  # the hot parser must refuse it the same way
+                try:
+                    unpack_fixed_header(view, pos, max_payload)
+                except type(exc):
+                    raise
+                raise AssertionError("unpack_fixed_header accepted a header parse_fixed_header refused") from None
+            if unpack_fixed_header(view, pos, max_payload) != (head.kind, head.id, head.header_len, head.payload_len):
+                raise AssertionError("the two fixed-header parsers disagree")
             pos += size
             if len(data) - pos < head.header_len:
                 return
+            if head.kind in (FrameKind.CALL, FrameKind.REPLY):
+                raw = bytes(view[pos : pos + head.header_len])
+                with contextlib.suppress(RemoteProtocolError):
+                    if raw[0] == HotOp.RUN:
+                        if head.kind == FrameKind.CALL:
+                            tensor_descs(decode_run_call(raw).get("tensors"), head.payload_len)
+                        else:
+                            tensor_descs(decode_run_reply(raw, False).get("tensors"), head.payload_len)
+                pos += head.header_len + head.payload_len
+                continue
             try:
                 header = parse_json_header(view[pos : pos + head.header_len])
             except BadHeader:
@@ -1558,6 +1614,9 @@ def _error_frames(reply: bytes) -> list[dict[str, Any]]:
     while len(reply) - pos >= size:
         try:
             head = parse_fixed_header(reply[pos : pos + size])
+            if head.kind == FrameKind.REPLY:  # a binary answer (a fuzzed ping that was whole): no JSON
+                pos += size + head.header_len + head.payload_len
+                continue
             header = parse_json_header(reply[pos + size : pos + size + head.header_len])
         except RemoteProtocolError:
             break

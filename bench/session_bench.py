@@ -390,6 +390,58 @@ def bench_empty_calls(calls: dict[str, Callable[[], Any]], total: int, rounds: i
     }
 
 
+def empty_calls(raw: RawClient, tsess: Any, tvm: TvmClient, tvm_on_tether: TvmClient) -> dict[str, Callable[[], Any]]:
+    """The empty calls measured side by side: tether's ``ping()`` (the binary hot path where both ends
+    speak it) and the same ping as a JSON request (the general path, and what an older peer gets)."""
+    return {
+        "raw_1B": raw.echo(1),
+        "raw_32B": raw.echo(32),
+        "tether_ping": tsess.ping,
+        "tether_ping_json": lambda: tsess._call("ping", {}),
+        "tvm_addone": tvm.call,
+        "tvm_client_on_tether_addone": tvm_on_tether.call,
+    }
+
+
+#: A 2x3 float32 affine map on the stdlib reference backend: a run that costs next to nothing on the device.
+SMALL_MODEL = {
+    "format": "tether-reference/1",
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [2, 3]}],
+    "outputs": [{"name": "y", "dtype": "float32", "shape": [2, 3]}],
+    "ops": [{"op": "affine", "input": "x", "output": "y", "scale": 2.0, "bias": 1.0}],
+}
+
+
+def small_runs(tsess: Any) -> dict[str, Callable[[], Any]]:
+    """``model.run`` of :data:`SMALL_MODEL` with a 24-byte input sent each time: over the binary hot path
+    (RUN CALL), and as a JSON request (``shapes=`` keeps a run on JSON), to see what the header costs."""
+    import json
+
+    import numpy as np
+
+    tsess.upload(json.dumps(SMALL_MODEL).encode(), "small.json")
+    model = tsess.load_model("small.json")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    return {
+        "tether_run_small": lambda: model.run({"x": x}),
+        "tether_run_small_json": lambda: model.run({"x": x}, shapes={"x": (2, 3)}),
+    }
+
+
+def print_empty(report: dict[str, Any]) -> None:
+    for label, section in (("", "empty_call_us"), (", all on one CPU", "empty_call_us_one_cpu")):
+        result = report[section]
+        print(
+            f"  empty call p50 us{label}: "
+            + ", ".join(f"{name} {r['p50']:.1f} (best round {r['best_round_p50']:.1f})" for name, r in result.items()),
+            flush=True,
+        )
+        ping, addone, raw = result["tether_ping"]["p50"], result["tvm_addone"]["p50"], result["raw_1B"]["p50"]
+        print(
+            f"    tether ping / TVM addone: {ping / addone:.2f}x, tether ping / raw echo: {ping / raw:.2f}x", flush=True
+        )
+
+
 # -- 3, 4: bulk ----------------------------------------------------------------------------------
 
 
@@ -676,25 +728,12 @@ def phase_direct(report: dict[str, Any], args: argparse.Namespace, workdir: Path
         try:
             tsess.ping()
             wait_quiet(tserver.pid)
-            calls = {
-                "raw_1B": raw.echo(1),
-                "raw_32B": raw.echo(32),
-                "tether_ping": tsess.ping,
-                "tvm_addone": tvm.call,
-                "tvm_client_on_tether_addone": tvm_on_tether.call,
-            }
-            e = report["empty_call_us"] = bench_empty_calls(calls, args.calls, args.rounds)
+            calls = {**empty_calls(raw, tsess, tvm, tvm_on_tether), **small_runs(tsess)}
+            report["empty_call_us"] = bench_empty_calls(calls, args.calls, args.rounds)
             with pinned([os.getpid(), floor.pid, tserver.pid, vserver.pid], max(os.sched_getaffinity(0))):
-                ep = report["empty_call_us_one_cpu"] = bench_empty_calls(calls, args.calls, args.rounds)
+                report["empty_call_us_one_cpu"] = bench_empty_calls(calls, args.calls, args.rounds)
             tvm_on_tether.close()
-            for label, result in (("", e), (", all on one CPU", ep)):
-                print(
-                    f"  empty call p50 us{label}: "
-                    + ", ".join(
-                        f"{name} {r['p50']:.1f} (best round {r['best_round_p50']:.1f})" for name, r in result.items()
-                    ),
-                    flush=True,
-                )
+            print_empty(report)
             b = report["bulk_mib_s"] = bench_bulk(
                 raw, tsess, tvm if args.tvm_bulk else None, blob_path=blob_path, arr=arr, args=args
             )
@@ -732,6 +771,36 @@ def phase_direct(report: dict[str, Any], args: argparse.Namespace, workdir: Path
             raw.close()
             wait_tvm_sessions_gone(vserver.pid)
     blob_path.unlink()
+
+
+def phase_empty(report: dict[str, Any], args: argparse.Namespace, workdir: Path, key: str) -> None:
+    """1 alone (``--only empty``): the empty call, every client taking turns, default scheduling and one CPU."""
+    import tether
+
+    print("== empty calls: raw floor, tether server, TVM rpc_server", flush=True)
+    with (
+        floor_server(workdir / "floor-upload.bin") as floor,
+        tether_server(key, slots=2) as tserver,
+        tvm_server(key) as vserver,
+    ):
+        raw = RawClient(floor.port, 1)
+        tsess = tether.connect(HOST, tserver.port, key=key, session_timeout=3600)
+        tvm = TvmClient(vserver.port, key)
+        tvm_on_tether = TvmClient(tserver.port, key)
+        try:
+            tsess.ping()
+            wait_quiet(tserver.pid)
+            calls = {**empty_calls(raw, tsess, tvm, tvm_on_tether), **small_runs(tsess)}
+            report["empty_call_us"] = bench_empty_calls(calls, args.calls, args.rounds)
+            with pinned([os.getpid(), floor.pid, tserver.pid, vserver.pid], max(os.sched_getaffinity(0))):
+                report["empty_call_us_one_cpu"] = bench_empty_calls(calls, args.calls, args.rounds)
+            print_empty(report)
+        finally:
+            tsess.close()
+            tvm.close()
+            tvm_on_tether.close()
+            raw.close()
+            wait_tvm_sessions_gone(vserver.pid)
 
 
 def phase_first_call(report: dict[str, Any], args: argparse.Namespace, key: str) -> None:
@@ -772,8 +841,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     key = f"bench{random.randint(0, 10**6)}"
     with tempfile.TemporaryDirectory(prefix="session-bench-") as tmp:
-        phase_direct(report, args, Path(tmp), key)
-    phase_first_call(report, args, key)
+        if args.only == "empty":
+            phase_empty(report, args, Path(tmp), key)
+        else:
+            phase_direct(report, args, Path(tmp), key)
+    if args.only != "empty":
+        phase_first_call(report, args, key)
     report["machine"]["load_average_end"] = os.getloadavg()
     return report
 
@@ -799,8 +872,7 @@ def _target(ok: bool, text: str) -> str:
     return f"{text}: {'met' if ok else 'MISSED'}"
 
 
-def rows(report: dict[str, Any], args: argparse.Namespace) -> list[Row]:
-    b, fc = report["bulk_mib_s"], report["first_call"]
+def empty_rows(report: dict[str, Any]) -> list[Row]:
     out: list[Row] = []
     for where, section in (("", "empty_call_us"), (", one CPU", "empty_call_us_one_cpu")):
         e = report[section]
@@ -812,8 +884,8 @@ def rows(report: dict[str, Any], args: argparse.Namespace) -> list[Row]:
                     addone[p],
                     ping[p],
                     raw[p],
-                    _x(ping[p], raw[p], "raw"),
-                    _target(ping[p] / raw[p] <= 1.3, "<= 1.3x raw") if p == "p50" else "",
+                    _x(ping[p], addone[p], "TVM"),
+                    _target(ping[p] / addone[p] <= 1.5, "<= 1.5x TVM") if p == "p50" else "",
                 )
             )
         out.append(
@@ -822,9 +894,32 @@ def rows(report: dict[str, Any], args: argparse.Namespace) -> list[Row]:
                 addone["best_round_p50"],
                 ping["best_round_p50"],
                 raw["best_round_p50"],
-                _x(ping["best_round_p50"], raw["best_round_p50"], "raw"),
+                _x(ping["best_round_p50"], addone["best_round_p50"], "TVM"),
             )
         )
+        if "tether_ping_json" in e:
+            json_ping = e["tether_ping_json"]["p50"]
+            out.append(
+                Row(
+                    f"   ping as a JSON request p50 us{where}",
+                    addone["p50"],
+                    json_ping,
+                    raw["p50"],
+                    _x(json_ping, addone["p50"], "TVM"),
+                )
+            )
+        out.append(Row(f"   tether ping / raw echo p50{where}", None, None, None, _x(ping["p50"], raw["p50"], "raw")))
+        if "tether_run_small" in e:
+            run, run_json = e["tether_run_small"]["p50"], e["tether_run_small_json"]["p50"]
+            out.append(
+                Row(
+                    f"   run 2x3 float32 p50 us{where} (as JSON: {run_json:.2f})",
+                    None,
+                    run,
+                    None,
+                    _x(run, run_json, "JSON"),
+                )
+            )
         mixed = e["tvm_client_on_tether_addone"]
         out.append(
             Row(
@@ -835,6 +930,14 @@ def rows(report: dict[str, Any], args: argparse.Namespace) -> list[Row]:
                 _x(mixed["p50"], addone["p50"], "TVM"),
             )
         )
+    return out
+
+
+def rows(report: dict[str, Any], args: argparse.Namespace) -> list[Row]:
+    if args.only == "empty":
+        return empty_rows(report)
+    b, fc = report["bulk_mib_s"], report["first_call"]
+    out = empty_rows(report)
     tvm_fc = fc["tvm_client_tvm_stack"]["first_call_ms"]
     for label, key, p in (
         ("2. request-to-first-call p50 ms, back to back", "tether_client_tether_stack_back_to_back", "p50"),
@@ -996,6 +1099,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tvm-model", dest="tvm_model", action="store_false", help="skip the TVM-compiled model")
     parser.add_argument(
         "--no-tvm-bulk", dest="tvm_bulk", action="store_false", help="skip TVM's uploads and tensors (and its model)"
+    )
+    parser.add_argument(
+        "--only", choices=["empty"], default=None, help="empty: measure the empty call alone (about 30 s with --quick)"
     )
     parser.add_argument("--json", type=Path, default=None, help="where to write the results (default bench/results/)")
     args = parser.parse_args(argv)

@@ -43,6 +43,13 @@ from tether.protocol import (
     parse_peer_key,
     parse_request_reply,
 )
+from tether.protocol.session import (
+    FIXED_HEADER,
+    MAX_BINARY_HEADER,
+    FrameKind,
+    encode_frame_head,
+    parse_fixed_header,
+)
 
 
 def chunks(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -383,3 +390,141 @@ def test_a_shape_of_huge_dims_is_refused_without_multiplying_them() -> None:
     assert shape_nbytes([1 << 61], 4) is None
     assert shape_nbytes([(1 << 61) - 1], 4) == MAX_TENSOR_BYTES - 4
     assert shape_nbytes([3], 4, limit=12) is None
+
+
+# -- the hot path: CALL and REPLY frames with binary headers ------------------------------------------
+
+
+def test_binary_call_and_reply_round_trip() -> None:
+    from tether.protocol.session import HotOp, encode_call, encode_reply, unpack_fixed_header
+
+    call = encode_call(HotOp.PING, 77)
+    assert len(call) == FIXED_HEADER.size + 1
+    assert unpack_fixed_header(call) == (FrameKind.CALL, 77, 1, 0)
+    head = parse_fixed_header(call[: FIXED_HEADER.size])
+    assert (head.kind, head.id, head.header_len, head.payload_len) == (FrameKind.CALL, 77, 1, 0)
+    assert call[FIXED_HEADER.size] == HotOp.PING
+    reply = encode_reply(HotOp.PING, 77, b"\x01\x02", payload_len=5)
+    assert unpack_fixed_header(reply) == (FrameKind.REPLY, 77, 3, 5)
+    assert reply[FIXED_HEADER.size :] == b"\x01\x01\x02"
+    # a JSON frame reads the same through both parsers
+    json_frame = encode_frame_head(FrameKind.REQUEST, 9, {"op": "ping"})
+    assert unpack_fixed_header(json_frame) == (FrameKind.REQUEST, 9, len(json_frame) - FIXED_HEADER.size, 0)
+    with pytest.raises(LocalProtocolError):
+        encode_call(HotOp.PING, 1, b"x" * MAX_BINARY_HEADER)
+    with pytest.raises(LocalProtocolError):
+        encode_call(HotOp.PING, 1 << 32)
+
+
+@pytest.mark.parametrize(
+    ("kind", "header_len", "payload_len", "error"),
+    [
+        (FrameKind.CALL, 0, 0, FrameTooLarge),  # a binary header has at least its op byte
+        (FrameKind.CALL, MAX_BINARY_HEADER + 1, 0, FrameTooLarge),
+        (FrameKind.REPLY, MAX_BINARY_HEADER + 1, 0, FrameTooLarge),
+        (FrameKind.CALL, 1, 1 << 40, FrameTooLarge),  # over the payload limit, from the fixed header
+        (FrameKind.REQUEST, 1, 0, FrameTooLarge),  # a JSON header is at least "{}"
+        (6, 1, 0, RemoteProtocolError),  # unknown kind
+        (0, 1, 0, RemoteProtocolError),
+    ],
+)
+def test_malformed_binary_frames_get_the_same_typed_errors(
+    kind: int, header_len: int, payload_len: int, error: type[Exception]
+) -> None:
+    from tether.protocol.session import unpack_fixed_header
+
+    data = FIXED_HEADER.pack(b"TQ", 1, kind, 3, header_len, payload_len)
+    with pytest.raises(error):
+        parse_fixed_header(data, 1 << 30)
+    with pytest.raises(error):
+        unpack_fixed_header(data, 0, 1 << 30)
+
+
+@given(st.binary(min_size=20, max_size=20))
+def test_the_hot_parser_agrees_with_the_full_one(data: bytes) -> None:
+    """Any 20 bytes: :func:`unpack_fixed_header` accepts exactly what :func:`parse_fixed_header` accepts,
+    with the same fields, and raises the same error type otherwise."""
+    from tether.protocol.session import unpack_fixed_header
+
+    try:
+        head = parse_fixed_header(data, 1 << 30)
+    except RemoteProtocolError as exc:
+        with pytest.raises(type(exc)):
+            unpack_fixed_header(data, 0, 1 << 30)
+        return
+    assert unpack_fixed_header(b"pad" + data, 3, 1 << 30) == (head.kind, head.id, head.header_len, head.payload_len)
+
+
+def test_run_fields_round_trip() -> None:
+    from tether.protocol.session import TensorDesc, decode_run_call, encode_run_call
+
+    inline = [TensorDesc("x", "float32", (2, 3)), TensorDesc("mask", "bool", ())]
+    fields = encode_run_call("m1", {"y": "t4"}, inline, fill="random", seed=-5, keep=True, timeout=2.5)
+    assert fields is not None
+    header = decode_run_call(b"\x02" + fields)
+    assert header == {
+        "op": "run",
+        "model": "m1",
+        "fill": "random",
+        "seed": -5,
+        "keep": True,
+        "timeout": 2.5,
+        "inputs": {"y": "t4"},
+        "tensors": [
+            {"name": "x", "dtype": "float32", "shape": [2, 3]},
+            {"name": "mask", "dtype": "bool", "shape": []},
+        ],
+    }
+    plain = decode_run_call(b"\x02" + (encode_run_call("m2", {}, []) or b""))
+    assert plain == {"op": "run", "model": "m2", "fill": None, "seed": None, "keep": False, "inputs": {}}
+    # what a binary header cannot say goes as JSON instead
+    assert encode_run_call("m" * 256, {}, []) is None
+    assert encode_run_call("m1", {}, [], seed=1 << 63) is None
+    assert encode_run_call("m1", {}, [], fill="gaussian") is None
+
+
+def test_run_reply_fields_round_trip() -> None:
+    from tether.protocol.session import decode_run_reply, encode_run_reply
+
+    tensors = [{"name": "y", "dtype": "float16", "shape": [1, 1000], "nbytes": 2000}]
+    fields = encode_run_reply({"tensors": tensors, "run_s": 0.25})
+    assert fields is not None
+    got = decode_run_reply(b"\x02" + fields, keep=False)
+    assert got == {"run_s": 0.25, "tensors": [{"name": "y", "dtype": "float16", "shape": [1, 1000]}]}
+    kept = [{"name": "y", "dtype": "int64", "shape": [3], "nbytes": 24, "tensor": "t9"}]
+    fields = encode_run_reply({"outputs": kept, "run_s": 1.0})
+    assert fields is not None
+    got = decode_run_reply(b"\x02" + fields, keep=True)
+    assert got == {"run_s": 1.0, "outputs": [{"name": "y", "dtype": "int64", "shape": [3], "tensor": "t9"}]}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x02",  # no fields at all
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0),  # ends before the model's name
+        b"\x02" + struct.pack("<BBqd", 0, 9, 0, 0.0) + b"\x02m1\x00",  # unknown fill code
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0) + b"\x05m1",  # a string longer than the header
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0) + b"\x02\xff\xfe\x00",  # not UTF-8
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0) + b"\x02m1\x01\x01x\x07",  # unknown input kind
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0) + b"\x02m1\x01\x01x\x01\x63\x00",  # unknown dtype code
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0) + b"\x02m1\x01\x01x\x01\x09\x02\x01",  # dims cut short
+        b"\x02" + struct.pack("<BBqd", 0, 0, 0, 0.0) + b"\x02m1\x00extra",  # bytes past the fields
+    ],
+)
+def test_malformed_run_fields_are_the_peers_protocol_error(raw: bytes) -> None:
+    from tether.protocol.session import decode_run_call
+
+    with pytest.raises(RemoteProtocolError):
+        decode_run_call(raw)
+
+
+@given(st.binary(max_size=80))
+def test_any_run_fields_decode_or_raise_a_protocol_error(data: bytes) -> None:
+    from tether.protocol.session import decode_run_call
+
+    try:
+        header = decode_run_call(b"\x02" + data)
+    except RemoteProtocolError:
+        return  # the peer's error; anything else (IndexError, struct.error) would fail here
+    assert header["op"] == "run" and isinstance(header["model"], str)

@@ -627,3 +627,121 @@ def test_a_run_directory_without_a_lock_is_never_removed(device_server: Any, tmp
     os.utime(old, (0, 0))  # long untouched, too
     device_server(key="dev", work_dir=str(work))
     assert old.is_dir()
+
+
+# -- the hot path: binary CALL frames, and peers that do not speak them -----------------------------
+
+
+def test_ping_over_the_hot_path_and_as_json_alike(device_server: Any) -> None:
+    from tether.protocol.session import FrameKind, encode_call
+
+    server = device_server(key="dev")
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        assert sess.binary, sess.server_key  # the server answered -bin=1
+        sess.ping()
+        assert sess._call("ping", {}) == ({}, [])  # the JSON twin, in the same session
+        channel = sess._channel
+        assert channel is not None
+        # an op this server does not know: a typed error, and the session goes on
+        channel.send_bytes(encode_call(200, 5))
+        head, reply = channel.recv_head()
+        assert (head.kind, head.id, reply["type"]) == (FrameKind.ERROR, 5, "UnknownOp")
+        # a ping with fields and payload it does not take: a ProtocolError for it alone (payload skipped)
+        channel.send_bytes(encode_call(1, 6, b"xx", payload_len=3) + b"abc")
+        head, reply = channel.recv_head()
+        assert (head.kind, head.id, reply["type"]) == (FrameKind.ERROR, 6, "ProtocolError")
+        sess.ping()
+        with pytest.raises(tether.RemoteError, match="unknown operation"):
+            sess._call("no-such-op", {})
+        sess.ping()
+
+
+def test_a_hot_call_over_the_payload_limit_is_refused_from_its_header(device_server: Any) -> None:
+    from tether.protocol.session import encode_call
+
+    server = device_server(key="dev", max_upload_bytes=1 << 20)
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        channel = sess._channel
+        assert channel is not None
+        channel.send_bytes(encode_call(1, 9, payload_len=1 << 30))  # announces 1 GiB, sends none of it
+        head, reply = channel.recv_head()
+        assert (head.id, reply["type"]) == (9, "QuotaExceeded")
+        channel.sock.shutdown(socket.SHUT_WR)  # the worker is skipping a payload that never comes
+
+
+def test_a_session_lost_during_a_hot_ping_is_typed(device_server: Any) -> None:
+    server = device_server(key="dev")
+    sess = tether.connect("127.0.0.1", server.port, key="dev")
+    sess.interrupt()
+    with pytest.raises(tether.SessionLost):
+        sess.ping()
+    assert sess.closed
+    with pytest.raises(tether.ConnectionClosed):
+        sess.ping()
+
+
+def test_old_peers_get_json_requests(device_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that does not offer -bin=1 (an older one) gets no -bin=1 back and speaks JSON; a server
+    that does not answer it (an older one) gets JSON requests from this client."""
+    from tether.aio.channel import Channel
+    from tether.device import server as server_mod
+    from tether.protocol.session import FrameKind, encode_frame_head
+
+    server = device_server(key="dev")
+    sock = _handshake(server.port, "client:dev -tether=1")
+    code, key = _reply(sock)
+    assert code == HandshakeCode.SUCCESS and key is not None
+    assert "-bin" not in key and "-tether=1" in key
+    sock.sendall(encode_frame_head(FrameKind.REQUEST, 1, {"op": "ping"}))
+    head, reply = Channel(sock).recv_head()
+    assert (head.kind, head.id, reply) == (FrameKind.RESPONSE, 1, {})
+    sock.close()
+
+    monkeypatch.setattr(server_mod, "_binary_option", lambda client: {})
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        assert not sess.binary
+        sess.ping()
+        assert sess.info()["pid"] > 0
+
+
+def test_run_over_the_hot_path_matches_json_and_keeps_its_typed_errors(device_server: Any, tmp_path: Path) -> None:
+    from tether.protocol.session import FrameKind, HotOp, encode_call
+
+    server = device_server(key="dev")
+    with tether.connect("127.0.0.1", server.port, key="dev") as sess:
+        assert sess.binary
+        sess.upload(reference_model(tmp_path / "m.json"))
+        model = sess.load_model("m.json")
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        hot = model.run({model.input_names[0]: x})
+        sess.binary = False  # the same session, every request as JSON
+        cold = model.run({model.input_names[0]: x})
+        sess.binary = True
+        assert list(hot) == list(cold)
+        for name in hot:
+            np.testing.assert_array_equal(hot[name], cold[name])
+            assert hot[name].dtype == cold[name].dtype
+        kept = model.run({model.input_names[0]: sess.tensor(x)}, keep=True)
+        for name, tensor in kept.items():
+            np.testing.assert_array_equal(tensor.numpy(), hot[name])
+        filled = model.run(fill="zeros")
+        assert list(filled) == list(hot)
+        # the typed errors of the JSON path, and the session goes on
+        errors = []
+        for binary in (True, False):
+            sess.binary = binary
+            gone = tether.RemoteModel(sess, "m404", model.backend, model.inputs, model.outputs, 0.0)
+            with pytest.raises(tether.ModelRunError, match="no model") as info:
+                gone.run(fill="random")
+            errors.append((type(info.value), info.value.remote_type))
+            with pytest.raises(tether.ModelRunError, match="missing"):
+                model.run({})
+        assert errors[0] == errors[1]
+        sess.binary = True
+        # a RUN whose fields are garbage: a ProtocolError for it alone, its payload skipped
+        channel = sess._channel
+        assert channel is not None
+        channel.send_bytes(encode_call(HotOp.RUN, 11, b"\x00\x01", payload_len=4) + b"abcd")
+        head, reply = channel.recv_head()
+        assert (head.kind, head.id, reply["type"]) == (FrameKind.ERROR, 11, "ProtocolError")
+        assert model.run({model.input_names[0]: x}).keys() == hot.keys()

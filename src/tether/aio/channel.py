@@ -22,6 +22,7 @@ from ..protocol.session import (
     encode_frame_head,
     parse_fixed_header,
     parse_json_header,
+    unpack_fixed_header,
 )
 
 __all__ = ["Channel"]
@@ -44,6 +45,13 @@ class Channel:
         self._start = 0
         self._end = 0
         self._send_lock = threading.Lock()
+        self._timeout: float | None = None
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """The socket's timeout, set only when it changes (``settimeout`` is a system call)."""
+        if seconds != self._timeout:
+            self.sock.settimeout(seconds)
+            self._timeout = seconds
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -61,6 +69,25 @@ class Channel:
         head = encode_frame_head(kind, frame_id, header, sum(v.nbytes for v in views))
         with self._send_lock:
             self._sendmsg_all([memoryview(head), *views])
+
+    def send_raw(self, head: bytes, payload: Sequence[memoryview] = ()) -> None:
+        """An encoded head and its payload buffers (bytes, C-contiguous views): one ``sendmsg`` usually."""
+        if not payload:
+            self.send_bytes(head)
+            return
+        with self._send_lock:
+            self._sendmsg_all([memoryview(head), *payload])
+
+    def send_bytes(self, frame: bytes) -> None:
+        """A frame already encoded whole (a CALL or REPLY without payload): one system call."""
+        lock = self._send_lock
+        lock.acquire()
+        try:
+            self.sock.sendall(frame)
+        except OSError as exc:
+            raise ConnectionClosed(f"send failed: {exc}") from exc
+        finally:
+            lock.release()
 
     def send_file_frame(
         self, kind: FrameKind, frame_id: int, header: dict[str, Any], file: IO[bytes], size: int
@@ -96,7 +123,9 @@ class Channel:
         """Make ``need`` (at most the buffer's size) unread bytes available in the buffer."""
         if self._end - self._start >= need:
             return
-        if self._start:
+        if self._start == self._end:  # all read (the usual case between frames): nothing to move
+            self._start = self._end = 0
+        elif self._start:
             size = self._end - self._start
             self._buf[:size] = self._buf[self._start : self._end]
             self._start, self._end = 0, size
@@ -122,6 +151,30 @@ class Channel:
         data = bytes(self._view[self._start : self._start + n])
         self._start += n
         return data
+
+    def recv_frame_head(self) -> tuple[int, int, bytes | bytearray, int]:
+        """The next frame's ``(kind, id, header bytes, payload_len)``, the header unparsed (JSON, or
+        binary for CALL and REPLY); its payload is still to be read. Usually one ``recv_into`` or none."""
+        start = self._start
+        if start == self._end:  # all read before (the usual case): one read into the whole buffer
+            try:
+                got = self.sock.recv_into(self._view)
+            except OSError as exc:
+                raise ConnectionClosed(f"receive failed: {exc}") from exc
+            if not got:
+                raise ConnectionClosed("peer closed the connection")
+            self._start, self._end, start = 0, got, 0
+        if self._end - start < _FIXED:
+            self._fill(_FIXED)
+            start = self._start
+        kind, frame_id, header_len, payload_len = unpack_fixed_header(self._buf, start, self.max_payload)
+        start += _FIXED
+        end = start + header_len
+        if end <= self._end:  # the usual case: the whole head arrived in one read
+            self._start = end
+            return kind, frame_id, self._buf[start:end], payload_len
+        self._start = start
+        return kind, frame_id, self._take(header_len), payload_len
 
     def recv_head(self) -> tuple[FrameHeader, dict[str, Any]]:
         """The next frame's fixed header and JSON header; its payload is still to be read."""

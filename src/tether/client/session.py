@@ -51,7 +51,20 @@ from ..protocol.auth import AUTH_OPTION, Token, token_from_env
 from ..protocol.constants import HandshakeCode
 from ..protocol.framing import HandshakeReplyDecoder, encode_handshake
 from ..protocol.keys import PeerKey, format_peer_key, parse_peer_key
-from ..protocol.session import DTYPE_SIZES, FrameKind, tensor_descs
+from ..protocol.session import (
+    BINARY_OPTION,
+    DTYPE_SIZES,
+    FrameHeader,
+    FrameKind,
+    HotOp,
+    TensorDesc,
+    decode_run_reply,
+    encode_call,
+    encode_run_call,
+    parse_json_header,
+    ping_call,
+    tensor_descs,
+)
 from ..runtime.base import BackendError, numpy_dtype
 from .stats import Validity, ValidityRules, validity
 
@@ -68,6 +81,11 @@ def _authenticate(sock: Any, address: str, token: Token | str | None, deadline: 
     if last.get("ready") is not True:
         raise SessionRefused(f"{address} refused the session: {str(last.get('message', last))[:300]}")
 
+
+# enum attribute lookups cost ~0.2 us each: the hot path compares plain ints
+_RESPONSE, _ERROR, _REPLY = int(FrameKind.RESPONSE), int(FrameKind.ERROR), int(FrameKind.REPLY)
+_PING, _RUN = int(HotOp.PING), int(HotOp.RUN)
+_PING_HEADER = bytes((_PING,))
 
 #: How long past a request's own time limit the client waits for the device to say it timed out.
 TIMEOUT_GRACE_S = 10.0
@@ -305,9 +323,16 @@ class RemoteModel:
         session and this raises :class:`RunTimeout`.
         """
         refs, inline = self._split(inputs)
-        header = {"model": self.handle, "inputs": refs, "fill": fill, "seed": seed, "keep": keep}
-        header.update(_shapes(shapes))
-        result, arrays = self.session._call("run", header, inline, timeout=timeout)
+        fields = None
+        if self.session.binary and not shapes:  # the hot path: a binary header (shapes stay JSON)
+            descs = [TensorDesc(n, a.dtype.name, a.shape) for n, a in inline.items()]
+            fields = encode_run_call(self.handle, refs, descs, fill=fill, seed=seed, keep=keep, timeout=timeout)
+        if fields is not None:
+            result, arrays = self.session._hot_run(fields, list(inline.values()), keep=keep, timeout=timeout)
+        else:
+            header = {"model": self.handle, "inputs": refs, "fill": fill, "seed": seed, "keep": keep}
+            header.update(_shapes(shapes))
+            result, arrays = self.session._call("run", header, inline, timeout=timeout)
         self.last_run_s = float(result.get("run_s", 0.0))
         if keep:
             return {
@@ -382,6 +407,23 @@ class RemoteModel:
         self.close()
 
 
+def _recv_arrays(channel: Channel, op: str, tensors: Any, payload_len: int) -> list[Any]:
+    """A response's tensors (described by ``tensors``, its header's list) read into new numpy arrays."""
+    descs = tensor_descs(tensors, payload_len)
+    try:
+        dtypes = [numpy_dtype(desc.dtype) for desc in descs]
+    except BackendError as exc:  # e.g. bfloat16 without ml_dtypes: skip the payload, keep the session
+        channel.discard(payload_len)
+        raise TypeError(f"cannot receive the result of {op!r}: {exc}") from None
+    arrays = []
+    for desc, dtype in zip(descs, dtypes, strict=True):
+        arr = _np().empty(desc.shape, dtype=dtype)
+        if desc.nbytes:
+            channel.recv_into(memoryview(arr.reshape(-1).view("uint8")))
+        arrays.append(arr)
+    return arrays
+
+
 class Session:
     """One native session with a tether server. Not thread-safe: one request at a time."""
 
@@ -395,6 +437,8 @@ class Session:
         #: is dropped with :class:`SessionLost`: a device that froze, a cable pulled. Requests sent with
         #: their own ``timeout`` wait that long plus :data:`TIMEOUT_GRACE_S` instead.
         self.io_timeout: float | None = None
+        #: The server takes CALL frames (binary headers) for the hot operations (it answered ``-bin=1``).
+        self.binary = parse_peer_key(server_key).options.get(BINARY_OPTION) == "1"
 
     @classmethod
     def connect(
@@ -416,7 +460,7 @@ class Session:
         :class:`~tether.errors.TLSError` when TLS fails or only one side speaks it. A server that answers
         ``-auth=1`` requires ``token`` (default ``$TETHER_TOKEN``): :class:`AuthFailed` when there is none, it
         is refused, or the server cannot prove it knows it (an impostor)."""
-        options = {"tether": "1"}
+        options = {"tether": "1", BINARY_OPTION: "1"}
         if session_timeout:
             options["timeout"] = f"{session_timeout:g}"
         if tls is not None:
@@ -504,9 +548,9 @@ class Session:
             if not timeout > 0:
                 raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
             request["timeout"] = timeout
-            channel.sock.settimeout(timeout + TIMEOUT_GRACE_S)
+            channel.set_timeout(timeout + TIMEOUT_GRACE_S)
         else:
-            channel.sock.settimeout(self.io_timeout)
+            channel.set_timeout(self.io_timeout)
         try:
             if file is not None:
                 channel.send_file_frame(FrameKind.REQUEST, frame_id, request, file, size)
@@ -520,50 +564,16 @@ class Session:
                 channel.send_frame(FrameKind.REQUEST, frame_id, request, payload or ())
             head, reply = channel.recv_head()
             if head.kind == FrameKind.ERROR:
-                channel.discard(head.payload_len)
-                error = remote_error(
-                    str(reply.get("type", "Error")), str(reply.get("message", "")), str(reply.get("traceback", ""))
-                )
-                if head.id == 0:  # the session itself ended: timeout, worker died
-                    self._drop()
-                    if isinstance(error, SessionTimeout | RunTimeout):
-                        raise error
-                    if error.remote_type == "ProtocolError":  # e.g. a frame over the server's size limit
-                        raise RemoteProtocolError(f"{self.address} ended the session: {error.remote_message}")
-                    raise SessionLost(f"{self.address}: {error.remote_type}: {error.remote_message}")
-                raise error
+                self._raise_error(channel, head, reply)
             if head.kind != FrameKind.RESPONSE or head.id != frame_id:
                 raise RemoteProtocolError(
                     f"expected the response to request {frame_id}, got {FrameKind(head.kind).name} {head.id}"
                 )
             if op == "download":
                 return reply, [channel.recv_bytes(head.payload_len)]
-            descs = tensor_descs(reply.get("tensors"), head.payload_len)
-            try:
-                dtypes = [numpy_dtype(desc.dtype) for desc in descs]
-            except BackendError as exc:  # e.g. bfloat16 without ml_dtypes: skip the payload, keep the session
-                channel.discard(head.payload_len)
-                raise TypeError(f"cannot receive the result of {op!r}: {exc}") from None
-            arrays = []
-            for desc, dtype in zip(descs, dtypes, strict=True):
-                arr = _np().empty(desc.shape, dtype=dtype)
-                if desc.nbytes:
-                    channel.recv_into(memoryview(arr.reshape(-1).view("uint8")))
-                arrays.append(arr)
-            return reply, arrays
+            return reply, _recv_arrays(channel, op, reply.get("tensors"), head.payload_len)
         except ConnectionClosed as exc:
-            self._drop()
-            if timeout is not None and isinstance(exc.__cause__, TimeoutError):
-                raise RunTimeout(
-                    f"{op} got no answer within its {timeout:g} s time limit (+{TIMEOUT_GRACE_S:g} s); "
-                    "the session was dropped",
-                    "RunTimeout",
-                ) from None
-            if isinstance(exc.__cause__, TimeoutError):
-                raise SessionLost(
-                    f"{self.address}: no progress during {op!r} for {self.io_timeout:g} s (io_timeout): dropped"
-                ) from None
-            raise SessionLost(f"{self.address}: the session ended during {op!r}: {exc}") from None
+            raise self._lost(exc, op, timeout) from None
         except (RemoteError, TypeError):
             raise  # answered in full: the session goes on
         except BaseException:
@@ -571,7 +581,111 @@ class Session:
             raise
         finally:
             if timeout is not None and self._channel is not None:
-                self._channel.sock.settimeout(self.io_timeout)
+                self._channel.set_timeout(self.io_timeout)
+
+    def _hot_ping(self) -> None:
+        """A PING CALL and its REPLY (the hot path: no JSON either way, one send, usually one receive);
+        the same typed errors and session rules as :meth:`_call`."""
+        channel = self._channel
+        if channel is None:
+            raise ConnectionClosed("the session is closed")
+        frame_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        channel.set_timeout(self.io_timeout)  # a system call only when it changed
+        name = "ping"
+        try:
+            channel.send_bytes(ping_call(frame_id))
+            kind, reply_id, raw, payload_len = channel.recv_frame_head()
+            if kind == _REPLY and reply_id == frame_id and raw == _PING_HEADER:
+                if payload_len:
+                    raise RemoteProtocolError(f"a {name} reply carries {payload_len} payload bytes")
+                return
+            if kind == _ERROR:
+                self._raise_error(channel, FrameHeader(kind, reply_id, len(raw), payload_len), parse_json_header(raw))
+            raise RemoteProtocolError(f"expected the reply to call {frame_id}, got {FrameKind(kind).name} {reply_id}")
+        except ConnectionClosed as exc:
+            raise self._lost(exc, name, None) from None
+        except RemoteError:
+            raise  # answered in full: the session goes on
+        except BaseException:
+            self._drop()
+            raise
+
+    def _hot_run(
+        self, fields: bytes, inline: list[Any], *, keep: bool, timeout: float | None
+    ) -> tuple[dict[str, Any], list[Any]]:
+        """A RUN CALL (``fields``: :func:`encode_run_call`'s, ``inline``: the inline inputs' arrays in
+        their order) and its answer as :meth:`_call` returns it: the result header and the output arrays."""
+        channel = self._channel
+        if channel is None:
+            raise ConnectionClosed("the session is closed")
+        frame_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        if timeout is not None:
+            if not timeout > 0:
+                raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
+            channel.set_timeout(timeout + TIMEOUT_GRACE_S)
+        else:
+            channel.set_timeout(self.io_timeout)
+        try:
+            views = [memoryview(a).cast("B") for a in inline]
+            channel.send_raw(encode_call(_RUN, frame_id, fields, sum(v.nbytes for v in views)), views)
+            kind, reply_id, raw, payload_len = channel.recv_frame_head()
+            if reply_id == frame_id and kind == _REPLY and raw[0] == _RUN:
+                result = decode_run_reply(raw, keep)
+            elif reply_id == frame_id and kind == _RESPONSE:  # a result too large for a binary header
+                result = parse_json_header(raw)
+            elif kind == _ERROR:
+                self._raise_error(channel, FrameHeader(kind, reply_id, len(raw), payload_len), parse_json_header(raw))
+                raise AssertionError("unreachable: _raise_error raises")
+            else:
+                raise RemoteProtocolError(
+                    f"expected the reply to call {frame_id}, got {FrameKind(kind).name} {reply_id}"
+                )
+            if keep:
+                if payload_len:
+                    raise RemoteProtocolError(f"a run reply with kept outputs carries {payload_len} payload bytes")
+                return result, []
+            return result, _recv_arrays(channel, "run", result.get("tensors"), payload_len)
+        except ConnectionClosed as exc:
+            raise self._lost(exc, "run", timeout) from None
+        except (RemoteError, TypeError):
+            raise  # answered in full: the session goes on
+        except BaseException:
+            self._drop()
+            raise
+        finally:
+            if timeout is not None and self._channel is not None:
+                self._channel.set_timeout(self.io_timeout)
+
+    def _raise_error(self, channel: Channel, head: FrameHeader, reply: dict[str, Any]) -> None:
+        """Raise the typed error an ERROR frame carries (its payload skipped); one for frame id 0 (the
+        session itself ended: timeout, worker died) drops the session."""
+        channel.discard(head.payload_len)
+        error = remote_error(
+            str(reply.get("type", "Error")), str(reply.get("message", "")), str(reply.get("traceback", ""))
+        )
+        if head.id == 0:
+            self._drop()
+            if isinstance(error, SessionTimeout | RunTimeout):
+                raise error
+            if error.remote_type == "ProtocolError":  # e.g. a frame over the server's size limit
+                raise RemoteProtocolError(f"{self.address} ended the session: {error.remote_message}")
+            raise SessionLost(f"{self.address}: {error.remote_type}: {error.remote_message}")
+        raise error
+
+    def _lost(self, exc: ConnectionClosed, op: str, timeout: float | None) -> TetherError:
+        """Drop the session after a failed send or receive; the error to raise for it."""
+        self._drop()
+        if timeout is not None and isinstance(exc.__cause__, TimeoutError):
+            return RunTimeout(
+                f"{op} got no answer within its {timeout:g} s time limit (+{TIMEOUT_GRACE_S:g} s); "
+                "the session was dropped",
+                "RunTimeout",
+            )
+        if isinstance(exc.__cause__, TimeoutError):
+            return SessionLost(
+                f"{self.address}: no progress during {op!r} for {self.io_timeout:g} s (io_timeout): dropped"
+            )
+        return SessionLost(f"{self.address}: the session ended during {op!r}: {exc}")
 
     def interrupt(self) -> None:
         """From any thread: shut the connection down, so that a request in flight ends at once (it raises
@@ -592,8 +706,11 @@ class Session:
     # -- operations ----------------------------------------------------------------------------
 
     def ping(self) -> None:
-        """An empty round trip."""
-        self._call("ping", {})
+        """An empty round trip (a binary CALL where the server takes them, else a JSON request)."""
+        if self.binary:
+            self._hot_ping()
+        else:
+            self._call("ping", {})
 
     def info(self) -> dict[str, Any]:
         """The device's facts, the worker's pid and workspace."""

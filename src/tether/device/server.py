@@ -63,7 +63,7 @@ from ..protocol.auth import (
 from ..protocol.constants import DEFAULT_HEARTBEAT_S, HandshakeCode
 from ..protocol.framing import HandshakeDecoder, HandshakeReplyDecoder, encode_handshake, encode_handshake_reply
 from ..protocol.keys import PeerKey, format_peer_key, parse_peer_key
-from ..protocol.session import MAX_PAYLOAD_BYTES, FrameKind, encode_frame_head
+from ..protocol.session import BINARY_OPTION, MAX_PAYLOAD_BYTES, FrameKind, encode_frame_head
 from .facts import device_facts
 from .rundir import RunDir
 from .workers import Worker, WorkerPool, describe_exit
@@ -79,6 +79,11 @@ PROTOCOL_TVM = "tvm"
 def default_preload() -> list[str]:
     """What a pre-started worker imports: the installed runtimes (the slow part of a first call)."""
     return [m for m in ("numpy", "onnxruntime", "tvm") if importlib.util.find_spec(m) is not None]
+
+
+def _binary_option(client: PeerKey) -> dict[str, str]:
+    """``-bin=1`` for a client that offered it: its session's workers take CALL frames (binary headers)."""
+    return {BINARY_OPTION: "1"} if client.options.get(BINARY_OPTION) == "1" else {}
 
 
 @dataclass(slots=True)
@@ -564,7 +569,7 @@ class DeviceServer:
                     conn.close()
                     return
             else:
-                options = {"tether": "1", AUTH_OPTION: "1"}
+                options = {"tether": "1", AUTH_OPTION: "1", **_binary_option(client)}
                 if self.tls_context is not None:
                     options[TLS_OPTION] = "1"
                 try:
@@ -612,7 +617,7 @@ class DeviceServer:
                     conn.sendall(encode_handshake_reply(HandshakeCode.MISMATCH))
             conn.close()
             return
-        options = {"tether": "1"} if client.is_tether else None
+        options = {"tether": "1", **_binary_option(client)} if client.is_tether else None
         if options is not None and self.tls_context is not None:
             options[TLS_OPTION] = "1"  # TLS starts now (or, if the client did not ask for it, it learns why not)
         try:
