@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..aio.tls import TLSLike
-from ..errors import RemoteError, TetherError
+from ..errors import TetherError
 from ..runtime import TensorSpec
-from .api import Tracker, connect_tracker
+from .api import connect_tracker
 from .batch import device_name
-from .bench import BenchEvent, BenchSettings, devices_of
+from .bench import BenchEvent, BenchSettings, _error_of, _Stop, devices_of
 from .inputs import input_problem, shapes_for
 from .session import Session
 from .stats import Blocks, SampleStats, ratio_ci, summarize
@@ -238,35 +238,6 @@ class CompareResult:
             "devices": [d.to_dict() for d in self.devices],
             "overall": self.overall.to_dict() if self.overall else None,
         }
-
-
-def _error_of(exc: TetherError) -> dict[str, str]:
-    if isinstance(exc, RemoteError):
-        return {"type": exc.remote_type, "message": exc.remote_message}
-    return {"type": type(exc).__name__, "message": str(exc)}
-
-
-class _Stop:
-    """Interrupts every registered connection (Ctrl-C), and those registered later."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._targets: list[Session | Tracker] = []
-        self.is_set = False
-
-    def register(self, target: Session | Tracker) -> None:
-        with self._lock:
-            self._targets.append(target)
-            stopped = self.is_set
-        if stopped:
-            target.interrupt()
-
-    def set(self) -> None:
-        with self._lock:
-            self.is_set = True
-            targets = list(self._targets)
-        for target in targets:
-            target.interrupt()
 
 
 def _measure_pair(
