@@ -25,20 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
+from session_bench import wait_free
 
 HOST = "127.0.0.1"
-
-
-def wait_free(tracker_port: int, key: str, timeout: float = 60) -> None:
-    """Until the tracker lists a free server of ``key``."""
-    from tether.client.tracker import TrackerClient
-
-    deadline = time.monotonic() + timeout
-    with TrackerClient.connect(HOST, tracker_port) as client:
-        while client.summary()["queue_info"].get(key, {}).get("free", 0) < 1:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no free server of {key!r} within {timeout} s")
-            time.sleep(0.01)
 
 
 def _tether_side(tracker_port: int, model: Path, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:

@@ -230,6 +230,24 @@ def devices_of(
     return next((row.total for row in status.keys if row.key == key), 0)
 
 
+def device_count(
+    host: str,
+    port: int,
+    key: str,
+    labels: dict[str, str] | None,
+    devices: int | None,
+    *,
+    tls: TLSLike | None = None,
+) -> int:
+    """``devices``, else every server of ``key`` the tracker lists; an unreachable tracker raises
+    ConnectFailed now (after 5 s of retries), a key without servers TetherError."""
+    connect_tracker(host, port, tls=tls).close()
+    count = devices if devices is not None else devices_of(host, port, key, labels, tls=tls)
+    if count < 1:
+        raise TetherError(f"the tracker at {host}:{port} lists no server of key {key!r}")
+    return count
+
+
 EventKind = Literal["queued", "session", "measuring", "result", "failed", "done"]
 
 
@@ -522,10 +540,7 @@ def bench(
             raise FileNotFoundError(f"no model file {path}")
         if settings.reference == "onnxruntime" and path.suffix.lower() != ".onnx":
             raise ConfigError(f"{path.name}: only .onnx models can be checked against a local onnxruntime run")
-    connect_tracker(host, port, tls=tls).close()  # an unreachable tracker: ConnectFailed now (after 5 s of retries)
-    count = devices if devices is not None else devices_of(host, port, key, labels, tls=tls)
-    if count < 1:
-        raise TetherError(f"the tracker at {host}:{port} lists no server of key {key!r}")
+    count = device_count(host, port, key, labels, devices, tls=tls)
     lock = threading.Lock()
 
     def event(ev: BenchEvent) -> None:

@@ -33,7 +33,7 @@ from ..errors import TetherError
 from ..runtime import TensorSpec
 from .api import connect_tracker
 from .batch import device_name
-from .bench import BenchEvent, BenchSettings, _error_of, _Stop, devices_of
+from .bench import BenchEvent, BenchSettings, _error_of, _Stop, device_count
 from .inputs import input_problem, shapes_for
 from .session import Session
 from .stats import Blocks, SampleStats, ratio_ci, summarize
@@ -370,10 +370,7 @@ def compare(
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"no model file {path}")
-    connect_tracker(host, port, tls=tls).close()
-    count = devices if devices is not None else devices_of(host, port, key, labels, tls=tls)
-    if count < 1:
-        raise TetherError(f"the tracker at {host}:{port} lists no server of key {key!r}")
+    count = device_count(host, port, key, labels, devices, tls=tls)
     lock = threading.Lock()
 
     def event(ev: BenchEvent) -> None:
