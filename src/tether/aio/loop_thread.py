@@ -60,7 +60,21 @@ class LoopThread(Generic[S]):
         try:
             self._loop.run_until_complete(main())
         finally:
-            self._loop.close()
+            try:
+                self._finish()
+            finally:
+                self._loop.close()
+
+    def _finish(self) -> None:
+        """What the service left behind: tasks cancelled and awaited, callbacks (a transport's close) run."""
+        loop = self._loop
+        tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.wait(tasks, timeout=2.0))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(asyncio.sleep(0))  # closes scheduled by the cancelled tasks
 
     def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Run ``fn`` on the service's loop and return its result (to read state safely)."""

@@ -106,6 +106,7 @@ class Registrar:
         self._reported: str | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
         self._stream = TrackerClientStream()
@@ -120,10 +121,19 @@ class Registrar:
         self._task = loop.create_task(self._run(), name="tether-proxy-tracker")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._stopping = True
+        task = self._task
+        # Python 3.11's wait_for returns the inner result when a cancel arrives as it completes: the cancel
+        # is lost, so cancel until the task is over (it also sees _stopping at its next turn)
+        for _ in range(100):
+            if task is None or task.done():
+                break
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.05)
+        else:
+            logger.warning("tracker link to %s did not stop", self.where)
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            logger.warning("tracker link to %s ended with %r", self.where, task.exception())
         if self._writer is not None and self.proxy.config.tls is not None:
             self._writer.transport.abort()  # a TLS close would need the loop that is about to stop
         self._close()
@@ -167,7 +177,7 @@ class Registrar:
 
     async def _run(self) -> None:
         delay = 0.25
-        while True:
+        while not self._stopping:
             try:
                 await self._connect()
                 delay = 0.25
@@ -178,6 +188,9 @@ class Registrar:
                 logger.log(
                     level, "tracker %s: %s; reconnecting in %.2g s (forever)", self.where, self.last_error, delay
                 )
+            except Exception as exc:  # a bug here must not end the link for good
+                self.last_error = f"internal error: {exc!r:.200}"
+                logger.exception("tracker %s: internal error; reconnecting in %.2g s", self.where, delay)
             self._close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _BACKOFF_MAX_S)
@@ -250,7 +263,7 @@ class Registrar:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         next_poll = loop.time() + self.period
-        while True:
+        while not self._stopping:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, next_poll - loop.time()))
             self._wake.clear()
