@@ -1,16 +1,23 @@
 """Fidelity: does ``tether bench`` on loopback report what the runtime measures in-process?
 
-For one model of a few milliseconds (SqueezeNet from ``tether.models``, and the same model compiled by TVM
-for llvm), the median of ``tether bench`` (tracker + server + worker processes on loopback, inputs generated
-on the device) against the median measured in this process with the same runtime and settings: the same
-``number``/``repeat``/``warmup``, the same threads (onnxruntime ``intra_op_num_threads``; ``TVM_NUM_THREADS``
-for the server's workers and this process alike). In-process, onnxruntime is timed by the same loop TVM's
-``time_evaluator`` runs (``number`` runs between two ``perf_counter`` reads) calling ``session.run`` directly;
-TVM by its own ``time_evaluator`` (C++). The two sides alternate ``--rounds`` times so that drift in the
-machine's state falls on both; each side's median is over all its samples. Prints both medians, the ratio
-and the difference in %, and the conditions the tether side recorded; writes every number as JSON.
+For models of a few milliseconds (SqueezeNet from ``tether.models`` under onnxruntime; a small convnet built
+with ``onnx.helper`` and compiled by TVM for llvm, untuned SqueezeNet taking ~150 ms), the median of ``tether
+bench`` (tracker + server + worker processes on loopback, inputs generated on the device) against the median
+measured in this process with the same runtime and settings: the same ``number``/``repeat``/``warmup``, the
+same threads (onnxruntime ``intra_op_num_threads``; ``TVM_NUM_THREADS`` for the server's workers and this
+process alike). In-process, onnxruntime is timed by the same loop TVM's ``time_evaluator`` runs (``number``
+runs between two ``perf_counter`` reads) calling ``session.run`` directly; TVM by its own ``time_evaluator``
+(C++).
 
-    python bench/fidelity_bench.py [--number 20 --repeat 30 --rounds 3 --threads 1] [--no-tvm]
+A shared machine drifts by more than 2 % from one second to the next, so one median per side says little: the
+sides alternate ``--rounds`` times in ABBA order and the figure is the paired one ``tether compare`` uses, the
+Hodges-Lehmann estimate of tether's time relative to in-process over the rounds with its Wilcoxon signed-rank
+95 % interval: many short rounds pair better than a few long ones, the noise being bursty. A control
+compares in-process with in-process by the same design: how far two measurements of the same thing in the same place
+differ on this machine, the floor under any fidelity figure (``--no-control`` skips it). Prints medians, the ratio with its
+interval and the conditions the tether side recorded; writes every number as JSON.
+
+    python bench/fidelity_bench.py [--number 10 --repeat 5 --rounds 40 --threads 1] [--no-tvm] [--no-control]
 """
 
 from __future__ import annotations
@@ -93,34 +100,110 @@ def _compile_tvm(onnx_path: Path, out: Path) -> Path:
     return out
 
 
+def small_convnet(size: int = 56, channels: int = 16) -> Any:
+    """Three 3x3 convolutions (one strided), ReLUs, a global pool and a dense layer: a few milliseconds once
+    TVM compiles it for llvm without tuning (SqueezeNet takes ~150 ms that way)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c = channels
+    shapes = {"w1": (c, 3, 3, 3), "b1": (c,), "w2": (2 * c, c, 3, 3), "b2": (2 * c,)}
+    shapes |= {"w3": (2 * c, 2 * c, 3, 3), "b3": (2 * c,), "fc": (2 * c, 10), "fcb": (10,)}
+    weights = [
+        numpy_helper.from_array((rng.standard_normal(shape) * 0.1).astype(np.float32), name)
+        for name, shape in shapes.items()
+    ]
+    conv = {"pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], **conv),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], strides=[2, 2], **conv),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], **conv),
+        helper.make_node("Relu", ["c3"], ["r3"]),
+        helper.make_node("GlobalAveragePool", ["r3"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "small_convnet",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _paired(local_blocks: list[list[float]], other_blocks: list[list[float]]) -> dict[str, Any]:
+    from tether.client.stats import ratio_ci
+
+    ratio, (low, high) = ratio_ci([(local_blocks, other_blocks, True)])
+    return {"ratio": ratio, "ci": [low, high], "diff_pct": 100 * (ratio - 1)}
+
+
 def _compare(
-    name: str, tracker_port: int, model: Path, *, options: dict[str, Any], local: Any, args: argparse.Namespace
+    name: str,
+    tracker_port: int,
+    model: Path,
+    *,
+    options: dict[str, Any],
+    local: Any,
+    args: argparse.Namespace,
+    control: Any = None,
 ) -> dict[str, Any]:
-    remote_samples: list[float] = []
-    local_samples: list[float] = []
+    remote_blocks: list[list[float]] = []
+    local_blocks: list[list[float]] = []
+    control_blocks: list[list[float]] = []
     conditions = None
     warnings: list[str] = []
-    for _ in range(args.rounds):  # alternate: drift falls on both sides
+
+    def remote() -> None:
+        nonlocal conditions, warnings
         side = _tether_side(tracker_port, model, args, options)
-        remote_samples += side["samples"]
+        remote_blocks.append(side["samples"])
         conditions, warnings = side["conditions"], side["warnings"]
-        local_samples += local()
-    remote, here = statistics.median(remote_samples), statistics.median(local_samples)
-    row = {
+
+    def abba(first: Any, second: Any) -> None:
+        for i in range(args.rounds):  # ABBA: a drift in the machine's state falls on both sides alike
+            for step in (first, second) if i % 2 == 0 else (second, first):
+                step()
+
+    abba(remote, lambda: local_blocks.append(local()))
+    if control is not None:  # the same design with in-process on both sides
+        control_local: list[list[float]] = []
+        abba(lambda: control_blocks.append(control()), lambda: control_local.append(local()))
+    remote_all = [s for blk in remote_blocks for s in blk]
+    local_all = [s for blk in local_blocks for s in blk]
+    paired = _paired(local_blocks, remote_blocks)
+    row: dict[str, Any] = {
         "runtime": name,
-        "tether_median_ms": remote * 1e3,
-        "inprocess_median_ms": here * 1e3,
-        "ratio": remote / here,
-        "diff_pct": 100 * (remote - here) / here,
-        "tether_samples_s": remote_samples,
-        "inprocess_samples_s": local_samples,
+        "tether_median_ms": statistics.median(remote_all) * 1e3,
+        "inprocess_median_ms": statistics.median(local_all) * 1e3,
+        "ratio_of_medians": statistics.median(remote_all) / statistics.median(local_all),
+        "paired": paired,
+        "tether_blocks_s": remote_blocks,
+        "inprocess_blocks_s": local_blocks,
         "conditions": conditions,
         "warnings": warnings,
     }
+    low, high = paired["ci"]
     print(
         f"{name:12s} tether {row['tether_median_ms']:8.3f} ms   in-process {row['inprocess_median_ms']:8.3f} ms   "
-        f"ratio {row['ratio']:.4f}   diff {row['diff_pct']:+.2f} %"
+        f"tether/in-process {paired['ratio']:.4f} ({low:.4f}-{high:.4f})   {paired['diff_pct']:+.2f} %"
     )
+    if control is not None:
+        row["control"] = _paired(control_local, control_blocks)
+        row["control_blocks_s"] = [control_local, control_blocks]
+        c = row["control"]
+        print(
+            f"{'':12s} control: in-process again / in-process {c['ratio']:.4f} ({c['ci'][0]:.4f}-{c['ci'][1]:.4f})"
+            f"   {c['diff_pct']:+.2f} %"
+        )
     return row
 
 
@@ -134,7 +217,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # the server's workers inherit it; so does this process
     report: dict[str, Any] = {
         "machine": benchlib.machine_info(onnxruntime=ort.__version__),
-        "settings": {k: getattr(args, k) for k in ("model", "number", "repeat", "warmup", "rounds", "threads")},
+        "settings": {
+            k: getattr(args, k) for k in ("model", "tvm_model", "number", "repeat", "warmup", "rounds", "threads")
+        },
         "rows": [],
     }
     with tempfile.TemporaryDirectory(prefix="tether-fidelity-") as tmp:
@@ -142,14 +227,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         onnx_path = work / f"{args.model}.onnx"
         proto = light_model(args.model)
         onnx.save(proto, str(onnx_path))
-        dims = proto.graph.input[0].type.tensor_type.shape.dim
-        shape = tuple(int(d.dim_value) for d in dims)
         lib_path = None
+        shape: tuple[int, ...] = ()
         if not args.no_tvm:
             import tvm
 
             report["machine"]["tvm"] = tvm.__version__
-            lib_path = _compile_tvm(onnx_path, work / f"{args.model}.so")
+            tvm_proto = small_convnet() if args.tvm_model == "small_convnet" else light_model(args.tvm_model)
+            tvm_onnx = work / f"tvm-{args.tvm_model}.onnx"
+            onnx.save(tvm_proto, str(tvm_onnx))
+            shape = tuple(int(d.dim_value) for d in tvm_proto.graph.input[0].type.tensor_type.shape.dim)
+            lib_path = _compile_tvm(tvm_onnx, work / f"{args.tvm_model}.so")
         tracker_argv = [sys.executable, "-m", "tether", "tracker", "--host", HOST, "--port", "0", "--silent"]
         with benchlib.running("tether tracker", tracker_argv) as tracker:
             server_argv = [sys.executable, "-m", "tether", "server", "--host", HOST, "--port", "0"]
@@ -157,25 +245,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with benchlib.running("tether server", server_argv):
                 wait_free(tracker.port, "fidelity")
                 print(
-                    f"{args.model}: {args.number} runs x {args.repeat} samples, warmup {args.warmup}, "
-                    f"{args.threads} thread(s), {args.rounds} alternating rounds per side"
+                    f"onnxruntime: {args.model}, tvm: {args.tvm_model}; {args.number} runs x {args.repeat} samples, "
+                    f"warmup {args.warmup}, {args.threads} thread(s), {args.rounds} rounds per side (ABBA)"
                 )
                 opts = {"intra_op_num_threads": args.threads}
-                report["rows"].append(
-                    _compare(
-                        "onnxruntime",
-                        tracker.port,
-                        onnx_path,
-                        options=opts,
-                        local=_ort_local(onnx_path, args),
-                        args=args,
-                    )
+                local = _ort_local(onnx_path, args)
+                control = local if args.control else None
+                row = _compare(
+                    "onnxruntime", tracker.port, onnx_path, options=opts, local=local, args=args, control=control
                 )
+                report["rows"].append(row)
                 if lib_path is not None:
                     local = _tvm_local(lib_path, shape, args)
-                    report["rows"].append(
-                        _compare("tvm (llvm)", tracker.port, lib_path, options={}, local=local, args=args)
+                    control = local if args.control else None
+                    row = _compare(
+                        "tvm (llvm)", tracker.port, lib_path, options={}, local=local, args=args, control=control
                     )
+                    report["rows"].append(row)
     for row in report["rows"]:
         print(f"  {row['runtime']}: {conditions_line(row['conditions'])}")
     return report
@@ -183,13 +269,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="squeezenet", help="a light model of tether.models")
-    p.add_argument("--number", type=int, default=20)
-    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--model", default="squeezenet", help="onnxruntime's model: a light model of tether.models")
+    p.add_argument(
+        "--tvm-model", default="small_convnet", help="TVM's: small_convnet (a few ms) or a light model of tether.models"
+    )
+    p.add_argument("--number", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=40, help="paired rounds; 6 at least for a 95 %% interval")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads / TVM_NUM_THREADS on both sides")
     p.add_argument("--no-tvm", action="store_true")
+    p.add_argument("--no-control", dest="control", action="store_false", help="skip in-process against in-process")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     report = benchlib.timed_run(run, args)

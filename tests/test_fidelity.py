@@ -4,6 +4,7 @@ request, per-operator profiles (onnxruntime and TVM)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +219,10 @@ def test_tvm_model_profile_and_threads(device_server: Any, tmp_path: Path) -> No
     _check_conditions(result.conditions, "tvm")
     threads = result.conditions["threads"]
     assert isinstance(threads["num_threads"], int) and threads["num_threads"] >= 1
+    if hasattr(os, "sched_getaffinity"):
+        # asking TVM for its thread count starts its pool, which pins the asking thread to one CPU: the
+        # worker puts its affinity back, so it measures on the CPUs the server was given, as in-process
+        assert result.conditions["affinity"] == sorted(os.sched_getaffinity(0))
     assert result.profile is not None, result.profile_error
     kernels = [row for row in result.profile if row["op"] == "kernel"]
     assert kernels and all(row["calls"] == 2 for row in kernels)

@@ -26,6 +26,7 @@ Options::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -289,11 +290,22 @@ class TVMModel:
         self._lib = None
 
     def threads(self) -> dict[str, Any]:
-        """TVM's thread settings: ``TVM_NUM_THREADS`` as set, and the thread count its runtime uses."""
+        """TVM's thread settings: ``TVM_NUM_THREADS`` as set, and the thread count its runtime uses.
+
+        Asking for the count starts TVM's thread pool, which pins the calling thread to one CPU: the
+        measurement would then run pinned where the same model in-process is not (and run 2-6 % apart on a
+        2-CPU machine). The thread's affinity is put back as it was.
+        """
+        get, put = getattr(os, "sched_getaffinity", None), getattr(os, "sched_setaffinity", None)
+        cpus = get(0) if get is not None else None
         try:
             count: int | None = int(self._tvm.runtime.num_threads())
         except Exception:
             count = None
+        finally:
+            if cpus is not None and put is not None and get is not None and get(0) != cpus:
+                with contextlib.suppress(OSError):
+                    put(0, cpus)
         return {
             "runtime": "tvm",
             "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS"),
