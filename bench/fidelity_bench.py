@@ -13,9 +13,9 @@ A shared machine drifts by more than 2 % from one second to the next, so one med
 sides alternate ``--rounds`` times in ABBA order and the figure is the paired one ``tether compare`` uses, the
 Hodges-Lehmann estimate of tether's time relative to in-process over the rounds with its Wilcoxon signed-rank
 95 % interval: many short rounds pair better than a few long ones, the noise being bursty. A control
-compares in-process with in-process by the same design: how far two measurements of the same thing in the same place
-differ on this machine, the floor under any fidelity figure (``--no-control`` skips it). Prints medians, the ratio with its
-interval and the conditions the tether side recorded; writes every number as JSON.
+compares in-process with in-process by the same design: how far two measurements of the same thing in the
+same place differ on this machine, the floor under any fidelity figure (``--no-control`` skips it). Prints
+medians, the ratio with its interval and the conditions the tether side recorded; writes every number as JSON.
 
     python bench/fidelity_bench.py [--number 10 --repeat 5 --rounds 40 --threads 1] [--no-tvm] [--no-control]
 """
